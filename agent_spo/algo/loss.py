@@ -1,0 +1,140 @@
+"""PPO-clip token loss with clip-higher and dual-clip (spec §3).
+
+Per trainable token t, with a log-ratio clamped to ±``log_ratio_clamp``:
+
+    ratio_t = exp(logp_new_t - logp_old_t)
+    l_t     = max(-A * ratio_t, -A * clip(ratio_t, 1 - eps_low, 1 + eps_high))
+    l_t     = min(l_t, -A * c)            if A < 0   (dual-clip, c = dual_clip_c)
+
+    loss    = sum_t mask_t * l_t / normalizer
+            + kl_coef * sum_t mask_t * k3_t / normalizer         (optional)
+            - entropy_coef * sum_t mask_t * H_t / normalizer     (optional)
+
+with the k3 estimator ``k3 = exp(logp_ref - logp_new) - (logp_ref - logp_new) - 1``.
+
+``normalizer`` is the number of loss tokens in the whole optimizer step, passed in by the
+caller, so splitting a step into micro-batches and summing their gradients gives the
+same gradient as one pass over the step ("token mean over the step").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    """Detached diagnostics, as means over this call's masked tokens."""
+
+    n_tokens: int  # masked tokens in this call; weight for averaging across micro-batches
+    pg_loss: float  # sum of the clipped policy-gradient term / normalizer
+    clip_frac: float  # share of tokens where the PPO clip bound the objective
+    clip_frac_low: float  # ... at 1 - eps_low (A < 0)
+    clip_frac_high: float  # ... at 1 + eps_high (A > 0)
+    dual_clip_frac: float  # share of tokens where the dual-clip cap -A*c was taken
+    approx_kl: float  # mean of k3(old || new) = (ratio - 1) - log ratio
+    ratio_mean: float
+    ratio_max: float
+    kl: float | None  # mean k3 to the reference policy, if a KL term was given
+    entropy: float | None  # mean token entropy, if given
+
+
+def ppo_clip_loss(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    normalizer: float,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip_c: float | None = 10.0,
+    log_ratio_clamp: float = 20.0,
+    kl_coef: float = 0.0,
+    logp_ref: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO-clip loss over trainable tokens; returns (scalar loss, detached stats).
+
+    Shapes: ``logp_new``, ``logp_old``, ``mask`` (and ``logp_ref``, ``entropy``) are
+    [B, T]; ``adv`` is [B] (one advantage per trajectory, broadcast to its tokens) or
+    [B, T]. ``mask`` is 1 on model-generated tokens and 0 on prompt, tool-output and
+    padding tokens.
+    """
+    if logp_new.shape != logp_old.shape or logp_new.shape != mask.shape:
+        raise ValueError(
+            f"shape mismatch: logp_new {tuple(logp_new.shape)}, "
+            f"logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)}"
+        )
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be a positive token count, got {normalizer!r}")
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)  # [B, 1] broadcasts over T
+    adv = adv.to(logp_new.dtype)
+    mask = mask.to(logp_new.dtype)
+    logp_old = logp_old.detach()
+
+    log_ratio = torch.clamp(logp_new - logp_old, -log_ratio_clamp, log_ratio_clamp)  # [B, T]
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if dual_clip_c is not None:
+        pg_dual = torch.minimum(pg, -adv * dual_clip_c)
+        dual_taken = (adv < 0) & (pg_dual < pg)
+        pg = torch.where(adv < 0, pg_dual, pg)
+    else:
+        dual_taken = torch.zeros_like(mask, dtype=torch.bool)
+
+    pg_loss = (pg * mask).sum() / normalizer
+    loss = pg_loss
+    kl_mean = None
+    if kl_coef != 0.0:
+        if logp_ref is None:
+            raise ValueError("kl_coef != 0 needs logp_ref")
+        delta = logp_ref.detach() - logp_new
+        k3 = torch.exp(delta) - delta - 1.0  # [B, T], >= 0
+        loss = loss + kl_coef * (k3 * mask).sum() / normalizer
+        kl_mean = _masked_mean(k3.detach(), mask)
+    ent_mean = None
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs per-token entropy")
+        loss = loss - entropy_coef * (entropy * mask).sum() / normalizer
+        ent_mean = _masked_mean(entropy.detach(), mask)
+    elif entropy is not None:
+        ent_mean = _masked_mean(entropy.detach(), mask)
+
+    with torch.no_grad():
+        clipped = pg_clipped > pg_unclipped  # the clip bound the objective
+        low = clipped & (ratio < 1.0 - eps_low)
+        high = clipped & (ratio > 1.0 + eps_high)
+        lr_d = log_ratio.detach()
+        ratio_d = ratio.detach()
+        n_tok = int(mask.sum().item())
+        stats = PolicyLossStats(
+            n_tokens=n_tok,
+            pg_loss=float(pg_loss.detach()),
+            clip_frac=_masked_mean(clipped, mask),
+            clip_frac_low=_masked_mean(low, mask),
+            clip_frac_high=_masked_mean(high, mask),
+            dual_clip_frac=_masked_mean(dual_taken, mask),
+            approx_kl=_masked_mean(ratio_d - 1.0 - lr_d, mask),
+            ratio_mean=_masked_mean(ratio_d, mask),
+            ratio_max=float(ratio_d[mask > 0].max()) if n_tok else 0.0,
+            kl=kl_mean,
+            entropy=ent_mean,
+        )
+    return loss, stats
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    denom = mask.sum()
+    if denom.item() == 0:
+        return 0.0
+    return float((x.to(mask.dtype) * mask).sum() / denom)
