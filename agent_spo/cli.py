@@ -1,0 +1,379 @@
+"""The `agent-spo` command line.
+
+Exit codes: 0 success; 2 bad config or bad usage (named key, before any work);
+3 the command is declared but not built yet. Heavy imports (torch, transformers, vLLM)
+stay inside the commands so `agent-spo --help` is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from agent_spo.config import ConfigError, TrainConfig, dump_config, load_config, write_resolved
+
+EXIT_CONFIG = 2
+EXIT_NOT_BUILT = 3
+
+_stderr = Console(stderr=True)
+
+app = typer.Typer(
+    name="agent-spo",
+    help="Train tool-using math agents with Single-stream Policy Optimization (SPO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+sandbox_app = typer.Typer(
+    help="Run sandboxes: the processes where the agent's tool calls execute.",
+    no_args_is_help=True,
+)
+tools_app = typer.Typer(
+    help="Inspect and exercise the tools the agent can call (schemas, test calls).",
+    no_args_is_help=True,
+)
+bench_app = typer.Typer(
+    help="Benchmarks that back changes to the algorithm and pipeline with numbers.",
+    no_args_is_help=True,
+)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(tools_app, name="tools")
+app.add_typer(bench_app, name="bench")
+
+
+def _not_built(command: str, what: str) -> NoReturn:
+    """Say plainly that a declared command does not exist yet, and exit 3."""
+    message = f"`agent-spo {command}` is not built yet: {what}"
+    _stderr.print(Text(message, style="yellow"), soft_wrap=True)
+    raise typer.Exit(EXIT_NOT_BUILT)
+
+
+def _load(config: str | None, overrides: list[str] | None) -> TrainConfig:
+    """Load and validate a training config; on failure print every problem and exit 2.
+
+    A first argument of the form key=value that is not a file is taken as an override,
+    so `agent-spo train learner.lr=1e-5` works without naming a config.
+    """
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+ConfigArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="YAML run config (e.g. configs/demo.yaml). Omitted: the built-in defaults, "
+        "which are the embedded CPU demo (the same as configs/demo.yaml).",
+        metavar="CONFIG",
+        show_default=False,
+    ),
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Overrides as key.path=value, applied after the file, e.g. "
+        "algo.rho.mode=constant learner.lr=1e-5 learner.betas=[0.9,0.95].",
+        metavar="OVERRIDES",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def config(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Print the fully resolved training config as YAML (defaults filled, overrides applied).
+
+    Validates exactly as `train` does: a bad key or value exits with code 2 and names it.
+
+    Example: `agent-spo config configs/demo.yaml algo.rho.mode=constant`
+    """
+    typer.echo(dump_config(_load(config, overrides)), nl=False)
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Validate and print the resolved config; train nothing."),
+    ] = False,
+) -> None:
+    """Train a policy with SPO (or GRPO for comparison) from a YAML config.
+
+    Runs the single-stream loop: sample a prompt, play a multi-turn episode with the
+    sandboxed Python tool, verify the answer, update the value tracker, and step the
+    learner on each batch of finished trajectories. Writes checkpoints, metrics, episode
+    logs and the resolved config under run.output_dir/run.name. The config is validated
+    before any work; a bad key exits with code 2.
+    """
+    cfg = _load(config, overrides)
+    if dry_run:
+        _stderr.print(Text("config ok", style="green"))
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    _not_built(
+        "train",
+        "the training loop (sampler → episodes → verifier → tracker → learner) is not "
+        "implemented; `agent-spo train --dry-run` validates the config",
+    )
+
+
+@app.command("eval")
+def evaluate(
+    config: Annotated[str, typer.Argument(help="Evaluation config (model, benchmarks, sampling).")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint directory to evaluate instead of the config's model."),
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Samples per problem (k).", min=1)] = 32,
+) -> None:
+    """Evaluate a model or checkpoint on math benchmarks: avg@k, pass@k (unbiased), maj@k.
+
+    The spec's protocol: AIME 24/25, BeyondAIME, BRUMO 25, HMMT Feb 25; 32 samples per
+    problem at T = 0.6, top_p = 0.95, top_k = 20, with the same tool loop and verifier
+    as training.
+    """
+    _not_built("eval", "score a model with avg@k, pass@k and maj@k on math benchmarks")
+
+
+@app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agent-spo train`.")],
+    episode: Annotated[
+        str | None,
+        typer.Argument(help="Episode id; omitted: list the run's episodes.", show_default=False),
+    ] = None,
+    rerun: Annotated[
+        bool, typer.Option("--rerun", help="Re-execute the episode's tool calls and verification.")
+    ] = False,
+) -> None:
+    """Show a logged episode turn by turn.
+
+    Prints model text, tool calls, sandbox output and latency, the verdict, the tracker
+    value before and after, the advantage and the policy-version lag; with --rerun,
+    re-runs the tool calls in a sandbox and re-verifies the answer.
+    """
+    _not_built("replay", "show a logged episode turn by turn and optionally re-run it")
+
+
+@app.command()
+def verify(
+    answer: Annotated[
+        str, typer.Argument(help="Model output or bare answer (a \\boxed{…} is extracted).")
+    ],
+    reference: Annotated[str, typer.Argument(help="Reference answer.")],
+) -> None:
+    """Check one answer against a reference with the training verifier (sympy equivalence).
+
+    Prints the extracted answer, both parsed forms and the verdict (reward 1 or 0, or
+    'not scorable').
+    """
+    _not_built("verify", "check an answer against a reference with the sympy verifier")
+
+
+@app.command("estimate-values")
+def estimate_values(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    out: Annotated[Path, typer.Option(help="Where to write per-prompt success counts.")] = Path(
+        "values.jsonl"
+    ),
+) -> None:
+    """Estimate each prompt's initial success rate v0 for the value tracker (spec §1).
+
+    Samples algo.init.n0 episodes per prompt from the initial policy with the same tool
+    loop, verifies them, and writes per-prompt success counts; pass the file to training
+    as algo.init.values_path.
+    """
+    _load(config, overrides)
+    _not_built("estimate-values", "sample n0 episodes per prompt and write success counts")
+
+
+@app.command("demo-model")
+def demo_model(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for the model and tokenizer.")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if out_dir exists.")] = False,
+) -> None:
+    """Build the embedded demo policy: a tiny Qwen3-architecture model and its tokenizer.
+
+    Trains a small tokenizer, initialises the model and warm-starts it with SFT on
+    synthetic tool-use demonstrations, then saves it in HF format to OUT_DIR.
+    """
+    _not_built("demo-model", "build the tiny demo model and tokenizer (SFT warm start)")
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    backend: Annotated[
+        str, typer.Option(help="Backend behind the server: local or docker.")
+    ] = "local",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Expose a sandbox backend over HTTP so rollout machines can share one sandbox fleet."""
+    _not_built("sandbox serve", "serve a sandbox backend over HTTP")
+
+
+@tools_app.command("list")
+def tools_list() -> None:
+    """List the available tools with their one-line descriptions."""
+    _not_built("tools list", "list the tools the agent can call")
+
+
+@tools_app.command("show")
+def tools_show(name: Annotated[str, typer.Argument(help="Tool name.")]) -> None:
+    """Show the exact schema and description the model receives for one tool."""
+    _not_built("tools show", "print a tool's schema as the model sees it")
+
+
+@tools_app.command("test")
+def tools_test(
+    name: Annotated[str, typer.Argument(help="Tool name.")],
+    arguments: Annotated[str, typer.Argument(help="Call arguments as a JSON object.")] = "{}",
+    backend: Annotated[str, typer.Option(help="Sandbox backend to run the call in.")] = "local",
+) -> None:
+    """Call one tool with JSON arguments inside a real sandbox and print the typed result."""
+    _not_built("tools test", "run one tool call in a sandbox and print the result")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.3f}"
+    return str(int(value)) if isinstance(value, float) else str(value)
+
+
+@bench_app.command("bandit")
+def bench_bandit(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    prompts: Annotated[int, typer.Option(help="Prompts in the synthetic task set.", min=2)] = 256,
+    steps: Annotated[int, typer.Option(help="Training steps per run.", min=1)] = 150,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per algorithm (medians are reported).", min=1)
+    ] = 3,
+    algos: Annotated[
+        str, typer.Option(help="Comma-separated algorithms to run: spo, grpo.")
+    ] = "spo,grpo",
+    target: Annotated[
+        float, typer.Option(help="Report the steps needed to reach this true accuracy.")
+    ] = 0.5,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory. Default: <run.output_dir>/<run.name>."),
+    ] = None,
+) -> None:
+    """SPO vs GRPO on a synthetic Bernoulli bandit, with the real algorithm core (seconds).
+
+    Each prompt is answered correctly with probability sigmoid(difficulty + features·w +
+    bias); SPO (value tracker, prioritised sampler, global normalisation) and GRPO
+    (groups of G, uniform prompts) train the same policy with the same PPO-clip loss and
+    the same samples per step. Writes config.yaml, metrics.jsonl, summary.json and
+    curves.png. Without CONFIG, the defaults get bandit-sized learner settings
+    (lr 0.05, batch 64, 2 mini-batches, no weight decay); overrides such as
+    algo.rho.mode=constant or algo.baseline=false run the paper's ablations.
+    """
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.table import Table
+
+    from agent_spo.bandit import (
+        BANDIT_DEFAULT_OVERRIDES,
+        plot_curves,
+        run_bandit,
+        settings_from_config,
+        summarize,
+    )
+
+    user = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, user = None, [config, *user]
+    cfg = _load(config, [*BANDIT_DEFAULT_OVERRIDES, *user] if config is None else user)
+    names = [a.strip() for a in algos.split(",") if a.strip()]
+    bad = [a for a in names if a not in ("spo", "grpo")]
+    if bad or not names:
+        _stderr.print(
+            Text(f"error: --algos: got {bad or algos!r}; allowed: spo, grpo", style="red")
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    try:
+        plans = [
+            settings_from_config(cfg, algo=a, seed=seed, n_prompts=prompts, steps=steps)
+            for a in names
+            for seed in range(seeds)
+        ]
+    except ValueError as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+    out_dir = out if out is not None else Path(cfg.run.output_dir) / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out_dir)
+    results = []
+    columns = [
+        *Progress.get_default_columns()[:1],
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    with (
+        (out_dir / "metrics.jsonl").open("w") as metrics,
+        Progress(*columns, console=_stderr) as bar,
+    ):
+        task = bar.add_task("bandit", total=len(plans) * steps)
+        for plan in plans:
+            bar.update(task, description=f"{plan.algo} seed {plan.seed}")
+
+            def log(row, plan=plan):
+                metrics.write(json.dumps({"algo": plan.algo, "seed": plan.seed, **row}) + "\n")
+                bar.advance(task)
+
+            results.append(run_bandit(plan, on_step=log))
+    summary = summarize(results, target)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(results, out_dir / "curves.png")
+
+    table = Table(
+        title=f"bandit: {prompts} prompts, {steps} steps, batch "
+        f"{cfg.learner.batch_size}, median of {seeds} seed(s)"
+    )
+    keys = list(
+        dict.fromkeys(k for row in summary.values() for k in row if k != "final_accuracy_all")
+    )
+    table.add_column("metric")
+    for algo in summary:
+        table.add_column(algo.upper(), justify="right")
+    for k in keys:
+        cells = [summary[a].get(k) for a in summary]
+        table.add_row(k, *(_cell(c) for c in cells))
+    Console().print(table)
+    typer.echo(f"wrote {out_dir}/ (config.yaml, metrics.jsonl, summary.json, curves.png)")
+
+
+@bench_app.command("throughput")
+def bench_throughput(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Measure SPO's group-free pipeline against GRPO's group barrier (spec §8).
+
+    Runs both modes on the same engine, sandbox and verifier and reports the time until a
+    batch is ready, under measured or modelled episode-time distributions.
+    """
+    _load(config, overrides)
+    _not_built("bench throughput", "time batch readiness for SPO versus GRPO")
+
+
+if __name__ == "__main__":
+    app()
