@@ -47,6 +47,26 @@ app.add_typer(tools_app, name="tools")
 app.add_typer(bench_app, name="bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from agent_spo import __version__
+
+        typer.echo(f"agent-spo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Train tool-using math agents with Single-stream Policy Optimization (SPO)."""
+
+
 def _not_built(command: str, what: str) -> NoReturn:
     """Say plainly that a declared command does not exist yet, and exit 3."""
     message = f"`agent-spo {command}` is not built yet: {what}"

@@ -24,6 +24,7 @@ ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["tools", "show"],
     ["tools", "test"],
     ["bench", "throughput"],
+    ["bench", "bandit"],
 ]
 NOT_BUILT = [
     ["train", DEMO],
@@ -124,3 +125,10 @@ def test_help_and_config_do_not_import_torch():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_version():
+    from agent_spo import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"agent-spo {__version__}"
