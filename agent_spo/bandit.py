@@ -246,6 +246,10 @@ def run_bandit(s: BanditSettings, on_step: Callable[[dict], None] | None = None)
                 ref_answer[i] = (float(answers[j]), float(logp_after[j]))
                 sampler.refresh(pid, tracker.value(pid), tracker.n_eff(pid))
             row["tracker/rho_mean"] = float(np.mean(rhos))
+            # share of updates whose discount sits on a clip bound (reference: rho_clip_ratio)
+            row["tracker/rho_clip_frac"] = float(
+                np.mean([(x <= s.rho_min) or (x >= s.rho_max) for x in rhos])
+            )
             true_p = policy.success_prob()
             seen = [i for i, p in enumerate(pids) if tracker.visits(p) > 0]
             v_seen, _ = tracker.values([pids[i] for i in seen])
@@ -344,7 +348,12 @@ def summarize(results: list[BanditResult], target: float) -> dict[str, dict]:
             if len(reached) == len(runs)
             else None,
         }
-        for key in ("grpo/frac_degenerate", "tracker/abs_error", "tracker/rho_mean"):
+        for key in (
+            "grpo/frac_degenerate",
+            "tracker/abs_error",
+            "tracker/rho_mean",
+            "tracker/rho_clip_frac",
+        ):
             vals = [h[key] for r in runs for h in r.history if key in h]
             if vals:
                 row[f"mean {key}"] = float(np.mean(vals))

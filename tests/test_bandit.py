@@ -15,14 +15,17 @@ SMALL = dict(n_prompts=64, steps=40, batch_size=32, mini_batches=2)
 
 @pytest.mark.parametrize("rho_mode", ["kl_version", "kl_exact", "constant"])
 def test_spo_learns_in_every_rho_mode(rho_mode):
-    r = run_bandit(BanditSettings(algo="spo", rho_mode=rho_mode, **SMALL))
+    # d_half = 0.3 puts much of this toy's per-visit drift inside the clip range, so the
+    # adaptive modes must produce discounts strictly between rho_min and rho_max.
+    r = run_bandit(BanditSettings(algo="spo", rho_mode=rho_mode, d_half=0.3, **SMALL))
     assert r.final_accuracy > r.initial_accuracy + 0.15
     rhos = [h["tracker/rho_mean"] for h in r.history]
+    clipped = np.mean([h["tracker/rho_clip_frac"] for h in r.history])
     if rho_mode == "constant":
         assert set(rhos) == {0.875}
     else:
-        # the policy moves, so revisited prompts get discounted below rho_max
-        assert min(rhos) < 0.96 and max(rhos) <= 0.96
+        # a constant rho_min would give 1.0 here; measured ~0.32 (kl_version), ~0.70 (kl_exact)
+        assert clipped < 0.8, clipped
 
 
 def test_grpo_learns_and_counts_degenerate_groups():

@@ -21,6 +21,10 @@ def normalize_global(adv: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     adv = np.asarray(adv, dtype=np.float64)  # [B]
     if adv.ndim != 1 or adv.size == 0:
         raise ValueError(f"expected a non-empty 1-D batch of advantages, got shape {adv.shape}")
+    if not np.isfinite(adv).all():
+        raise ValueError(
+            f"advantages must be finite; got {adv[~np.isfinite(adv)][:3]} in the batch"
+        )
     if adv.size == 1:
         return np.zeros_like(adv)
     return (adv - adv.mean()) / (adv.std(ddof=1) + eps)
@@ -58,6 +62,8 @@ def grpo_advantages(
     r = np.asarray(rewards, dtype=np.float64)  # [B]
     if r.ndim != 1 or len(group_ids) != r.size:
         raise ValueError(f"need one group id per reward: {len(group_ids)} ids, shape {r.shape}")
+    if not np.isfinite(r).all():
+        raise ValueError("rewards must be finite")
     adv = np.empty_like(r)
     for idx in _group_indices(group_ids).values():
         g = r[idx]

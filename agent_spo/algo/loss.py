@@ -15,6 +15,10 @@ with the k3 estimator ``k3 = exp(logp_ref - logp_new) - (logp_ref - logp_new) - 
 ``normalizer`` is the number of loss tokens in the whole optimizer step, passed in by the
 caller, so splitting a step into micro-batches and summing their gradients gives the
 same gradient as one pass over the step ("token mean over the step").
+
+Masked positions (prompt, tool output, padding) are replaced by zeros before any
+arithmetic, so a -inf or NaN log-prob there cannot poison the loss. The loss is computed
+in at least float32 even when the log-probs arrive in bfloat16.
 """
 
 from __future__ import annotations
@@ -73,11 +77,14 @@ def ppo_clip_loss(
         raise ValueError(f"normalizer must be a positive token count, got {normalizer!r}")
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    dtype = torch.promote_types(logp_new.dtype, torch.float32)
+    keep = mask.bool()  # [B, T]
+    mask = keep.to(dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)  # [B, 1] broadcasts over T
-    adv = adv.to(logp_new.dtype)
-    mask = mask.to(logp_new.dtype)
-    logp_old = logp_old.detach()
+    adv = adv.detach().to(dtype)
+    logp_new = torch.where(keep, logp_new.to(dtype), 0.0)
+    logp_old = torch.where(keep, logp_old.detach().to(dtype), 0.0)
 
     log_ratio = torch.clamp(logp_new - logp_old, -log_ratio_clamp, log_ratio_clamp)  # [B, T]
     ratio = torch.exp(log_ratio)
@@ -97,7 +104,8 @@ def ppo_clip_loss(
     if kl_coef != 0.0:
         if logp_ref is None:
             raise ValueError("kl_coef != 0 needs logp_ref")
-        delta = logp_ref.detach() - logp_new
+        logp_ref = torch.where(keep, logp_ref.detach().to(dtype), 0.0)
+        delta = torch.clamp(logp_ref - logp_new, -log_ratio_clamp, log_ratio_clamp)
         k3 = torch.exp(delta) - delta - 1.0  # [B, T], >= 0
         loss = loss + kl_coef * (k3 * mask).sum() / normalizer
         kl_mean = _masked_mean(k3.detach(), mask)
@@ -105,10 +113,11 @@ def ppo_clip_loss(
     if entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("entropy_coef != 0 needs per-token entropy")
+        entropy = torch.where(keep, entropy.to(dtype), 0.0)
         loss = loss - entropy_coef * (entropy * mask).sum() / normalizer
         ent_mean = _masked_mean(entropy.detach(), mask)
     elif entropy is not None:
-        ent_mean = _masked_mean(entropy.detach(), mask)
+        ent_mean = _masked_mean(torch.where(keep, entropy.detach().to(dtype), 0.0), mask)
 
     with torch.no_grad():
         clipped = pg_clipped > pg_unclipped  # the clip bound the objective

@@ -72,6 +72,7 @@ class PrioritizedSampler:
         self._n_eff = np.ones(n) if n_eff is None else np.asarray(n_eff, np.float64).copy()
         if self._v_hat.shape != (n,) or self._n_eff.shape != (n,):
             raise ValueError("v_hat and n_eff need one entry per prompt id")
+        _check_values(self._v_hat, self._n_eff)
         self._in_flight = np.zeros(n, dtype=bool)
         self._rng = np.random.default_rng(seed)
         self._weights = self._compute(self._v_hat, self._n_eff)
@@ -88,6 +89,7 @@ class PrioritizedSampler:
     def refresh(self, pid: str, v_hat: float, n_eff: float) -> None:
         """Re-weight one prompt after its tracker update."""
         i = self._index[pid]
+        _check_values(np.array([v_hat]), np.array([n_eff]))
         self._v_hat[i], self._n_eff[i] = v_hat, n_eff
         self._weights[i] = self._compute(self._v_hat[i : i + 1], self._n_eff[i : i + 1])[0]
 
@@ -115,9 +117,11 @@ class PrioritizedSampler:
 
     def draw(self) -> str:
         """One prompt ∝ w among those not in flight; it stays in flight until released."""
-        cdf = np.cumsum(self.probabilities())
+        p = self.probabilities()
+        cdf = np.cumsum(p)
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
-        i = min(i, len(cdf) - 1)  # guard the u * cdf[-1] == cdf[-1] rounding edge
+        if i >= len(cdf) or p[i] == 0.0:  # u * cdf[-1] rounded onto the last step
+            i = int(np.flatnonzero(p)[-1])
         self._in_flight[i] = True
         return self.prompt_ids[i]
 
@@ -126,7 +130,13 @@ class PrioritizedSampler:
         free = int((~self._in_flight).sum())
         if not 0 < k <= free:
             raise ValueError(f"cannot draw {k} distinct prompts: {free} are not in flight")
-        idx = self._rng.choice(len(self), size=k, replace=False, p=self.probabilities())
+        p = self.probabilities()
+        if np.count_nonzero(p) < k:
+            raise ValueError(
+                f"cannot draw {k} distinct prompts: only {np.count_nonzero(p)} have a positive"
+                " weight (eps = 0 and the rest are solved or hopeless); use eps > 0"
+            )
+        idx = self._rng.choice(len(self), size=k, replace=False, p=p)
         self._in_flight[idx] = True
         return [self.prompt_ids[i] for i in idx]
 
@@ -166,6 +176,9 @@ class PrioritizedSampler:
         self.eps, self.gamma, self.mode = state["eps"], state["gamma"], state["mode"]
         self._v_hat = np.asarray(state["v_hat"], dtype=np.float64)
         self._n_eff = np.asarray(state["n_eff"], dtype=np.float64)
+        if self._v_hat.shape != (len(self),) or self._n_eff.shape != (len(self),):
+            raise ValueError("sampler state has the wrong number of values")
+        _check_values(self._v_hat, self._n_eff)
         self._weights = self._compute(self._v_hat, self._n_eff)
         self._in_flight[:] = False
         for pid in state["in_flight"]:
@@ -176,3 +189,10 @@ class PrioritizedSampler:
     def refresh_many(self, items: Iterable[tuple[str, float, float]]) -> None:
         for pid, v, n in items:
             self.refresh(pid, v, n)
+
+
+def _check_values(v_hat: np.ndarray, n_eff: np.ndarray) -> None:
+    if not (np.isfinite(v_hat).all() and np.isfinite(n_eff).all()):
+        raise ValueError("sampler values v_hat and n_eff must be finite")
+    if ((v_hat < 0) | (v_hat > 1)).any() or (n_eff <= 0).any():
+        raise ValueError("sampler needs v_hat in [0, 1] and n_eff > 0")

@@ -20,7 +20,11 @@ Three ways to get D (``rho_mode``):
 
 * ``kl_version`` (streaming default): the learner reports one drift number ``d_s`` per
   update step (:meth:`ValueTracker.record_step_drift`); D(x) is the sum of ``d_s`` over
-  the steps since x's last visit. First visit: D = 0.
+  the steps since x's last visit. An offline initialisation counts as a visit by the
+  initial policy, so the first online visit of such a prompt is discounted by all the
+  drift since training began; a prompt with neither gets D = 0. Order matters: record
+  a step's drift *before* observing that step's rewards, so D is measured up to the
+  policy right after the update (the reference recipe's choice).
 * ``kl_exact`` (the reference recipe): the caller measures D(x) itself (mean absolute
   token log-ratio on x's previous trajectory) and passes it in. First visit: D = 0.
 * ``constant``: rho is ``rho_constant`` for every update (ablation).
@@ -45,8 +49,7 @@ _STATE_VERSION = 1
 
 def rho_from_drift(drift: float, *, d_half: float, rho_min: float, rho_max: float) -> float:
     """rho = clip(2^(-D / D_half), rho_min, rho_max)  (spec §1, paper §4.1)."""
-    if not drift >= 0.0:  # also rejects NaN
-        raise ValueError(f"policy drift D must be a non-negative number, got {drift!r}")
+    drift = _finite_drift(drift)
     return min(max(2.0 ** (-drift / d_half), rho_min), rho_max)
 
 
@@ -107,8 +110,8 @@ class ValueTracker:
             raise ValueError(f"need 0 < rho_min <= rho_max <= 1, got {rho_min}, {rho_max}")
         if not 0.0 < rho_constant <= 1.0:
             raise ValueError(f"rho_constant must lie in (0, 1], got {rho_constant}")
-        if d_half <= 0.0:
-            raise ValueError(f"d_half must be > 0, got {d_half}")
+        if not (d_half > 0.0 and math.isfinite(d_half)):
+            raise ValueError(f"d_half must be a finite number > 0, got {d_half}")
         if prior_alpha < 0.0 or prior_beta < 0.0 or prior_alpha + prior_beta <= 0.0:
             raise ValueError("prior alpha, beta must be >= 0 with a positive sum")
         self.rho_mode: RhoMode = rho_mode
@@ -136,18 +139,20 @@ class ValueTracker:
     def init_from_scores(
         self, scores: Mapping[str, Sequence[float]], form: InitForm = "paper"
     ) -> None:
-        """Set each prompt's prior from offline rewards of the initial policy (spec §1)."""
+        """Set each prompt's prior from offline rewards of the initial policy (spec §1).
+
+        The estimate counts as a visit by the current policy: any earlier visit history of
+        the prompt is forgotten, and kl_version measures its drift from here.
+        """
         strength = self.prior_strength
         if not math.isfinite(strength):
             raise ValueError("offline initialisation needs rho_min < 1")
         for pid, rewards in scores.items():
-            rewards = list(rewards)
-            for r in rewards:
-                _check_reward(r)
-            a, b = prior_from_scores(
-                float(sum(rewards)), len(rewards), prior_strength=strength, form=form
-            )
+            rewards = [_check_reward(r) for r in rewards]
+            a, b = prior_from_scores(sum(rewards), len(rewards), prior_strength=strength, form=form)
             self._alpha[pid], self._beta[pid] = a, b
+            self._visits.pop(pid, None)
+            self._drift_at_visit[pid] = self._cum_drift
 
     # ----------------------------------------------------------------------- queries
     def __contains__(self, pid: str) -> bool:
@@ -191,13 +196,11 @@ class ValueTracker:
     # ------------------------------------------------------------------------ discount
     def record_step_drift(self, drift: float) -> None:
         """kl_version: the learner's drift d_s of one update step (mean |logp_after - logp_before|)."""
-        if not drift >= 0.0:
-            raise ValueError(f"step drift must be a non-negative number, got {drift!r}")
-        self._cum_drift += drift
+        self._cum_drift += _finite_drift(drift)
         self._steps += 1
 
     def drift_since_visit(self, pid: str) -> float:
-        """kl_version: D(x) = sum of d_s since x's last visit (0 on the first visit)."""
+        """kl_version: D(x) = sum of d_s since x's last visit or offline init (else 0)."""
         last = self._drift_at_visit.get(pid)
         return 0.0 if last is None else self._cum_drift - last
 
@@ -205,7 +208,7 @@ class ValueTracker:
         """(rho, D) for the next update of ``pid`` under this tracker's rho mode.
 
         ``drift`` is required in ``kl_exact`` mode for a prompt visited before and must be
-        omitted otherwise.
+        omitted otherwise (a first visit has no previous trajectory: D = 0).
         """
         if self.rho_mode == "constant":
             if drift is not None:
@@ -217,18 +220,24 @@ class ValueTracker:
             d = self.drift_since_visit(pid)
         else:  # kl_exact
             if self.visits(pid) == 0:
-                d = 0.0 if drift is None else drift
+                if drift is not None:
+                    raise ValueError(
+                        f"{pid!r} has no previous visit, so no drift can have been measured;"
+                        " pass drift=None (D = 0)"
+                    )
+                d = 0.0
             elif drift is None:
                 raise ValueError(f"rho_mode 'kl_exact' needs the measured drift D for {pid!r}")
             else:
-                d = drift
+                d = _finite_drift(drift)
         rho = rho_from_drift(d, d_half=self.d_half, rho_min=self.rho_min, rho_max=self.rho_max)
         return rho, d
 
     # -------------------------------------------------------------------------- update
     def update(self, pid: str, reward: float, rho: float) -> None:
         """alpha <- rho*alpha + r,  beta <- rho*beta + (1 - r)   (paper Eq. 5)."""
-        _check_reward(reward)
+        reward = _check_reward(reward)
+        rho = float(rho)
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho must lie in (0, 1], got {rho!r}")
         a, b = self.alpha_beta(pid)
@@ -278,14 +287,24 @@ class ValueTracker:
             prior_beta=state["prior_beta"],
         )
         self.__dict__.update(fresh.__dict__)
-        self._alpha = {str(k): float(v) for k, v in state["alpha"].items()}
-        self._beta = {str(k): float(v) for k, v in state["beta"].items()}
-        if self._alpha.keys() != self._beta.keys():
+        alpha = {str(k): float(v) for k, v in state["alpha"].items()}
+        beta = {str(k): float(v) for k, v in state["beta"].items()}
+        visits = {str(k): int(v) for k, v in state["visits"].items()}
+        marks = {str(k): float(v) for k, v in state["drift_at_visit"].items()}
+        cum_drift = float(state["cum_drift"])
+        if alpha.keys() != beta.keys():
             raise ValueError("tracker state has alpha and beta for different prompts")
-        self._visits = {str(k): int(v) for k, v in state["visits"].items()}
-        self._cum_drift = float(state["cum_drift"])
+        if not (visits.keys() <= alpha.keys() and marks.keys() <= alpha.keys()):
+            raise ValueError("tracker state has visit records for prompts without alpha/beta")
+        for pid in alpha:
+            a, b = alpha[pid], beta[pid]
+            if not (math.isfinite(a) and math.isfinite(b) and a >= 0 and b >= 0 and a + b > 0):
+                raise ValueError(f"tracker state for {pid!r} is not a valid Beta: ({a}, {b})")
+        if not all(math.isfinite(m) and 0.0 <= m <= cum_drift for m in marks.values()):
+            raise ValueError("tracker state has drift marks outside [0, cum_drift]")
+        self._alpha, self._beta, self._visits, self._drift_at_visit = alpha, beta, visits, marks
+        self._cum_drift = _finite_drift(cum_drift)
         self._steps = int(state["steps"])
-        self._drift_at_visit = {str(k): float(v) for k, v in state["drift_at_visit"].items()}
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> ValueTracker:
@@ -294,9 +313,20 @@ class ValueTracker:
         return tracker
 
 
-def _check_reward(reward: float) -> None:
+def _check_reward(reward: float) -> float:
+    """The reward as a Python float in [0, 1] (numpy and torch scalars are converted)."""
     # None means "not scorable": such an episode is dropped upstream, never fed here as 0.
-    if reward is None or not 0.0 <= reward <= 1.0:
+    r = float("nan") if reward is None else float(reward)
+    if not 0.0 <= r <= 1.0:
         raise ValueError(
             f"tracker rewards must lie in [0, 1] (got {reward!r}); rescale other reward ranges"
         )
+    return r
+
+
+def _finite_drift(drift: float) -> float:
+    """A drift D as a Python float; it must be finite and >= 0."""
+    d = float(drift)
+    if not (d >= 0.0 and math.isfinite(d)):
+        raise ValueError(f"policy drift D must be a finite number >= 0, got {drift!r}")
+    return d

@@ -27,6 +27,22 @@ def test_spo_advantages_hand_computed():
     np.testing.assert_allclose(norm, [1.2247448, -0.8164966, 0.4082483, -0.8164966], atol=1e-7)
 
 
+def test_spo_subtracts_the_batch_mean_of_raw_advantages():
+    norm, raw = spo_advantages([1, 1, 0, 1], [0.5, 0.25, 0.5, 0.75])
+    # A = [0.5, 0.75, -0.5, 0.25]; mean = 0.25; deviations [0.25, 0.5, -0.75, 0]
+    # unbiased var = (0.0625 + 0.25 + 0.5625 + 0)/3 = 0.2916667 ; std = 0.5400617
+    # A~ = [0.4629100, 0.9258201, -1.3887301, 0]
+    np.testing.assert_allclose(raw, [0.5, 0.75, -0.5, 0.25])
+    np.testing.assert_allclose(norm, [0.4629100, 0.9258201, -1.3887301, 0.0], atol=1e-7)
+
+
+def test_non_finite_inputs_are_rejected():
+    with pytest.raises(ValueError, match="finite"):
+        spo_advantages([1.0, np.nan], [0.5, 0.5])
+    with pytest.raises(ValueError, match="finite"):
+        grpo_advantages([1.0, np.inf], ["a", "a"])
+
+
 def test_no_baseline_is_normalised_reward():
     norm, raw = no_baseline_advantages([1, 0, 0, 0])
     # mean = 0.25 ; unbiased std = sqrt((0.5625 + 3*0.0625)/3) = sqrt(0.25) = 0.5

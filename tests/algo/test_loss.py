@@ -10,44 +10,46 @@ from agent_spo.algo.loss import ppo_clip_loss
 
 def _hand_batch():
     # logp_old = 0, so ratio = exp(logp_new). Row 0 has A = +1, row 1 has A = -1.
-    ratios = torch.tensor([[1.5, 0.5, 3.0], [0.5, 20.0, 3.0]])
+    ratios = torch.tensor([[1.5, 0.5, 3.0], [0.5, 20.0, 2.0]])
     logp_new = torch.log(ratios).requires_grad_(True)
     logp_old = torch.zeros(2, 3)
     adv = torch.tensor([1.0, -1.0])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # last column is padding / tool output
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0's last token is padding / tool output
     return logp_new, logp_old, adv, mask
 
 
 def test_hand_computed_loss_and_stats():
     logp_new, logp_old, adv, mask = _hand_batch()
-    loss, st = ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=4)
+    loss, st = ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=5)
     # token (A=+1, r=1.5): max(-1.5, -1.28) = -1.28   clipped high
     # token (A=+1, r=0.5): max(-0.5, -0.8)  = -0.5    unclipped
     # token (A=-1, r=0.5): max(0.5, 0.8)    =  0.8    clipped low
     # token (A=-1, r=20) : max(20, 1.28) = 20, dual-clip min(20, 10) = 10
-    # loss = (-1.28 - 0.5 + 0.8 + 10) / 4 = 9.02 / 4 = 2.255
-    assert loss.item() == pytest.approx(2.255)
-    assert st.n_tokens == 4
-    assert st.clip_frac == pytest.approx(0.5)
-    assert st.clip_frac_low == pytest.approx(0.25) and st.clip_frac_high == pytest.approx(0.25)
-    assert st.dual_clip_frac == pytest.approx(0.25)
-    # ratio mean over masked tokens = (1.5 + 0.5 + 0.5 + 20)/4 = 5.625; max 20 (padding's 3.0 ignored)
-    assert st.ratio_mean == pytest.approx(5.625) and st.ratio_max == pytest.approx(20.0)
-    # approx_kl = mean(r - 1 - log r) = (0.0945349 + 0.1931472 + 0.1931472 + 16.0042677)/4
-    expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 0.5, 20.0)) / 4
+    # token (A=-1, r=2)  : max(2, 1.28) = 2, below the dual cap 10: unclipped
+    # loss = (-1.28 - 0.5 + 0.8 + 10 + 2) / 5 = 11.02 / 5 = 2.204
+    assert loss.item() == pytest.approx(2.204)
+    assert st.n_tokens == 5
+    assert st.clip_frac == pytest.approx(0.4)
+    assert st.clip_frac_low == pytest.approx(0.2) and st.clip_frac_high == pytest.approx(0.2)
+    assert st.dual_clip_frac == pytest.approx(0.2)
+    # ratio mean over masked tokens = (1.5 + 0.5 + 0.5 + 20 + 2)/5 = 4.9; padding's 3.0 ignored
+    assert st.ratio_mean == pytest.approx(4.9) and st.ratio_max == pytest.approx(20.0)
+    # approx_kl = mean(r - 1 - log r) over the five tokens
+    expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 0.5, 20.0, 2.0)) / 5
     assert st.approx_kl == pytest.approx(expected_kl)
 
     loss.backward()
-    # d loss / d logp_new: only the unclipped token has a gradient: -A * ratio / N = -0.5/4
-    expected = torch.tensor([[0.0, -0.125, 0.0], [0.0, 0.0, 0.0]])
+    # d loss / d logp_new = -A * ratio / N on unclipped tokens, 0 on clipped/capped/masked:
+    #   (A=+1, r=0.5): -0.5/5 = -0.1 ;  (A=-1, r=2): +2/5 = 0.4
+    expected = torch.tensor([[0.0, -0.1, 0.0], [0.0, 0.0, 0.4]])
     torch.testing.assert_close(logp_new.grad, expected)
 
 
 def test_dual_clip_can_be_disabled():
     logp_new, logp_old, adv, mask = _hand_batch()
-    loss, st = ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=4, dual_clip_c=None)
-    # the r = 20 token now costs 20: (-1.28 - 0.5 + 0.8 + 20)/4 = 19.02/4 = 4.755
-    assert loss.item() == pytest.approx(4.755)
+    loss, st = ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=5, dual_clip_c=None)
+    # the r = 20 token now costs 20: (-1.28 - 0.5 + 0.8 + 20 + 2)/5 = 21.02/5 = 4.204
+    assert loss.item() == pytest.approx(4.204)
     assert st.dual_clip_frac == 0.0
 
 
@@ -59,6 +61,36 @@ def test_log_ratio_is_clamped():
     # log-ratio clamped to 20: loss = exp(20) (A = -1, ratio above the clip) -- finite
     assert loss.item() == pytest.approx(math.exp(20.0))
     assert math.isfinite(st.approx_kl)
+    loss.backward()
+    assert logp_new.grad.item() == 0.0  # no gradient through the clamp
+
+    low = torch.tensor([[-50.0]], requires_grad=True)
+    loss, _ = ppo_clip_loss(low, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), 1)
+    # clamped to -20; A = +1 and ratio below 1 - eps_low is not clipped for A > 0:
+    # loss = -exp(-20) = -2.06e-9, and the clamp stops the gradient
+    assert loss.item() == pytest.approx(-math.exp(-20.0))
+    loss.backward()
+    assert low.grad.item() == 0.0
+
+
+def test_masked_positions_cannot_poison_the_loss():
+    logp_new = torch.tensor([[-0.1, -float("inf"), float("nan")]], requires_grad=True)
+    logp_old = torch.tensor([[-0.1, float("nan"), -float("inf")]])
+    mask = torch.tensor([[1, 0, 0]])
+    loss, st = ppo_clip_loss(logp_new, logp_old, torch.tensor([2.0]), mask, 1)
+    # the one real token has ratio 1: loss = -2 * 1 / 1
+    assert loss.item() == pytest.approx(-2.0) and math.isfinite(st.approx_kl)
+    loss.backward()
+    assert torch.isfinite(logp_new.grad).all()
+    torch.testing.assert_close(logp_new.grad, torch.tensor([[-2.0, 0.0, 0.0]]))
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    logp = torch.full((1, 2), -0.5, dtype=torch.bfloat16, requires_grad=True)
+    loss, _ = ppo_clip_loss(logp, logp.detach(), torch.tensor([1.2345678]), torch.ones(1, 2), 2)
+    assert loss.dtype == torch.float32
+    # ratio 1 everywhere: loss = -A = -1.2345678, not bf16's -1.234375
+    assert loss.item() == pytest.approx(-1.2345678, abs=1e-6)
 
 
 def test_optional_kl_and_entropy_terms():
@@ -82,6 +114,10 @@ def test_optional_kl_and_entropy_terms():
     # loss = 0 + 0.1 * 0.3068528 - 0.01 * (0.7 + 0.3)/2 = 0.03068528 - 0.005 = 0.02568528
     assert loss.item() == pytest.approx(0.02568528, abs=1e-8)
     assert st.kl == pytest.approx(0.3068528, abs=1e-7) and st.entropy == pytest.approx(0.5)
+    loss.backward()
+    # d/d logp_new of kl_coef * k3 / N, with d k3 / d logp_new = -(e^delta - 1) = -1:
+    #   0.1 * (-1) / 2 = -0.05 per token (the PPO term has A = 0)
+    torch.testing.assert_close(logp_new.grad, torch.tensor([[-0.05, -0.05]]))
     with pytest.raises(ValueError, match="needs logp_ref"):
         ppo_clip_loss(logp_new, logp_old, torch.tensor([0.0]), mask, 2, kl_coef=0.1)
 
@@ -152,7 +188,7 @@ def test_micro_batch_gradient_accumulation_equals_one_pass(split):
     full = _accumulated_grads(model, ids, logp_old, adv, mask, [6], n_tokens, **ref)
     micro = _accumulated_grads(model, ids, logp_old, adv, mask, split, n_tokens, **ref)
     for g_full, g_micro in zip(full, micro, strict=True):
-        torch.testing.assert_close(g_micro, g_full, atol=1e-6, rtol=0)
+        torch.testing.assert_close(g_micro, g_full, atol=1e-12, rtol=0)
 
     # Control: averaging each micro-batch over its own tokens is NOT the same gradient,
     # which is why the normaliser is an explicit argument.

@@ -111,3 +111,33 @@ def test_bad_arguments():
         PrioritizedSampler(["a", "a"])
     with pytest.raises(ValueError, match="unknown sampler mode"):
         PrioritizedSampler(["a"], mode="thompson")
+
+
+def test_non_finite_or_out_of_range_values_are_rejected():
+    s = PrioritizedSampler(["a", "b"])
+    with pytest.raises(ValueError, match="finite"):
+        s.refresh("a", float("nan"), 8.0)
+    with pytest.raises(ValueError, match="v_hat in"):
+        s.refresh("a", 1.5, 8.0)
+    with pytest.raises(ValueError, match="finite"):
+        PrioritizedSampler(["a"], v_hat=[0.5], n_eff=[float("inf")])
+    np.testing.assert_allclose(s.weights(), [0.55, 0.55])  # nothing was half-applied
+
+
+def test_draw_batch_with_too_few_positive_weights_says_why():
+    s = PrioritizedSampler(["a", "b", "c"], v_hat=[0.5, 0.0, 1.0], n_eff=[8, 8, 8], eps=0.0)
+    with pytest.raises(ValueError, match="only 1 have a positive weight"):
+        s.draw_batch(2)
+
+
+def test_state_round_trip_with_gamma():
+    ids = [f"p{i}" for i in range(20)]
+    a = PrioritizedSampler(
+        ids, v_hat=np.linspace(0.05, 0.95, 20), n_eff=np.arange(1, 21.0), gamma=0.5, seed=1
+    )
+    for _ in range(7):
+        a.draw()
+    b = PrioritizedSampler(ids)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    np.testing.assert_array_equal(a.probabilities(), b.probabilities())
+    assert [a.draw() for _ in range(10)] == [b.draw() for _ in range(10)]

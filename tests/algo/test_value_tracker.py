@@ -23,9 +23,9 @@ def test_rho_from_drift_hand_computed():
     # clip edges: 2^(-D/0.06) = 0.96 at D = 0.06*log2(1/0.96) = 0.0035336
     assert rho_from_drift(0.0035, **DEFAULTS) == 0.96
     assert rho_from_drift(0.0036, **DEFAULTS) < 0.96
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="finite number >= 0"):
         rho_from_drift(-0.1, **DEFAULTS)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="finite number >= 0"):
         rho_from_drift(math.nan, **DEFAULTS)
 
 
@@ -204,17 +204,89 @@ def test_constant_rho_equilibrium_window(rho, rewards, n0):
         max_size=20,
         unique_by=lambda x: x[0],
     ),
+    drifts=st.lists(st.floats(0.0, 0.02), min_size=31, max_size=31),
     seed=st.integers(0, 2**16),
 )
-def test_batch_order_does_not_change_the_tracker(batch, seed):
-    # Updates of distinct prompts inside one batch commute (same drift, same rho rule).
-    a, b = ValueTracker(), ValueTracker()
-    for t in (a, b):
-        t.record_step_drift(0.002)
-    shuffled = list(batch)
-    random.Random(seed).shuffle(shuffled)
-    for pid, r in batch:
-        a.observe(f"p{pid}", r)
-    for pid, r in shuffled:
-        b.observe(f"p{pid}", r)
-    assert a.state_dict() == b.state_dict()
+def test_batch_order_does_not_change_the_tracker(batch, drifts, seed):
+    # Updates of distinct prompts inside one batch commute, including their discounts:
+    # every prompt is visited once first, at different times, so D and rho differ per prompt.
+    trackers = []
+    for order in (batch, random.Random(seed).sample(batch, len(batch))):
+        t = ValueTracker()
+        for pid in range(31):
+            t.observe(f"p{pid}", float(pid % 2))
+            t.record_step_drift(drifts[pid])
+        for pid, r in order:
+            t.observe(f"p{pid}", r)
+        trackers.append(t)
+    assert trackers[0].state_dict() == trackers[1].state_dict()
+
+
+def test_numpy_and_torch_scalars_are_stored_as_floats():
+    import numpy as np
+    import torch
+
+    t = ValueTracker()
+    t.update("x", np.float32(1.0), rho=np.float32(0.9))
+    t.record_step_drift(torch.tensor(0.003))
+    t.observe("x", np.float64(0.0))
+    state = json.loads(json.dumps(t.state_dict()))  # would fail on float32 / tensors
+    assert ValueTracker.from_state_dict(state).state_dict() == t.state_dict()
+    assert all(type(v) is float for v in t.state_dict()["alpha"].values())
+
+
+def test_non_finite_drift_is_rejected():
+    t = ValueTracker()
+    for bad in (math.inf, math.nan, -1e-9):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            t.record_step_drift(bad)
+    assert t.cumulative_drift == 0.0 and t.steps == 0
+    with pytest.raises(ValueError, match="d_half"):
+        ValueTracker(d_half=math.nan)
+
+
+def test_kl_exact_first_visit_refuses_a_drift():
+    t = ValueTracker(rho_mode="kl_exact")
+    with pytest.raises(ValueError, match="no previous visit"):
+        t.observe("x", 1.0, drift=0.05)
+
+
+def test_kl_version_offline_init_counts_as_a_visit_by_the_initial_policy():
+    t = ValueTracker(rho_mode="kl_version", **DEFAULTS)
+    t.init_from_scores({"x": [1, 0, 0, 0, 0, 0, 0, 0]})  # alpha0 = 1, beta0 = 7
+    t.record_step_drift(0.003)
+    t.record_step_drift(0.003)
+    u = t.observe("x", 1.0)
+    # D = 0.006 since the offline estimate -> rho = 2^(-0.1) = 0.9330329915
+    # alpha = 0.933033*1 + 1 = 1.933033, beta = 0.933033*7 = 6.531231
+    assert u.first_visit and u.drift == pytest.approx(0.006)
+    assert t.alpha_beta("x") == pytest.approx((1.9330329915, 6.5312309405))
+    # a prompt with neither init nor visit starts at D = 0
+    assert t.observe("fresh", 1.0).rho == 0.96
+
+
+def test_reinitialising_forgets_the_visit_history():
+    t = ValueTracker()
+    t.observe("x", 1.0)
+    t.record_step_drift(0.01)
+    t.init_from_scores({"x": [1, 1, 0, 0]})
+    assert t.visits("x") == 0 and t.drift_since_visit("x") == 0.0
+    assert t.value("x") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s["beta"].update(p0=-5.0), "not a valid Beta"),
+        (lambda s: s["beta"].pop("p0"), "different prompts"),
+        (lambda s: s["visits"].update(ghost=1), "without alpha/beta"),
+        (lambda s: s.update(cum_drift=float("inf")), "drift"),
+    ],
+)
+def test_load_rejects_corrupt_state(corrupt, message):
+    a = ValueTracker()
+    _exercise(a, seed=5)
+    state = a.state_dict()
+    corrupt(state)
+    with pytest.raises(ValueError, match=message):
+        ValueTracker().load_state_dict(state)
