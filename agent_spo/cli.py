@@ -246,28 +246,6 @@ def sandbox_serve(
     _not_built("sandbox serve", "serve a sandbox backend over HTTP")
 
 
-@tools_app.command("list")
-def tools_list() -> None:
-    """List the available tools with their one-line descriptions."""
-    _not_built("tools list", "list the tools the agent can call")
-
-
-@tools_app.command("show")
-def tools_show(name: Annotated[str, typer.Argument(help="Tool name.")]) -> None:
-    """Show the exact schema and description the model receives for one tool."""
-    _not_built("tools show", "print a tool's schema as the model sees it")
-
-
-@tools_app.command("test")
-def tools_test(
-    name: Annotated[str, typer.Argument(help="Tool name.")],
-    arguments: Annotated[str, typer.Argument(help="Call arguments as a JSON object.")] = "{}",
-    backend: Annotated[str, typer.Option(help="Sandbox backend to run the call in.")] = "local",
-) -> None:
-    """Call one tool with JSON arguments inside a real sandbox and print the typed result."""
-    _not_built("tools test", "run one tool call in a sandbox and print the result")
-
-
 def _cell(value) -> str:
     if value is None:
         return "-"
@@ -394,6 +372,9 @@ def bench_throughput(config: ConfigArg = None, overrides: OverridesArg = None) -
     _load(config, overrides)
     _not_built("bench throughput", "time batch readiness for SPO versus GRPO")
 
+
+# Commands implemented in their own modules register themselves on the groups above.
+from agent_spo import cli_sandbox  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -1,5 +1,31 @@
 """Where untrusted tool calls run: the in-sandbox runner and the backends that start it.
 
 Must never import torch or the trainer (`agent_spo`); the trainer depends on this package,
-never the reverse.
+never the reverse. Importing the package is cheap (the runner imports it inside the jail);
+backends load on first use.
 """
+
+from sandboxes.result import INFRA_STATUSES, STATUSES, ExecResult, Status
+
+__all__ = [
+    "INFRA_STATUSES",
+    "STATUSES",
+    "ExecResult",
+    "Limits",
+    "LocalSandbox",
+    "LocalSession",
+    "SandboxUnavailable",
+    "Status",
+]
+
+
+def __getattr__(name: str):
+    if name in ("LocalSandbox", "LocalSession", "Limits"):
+        from sandboxes import local
+
+        return getattr(local, name)
+    if name == "SandboxUnavailable":
+        from sandboxes.jail import SandboxUnavailable
+
+        return SandboxUnavailable
+    raise AttributeError(name)

@@ -20,6 +20,8 @@ TOP_COMMANDS = [
 ]  # fmt: skip
 ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["sandbox", "serve"],
+    ["sandbox", "run"],
+    ["sandbox", "bench"],
     ["tools", "list"],
     ["tools", "show"],
     ["tools", "test"],
@@ -35,9 +37,6 @@ NOT_BUILT = [
     ["estimate-values", DEMO],
     ["demo-model", "out"],
     ["sandbox", "serve"],
-    ["tools", "list"],
-    ["tools", "show", "python"],
-    ["tools", "test", "python", '{"code": "1+1"}'],
     ["bench", "throughput"],
 ]
 

@@ -1,0 +1,128 @@
+"""Sandbox latency and throughput benchmark (`agent-spo sandbox bench`).
+
+For each workload (a stateless call, a session call, a sympy tool call) and each
+concurrency level, issue `calls` calls from `concurrency` concurrent clients and report
+the median and p99 end-to-end latency and the calls per second. A soak phase runs many
+calls and compares the jail's process count, its RSS and the controller's open file
+descriptors before and after (a leak shows as growth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from sandboxes.local import LocalSandbox
+
+STATELESS = "print(2**100)"
+SESSION = "x = x + 1 if 'x' in dir() else 0\nx"
+SYMPY_TOOL = ("factor", {"expression": "x**4 - 1"})
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def _measure(fn: Callable[[int], Awaitable[object]], calls: int, concurrency: int) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(calls))
+
+    async def client(cid: int) -> None:
+        nonlocal failures
+        for _ in counter:
+            t0 = time.perf_counter()
+            result = await fn(cid)
+            latencies.append(time.perf_counter() - t0)
+            if getattr(result, "status", "ok") != "ok":
+                failures += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency,
+        "calls": calls,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "calls_per_s": calls / elapsed,
+        "failures": failures,
+    }
+
+
+def jail_footprint(sb: LocalSandbox) -> dict:
+    """Processes and RSS inside the workers' jails, and this process's open fds."""
+    procs = rss_kb = 0
+    roots = {w.proc.pid for w in sb._workers if w.proc is not None}
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().split(b") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        procs += 1
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss_kb += int(line.split()[1])
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return {"processes": procs, "rss_mb": rss_kb / 1024, "fds": len(os.listdir("/proc/self/fd"))}
+
+
+async def run_bench(
+    *,
+    workers: int = 2,
+    calls: int = 300,
+    concurrency: Sequence[int] = (1, 2, 4),
+    soak: int = 0,
+    isolation: str = "bwrap",
+) -> dict:
+    from tools.toolbox import Toolbox, builtin_tools
+
+    toolbox = Toolbox(builtin_tools())
+    tool = toolbox.tools[SYMPY_TOOL[0]]
+    sympy_code = toolbox.code_for(tool, tool.validate(SYMPY_TOOL[1]))
+    report: dict = {"workers": workers, "isolation": isolation, "results": []}
+    async with LocalSandbox(workers=workers, isolation=isolation) as sb:
+        report["capabilities"] = sb.capabilities
+        for _ in range(20):  # warm every worker's spare and caches
+            await sb.run(sympy_code)
+        for c in concurrency:
+            sessions = [await sb.open_session() for _ in range(c)]
+            cases = {
+                "stateless": lambda cid: sb.run(STATELESS),
+                "session": lambda cid, s=sessions: s[cid].run(SESSION),
+                "sympy_tool": lambda cid: sb.run(sympy_code),
+            }
+            for name, fn in cases.items():
+                row = await _measure(fn, calls, c)
+                report["results"].append({"workload": name, **row})
+            for s in sessions:
+                await s.close()
+        if soak:
+            before = jail_footprint(sb)
+            session = await sb.open_session()
+            for i in range(soak):
+                if i % 2:
+                    await session.run(SESSION)
+                else:
+                    await sb.run(STATELESS)
+            await session.close()
+            after = jail_footprint(sb)
+            report["soak"] = {"calls": soak, "before": before, "after": after}
+    return report

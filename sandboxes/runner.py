@@ -1,0 +1,774 @@
+"""The in-sandbox runner: a fork server ("zygote") that executes untrusted Python cells.
+
+Runs inside the jail (or, opted in, without one), speaks length-prefixed JSON on two
+private file descriptors, and never imports anything outside the standard library except
+the optional preloads (sympy, numpy, ...) and pyseccomp. One zygote serves one call at a
+time; the controller runs a pool of them.
+
+Executors. Every cell runs in an *executor*, a process forked from the zygote with its
+own process group, work directory (on the jail's private tmpfs), rlimits and Landlock
+domain, that receives the cell's code and its output pipes over a socketpair:
+
+* stateless calls use a *spare* executor forked before the request arrives (off the
+  critical path); it runs one cell in fresh globals and exits;
+* a session is a persistent executor that keeps its globals across cells. Before each
+  cell it forks a *backup* of itself; if the cell finishes (even by raising), the
+  backup is discarded; if the cell is killed (deadline, output cap, crash), the backup
+  takes over, so the session keeps the state it had before that cell.
+
+The zygote enforces the wall-clock deadline and the output cap from outside, kills the
+executor's process group, and after every call kills every process in the jail that
+is not the zygote, a session holder or the spare (background jobs, daemons, zombies).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import ctypes
+import gc
+import io
+import json
+import linecache
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+_HDR = struct.Struct(">I")
+_MAX_MSG = 64 << 20
+_PR_SET_CHILD_SUBREAPER = 36
+_CELL = "<cell>"
+_GRACE_S = 0.05  # how long to wait for output EOF after the cell reported
+
+
+# --------------------------------------------------------------------------- framing
+def read_msg(fd: int) -> dict | None:
+    head = _read_exact(fd, _HDR.size)
+    if head is None:
+        return None
+    (n,) = _HDR.unpack(head)
+    if n > _MAX_MSG:
+        raise ValueError(f"message of {n} bytes exceeds the protocol limit")
+    body = _read_exact(fd, n)
+    if body is None:
+        return None
+    return json.loads(body)
+
+
+def write_msg(fd: int, obj: dict) -> None:
+    body = json.dumps(obj).encode("ascii")  # escapes keep lone surrogates transportable
+    data = _HDR.pack(len(body)) + body
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, n - got)
+        if not b:
+            return None
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------ cell execution
+def run_cell(code: str, g: dict) -> dict:
+    """Execute a notebook-style cell in globals ``g``; echo a trailing expression's repr."""
+    linecache.cache[_CELL] = (len(code), None, code.splitlines(True), _CELL)
+    try:
+        tree = ast.parse(code, _CELL, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        body = compile(tree, _CELL, "exec")
+        tail = compile(last, _CELL, "eval") if last is not None else None
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        return _exc_status(e, with_traceback=False)
+    try:
+        exec(body, g)
+        if tail is not None:
+            value = eval(tail, g)
+            if value is not None:
+                print(repr(value))
+    except SystemExit as e:
+        if e.code in (None, 0):
+            return {"ok": True}
+        return _exc_status(e)
+    except BaseException as e:  # noqa: BLE001 - everything the cell raises is reported
+        return _exc_status(e)
+    return {"ok": True}
+
+
+def _exc_status(e: BaseException, with_traceback: bool = True) -> dict:
+    out = {"ok": False, "exc_type": type(e).__name__}
+    try:
+        out["exc_message"] = str(e)[:4000]
+        if with_traceback:
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == _CELL]
+            lines = ["Traceback (most recent call last):\n"]
+            lines += traceback.format_list(frames)
+            lines += traceback.format_exception_only(type(e), e)
+            out["traceback"] = "".join(lines)[-8000:]
+        else:
+            out["traceback"] = "".join(traceback.format_exception_only(type(e), e))[-8000:]
+    except BaseException:  # noqa: BLE001 - formatting can fail under MemoryError
+        out.setdefault("exc_message", "")
+    return out
+
+
+def _with_call_fds(out_fd: int, err_fd: int, fn):
+    """Run fn() with fds 1/2 and sys.stdout/err pointed at the call's pipes."""
+    sys.stdout.flush() if sys.stdout else None
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(out_fd)
+    os.close(err_fd)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        write_through=True,
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        write_through=True,
+    )
+    try:
+        return fn()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed/broken stream must not kill us
+                pass
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+
+
+# ------------------------------------------------------------------------ executors
+def _fresh_globals() -> dict:
+    return {"__name__": "__main__", "__builtins__": builtins}
+
+
+def _apply_limits(limits: dict, cpu_s: float | None) -> None:
+    mb = 1 << 20
+    pairs = [
+        (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, limits["fsize_mb"] * mb),
+        (resource.RLIMIT_NOFILE, limits["nofile"]),
+        (resource.RLIMIT_NPROC, limits["nproc"]),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    for res, value in pairs:
+        resource.setrlimit(res, (value, value))
+    if cpu_s is not None:
+        resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s) + 1))
+
+
+def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: bool) -> None:
+    """Body of a spare (one cell) or session holder (many cells, rollback on kill)."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.makedirs(workdir, exist_ok=True)
+    os.chdir(workdir)
+    os.environ["HOME"] = workdir
+    os.environ["TMPDIR"] = workdir
+    if limits.get("landlock"):
+        from sandboxes import landlock
+
+        landlock.restrict_self(writable=[workdir, "/dev/null"])
+    # Session holders get a CPU budget for their whole life; the wall clock is the per-cell bound.
+    _apply_limits(limits, None if not persistent else limits["session_cpu_s"])
+    g = _fresh_globals()
+    while True:
+        msg, fds = _recv(sock)
+        if msg is None or msg.get("op") == "close":
+            os._exit(0)
+        out_fd, err_fd, st_fd = fds
+        os.set_inheritable(st_fd, False)
+        if persistent:
+            if not _fork_backup(sock, (out_fd, err_fd, st_fd)):
+                continue  # we are the backup that took over after the cell was killed
+            used = _cpu_self()
+            resource.setrlimit(
+                resource.RLIMIT_CPU,
+                (int(used + msg["timeout"] + 1), resource.getrlimit(resource.RLIMIT_CPU)[1]),
+            )
+        else:
+            _apply_limits(limits, msg["timeout"] + 1)
+        status = _with_call_fds(out_fd, err_fd, lambda code=msg["code"]: run_cell(code, g))
+        try:
+            os.write(st_fd, json.dumps(status).encode())
+        finally:
+            os.close(st_fd)
+        if not persistent:
+            os._exit(0)
+        _release_backup()
+
+
+_backup = {"pid": None, "pipe": None}
+
+
+def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
+    """Fork a copy of this session's pre-cell state. True in the cell runner, False in a
+    backup that has just taken over the session."""
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:  # no process slot: run this cell without rollback protection
+        os.close(r)
+        os.close(w)
+        return True
+    if pid == 0:  # backup: wait until the runner finishes (discard) or dies (take over)
+        os.setpgid(0, 0)
+        os.close(w)
+        for fd in call_fds:
+            os.close(fd)
+        if os.read(r, 1):
+            os._exit(0)
+        os.close(r)
+        try:
+            _send(sock, {"op": "ready", "pid": os.getpid()})
+        except OSError:
+            os._exit(1)
+        return False
+    os.close(r)
+    _backup["pid"], _backup["pipe"] = pid, w
+    return True
+
+
+def _release_backup() -> None:
+    pid, w = _backup["pid"], _backup["pipe"]
+    _backup["pid"] = _backup["pipe"] = None
+    if w is not None:
+        try:
+            os.write(w, b"x")
+        except OSError:
+            pass
+        os.close(w)
+    if pid is not None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _cpu_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    body = json.dumps(obj).encode()
+    socket.send_fds(sock, [_HDR.pack(len(body)) + body], list(fds))
+
+
+def _recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 22, 8)
+    except OSError:
+        return None, []
+    if len(data) < _HDR.size:
+        return None, fds
+    (n,) = _HDR.unpack(data[: _HDR.size])
+    body = data[_HDR.size :]
+    while len(body) < n:  # long code: the rest arrives without fds
+        more = sock.recv(n - len(body))
+        if not more:
+            return None, fds
+        body += more
+    try:
+        return json.loads(body), fds
+    except ValueError:
+        return None, fds
+
+
+# --------------------------------------------------------------------------- zygote
+class Zygote:
+    def __init__(self, cfg: dict, pin: int, pout: int) -> None:
+        self.cfg = cfg
+        self.pin, self.pout = pin, pout
+        self.limits = cfg["limits"]
+        self.spare: tuple[int, socket.socket, str] | None = None
+        self.sessions: dict[str, dict] = {}  # sid -> {"pid", "sock", "workdir"}
+        self.calls = 0
+
+    # -- process bookkeeping
+    def _fork_executor(self, workdir: str, persistent: bool) -> tuple[int, socket.socket]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                parent.close()
+                for s in self.sessions.values():
+                    s["sock"].close()
+                if self.spare is not None:
+                    self.spare[1].close()
+                os.closerange(3, child.fileno())
+                os.closerange(child.fileno() + 1, 1 << 16)
+                _executor_main(child, workdir, self.limits, persistent)
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+            os._exit(70)
+        child.close()
+        return pid, parent
+
+    def _make_spare(self) -> None:
+        self.calls += 1
+        workdir = f"/tmp/call-{self.calls}"
+        pid, sock = self._fork_executor(workdir, persistent=False)
+        self.spare = (pid, sock, workdir)
+
+    def _known(self) -> set[int]:
+        known = {1, os.getpid()}
+        if self.spare is not None:
+            known.add(self.spare[0])
+        known.update(s["pid"] for s in self.sessions.values())
+        return known
+
+    def sweep(self) -> int:
+        """Kill every jail process that is not known; reap zombies. Returns kills."""
+        killed = 0
+        known = self._known()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid in known or not self.cfg.get("jailed"):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._reap()
+        return killed
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    # -- calls
+    def run_stateless(self, code: str, timeout: float) -> dict:
+        if self.spare is None or not _alive(self.spare[0]):
+            self._make_spare()
+        pid, sock, workdir = self.spare
+        self.spare = None
+        t0 = time.monotonic()
+        result = self._dispatch(pid, sock, code, timeout, t0, session=None)
+        sock.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        return result
+
+    def _dispatch(
+        self,
+        pid: int,
+        sock: socket.socket,
+        code: str,
+        timeout: float,
+        t0: float,
+        session: dict | None,
+    ) -> dict:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        cpu0 = _cpu_of(pid) if session is not None else 0.0
+        try:
+            _send(sock, {"op": "run", "code": code, "timeout": timeout}, [out_w, err_w, st_w])
+            sent = True
+        except OSError:
+            sent = False
+        finally:
+            for fd in (out_w, err_w, st_w):
+                os.close(fd)
+        if not sent:
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+            if session is not None:
+                return {"status": "session_lost", "detail": "session process is gone"}
+            return {"status": "sandbox_error", "detail": "executor did not accept the call"}
+        pidfd = os.pidfd_open(pid)
+        try:
+            res = self._supervise(pid, pidfd, out_r, err_r, st_r, t0 + timeout)
+        finally:
+            os.close(pidfd)
+            for fd in (out_r, err_r, st_r):
+                os.close(fd)
+        status = res["cell"]
+        if session is None:
+            if res["killed"] is None and not res["exited"]:
+                os.killpg(pid, signal.SIGKILL)
+            _, wstatus, ru = os.wait4(pid, 0)
+            res["cpu_s"] = ru.ru_utime + ru.ru_stime
+            res["exit_code"] = os.waitstatus_to_exitcode(wstatus)
+        else:
+            res["cpu_s"] = max(_cpu_of(pid) - cpu0, 0.0) if res["killed"] is None else None
+            if res["killed"] is not None or res["exited"]:
+                _killpg(pid)  # the runner may have died only in part; finish it
+                try:  # holders are always our children (forked, or reparented to us)
+                    _, wstatus = os.waitpid(pid, 0)
+                    res["exit_code"] = os.waitstatus_to_exitcode(wstatus)
+                except ChildProcessError:
+                    res["exit_code"] = None
+                new_holder = self._await_backup(session)
+                res["session_kept"] = new_holder is not None
+        return _finish(res, status)
+
+    def _supervise(self, pid, pidfd, out_r, err_r, st_r, deadline) -> dict:
+        """Collect a cell's output and status until it reports, dies, or is killed."""
+        lim = self.limits
+        cap = {
+            out_r: _Capture(lim["max_output"], lim["tail_output"]),
+            err_r: _Capture(lim["max_output"], lim["tail_output"]),
+        }
+        status_raw = b""
+        open_fds = {out_r, err_r, st_r}
+        exited = False
+        killed = None
+        settle_from = None  # once the cell reported or died, wait only briefly for EOFs
+        poller = select.poll()
+        for fd in (out_r, err_r, st_r, pidfd):
+            poller.register(fd, select.POLLIN)
+        while open_fds:
+            now = time.monotonic()
+            if killed is None and now >= deadline:
+                killed, settle_from = "timeout", now
+                _killpg(pid)
+            if settle_from is None and (exited or st_r not in open_fds):
+                settle_from = now
+            if settle_from is not None:
+                # after a kill, give the process time to die; otherwise a short grace
+                limit = 1.0 if killed is not None and not exited else _GRACE_S
+                if now - settle_from > limit:
+                    break
+                wait_s = limit - (now - settle_from)
+            else:
+                wait_s = deadline - now
+            for fd, _ev in poller.poll(max(wait_s, 0.0) * 1000 + 1):
+                if fd == pidfd:
+                    exited = True
+                    poller.unregister(pidfd)
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                elif fd == st_r:
+                    status_raw += chunk[: 1 << 16]
+                else:
+                    cap[fd].add(chunk)
+                    if killed is None and cap[out_r].total + cap[err_r].total > lim["hard_output"]:
+                        killed, settle_from = "output_limit", time.monotonic()
+                        _killpg(pid)
+        cell = None
+        if status_raw and st_r not in open_fds:
+            try:
+                cell = json.loads(status_raw)
+            except ValueError:
+                cell = None
+        return {
+            "out": cap[out_r],
+            "err": cap[err_r],
+            "cell": cell,
+            "killed": killed,
+            "exited": exited,
+        }
+
+    def _await_backup(self, session: dict) -> int | None:
+        """After a killed/crashed session cell: wait for the backup to report in."""
+        sock = session["sock"]
+        r, _, _ = select.select([sock], [], [], 2.0)
+        if r:
+            msg, fds = _recv(sock)
+            for fd in fds:
+                os.close(fd)
+            if msg and msg.get("op") == "ready" and isinstance(msg.get("pid"), int):
+                session["pid"] = msg["pid"]
+                return msg["pid"]
+        session["lost"] = True
+        return None
+
+    def open_session(self, sid: str) -> dict:
+        workdir = f"/tmp/session-{sid}"
+        pid, sock = self._fork_executor(workdir, persistent=True)
+        self.sessions[sid] = {"pid": pid, "sock": sock, "workdir": workdir, "lost": False}
+        return {"status": "ok"}
+
+    def run_session(self, sid: str, code: str, timeout: float) -> dict:
+        s = self.sessions.get(sid)
+        if s is None or s["lost"] or not _alive(s["pid"]):
+            self._drop_session(sid)
+            return {"status": "session_lost", "detail": f"no live session {sid!r}"}
+        t0 = time.monotonic()
+        res = self._dispatch(s["pid"], s["sock"], code, timeout, t0, session=s)
+        if s["lost"]:
+            self._drop_session(sid)
+            res["detail"] = "the session process died and no backup took over"
+            res["session_lost"] = True
+        return res
+
+    def close_session(self, sid: str) -> dict:
+        self._drop_session(sid)
+        return {"status": "ok"}
+
+    def _drop_session(self, sid: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return
+        try:
+            _send(s["sock"], {"op": "close"})
+        except OSError:
+            pass
+        s["sock"].close()
+        _killpg(s["pid"])
+        shutil.rmtree(s["workdir"], ignore_errors=True)
+
+    # -- loop
+    def serve(self) -> None:
+        self._make_spare()
+        while True:
+            req = read_msg(self.pin)
+            if req is None or req.get("op") == "shutdown":
+                return
+            op = req.get("op")
+            t0 = time.monotonic()
+            if op == "run":
+                reply = self.run_stateless(req["code"], float(req["timeout"]))
+            elif op == "open":
+                reply = self.open_session(req["session"])
+            elif op == "srun":
+                reply = self.run_session(req["session"], req["code"], float(req["timeout"]))
+            elif op == "close":
+                reply = self.close_session(req["session"])
+            elif op == "ping":
+                reply = {"status": "ok", "sessions": len(self.sessions)}
+            else:
+                reply = {"status": "sandbox_error", "detail": f"unknown op {op!r}"}
+            if op in ("run", "srun"):
+                reply["swept"] = self.sweep()
+            reply["id"] = req.get("id")
+            reply.setdefault("wall_s", time.monotonic() - t0)
+            write_msg(self.pout, reply)
+            if op in ("run", "srun") and self.spare is None:
+                self._make_spare()  # off the critical path: the reply is already out
+
+
+class _Capture:
+    """Keep the first `head` and last `tail` bytes of a stream, and count the rest."""
+
+    def __init__(self, head: int, tail: int) -> None:
+        self.head_cap, self.tail_cap = head, tail
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk and self.tail_cap:
+            self.tail += chunk
+            del self.tail[: max(len(self.tail) - self.tail_cap, 0)]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.head) + len(self.tail)
+
+    def text(self) -> str:
+        head = self.head.decode("utf-8", "replace")
+        if not self.tail:
+            return head
+        tail = self.tail.decode("utf-8", "replace")
+        if self.truncated:
+            skipped = self.total - len(self.head) - len(self.tail)
+            return f"{head}\n...[{skipped} bytes truncated]...\n{tail}"
+        return head + tail
+
+
+def _finish(res: dict, cell: dict | None) -> dict:
+    out, err = res["out"], res["err"]
+    reply = {
+        "stdout": out.text(),
+        "stderr": err.text(),
+        "stdout_bytes": out.total,
+        "stderr_bytes": err.total,
+        "stdout_truncated": out.truncated,
+        "stderr_truncated": err.truncated,
+        "cpu_s": res.get("cpu_s") or 0.0,
+        "exit_code": None,
+        "signal": None,
+    }
+    code = res.get("exit_code")
+    if code is not None:
+        if code < 0:
+            reply["signal"] = -code
+        else:
+            reply["exit_code"] = code
+    if res["killed"] == "timeout":
+        reply["status"] = "timeout"
+    elif res["killed"] == "output_limit":
+        reply["status"] = "output_limit"
+    elif cell is None:
+        # the process died before reporting: a crash (signal, os._exit, CPU limit)
+        sig = reply["signal"]
+        reply["status"] = "timeout" if sig == signal.SIGXCPU else "crashed"
+    elif cell.get("ok"):
+        reply["status"] = "ok"
+    else:
+        reply["status"] = "memory" if cell.get("exc_type") == "MemoryError" else "error"
+        reply["exc_type"] = cell.get("exc_type")
+        reply["exc_message"] = cell.get("exc_message")
+        reply["traceback"] = cell.get("traceback")
+    if "session_kept" in res:
+        reply["session_kept"] = res["session_kept"]
+    return reply
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[1][:1] != b"Z"
+    except OSError:
+        return False
+
+
+def _killpg(pid: int) -> None:
+    for fn in (os.killpg, os.kill):
+        try:
+            fn(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().split(b") ", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+# -------------------------------------------------------------------------- seccomp
+_DENY = [
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+    "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
+    "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load",
+    "kexec_file_load", "init_module", "finit_module", "delete_module", "chroot", "swapon",
+    "swapoff", "reboot", "acct", "open_by_handle_at", "name_to_handle_at", "fsopen",
+    "fsmount", "move_mount", "open_tree", "mount_setattr", "quotactl",
+]  # fmt: skip
+_CLONE_NS = (
+    0x10000000
+    | 0x20000000
+    | 0x40000000
+    | 0x04000000
+    | 0x08000000
+    | 0x00020000
+    | 0x02000000
+    | 0x00000080
+)  # NEWUSER|NEWPID|NEWNET|NEWUTS|NEWIPC|NEWNS|NEWCGROUP|NEWTIME
+_TIOCSTI = 0x5412
+_AF_UNIX = 1
+
+
+def install_seccomp() -> bool:
+    """Deny-list filter for the zygote and everything it forks; False if unavailable."""
+    try:
+        import errno
+
+        import pyseccomp as sc
+    except (ImportError, OSError):
+        return False
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    for name in _DENY:
+        try:
+            f.add_rule(sc.ERRNO(errno.EPERM), name)
+        except (ValueError, RuntimeError, OSError):
+            pass  # syscall unknown to this libseccomp / arch
+    f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_NS, _CLONE_NS))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # glibc falls back to clone(), filtered above
+    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.EQ, _TIOCSTI))
+    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, _AF_UNIX))
+    f.load()
+    return True
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    # Move the protocol channel off 0/1 so no executor can inherit or write to it.
+    pin = os.dup(0)
+    pout = os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    os.set_inheritable(pin, False)
+    os.set_inheritable(pout, False)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - process-lifetime stream
+    hello = read_msg(pin)
+    if hello is None:
+        return
+    cfg = hello["config"]
+    failed = []
+    for name in cfg.get("preload", []):
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+    for code in cfg.get("warmup", []):  # fill lazy imports and caches before any fork
+        try:
+            exec(compile(code, "<warmup>", "exec"), _fresh_globals())
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            failed.append(f"warmup: {type(e).__name__}: {e}")
+    caps = {"pid": os.getpid(), "preload_failed": failed, "landlock_abi": 0, "seccomp": False}
+    if cfg["limits"].get("landlock"):
+        from sandboxes import landlock
+
+        caps["landlock_abi"] = landlock.abi()
+        cfg["limits"]["landlock"] = caps["landlock_abi"] > 0
+    if cfg.get("seccomp"):
+        caps["seccomp"] = install_seccomp()
+    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    gc.collect()
+    gc.freeze()  # keep the preloaded heap shared copy-on-write with every executor
+    write_msg(pout, {"status": "ok", "caps": caps})
+    Zygote(cfg, pin, pout).serve()
+
+
+if __name__ == "__main__":
+    main()
