@@ -280,6 +280,21 @@ class LocalSandbox:
             ],
         }  # fmt: skip
 
+    async def census(self) -> dict:
+        """Open sessions and stray processes across the jails (strays should be none)."""
+        sessions, strays = 0, []
+        for w in self._workers:
+            if await self._acquire(w):
+                try:
+                    reply = await w.request({"op": "ping"}, timeout=self.grace_s)
+                    sessions += reply["sessions"]
+                    strays += reply["strays"]
+                except _WorkerFailed as e:
+                    strays.append(f"worker {w.index} failed: {e}")
+                finally:
+                    await self._release(w)
+        return {"sessions": sessions, "strays": strays}
+
     # ---------------------------------------------------------------- calls
     async def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
         """Run one cell in fresh globals (no state kept)."""

@@ -127,6 +127,9 @@ def _exc_status(e: BaseException, with_traceback: bool = True) -> dict:
     return out
 
 
+_NULL_FD = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+
 def _with_call_fds(out_fd: int, err_fd: int, fn):
     """Run fn() with fds 1/2 and sys.stdout/err pointed at the call's pipes."""
     sys.stdout.flush() if sys.stdout else None
@@ -154,10 +157,9 @@ def _with_call_fds(out_fd: int, err_fd: int, fn):
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a closed/broken stream must not kill us
                 pass
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        os.close(null)
+        # the cell may have used up every fd: restore from the one reserved at start-up
+        os.dup2(_NULL_FD, 1)
+        os.dup2(_NULL_FD, 2)
 
 
 # ------------------------------------------------------------------------ executors
@@ -182,6 +184,8 @@ def _apply_limits(limits: dict, cpu_s: float | None) -> None:
 
 def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: bool) -> None:
     """Body of a spare (one cell) or session holder (many cells, rollback on kill)."""
+    global _NULL_FD
+    _NULL_FD = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # the fork closed the zygote's
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -211,10 +215,11 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
                 (int(used + msg["timeout"] + 1), resource.getrlimit(resource.RLIMIT_CPU)[1]),
             )
         else:
+            sock.close()  # one-shot: the cell gets no channel to the zygote
             _apply_limits(limits, msg["timeout"] + 1)
         status = _with_call_fds(out_fd, err_fd, lambda code=msg["code"]: run_cell(code, g))
-        try:
-            os.write(st_fd, json.dumps(status).encode())
+        try:  # record separator first: anything the cell itself wrote here is skipped
+            os.write(st_fd, b"\x1e" + json.dumps(status).encode())
         finally:
             os.close(st_fd)
         if not persistent:
@@ -249,6 +254,10 @@ def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
             os._exit(1)
         return False
     os.close(r)
+    try:  # also from this side: the backup must leave our group before the cell can die
+        os.setpgid(pid, pid)
+    except OSError:
+        pass
     _backup["pid"], _backup["pipe"] = pid, w
     return True
 
@@ -342,21 +351,47 @@ class Zygote:
         known.update(s["pid"] for s in self.sessions.values())
         return known
 
+    def strays(self) -> list[str]:
+        """Jail processes that are not the zygote, the spare or a session (should be none)."""
+        if not self.cfg.get("jailed"):
+            return []
+        known = self._known()
+        out = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) not in known:
+                try:
+                    with open(f"/proc/{name}/stat", "rb") as f:
+                        out.append(f.read(120).decode("ascii", "replace"))
+                except OSError:
+                    pass
+        return out
+
     def sweep(self) -> int:
-        """Kill every jail process that is not known; reap zombies. Returns kills."""
+        """Kill every jail process that is not known and reap it. Returns kills."""
+        if not self.cfg.get("jailed"):
+            self._reap()
+            return 0
         killed = 0
         known = self._known()
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            if pid in known or not self.cfg.get("jailed"):
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
+        deadline = time.monotonic() + 1.0
+        while True:
+            stray = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) not in known]
+            if not stray or time.monotonic() > deadline:
+                break
+            for pid in stray:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except (ProcessLookupError, PermissionError):
+                    pass
+            # killed children of ours (orphans are reparented to us) become zombies: reap
+            for pid in stray:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+            self._reap()
+            time.sleep(0.001)
         self._reap()
         return killed
 
@@ -418,7 +453,10 @@ class Zygote:
         status = res["cell"]
         if session is None:
             if res["killed"] is None and not res["exited"]:
-                os.killpg(pid, signal.SIGKILL)
+                # it reported; give it a moment to exit on its own before killing it
+                select.select([pidfd2 := os.pidfd_open(pid)], [], [], 0.5)
+                os.close(pidfd2)
+                _killpg(pid)
             _, wstatus, ru = os.wait4(pid, 0)
             res["cpu_s"] = ru.ru_utime + ru.ru_stime
             res["exit_code"] = os.waitstatus_to_exitcode(wstatus)
@@ -475,16 +513,16 @@ class Zygote:
                     poller.unregister(fd)
                     open_fds.discard(fd)
                 elif fd == st_r:
-                    status_raw += chunk[: 1 << 16]
+                    status_raw = (status_raw + chunk)[-(1 << 16) :]
                 else:
                     cap[fd].add(chunk)
                     if killed is None and cap[out_r].total + cap[err_r].total > lim["hard_output"]:
                         killed, settle_from = "output_limit", time.monotonic()
                         _killpg(pid)
         cell = None
-        if status_raw and st_r not in open_fds:
+        if b"\x1e" in status_raw:  # one write; a background process may still hold the pipe
             try:
-                cell = json.loads(status_raw)
+                cell = json.loads(status_raw.rsplit(b"\x1e", 1)[1])
             except ValueError:
                 cell = None
         return {
@@ -542,6 +580,10 @@ class Zygote:
             pass
         s["sock"].close()
         _killpg(s["pid"])
+        try:
+            os.waitpid(s["pid"], 0)  # holders are our children; do not leave a zombie
+        except ChildProcessError:
+            pass
         shutil.rmtree(s["workdir"], ignore_errors=True)
 
     # -- loop
@@ -562,7 +604,12 @@ class Zygote:
             elif op == "close":
                 reply = self.close_session(req["session"])
             elif op == "ping":
-                reply = {"status": "ok", "sessions": len(self.sessions)}
+                reply = {
+                    "status": "ok",
+                    "sessions": len(self.sessions),
+                    "strays": self.strays(),
+                    "spare": self.spare is not None,
+                }
             else:
                 reply = {"status": "sandbox_error", "detail": f"unknown op {op!r}"}
             if op in ("run", "srun"):
