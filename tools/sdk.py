@@ -187,7 +187,10 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             args[current] = m.group(3).strip()
         elif current and line.strip():
             args[current] += " " + line.strip()
-    return "\n".join(summary).strip(), args
+    # Reflow: the model reads paragraphs, not the source's line wrapping.
+    paragraphs = "\n".join(summary).strip().split("\n\n")
+    text = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    return text, args
 
 
 def _json_type(hint: Any, where: str) -> dict:
