@@ -190,17 +190,97 @@ def replay(
 
 @app.command()
 def verify(
-    answer: Annotated[
-        str, typer.Argument(help="Model output or bare answer (a \\boxed{…} is extracted).")
-    ],
-    reference: Annotated[str, typer.Argument(help="Reference answer.")],
+    gold: Annotated[
+        str | None,
+        typer.Argument(help="Gold (reference) answer, e.g. '\\frac{1}{2}'.", show_default=False),
+    ] = None,
+    response: Annotated[
+        str | None,
+        typer.Argument(
+            help="Model response or bare answer; the final \\boxed{…}, 'Answer:' line, etc. "
+            "is extracted.",
+            show_default=False,
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="JSONL with one {gold, response} object per line (id and label optional); "
+            "checks every line.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print verdicts as JSON.")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Wall-clock limit per check, in seconds.", min=0.01)
+    ] = 2.0,
+    workers: Annotated[int, typer.Option(help="Worker processes for --file.", min=1)] = 2,
 ) -> None:
-    """Check one answer against a reference with the training verifier (sympy equivalence).
+    """Check a response against a gold answer with the training verifier.
 
-    Prints the extracted answer, both parsed forms and the verdict (reward 1 or 0, or
-    'not scorable').
+    Prints the verdict (correct, incorrect, no_answer, unparseable or timeout), the
+    reason, the extracted answer and both parsed forms. Every check runs in a killable
+    worker process with a wall clock, as in training.
+
+    Examples: `agent-spo verify '\\frac{1}{2}' 'so the answer is \\boxed{0.5}'`;
+    `agent-spo verify --file cases.jsonl --json`
     """
-    _not_built("verify", "check an answer against a reference with the sympy verifier")
+    import json
+
+    from agent_spo.verify import VerifierPool
+
+    if (file is None) == (gold is None or response is None) or (file and (gold or response)):
+        _stderr.print(
+            Text("error: give GOLD and RESPONSE, or --file CASES.jsonl (not both)", style="red")
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    if file is None:
+        with VerifierPool(workers=1, timeout_s=timeout) as pool:
+            v = pool.check(gold, response)
+        if as_json:
+            typer.echo(json.dumps(v.as_dict(), ensure_ascii=False))
+            return
+        style = {"correct": "green", "timeout": "yellow"}.get(v.status, "red")
+        Console().print(Text(v.status, style=f"bold {style}"), Text(f"  {v.reason}"))
+        for label, value in (
+            ("extracted", v.prediction),
+            ("found by", v.how),
+            ("prediction", v.pred_parsed),
+            ("gold", v.gold_parsed),
+            ("reward", v.reward if v.reward is not None else "not scorable"),
+            ("time", f"{v.elapsed_s * 1000:.1f} ms"),
+        ):
+            typer.echo(f"{label:>11}: {value}")
+        return
+
+    try:
+        rows = [json.loads(line) for line in file.read_text().split("\n") if line.strip()]
+        pairs = [(str(r["gold"]), str(r["response"])) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _stderr.print(Text(f"error: --file {file}: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    with VerifierPool(workers=workers, timeout_s=timeout) as pool:
+        verdicts = pool.check_many(pairs)
+    counts: dict[str, int] = {}
+    fp = fn = labelled = 0
+    for i, (row, v) in enumerate(zip(rows, verdicts, strict=True)):
+        counts[v.status] = counts.get(v.status, 0) + 1
+        if "label" in row:
+            labelled += 1
+            fp += v.correct and not row["label"]
+            fn += (not v.correct) and bool(row["label"])
+        name = row.get("id", i)
+        if as_json:
+            extra = {"label": row["label"]} if "label" in row else {}
+            typer.echo(json.dumps({"id": name, **extra, **v.as_dict()}, ensure_ascii=False))
+        else:
+            typer.echo(f"{name}\t{v.status}\t{v.reason}")
+    summary = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    if labelled:
+        summary += (
+            f"; against labels: accuracy {(labelled - fp - fn) / labelled:.3f}, FP {fp}, FN {fn}"
+        )
+    _stderr.print(f"{len(verdicts)} checks: {summary}", soft_wrap=True)
 
 
 @app.command("estimate-values")
@@ -232,18 +312,6 @@ def demo_model(
     synthetic tool-use demonstrations, then saves it in HF format to OUT_DIR.
     """
     _not_built("demo-model", "build the tiny demo model and tokenizer (SFT warm start)")
-
-
-@sandbox_app.command("serve")
-def sandbox_serve(
-    backend: Annotated[
-        str, typer.Option(help="Backend behind the server: local or docker.")
-    ] = "local",
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-) -> None:
-    """Expose a sandbox backend over HTTP so rollout machines can share one sandbox fleet."""
-    _not_built("sandbox serve", "serve a sandbox backend over HTTP")
 
 
 def _cell(value) -> str:
@@ -360,6 +428,145 @@ def bench_bandit(
         table.add_row(k, *(_cell(c) for c in cells))
     Console().print(table)
     typer.echo(f"wrote {out_dir}/ (config.yaml, metrics.jsonl, summary.json, curves.png)")
+
+
+@bench_app.command("verify")
+def bench_verify(
+    cases: Annotated[
+        Path | None,
+        typer.Option(help="Labelled JSONL set. Default: tests/verify/cases.jsonl in the checkout."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Benchmark data folder (dapo_math_17k/, math500/) for the throughput sets. "
+            "Default: ../shared/data beside the checkout when present, else synthetic golds."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes, for both verifiers.", min=1)] = 2,
+    timeout: Annotated[
+        float, typer.Option(help="Our wall-clock limit per check, in seconds.", min=0.01)
+    ] = 2.0,
+    mathverify_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Python of an environment with math-verify installed, run side by side. "
+            "Default: .venv-mathverify/bin/python in the checkout when present; '': ours only."
+        ),
+    ] = None,
+    mv_timeout: Annotated[
+        float,
+        typer.Option(help="math-verify's outer wall-clock limit per check (its own are 5+5 s)."),
+    ] = 10.0,
+    integer: Annotated[
+        int, typer.Option(help="Checks in the integer throughput set.", min=1)
+    ] = 2000,
+    latex: Annotated[int, typer.Option(help="Checks in the LaTeX throughput set.", min=1)] = 400,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/bench-verify"),
+) -> None:
+    """Accuracy and speed of the verifier, side by side with HuggingFace math-verify.
+
+    On the labelled set: accuracy, false positives, false negatives and timeouts, per
+    answer type and category. On throughput sets (integer AIME/DAPO-style answers in
+    long responses; MATH-500 LaTeX answers): median and p99 latency per check (inside
+    the worker) and checks per second with WORKERS processes. Writes summary.json and
+    per_case.jsonl.
+    """
+    import json
+
+    from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from agent_spo.verify.bench import run_bench
+
+    root = Path(__file__).resolve().parents[1]
+    cases = cases or root / "tests" / "verify" / "cases.jsonl"
+    if not cases.is_file():
+        _stderr.print(Text(f"error: --cases: {cases} not found", style="red"))
+        raise typer.Exit(EXIT_CONFIG)
+    if data is None and (root.parent / "shared" / "data").is_dir():
+        data = root.parent / "shared" / "data"
+    default_mv = root / ".venv-mathverify" / "bin" / "python"
+    if mathverify_python is None and default_mv.exists():
+        mathverify_python = str(default_mv)
+    if mathverify_python is None:
+        _stderr.print(
+            Text(
+                "note: math-verify not found; running ours only (python -m venv "
+                ".venv-mathverify && .venv-mathverify/bin/pip install 'math-verify[antlr4_13_2]')",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
+    with Progress(SpinnerColumn(), *Progress.get_default_columns()[:1], TimeElapsedColumn(),
+                  console=_stderr) as bar:  # fmt: skip
+        task = bar.add_task("starting", total=None)
+        report = run_bench(
+            cases, data, workers, timeout, mathverify_python, mv_timeout, integer, latex,
+            on_stage=lambda name: bar.update(task, description=name),
+        )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    per_case = report.pop("per_case")
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    with (out / "per_case.jsonl").open("w") as f:
+        for row in per_case:
+            f.write(json.dumps(row) + "\n")
+
+    names = list(report["verifiers"])
+    console = Console()
+
+    def fmt(x, digits=1):
+        if x is None:
+            return "-"
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+    table = Table(title=f"labelled set: {report['n_cases']} cases, {workers} workers")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    rows = [
+        ("accuracy", lambda e: fmt(e["labelled"]["all"]["accuracy"], 3)),
+        ("false positives", lambda e: fmt(e["labelled"]["all"]["fp"])),
+        ("false negatives", lambda e: fmt(e["labelled"]["all"]["fn"])),
+        ("timeouts", lambda e: fmt(e["labelled"]["all"]["timeouts"])),
+        ("median ms", lambda e: fmt(e["labelled"]["speed"]["median_ms"], 2)),
+        ("p99 ms", lambda e: fmt(e["labelled"]["speed"]["p99_ms"], 1)),
+        ("max ms", lambda e: fmt(e["labelled"]["speed"]["max_ms"], 1)),
+        ("checks/s", lambda e: fmt(e["labelled"]["speed"]["checks_per_s"], 0)),
+    ]
+    for label, get in rows:
+        table.add_row(label, *(get(report["verifiers"][n]) for n in names))
+    console.print(table)
+
+    types = Table(title="per answer type: accuracy (FP/FN)")
+    types.add_column("answer type")
+    types.add_column("n", justify="right")
+    for n in names:
+        types.add_column(n, justify="right")
+    first = report["verifiers"][names[0]]["labelled"]["answer_type"]
+    for kind, row in first.items():
+        cells = []
+        for n in names:
+            r = report["verifiers"][n]["labelled"]["answer_type"][kind]
+            cells.append(f"{r['accuracy']:.2f} ({r['fp']}/{r['fn']})")
+        types.add_row(kind, str(row["n"]), *cells)
+    console.print(types)
+
+    speed = Table(title=f"throughput ({workers} workers; latency measured inside the worker)")
+    speed.add_column("set")
+    speed.add_column("metric")
+    for n in names:
+        speed.add_column(n, justify="right")
+    for set_name in report["verifiers"][names[0]]["throughput"]:
+        for metric, digits in (("n", 0), ("median_ms", 3), ("p99_ms", 2), ("checks_per_s", 0),
+                               ("timeouts", 0)):  # fmt: skip
+            speed.add_row(
+                set_name, metric,
+                *(fmt(report["verifiers"][n]["throughput"][set_name][metric], digits)
+                  for n in names),
+            )  # fmt: skip
+    console.print(speed)
+    typer.echo(f"wrote {out}/ (summary.json, per_case.jsonl)")
 
 
 @bench_app.command("throughput")

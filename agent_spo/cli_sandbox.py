@@ -190,6 +190,69 @@ def sandbox_bench(
         )
 
 
+@sandbox_app.command("serve")
+def sandbox_serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (0: pick a free one).", min=0)] = 8000,
+    workers: Workers = 2,
+    timeout: Timeout = 10.0,
+    memory_mb: MemoryMb = 1024,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="AGENT_SPO_SANDBOX_TOKEN", help="Require this bearer token on every request."
+        ),
+    ] = None,
+    session_ttl: Annotated[
+        float, typer.Option(help="Close sessions idle for this many seconds.")
+    ] = 900.0,
+    unisolated: Unisolated = False,
+) -> None:
+    """Serve a local sandbox pool over HTTP so rollout machines can share it.
+
+    Clients use `RemoteSandbox(url)` (sandbox.backend=remote, sandbox.url=...). Binds to
+    loopback unless --host says otherwise; a non-loopback address without --token is
+    refused.
+    """
+    from sandboxes.jail import SandboxUnavailable
+    from sandboxes.remote import SandboxServer
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        _err.print(
+            Text(
+                f"error: refusing to serve on {host} without --token "
+                "(anyone who can reach it could run code here)",
+                style="red",
+            )
+        )
+        raise typer.Exit(2)
+    server = SandboxServer(
+        _sandbox(workers, timeout, memory_mb, unisolated),
+        host=host,
+        port=port,
+        token=token,
+        session_ttl_s=session_ttl,
+    )
+    try:
+        server.start()
+    except SandboxUnavailable as e:
+        _err.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_SANDBOX) from None
+    _err.print(f"serving {workers} sandbox worker(s) on {server.url} (Ctrl-C to stop)")
+    print(server.url, flush=True)
+    try:
+        while True:
+            import time
+
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 def _toolbox():
     from tools.toolbox import Toolbox, builtin_tools
 

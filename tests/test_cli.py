@@ -27,16 +27,15 @@ ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["tools", "test"],
     ["bench", "throughput"],
     ["bench", "bandit"],
+    ["bench", "verify"],
 ]
 NOT_BUILT = [
     ["train", DEMO],
     ["eval", "configs/eval.yaml"],
     ["replay", "runs/demo"],
     ["replay", "runs/demo", "ep-1", "--rerun"],
-    ["verify", "\\boxed{1/2}", "0.5"],
     ["estimate-values", DEMO],
     ["demo-model", "out"],
-    ["sandbox", "serve"],
     ["bench", "throughput"],
 ]
 
@@ -131,3 +130,57 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"agent-spo {__version__}"
+
+
+def test_verify_one_pair():
+    result = runner.invoke(app, ["verify", "\\frac{1}{2}", "so the answer is \\boxed{0.5}"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("correct") and "extracted: 0.5" in result.stdout
+
+
+def test_verify_json_near_miss():
+    import json
+
+    result = runner.invoke(app, ["verify", "--json", "\\frac{1}{3}", "\\boxed{0.333}"])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["status"] == "incorrect" and verdict["reward"] == 0.0
+    assert verdict["prediction"] == "0.333" and verdict["gold_parsed"] == "1/3"
+
+
+def test_verify_file(tmp_path):
+    import json
+
+    rows = [
+        {"id": "a", "gold": "204", "response": "\\boxed{204}", "label": True},
+        {"id": "b", "gold": "x \\le 3", "response": "\\boxed{(-\\infty, 3]}", "label": True},
+        {"id": "c", "gold": "-2, 2", "response": "\\boxed{2}", "label": False},
+    ]
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["verify", "--file", str(cases), "--json"])
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(o["id"], o["correct"]) for o in out] == [("a", True), ("b", True), ("c", False)]
+    assert "accuracy 1.000, FP 0, FN 0" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["verify"], ["verify", "1"], ["verify", "1", "1", "--file", "x"]])
+def test_verify_bad_usage_exits_2(args):
+    assert runner.invoke(app, args).exit_code == EXIT_CONFIG
+
+
+def test_bench_verify_small(tmp_path):
+    import json
+
+    result = runner.invoke(
+        app,
+        ["bench", "verify", "--integer", "20", "--latex", "10", "--workers", "1",
+         "--mathverify-python", "", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ours = summary["verifiers"]["ours"]
+    assert ours["labelled"]["all"]["n"] == summary["n_cases"] > 100
+    assert ours["throughput"]["integer"]["n"] == 20 and ours["throughput"]["latex"]["n"] == 10
+    assert (tmp_path / "per_case.jsonl").is_file()

@@ -6,14 +6,25 @@ import pytest
 
 from sandboxes.bench import jail_footprint
 from sandboxes.local import Limits, LocalSandbox
+from sandboxes.remote import RemoteSandbox, SandboxServer
 
 
 class SyncSandbox:
-    """Drive the async sandbox from plain tests on one private event loop."""
+    """Drive an async sandbox from plain tests on one private event loop.
 
-    def __init__(self, **kwargs):
+    backend "local": a LocalSandbox. backend "remote": a LocalSandbox served over HTTP on
+    127.0.0.1 by a real SandboxServer, reached through RemoteSandbox (httpx).
+    """
+
+    def __init__(self, backend="local", **kwargs):
         self.loop = asyncio.new_event_loop()
-        self.sb = LocalSandbox(**kwargs)
+        self.local = LocalSandbox(**kwargs)
+        self.server = None
+        if backend == "remote":
+            self.server = SandboxServer(self.local, port=0).start()
+            self.sb = RemoteSandbox(self.server.url)
+        else:
+            self.sb = self.local
         self.loop.run_until_complete(self.sb.start())
 
     def run(self, code, **kw):
@@ -36,10 +47,12 @@ class SyncSandbox:
 
     def footprint(self):
         self.census()  # each runner answers only after its next spare exists: a settled count
-        return jail_footprint(self.sb)
+        return jail_footprint(self.local)
 
     def close(self):
         self.loop.run_until_complete(self.sb.close())
+        if self.server is not None:
+            self.server.stop()
         self.loop.close()
 
 
@@ -54,9 +67,11 @@ class SyncSession:
         self.owner.loop.run_until_complete(self.s.close())
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    sb = SyncSandbox(workers=2, limits=Limits(timeout_s=3.0, memory_mb=512))
+@pytest.fixture(scope="module", params=["local", "remote"])
+def sandbox(request):
+    """The adversarial suite runs against every backend that can run here. A docker
+    variant needs a Docker engine, which these machines lack (see test_docker.py)."""
+    sb = SyncSandbox(request.param, workers=2, limits=Limits(timeout_s=3.0, memory_mb=512))
     yield sb
     sb.close()
 

@@ -1,0 +1,404 @@
+"""The remote backend: any backend behind HTTP, and an httpx client with the same interface.
+
+Server (`agent-spo sandbox serve`, loopback by default):
+
+    GET    /v1/health                 pool state, capabilities, census
+    POST   /v1/run                    {"code", "timeout_s"?}          -> ExecResult
+    POST   /v1/run_batch              {"calls": [{"code", ...}, ...]} -> [ExecResult]
+    POST   /v1/sessions               {}                              -> {"session": id}
+    POST   /v1/sessions/{id}/run      {"code", "timeout_s"?}          -> ExecResult
+    DELETE /v1/sessions/{id}
+
+Sessions idle for longer than `session_ttl_s` are closed. An optional bearer token
+guards every route. The client (`RemoteSandbox`) bounds its in-flight calls with a
+semaphore, gives every request a deadline (the call's timeout + a queue budget +
+grace), and retries only transport failures of *stateless* calls, with backoff; a
+session call is never retried (it is not idempotent) and a transport failure loses the
+session explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from sandboxes.result import ExecResult, infra_result
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 8 << 20
+
+
+# ----------------------------------------------------------------------------- server
+class SandboxServer:
+    """Serve a started backend (e.g. LocalSandbox) over HTTP from a background thread."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        token: str | None = None,
+        session_ttl_s: float = 900.0,
+    ) -> None:
+        self.backend = backend
+        self.token = token
+        self.session_ttl_s = session_ttl_s
+        self.sessions: dict[str, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="sandbox-server-loop"
+        )
+        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> SandboxServer:
+        """Start the backend (if needed), the event loop and the HTTP thread."""
+        self._loop_thread.start()
+        if not getattr(self.backend, "started", True):
+            self.call(self.backend.start())
+        self._http_thread = threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, name="sandbox-server-http"
+        )
+        self._http_thread.start()
+        self.call(self._reaper_start())
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        try:
+            self.call(self.backend.close(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(timeout=5)
+
+    def call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _reaper_start(self) -> None:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(min(30.0, self.session_ttl_s / 2))
+                now = time.monotonic()
+                with self._lock:
+                    expired = [
+                        sid for sid, (_, t) in self.sessions.items() if now - t > self.session_ttl_s
+                    ]
+                    dropped = [self.sessions.pop(sid)[0] for sid in expired]
+                for s in dropped:
+                    await s.close()
+
+        self._reaper = asyncio.ensure_future(reap())
+
+    # -- request handling (runs in the HTTP threads)
+    def handle(self, method: str, path: str, body: dict | None) -> tuple[int, Any]:
+        parts = [p for p in path.split("?")[0].split("/") if p]
+        if parts[:1] != ["v1"]:
+            return 404, {"error": f"no route {path}"}
+        route = parts[1:]
+        if method == "GET" and route == ["health"]:
+            health = {
+                "status": "ok",
+                "sessions": len(self.sessions),
+                "capabilities": getattr(self.backend, "capabilities", {}),
+            }
+            if hasattr(self.backend, "census"):
+                health["census"] = self.call(self.backend.census(), timeout=30)
+            return 200, health
+        if method == "POST" and route == ["run"]:
+            code, timeout = _call_args(body)
+            return 200, self.call(self.backend.run(code, timeout_s=timeout)).to_dict()
+        if method == "POST" and route == ["run_batch"]:
+            calls = (body or {}).get("calls")
+            if not isinstance(calls, list):
+                return 400, {"error": "expected {'calls': [...]}"}
+            args = [_call_args(c) for c in calls]
+
+            async def batch():
+                return await asyncio.gather(*(self.backend.run(c, timeout_s=t) for c, t in args))
+
+            return 200, [r.to_dict() for r in self.call(batch())]
+        if method == "POST" and route == ["sessions"]:
+            session = self.call(self.backend.open_session())
+            with self._lock:
+                self.sessions[session.id] = (session, time.monotonic())
+            return 200, {"session": session.id}
+        if len(route) >= 2 and route[0] == "sessions":
+            sid = route[1]
+            with self._lock:
+                entry = self.sessions.get(sid)
+                if entry is not None:
+                    self.sessions[sid] = (entry[0], time.monotonic())
+            if entry is None:
+                if method == "DELETE":
+                    return 200, {"status": "ok"}
+                return 200, infra_result(
+                    "session_lost", f"no session {sid!r} on this server", "remote"
+                ).to_dict()
+            session = entry[0]
+            if method == "POST" and route[2:] == ["run"]:
+                code, timeout = _call_args(body)
+                return 200, self.call(session.run(code, timeout_s=timeout)).to_dict()
+            if method == "DELETE" and len(route) == 2:
+                with self._lock:
+                    self.sessions.pop(sid, None)
+                self.call(session.close())
+                return 200, {"status": "ok"}
+        return 404, {"error": f"no route {method} {path}"}
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):  # quiet; the trainer has its own logs
+                log.debug("sandbox server: " + fmt, *args)
+
+            def _reply(self, status: int, payload: Any) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _serve(self, method: str) -> None:
+                if server.token is not None:
+                    got = self.headers.get("Authorization", "")
+                    if not hmac.compare_digest(got, f"Bearer {server.token}"):
+                        return self._reply(401, {"error": "missing or wrong bearer token"})
+                body = None
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    return self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
+                if length:
+                    try:
+                        body = json.loads(self.rfile.read(length))
+                    except ValueError:
+                        return self._reply(400, {"error": "body is not JSON"})
+                try:
+                    status, payload = server.handle(method, self.path, body)
+                except ValueError as e:
+                    status, payload = 400, {"error": str(e)}
+                except Exception as e:  # noqa: BLE001 - report, keep serving
+                    log.exception("sandbox server error")
+                    status = 500
+                    payload = {"error": f"{type(e).__name__}: {e}"}
+                self._reply(status, payload)
+
+            def do_GET(self):  # noqa: N802 - http.server naming
+                self._serve("GET")
+
+            def do_POST(self):  # noqa: N802
+                self._serve("POST")
+
+            def do_DELETE(self):  # noqa: N802
+                self._serve("DELETE")
+
+        return Handler
+
+
+def _call_args(body: dict | None) -> tuple[str, float | None]:
+    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+        raise ValueError("expected a JSON object with a string 'code'")
+    timeout = body.get("timeout_s")
+    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
+        raise ValueError("timeout_s must be a number in (0, 3600]")
+    return body["code"], timeout
+
+
+# ----------------------------------------------------------------------------- client
+class RemoteSandbox:
+    """httpx client for `agent-spo sandbox serve`, with the local backend's interface."""
+
+    backend = "remote"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        max_in_flight: int = 64,
+        default_timeout_s: float = 10.0,
+        queue_budget_s: float = 60.0,
+        grace_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.default_timeout_s = default_timeout_s
+        self.queue_budget_s = queue_budget_s
+        self.grace_s = grace_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._limit = asyncio.Semaphore(max_in_flight)
+        self._client = None
+        self.started = False
+
+    async def start(self) -> RemoteSandbox:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=None)
+        self.started = True
+        return self
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        self.started = False
+
+    async def __aenter__(self) -> RemoteSandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def health(self) -> dict:
+        r = await self._client.get("/v1/health", timeout=self.grace_s + 30)
+        r.raise_for_status()
+        return r.json()
+
+    async def census(self) -> dict:
+        return (await self.health()).get("census", {"sessions": 0, "strays": []})
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        t = self.default_timeout_s if timeout_s is None else timeout_s
+        return t + self.queue_budget_s + self.grace_s
+
+    async def _post(self, path: str, payload: dict, deadline: float, *, retry: bool):
+        import httpx
+
+        attempts = self.retries + 1 if retry else 1
+        last = ""
+        async with self._limit:
+            for attempt in range(attempts):
+                try:
+                    r = await self._client.post(path, json=payload, timeout=deadline)
+                except (httpx.TransportError, httpx.TimeoutException) as e:
+                    last = f"{type(e).__name__}: {e}"
+                    if attempt + 1 < attempts:
+                        await asyncio.sleep(self.backoff_s * 2**attempt)
+                    continue
+                if r.status_code >= 500 and attempt + 1 < attempts:
+                    last = f"HTTP {r.status_code}: {r.text[:200]}"
+                    await asyncio.sleep(self.backoff_s * 2**attempt)
+                    continue
+                return r, None
+        return None, last
+
+    async def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+        """Stateless call; transport failures are retried (the call is idempotent)."""
+        payload = {"code": code, "timeout_s": timeout_s}
+        t0 = time.monotonic()
+        r, err = await self._post("/v1/run", payload, self._deadline(timeout_s), retry=True)
+        return self._result(r, err, time.monotonic() - t0, lost_status="sandbox_error")
+
+    async def open_session(self) -> RemoteSession:
+        r, err = await self._post("/v1/sessions", {}, self.grace_s + 30, retry=True)
+        if r is None or r.status_code != 200:
+            from sandboxes.jail import SandboxUnavailable
+
+            raise SandboxUnavailable(f"could not open a remote session: {err or r.text[:200]}")
+        return RemoteSession(self, r.json()["session"])
+
+    def _result(self, r, err: str | None, wall_s: float, lost_status: str) -> ExecResult:
+        if r is None:
+            return infra_result(
+                lost_status, f"sandbox server unreachable: {err}", self.backend, wall_s=wall_s
+            )
+        if r.status_code != 200:
+            status = "error" if r.status_code == 400 else lost_status
+            detail = f"HTTP {r.status_code}: {r.text[:300]}"
+            if status == "error":
+                return ExecResult(
+                    "error",
+                    exc_type="ValueError",
+                    exc_message=detail,
+                    backend=self.backend,
+                    wall_s=wall_s,
+                )
+            return infra_result(status, detail, self.backend, wall_s=wall_s)
+        try:
+            data = r.json()
+            data["backend"] = f"{self.backend}/{data.get('backend', '')}"
+            return ExecResult.from_dict(data)
+        except (ValueError, TypeError) as e:
+            return infra_result(
+                "sandbox_error", f"malformed reply: {e}", self.backend, wall_s=wall_s
+            )
+
+
+class RemoteSession:
+    def __init__(self, client: RemoteSandbox, sid: str) -> None:
+        self._c, self.id = client, sid
+        self.closed = False
+        self.lost = False
+
+    async def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        if self.lost:
+            return infra_result("session_lost", "an earlier call lost this session", "remote")
+        t0 = time.monotonic()
+        r, err = await self._c._post(
+            f"/v1/sessions/{self.id}/run",
+            {"code": code, "timeout_s": timeout_s},
+            self._c._deadline(timeout_s),
+            retry=False,
+        )
+        result = self._c._result(r, err, time.monotonic() - t0, lost_status="session_lost")
+        if result.status in ("session_lost", "sandbox_error"):
+            self.lost = True
+        return result
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        import httpx
+
+        try:
+            await self._c._client.delete(f"/v1/sessions/{self.id}", timeout=self._c.grace_s)
+        except httpx.HTTPError:
+            pass  # the server's TTL reaps it
+
+    async def __aenter__(self) -> RemoteSession:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+__all__ = ["RemoteSandbox", "RemoteSession", "SandboxServer"]
