@@ -104,7 +104,8 @@ class _Worker:
     _ids: itertools.count = field(default_factory=itertools.count)
     _drain: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def _spawn(self) -> None:
+        """Start the runner process (the transport); subclasses start containers instead."""
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.PIPE,
@@ -114,8 +115,21 @@ class _Worker:
             cwd=self.cwd,
             start_new_session=True,  # its own process group: one kill takes the whole jail
         )
-        self.generation += 1
         self._drain = asyncio.create_task(self._drain_stderr(self.proc))
+
+    def _alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def _send(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def _recv_exact(self, n: int) -> bytes:
+        return await self.proc.stdout.readexactly(n)
+
+    async def start(self) -> None:
+        await self._spawn()
+        self.generation += 1
         try:
             reply = await self._exchange(self.hello, timeout=60.0)
         except _WorkerFailed as e:
@@ -134,16 +148,14 @@ class _Worker:
             self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
 
     async def _exchange(self, msg: dict, timeout: float) -> dict:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if not self._alive():
             raise _WorkerFailed("worker is not running")
         body = json.dumps(msg).encode()
         try:
-            proc.stdin.write(_HDR.pack(len(body)) + body)
-            await proc.stdin.drain()
-            head = await asyncio.wait_for(proc.stdout.readexactly(_HDR.size), timeout)
+            await self._send(_HDR.pack(len(body)) + body)
+            head = await asyncio.wait_for(self._recv_exact(_HDR.size), timeout)
             (n,) = _HDR.unpack(head)
-            data = await asyncio.wait_for(proc.stdout.readexactly(n), timeout)
+            data = await asyncio.wait_for(self._recv_exact(n), timeout)
             return json.loads(data)
         except TimeoutError:
             raise _WorkerFailed(f"no answer within {timeout:.1f} s") from None
@@ -171,14 +183,13 @@ class _Worker:
             self._drain.cancel()
 
     async def shutdown(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
+        if self._alive():
             try:
                 body = json.dumps({"op": "shutdown"}).encode()
-                proc.stdin.write(_HDR.pack(len(body)) + body)
-                await proc.stdin.drain()
-                await asyncio.wait_for(proc.wait(), 2.0)
-            except (TimeoutError, ConnectionError, BrokenPipeError):
+                await self._send(_HDR.pack(len(body)) + body)
+                if self.proc is not None:
+                    await asyncio.wait_for(self.proc.wait(), 2.0)
+            except (TimeoutError, ConnectionError, BrokenPipeError, OSError):
                 pass
         await self.kill()
 
@@ -234,6 +245,16 @@ class LocalSandbox:
     async def start(self) -> LocalSandbox:
         if self.started:
             return self
+        self._workers = await self._make_workers()
+        try:
+            await asyncio.gather(*(w.start() for w in self._workers))
+        except BaseException:
+            await asyncio.gather(*(w.kill() for w in self._workers), return_exceptions=True)
+            raise
+        self.started = True
+        return self
+
+    async def _make_workers(self) -> list[_Worker]:
         env = cwd = None
         if self.isolation == "bwrap":
             await asyncio.to_thread(probe_bwrap, self._spec)
@@ -246,14 +267,7 @@ class LocalSandbox:
             argv, env = unisolated_command()
             self._workdir = cwd = tempfile.mkdtemp(prefix="agent-spo-sandbox-")
             env = {**env, "HOME": cwd, "TMPDIR": cwd}
-        self._workers = [_Worker(i, argv, env, cwd, self._hello) for i in range(self._n)]
-        try:
-            await asyncio.gather(*(w.start() for w in self._workers))
-        except BaseException:
-            await asyncio.gather(*(w.kill() for w in self._workers), return_exceptions=True)
-            raise
-        self.started = True
-        return self
+        return [_Worker(i, argv, env, cwd, self._hello) for i in range(self._n)]
 
     async def close(self) -> None:
         await asyncio.gather(*(w.shutdown() for w in self._workers), return_exceptions=True)

@@ -462,7 +462,9 @@ class Zygote:
             res["exit_code"] = os.waitstatus_to_exitcode(wstatus)
         else:
             res["cpu_s"] = max(_cpu_of(pid) - cpu0, 0.0) if res["killed"] is None else None
-            if res["killed"] is not None or res["exited"]:
+            # no status means the runner died before reporting, even if its exit is not
+            # yet visible on the pidfd (all its pipes closed first)
+            if res["killed"] is not None or res["exited"] or status is None:
                 _killpg(pid)  # the runner may have died only in part; finish it
                 try:  # holders are always our children (forked, or reparented to us)
                     _, wstatus = os.waitpid(pid, 0)

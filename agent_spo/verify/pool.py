@@ -210,6 +210,8 @@ class VerifierPool:
         w = self._idle.get()
         start = time.monotonic()
         try:
+            if not w.proc.is_alive():  # died while idle: replace it, nothing was lost yet
+                w = self._replace(w)
             if not w.wait_ready(self.start_timeout_s):
                 w = self._replace(w)
                 return self._failed("a verifier worker failed to start", 0.0)
