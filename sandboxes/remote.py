@@ -180,6 +180,9 @@ class SandboxServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out as separate writes: without TCP_NODELAY, Nagle plus
+            # the client's delayed ACK add ~40 ms to every call
+            disable_nagle_algorithm = True
 
             def log_message(self, fmt, *args):  # quiet; the trainer has its own logs
                 log.debug("sandbox server: " + fmt, *args)
