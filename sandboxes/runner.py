@@ -186,6 +186,8 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
     """Body of a spare (one cell) or session holder (many cells, rollback on kill)."""
     global _NULL_FD
     _NULL_FD = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # the fork closed the zygote's
+    for fd in (0, 1, 2):  # nothing of the controller's (its stderr pipe) stays reachable
+        os.dup2(_NULL_FD, fd)
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -196,7 +198,9 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
     if limits.get("landlock"):
         from sandboxes import landlock
 
-        landlock.restrict_self(writable=[workdir, "/dev/null"])
+        # read everything in the (minimal) jail except other calls' and sessions' work dirs
+        top = [f"/{e}" for e in os.listdir("/") if f"/{e}" != limits["workroot"]]
+        landlock.restrict_self(writable=[workdir, "/dev/null"], readable=top)
     # Session holders get a CPU budget for their whole life; the wall clock is the per-cell bound.
     _apply_limits(limits, None if not persistent else limits["session_cpu_s"])
     g = _fresh_globals()
@@ -219,7 +223,9 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
             _apply_limits(limits, msg["timeout"] + 1)
         status = _with_call_fds(out_fd, err_fd, lambda code=msg["code"]: run_cell(code, g))
         try:  # record separator first: anything the cell itself wrote here is skipped
-            os.write(st_fd, b"\x1e" + json.dumps(status).encode())
+            os.write(
+                st_fd, b"\x1e" + json.dumps(status, ensure_ascii=False).encode("utf-8", "replace")
+            )
         finally:
             os.close(st_fd)
         if not persistent:
@@ -239,6 +245,7 @@ def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
     except OSError:  # no process slot: run this cell without rollback protection
         os.close(r)
         os.close(w)
+        _send(sock, {"op": "backup", "pid": None})
         return True
     if pid == 0:  # backup: wait until the runner finishes (discard) or dies (take over)
         os.setpgid(0, 0)
@@ -259,6 +266,7 @@ def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
     except OSError:
         pass
     _backup["pid"], _backup["pipe"] = pid, w
+    _send(sock, {"op": "backup", "pid": pid})  # before the cell: the zygote can trust it
     return True
 
 
@@ -308,6 +316,42 @@ def _recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
         return None, fds
 
 
+def _recv_small(session: dict, deadline: float) -> dict | None:
+    """Zygote side: the next small control message from a session, or None by the deadline.
+
+    Messages can arrive back to back (a backup may report in before the zygote has read
+    the holder's previous message), so unread bytes stay in the session's buffer.
+    """
+    sock, buf = session["sock"], session.setdefault("rbuf", bytearray())
+    try:
+        while True:
+            if len(buf) >= _HDR.size:
+                (n,) = _HDR.unpack_from(buf)
+                if n > 4096:
+                    return None  # not a control message: the channel is garbage
+                if len(buf) >= _HDR.size + n:
+                    body = bytes(buf[_HDR.size : _HDR.size + n])
+                    del buf[: _HDR.size + n]
+                    msg = json.loads(body)
+                    return msg if isinstance(msg, dict) else None
+            if len(buf) > 1 << 16:
+                return None
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                return None
+            buf += data
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        try:
+            sock.settimeout(None)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- zygote
 class Zygote:
     def __init__(self, cfg: dict, pin: int, pout: int) -> None:
@@ -340,7 +384,7 @@ class Zygote:
 
     def _make_spare(self) -> None:
         self.calls += 1
-        workdir = f"/tmp/call-{self.calls}"
+        workdir = f"{self.limits['workroot']}/call-{self.calls}"
         pid, sock = self._fork_executor(workdir, persistent=False)
         self.spare = (pid, sock, workdir)
 
@@ -413,6 +457,7 @@ class Zygote:
         t0 = time.monotonic()
         result = self._dispatch(pid, sock, code, timeout, t0, session=None)
         sock.close()
+        result["swept"] = self.sweep()  # first: a leftover writer could refill the dir
         shutil.rmtree(workdir, ignore_errors=True)
         return result
 
@@ -430,17 +475,29 @@ class Zygote:
         st_r, st_w = os.pipe()
         cpu0 = _cpu_of(pid) if session is not None else 0.0
         try:
+            sock.settimeout(5.0)  # a stopped or hostile session must not block the zygote
             _send(sock, {"op": "run", "code": code, "timeout": timeout}, [out_w, err_w, st_w])
             sent = True
         except OSError:
             sent = False
         finally:
+            sock.settimeout(None)
             for fd in (out_w, err_w, st_w):
                 os.close(fd)
+        if sent and session is not None:
+            # the holder names its backup before running the cell; it must be its child
+            msg = _recv_small(session, time.monotonic() + 2.0)
+            backup = msg.get("pid") if msg and msg.get("op") == "backup" else None
+            # (if the cell already died, the backup has been reparented to us)
+            ok = isinstance(backup, int) and _ppid(backup) in (pid, os.getpid())
+            session["backup"] = backup if ok else None
+            if msg is None:
+                sent = False
         if not sent:
             for fd in (out_r, err_r, st_r):
                 os.close(fd)
             if session is not None:
+                session["lost"] = True
                 return {"status": "session_lost", "detail": "session process is gone"}
             return {"status": "sandbox_error", "detail": "executor did not accept the call"}
         pidfd = os.pidfd_open(pid)
@@ -515,7 +572,7 @@ class Zygote:
                     poller.unregister(fd)
                     open_fds.discard(fd)
                 elif fd == st_r:
-                    status_raw = (status_raw + chunk)[-(1 << 16) :]
+                    status_raw = (status_raw + chunk)[-(1 << 18) :]
                 else:
                     cap[fd].add(chunk)
                     if killed is None and cap[out_r].total + cap[err_r].total > lim["hard_output"]:
@@ -523,10 +580,7 @@ class Zygote:
                         _killpg(pid)
         cell = None
         if b"\x1e" in status_raw:  # one write; a background process may still hold the pipe
-            try:
-                cell = json.loads(status_raw.rsplit(b"\x1e", 1)[1])
-            except ValueError:
-                cell = None
+            cell = _valid_status(status_raw.rsplit(b"\x1e", 1)[1])
         return {
             "out": cap[out_r],
             "err": cap[err_r],
@@ -536,23 +590,39 @@ class Zygote:
         }
 
     def _await_backup(self, session: dict) -> int | None:
-        """After a killed/crashed session cell: wait for the backup to report in."""
-        sock = session["sock"]
-        r, _, _ = select.select([sock], [], [], 2.0)
-        if r:
-            msg, fds = _recv(sock)
-            for fd in fds:
-                os.close(fd)
-            if msg and msg.get("op") == "ready" and isinstance(msg.get("pid"), int):
-                session["pid"] = msg["pid"]
-                return msg["pid"]
+        """After a killed/crashed session cell: wait for the named backup to take over.
+
+        Only the backup the holder named before the cell ran is accepted, and only once
+        it has become our child; anything else on the socket is ignored.
+        """
+        backup = session.get("backup")
+        deadline = time.monotonic() + 2.0
+        while backup is not None and time.monotonic() < deadline:
+            msg = self._recv_ready(session, deadline)
+            if msg is None:
+                break
+            if msg.get("pid") == backup and _ppid(backup) == os.getpid() and _alive(backup):
+                session["pid"] = backup
+                return backup
         session["lost"] = True
         return None
 
+    def _recv_ready(self, session: dict, deadline: float) -> dict | None:
+        msg = _recv_small(session, deadline)
+        while msg is not None and msg.get("op") != "ready":
+            msg = _recv_small(session, deadline)
+        return msg
+
     def open_session(self, sid: str) -> dict:
-        workdir = f"/tmp/session-{sid}"
+        workdir = f"{self.limits['workroot']}/session-{sid}"
         pid, sock = self._fork_executor(workdir, persistent=True)
-        self.sessions[sid] = {"pid": pid, "sock": sock, "workdir": workdir, "lost": False}
+        self.sessions[sid] = {
+            "pid": pid,
+            "sock": sock,
+            "workdir": workdir,
+            "lost": False,
+            "backup": None,
+        }
         return {"status": "ok"}
 
     def run_session(self, sid: str, code: str, timeout: float) -> dict:
@@ -577,6 +647,7 @@ class Zygote:
         if s is None:
             return
         try:
+            s["sock"].settimeout(1.0)
             _send(s["sock"], {"op": "close"})
         except OSError:
             pass
@@ -597,30 +668,38 @@ class Zygote:
                 return
             op = req.get("op")
             t0 = time.monotonic()
-            if op == "run":
-                reply = self.run_stateless(req["code"], float(req["timeout"]))
-            elif op == "open":
-                reply = self.open_session(req["session"])
-            elif op == "srun":
-                reply = self.run_session(req["session"], req["code"], float(req["timeout"]))
-            elif op == "close":
-                reply = self.close_session(req["session"])
-            elif op == "ping":
-                reply = {
-                    "status": "ok",
-                    "sessions": len(self.sessions),
-                    "strays": self.strays(),
-                    "spare": self.spare is not None,
-                }
-            else:
-                reply = {"status": "sandbox_error", "detail": f"unknown op {op!r}"}
-            if op in ("run", "srun"):
-                reply["swept"] = self.sweep()
+            try:
+                reply = self._handle(op, req)
+            except Exception as e:  # noqa: BLE001 - keep serving; this call failed
+                traceback.print_exc()
+                reply = {"status": "sandbox_error", "detail": f"runner: {type(e).__name__}: {e}"}
             reply["id"] = req.get("id")
             reply.setdefault("wall_s", time.monotonic() - t0)
             write_msg(self.pout, reply)
             if op in ("run", "srun") and self.spare is None:
                 self._make_spare()  # off the critical path: the reply is already out
+
+    def _handle(self, op: str, req: dict) -> dict:
+        if op == "run":
+            reply = self.run_stateless(req["code"], float(req["timeout"]))
+        elif op == "open":
+            reply = self.open_session(req["session"])
+        elif op == "srun":
+            reply = self.run_session(req["session"], req["code"], float(req["timeout"]))
+        elif op == "close":
+            reply = self.close_session(req["session"])
+        elif op == "ping":
+            reply = {
+                "status": "ok",
+                "sessions": len(self.sessions),
+                "strays": self.strays(),
+                "spare": self.spare is not None,
+            }
+        else:
+            reply = {"status": "sandbox_error", "detail": f"unknown op {op!r}"}
+        if op == "srun":
+            reply["swept"] = self.sweep()
+        return reply
 
 
 class _Capture:
@@ -647,14 +726,12 @@ class _Capture:
         return self.total > len(self.head) + len(self.tail)
 
     def text(self) -> str:
+        if not self.truncated:  # one piece: never split a character at the seam
+            return bytes(self.head + self.tail).decode("utf-8", "replace")
         head = self.head.decode("utf-8", "replace")
-        if not self.tail:
-            return head
         tail = self.tail.decode("utf-8", "replace")
-        if self.truncated:
-            skipped = self.total - len(self.head) - len(self.tail)
-            return f"{head}\n...[{skipped} bytes truncated]...\n{tail}"
-        return head + tail
+        skipped = self.total - len(self.head) - len(self.tail)
+        return f"{head}\n...[{skipped} bytes truncated]...\n{tail}"
 
 
 def _finish(res: dict, cell: dict | None) -> dict:
@@ -696,6 +773,38 @@ def _finish(res: dict, cell: dict | None) -> dict:
     return reply
 
 
+def _valid_status(raw: bytes) -> dict | None:
+    """The executor's status record, or None if it is not one (the cell may forge it)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
+        return None
+    out = {"ok": obj["ok"]}
+    for key, cap in (("exc_type", 200), ("exc_message", 4000), ("traceback", 8000)):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            return None
+        if value is not None:
+            out[key] = value[:cap]
+    return out
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat after the command name (which the cell controls)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -703,11 +812,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().split(b") ", 1)[1][:1] != b"Z"
-    except OSError:
-        return False
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 def _killpg(pid: int) -> None:
@@ -722,11 +828,10 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_of(pid: int) -> float:
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().split(b") ", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return 0.0
 
 
@@ -737,7 +842,8 @@ _DENY = [
     "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load",
     "kexec_file_load", "init_module", "finit_module", "delete_module", "chroot", "swapon",
     "swapoff", "reboot", "acct", "open_by_handle_at", "name_to_handle_at", "fsopen",
-    "fsmount", "move_mount", "open_tree", "mount_setattr", "quotactl",
+    "fsmount", "move_mount", "open_tree", "mount_setattr", "quotactl", "pidfd_getfd",
+    "kcmp", "process_madvise",
 ]  # fmt: skip
 _CLONE_NS = (
     0x10000000
@@ -787,7 +893,9 @@ def main() -> None:
     os.close(null)
     os.set_inheritable(pin, False)
     os.set_inheritable(pout, False)
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - process-lifetime stream
+    # a stream that owns no fd: executors close the zygote's fds, and a file object that
+    # owned one would later close whatever took over its number (a call's status pipe)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False))
     hello = read_msg(pin)
     if hello is None:
         return

@@ -19,10 +19,13 @@ def _parse(text: str):
     )
 
     transformations = (*standard_transformations, implicit_multiplication_application, convert_xor)
-    if "=" in text and "==" not in text:
+    import re
+
+    parts = re.split(r"(?<![<>!=])=(?!=)", text)  # a lone '=', not <=, >=, != or ==
+    if len(parts) == 2:
         import sympy
 
-        lhs, rhs = text.split("=", 1)
+        lhs, rhs = parts
         return sympy.Eq(
             parse_expr(lhs, transformations=transformations),
             parse_expr(rhs, transformations=transformations),

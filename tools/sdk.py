@@ -72,10 +72,11 @@ class Tool:
         if isinstance(arguments, str):
             text = arguments.strip() or "{}"
             try:
-                arguments = json.loads(text)
-            except ValueError as e:
+                arguments = json.loads(text, parse_constant=_reject_constant)
+            except (ValueError, RecursionError) as e:
+                where = f" ({e.msg} at position {e.pos})" if hasattr(e, "msg") else ""
                 raise ToolArgumentError(
-                    f"{self.name}: arguments are not valid JSON ({e.msg} at position {e.pos}); "
+                    f"{self.name}: arguments are not valid JSON{where}; "
                     f"expected an object like {self._example()}"
                 ) from None
         if arguments is None:
@@ -261,8 +262,18 @@ def _check(value: Any, prop: dict, where: str) -> Any:
     if kind == "array":
         return [_check(v, prop["items"], f"{where}[{i}]") for i, v in enumerate(value)]
     if kind == "number":
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ToolArgumentError(f"{where} is too large for a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ToolArgumentError(f"{where} must be a finite number")
+        return number
     return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _show(value: Any) -> str:

@@ -50,12 +50,14 @@ def truncate_middle(text: str, max_chars: int) -> str:
     return f"{text[:head]}\n...({omitted} characters truncated)...\n{text[len(text) - tail :]}"
 
 
-def render(result: ExecResult, *, traceback: bool = True) -> str:
+def render(result: ExecResult, *, traceback: bool = True, session: bool = False) -> str:
     """The text a model reads for a sandbox result (before capping).
 
     ``traceback=False`` shows only the exception line: for function tools, whose cell
-    is generated code the model never wrote.
+    is generated code the model never wrote. ``session=True`` tells the model that a
+    killed cell's changes to its variables were rolled back.
     """
+    kept = "; variables from this call were not kept" if session else ""
     parts = [result.stdout]
     if result.stderr:
         parts.append(result.stderr)
@@ -64,19 +66,19 @@ def render(result: ExecResult, *, traceback: bool = True) -> str:
         line = f"{result.exc_type}: {result.exc_message}"
         parts.append(result.traceback or line if traceback else line)
     elif status == "timeout":
-        parts.append(f"[timed out after {result.wall_s:.1f} s; the call was stopped]")
+        parts.append(f"[timed out after {result.wall_s:.1f} s; the call was stopped{kept}]")
     elif status == "output_limit":
         parts.append(
             f"[output limit exceeded after {result.stdout_bytes + result.stderr_bytes} "
-            "bytes; the call was stopped]"
+            f"bytes; the call was stopped{kept}]"
         )
     elif status == "crashed":
         how = f"signal {result.signal}" if result.signal else f"exit code {result.exit_code}"
-        parts.append(f"[the process crashed ({how}); variables from this call were not kept]")
+        parts.append(f"[the process crashed ({how}){kept}]")
     elif status != "ok":
         parts.append(f"[sandbox failure: {status}]")
     text = "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts if p)
-    return text.rstrip("\n") if text else "[no output]"
+    return text.rstrip("\n") if text.strip() else "[no output]"
 
 
 class Toolbox:
@@ -128,7 +130,7 @@ class Toolbox:
             return ToolCallResult(name, None, str(e), str(e), None, "model")
         runner = session if (tool.stateful and session is not None) else sandbox
         result = await runner.run(self.code_for(tool, args), timeout_s=timeout_s)
-        full = render(result, traceback=tool.kind == "code")
+        full = render(result, traceback=tool.kind == "code", session=runner is session)
         fault: Fault | None = None
         if result.infrastructure_failure:
             fault = "infrastructure"

@@ -122,3 +122,15 @@ def test_definition_errors_are_caught_at_decoration():
         tool(two, kind="code")
     with pytest.raises(ToolDefinitionError, match="must match"):
         tool(two, name="bad name")
+
+
+@pytest.mark.parametrize("text", [
+    '{"text": "x", "scale": ' + "9" * 5000 + "}",  # int too long for Python's int parser
+    "[" * 100000,  # nesting deep enough to exhaust the JSON parser's recursion
+    '{"text": "x", "scale": NaN}',
+    '{"text": "x", "scale": Infinity}',
+    '{"text": "x", "scale": 1e400}',
+])  # fmt: skip
+def test_hostile_json_is_a_model_error_not_a_trainer_exception(text):
+    with pytest.raises(ToolArgumentError):
+        sample.validate(text)

@@ -26,11 +26,19 @@ def test_truncate_middle_keeps_head_and_tail():
     (ExecResult("error", stdout="x\n", exc_type="ValueError", exc_message="bad",
                 traceback="Traceback...\nValueError: bad\n"), "x\nTraceback...\nValueError: bad"),
     (ExecResult("timeout", stdout="p\n", wall_s=3.0), "p\n[timed out after 3.0 s; the call was stopped]"),
-    (ExecResult("crashed", signal=11), "[the process crashed (signal 11); variables from this call were not kept]"),
+    (ExecResult("crashed", signal=11), "[the process crashed (signal 11)]"),
+    (ExecResult("ok", stdout="\n\n"), "[no output]"),
     (ExecResult("output_limit", stdout_bytes=10, stderr_bytes=5), "[output limit exceeded after 15 bytes; the call was stopped]"),
 ])  # fmt: skip
 def test_render(result, expected):
     assert render(result) == expected
+
+
+def test_render_tells_a_session_its_killed_cell_was_rolled_back():
+    r = ExecResult("timeout", wall_s=2.0)
+    assert render(r, session=True) == (
+        "[timed out after 2.0 s; the call was stopped; variables from this call were not kept]"
+    )
 
 
 class _Infra:
