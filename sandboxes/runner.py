@@ -418,8 +418,18 @@ class Zygote:
         killed = 0
         known = self._known()
         deadline = time.monotonic() + 1.0
+        me = os.getpid()
         while True:
-            stray = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) not in known]
+            stray = []
+            for n in os.listdir("/proc"):
+                if not n.isdigit() or int(n) in known:
+                    continue
+                fields = _stat_fields(int(n))
+                # a zombie whose parent is a live holder is that holder's to reap (it does,
+                # right after a cell): killing it is a no-op, and waiting on it here would spin
+                if fields and fields[0] == b"Z" and int(fields[1]) != me:
+                    continue
+                stray.append(int(n))
             if not stray or time.monotonic() > deadline:
                 break
             for pid in stray:
