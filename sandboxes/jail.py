@@ -101,6 +101,8 @@ def bwrap_command(spec: JailSpec) -> list[str]:
         "--unshare-all", "--unshare-user", "--disable-userns",
         "--uid", str(JAIL_UID), "--gid", str(JAIL_UID),
         "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        # the private /tmp first: binds below may land inside it (a venv under /tmp)
+        "--size", str(spec.tmp_mb << 20), "--tmpfs", "/tmp",
         "--ro-bind", "/usr", "/usr",
     ]  # fmt: skip
     for top in ("bin", "sbin", "lib", "lib64", "lib32"):
@@ -120,7 +122,6 @@ def bwrap_command(spec: JailSpec) -> list[str]:
         cmd += ["--ro-bind", package_dir(name), f"{PKG_ROOT}/{name}"]
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
-        "--size", str(spec.tmp_mb << 20), "--tmpfs", "/tmp",
         "--clearenv",
     ]  # fmt: skip
     for key, value in ENV.items():

@@ -199,11 +199,20 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
         from sandboxes import landlock
 
         # read everything in the (minimal) jail except other calls' and sessions' work dirs
-        top = [f"/{e}" for e in os.listdir("/") if f"/{e}" != limits["workroot"]]
+        root = limits["workroot"]
+        top = [f"/{e}" for e in os.listdir("/") if f"/{e}" != root]
+        # the interpreter and its packages may live under the work root (a venv in /tmp)
+        top += [
+            p
+            for p in {sys.prefix, sys.base_prefix, *sys.path}
+            if p.startswith(root + "/") and os.path.isdir(p)
+        ]
         landlock.restrict_self(writable=[workdir, "/dev/null"], readable=top)
     # Session holders get a CPU budget for their whole life; the wall clock is the per-cell bound.
     _apply_limits(limits, None if not persistent else limits["session_cpu_s"])
     g = _fresh_globals()
+    if persistent:
+        _ensure_backup(sock)
     while True:
         msg, fds = _recv(sock)
         if msg is None or msg.get("op") == "close":
@@ -211,8 +220,6 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
         out_fd, err_fd, st_fd = fds
         os.set_inheritable(st_fd, False)
         if persistent:
-            if not _fork_backup(sock, (out_fd, err_fd, st_fd)):
-                continue  # we are the backup that took over after the cell was killed
             used = _cpu_self()
             resource.setrlimit(
                 resource.RLIMIT_CPU,
@@ -230,28 +237,36 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
             os.close(st_fd)
         if not persistent:
             os._exit(0)
+        # The next cell's backup is this state: fork it now, while the zygote is already
+        # replying, so no fork sits on the critical path of a session call.
         _release_backup()
+        _ensure_backup(sock)
 
 
 _backup = {"pid": None, "pipe": None}
 
 
-def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
-    """Fork a copy of this session's pre-cell state. True in the cell runner, False in a
-    backup that has just taken over the session."""
+def _ensure_backup(sock: socket.socket) -> None:
+    """Fork a backup of the current state and announce it to the zygote. In a backup that
+    later takes over, this returns only after it has forked its own backup."""
+    while not _fork_backup(sock):
+        pass  # we are a backup that just took over the session
+
+
+def _fork_backup(sock: socket.socket) -> bool:
+    """Fork a copy of this session's state. True in the holder, False in a backup that
+    has just taken over the session (its holder died during a cell)."""
     r, w = os.pipe()
     try:
         pid = os.fork()
-    except OSError:  # no process slot: run this cell without rollback protection
+    except OSError:  # no process slot: the next cell runs without rollback protection
         os.close(r)
         os.close(w)
         _send(sock, {"op": "backup", "pid": None})
         return True
-    if pid == 0:  # backup: wait until the runner finishes (discard) or dies (take over)
+    if pid == 0:  # backup: wait until discarded (byte) or until the holder dies (EOF)
         os.setpgid(0, 0)
         os.close(w)
-        for fd in call_fds:
-            os.close(fd)
         if os.read(r, 1):
             os._exit(0)
         os.close(r)
@@ -266,7 +281,7 @@ def _fork_backup(sock: socket.socket, call_fds: tuple[int, ...]) -> bool:
     except OSError:
         pass
     _backup["pid"], _backup["pipe"] = pid, w
-    _send(sock, {"op": "backup", "pid": pid})  # before the cell: the zygote can trust it
+    _send(sock, {"op": "backup", "pid": pid})
     return True
 
 
@@ -392,8 +407,21 @@ class Zygote:
         known = {1, os.getpid()}
         if self.spare is not None:
             known.add(self.spare[0])
-        known.update(s["pid"] for s in self.sessions.values())
+        for s in self.sessions.values():
+            known.add(s["pid"])
+            if s.get("backup"):
+                known.add(s["backup"])
         return known
+
+    def _await_announcement(self, session: dict) -> None:
+        """Read the holder's announcement of its next backup (sent after each cell)."""
+        msg = _recv_small(session, time.monotonic() + 2.0)
+        while msg is not None and msg.get("op") != "backup":
+            msg = _recv_small(session, time.monotonic() + 2.0)
+        backup = msg.get("pid") if msg else None
+        # it must be a child of the holder: anything else is a forgery (or a lost holder)
+        ok = isinstance(backup, int) and _ppid(backup) == session["pid"]
+        session["backup"] = backup if ok else None
 
     def strays(self) -> list[str]:
         """Jail processes that are not the zygote, the spare or a session (should be none)."""
@@ -494,15 +522,7 @@ class Zygote:
             sock.settimeout(None)
             for fd in (out_w, err_w, st_w):
                 os.close(fd)
-        if sent and session is not None:
-            # the holder names its backup before running the cell; it must be its child
-            msg = _recv_small(session, time.monotonic() + 2.0)
-            backup = msg.get("pid") if msg and msg.get("op") == "backup" else None
-            # (if the cell already died, the backup has been reparented to us)
-            ok = isinstance(backup, int) and _ppid(backup) in (pid, os.getpid())
-            session["backup"] = backup if ok else None
-            if msg is None:
-                sent = False
+
         if not sent:
             for fd in (out_r, err_r, st_r):
                 os.close(fd)
@@ -613,6 +633,7 @@ class Zygote:
                 break
             if msg.get("pid") == backup and _ppid(backup) == os.getpid() and _alive(backup):
                 session["pid"] = backup
+                session["backup"] = None  # it announces its own backup next
                 return backup
         session["lost"] = True
         return None
@@ -633,6 +654,7 @@ class Zygote:
             "lost": False,
             "backup": None,
         }
+        self._await_announcement(self.sessions[sid])
         return {"status": "ok"}
 
     def run_session(self, sid: str, code: str, timeout: float) -> dict:
@@ -662,11 +684,13 @@ class Zygote:
         except OSError:
             pass
         s["sock"].close()
-        _killpg(s["pid"])
-        try:
-            os.waitpid(s["pid"], 0)  # holders are our children; do not leave a zombie
-        except ChildProcessError:
-            pass
+        for pid in (s["pid"], s.get("backup")):
+            if pid:
+                _killpg(pid)
+                try:
+                    os.waitpid(pid, 0)  # holders are our children; do not leave a zombie
+                except ChildProcessError:
+                    pass
         shutil.rmtree(s["workdir"], ignore_errors=True)
 
     # -- loop
@@ -686,8 +710,15 @@ class Zygote:
             reply["id"] = req.get("id")
             reply.setdefault("wall_s", time.monotonic() - t0)
             write_msg(self.pout, reply)
+            # off the critical path (the reply is already out): learn the session's next
+            # backup, sweep what the cell left behind, and fork the next spare
+            if op == "srun":
+                s = self.sessions.get(req.get("session"))
+                if s is not None and not s["lost"]:
+                    self._await_announcement(s)
+                self.sweep()
             if op in ("run", "srun") and self.spare is None:
-                self._make_spare()  # off the critical path: the reply is already out
+                self._make_spare()
 
     def _handle(self, op: str, req: dict) -> dict:
         if op == "run":
@@ -707,8 +738,6 @@ class Zygote:
             }
         else:
             reply = {"status": "sandbox_error", "detail": f"unknown op {op!r}"}
-        if op == "srun":
-            reply["swept"] = self.sweep()
         return reply
 
 
