@@ -182,5 +182,7 @@ def test_bench_verify_small(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     ours = summary["verifiers"]["ours"]
     assert ours["labelled"]["all"]["n"] == summary["n_cases"] > 100
-    assert ours["throughput"]["integer"]["n"] == 20 and ours["throughput"]["latex"]["n"] == 10
+    assert ours["throughput"]["integer"]["n"] == 20
+    # 10 from MATH-500 when ../shared/data is present, else all 8 synthetic pairs
+    assert ours["throughput"]["latex"]["n"] in (8, 10)
     assert (tmp_path / "per_case.jsonl").is_file()
