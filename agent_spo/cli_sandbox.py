@@ -131,6 +131,10 @@ def sandbox_bench(
     soak: Annotated[
         int, typer.Option(help="Extra calls for the leak check (processes, RSS, fds).", min=0)
     ] = 0,
+    think_ms: Annotated[
+        float,
+        typer.Option(help="Pause before each call, as a model generating between tool calls."),
+    ] = 0.0,
     unisolated: Unisolated = False,
     as_json: AsJson = False,
 ) -> None:
@@ -158,6 +162,7 @@ def sandbox_bench(
             concurrency=levels,
             soak=soak,
             isolation="none" if unisolated else "bwrap",
+            think_ms=think_ms,
         )
     )
     if as_json:

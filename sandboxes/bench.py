@@ -28,7 +28,9 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[k]
 
 
-async def _measure(fn: Callable[[int], Awaitable[object]], calls: int, concurrency: int) -> dict:
+async def _measure(
+    fn: Callable[[int], Awaitable[object]], calls: int, concurrency: int, think_s: float = 0.0
+) -> dict:
     latencies: list[float] = []
     failures = 0
     counter = iter(range(calls))
@@ -36,6 +38,8 @@ async def _measure(fn: Callable[[int], Awaitable[object]], calls: int, concurren
     async def client(cid: int) -> None:
         nonlocal failures
         for _ in counter:
+            if think_s:
+                await asyncio.sleep(think_s)  # the model generating between tool calls
             t0 = time.perf_counter()
             result = await fn(cid)
             latencies.append(time.perf_counter() - t0)
@@ -91,13 +95,14 @@ async def run_bench(
     concurrency: Sequence[int] = (1, 2, 4),
     soak: int = 0,
     isolation: str = "bwrap",
+    think_ms: float = 0.0,
 ) -> dict:
     from tools.toolbox import Toolbox, builtin_tools
 
     toolbox = Toolbox(builtin_tools())
     tool = toolbox.tools[SYMPY_TOOL[0]]
     sympy_code = toolbox.code_for(tool, tool.validate(SYMPY_TOOL[1]))
-    report: dict = {"workers": workers, "isolation": isolation, "results": []}
+    report: dict = {"workers": workers, "isolation": isolation, "think_ms": think_ms, "results": []}
     async with LocalSandbox(workers=workers, isolation=isolation) as sb:
         report["capabilities"] = sb.capabilities
         for _ in range(20):  # warm every worker's spare and caches
@@ -110,7 +115,7 @@ async def run_bench(
                 "sympy_tool": lambda cid: sb.run(sympy_code),
             }
             for name, fn in cases.items():
-                row = await _measure(fn, calls, c)
+                row = await _measure(fn, calls, c, think_ms / 1000)
                 report["results"].append({"workload": name, **row})
             for s in sessions:
                 await s.close()
