@@ -247,15 +247,7 @@ def sandbox_serve(
         raise typer.Exit(EXIT_SANDBOX) from None
     _err.print(f"serving {workers} sandbox worker(s) on {server.url} (Ctrl-C to stop)")
     print(server.url, flush=True)
-    try:
-        while True:
-            import time
-
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    server.serve_forever()
 
 
 def _toolbox():

@@ -453,13 +453,7 @@ class LocalSession:
         if self.closed:
             raise RuntimeError("session is closed")
         if self.lost or self._worker.generation != self._gen:
-            self.lost = True
-            return infra_result(
-                "session_lost",
-                "the worker holding this session restarted",
-                sb.backend,
-                self._worker.index,
-            )
+            return self._lost_result()
         if (bad := _check_code(code)) is not None:
             return bad
         timeout = sb.limits.timeout_s if timeout_s is None else timeout_s
@@ -469,13 +463,7 @@ class LocalSession:
             )
         try:
             if self._worker.generation != self._gen:
-                self.lost = True
-                return infra_result(
-                    "session_lost",
-                    "the worker holding this session restarted",
-                    sb.backend,
-                    self._worker.index,
-                )
+                return self._lost_result()
             result = await sb._call(
                 self._worker,
                 {"op": "srun", "session": self.id, "code": code, "timeout": timeout},
@@ -486,6 +474,15 @@ class LocalSession:
         if result.status in ("session_lost", "sandbox_error") or result.detail == NOT_RESTORED:
             self.lost = True
         return result
+
+    def _lost_result(self) -> ExecResult:
+        self.lost = True
+        return infra_result(
+            "session_lost",
+            "the worker holding this session restarted",
+            self._sb.backend,
+            self._worker.index,
+        )
 
     async def close(self) -> None:
         if self.closed:

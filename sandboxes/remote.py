@@ -84,7 +84,9 @@ class SandboxServer:
         return self
 
     def serve_forever(self) -> None:
-        self.start()
+        """Serve until Ctrl-C (starting first if needed), then stop cleanly."""
+        if self._http_thread is None:
+            self.start()
         try:
             while True:
                 time.sleep(3600)

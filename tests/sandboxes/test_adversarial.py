@@ -416,7 +416,8 @@ def test_17b_shared_memory_is_not_writable(sandbox):
 def test_18_runaway_code_times_out_at_the_deadline(sandbox, code):
     r = run(sandbox, code, timeout_s=1.5)
     assert r.status == "timeout", r
-    assert 1.4 < r.wall_s < 2.6, r.wall_s
+    # killed at the deadline, not long after (generous upper bound for a loaded CI box)
+    assert 1.4 < r.wall_s < 3.5, r.wall_s
     healthy(sandbox)
 
 
