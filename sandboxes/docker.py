@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -24,6 +26,10 @@ from sandboxes.jail import BOOTSTRAP, ENV, PKG_ROOT, SandboxUnavailable
 from sandboxes.local import Limits, LocalSandbox, _Worker
 
 DEFAULT_IMAGE = "agent-spo-sandbox:latest"
+# Which trainer process started a container: a container whose owner died is reaped by
+# the next DockerSandbox on the same host (an attached stdin stays open after its client
+# is gone, so a killed trainer would otherwise leave its containers running).
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
 _FRAME = struct.Struct(">BxxxI")
 STDOUT, STDERR = 1, 2
 
@@ -85,7 +91,7 @@ def container_kwargs(spec: ContainerSpec, name: str) -> dict:
         "user": "65534:65534",
         "working_dir": "/tmp",
         "environment": dict(ENV),
-        "labels": {"agent-spo": "sandbox"},
+        "labels": {"agent-spo": "sandbox", "agent-spo.owner": OWNER},
         "init": False,  # the runner reaps its own children (it is a subreaper)
     }
     if spec.runtime:
@@ -181,6 +187,7 @@ class DockerSandbox(LocalSandbox):
                 f"docker image {self.spec.image!r} is missing ({e}); build it with "
                 "`docker build -f sandboxes/Dockerfile -t agent-spo-sandbox .`"
             ) from None
+        await asyncio.to_thread(reap_orphans, client)
         workers = []
         for i in range(self._n):
             w = _DockerWorker(
@@ -189,6 +196,22 @@ class DockerSandbox(LocalSandbox):
             w.client, w.spec = client, self.spec
             workers.append(w)
         return workers
+
+
+def reap_orphans(client) -> int:
+    """Kill this host's sandbox containers whose owning trainer process is gone."""
+    host = socket.gethostname()
+    killed = 0
+    for c in client.containers.list(filters={"label": "agent-spo=sandbox"}):
+        owner = (c.labels or {}).get("agent-spo.owner", "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                c.kill()
+                killed += 1
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    return killed
 
 
 def connect():

@@ -43,6 +43,34 @@ def test_container_is_locked_down():
     assert container_kwargs(ContainerSpec(runtime="runsc"), "w1")["runtime"] == "runsc"
 
 
+def test_containers_of_dead_trainers_are_reaped():
+    import socket as sk
+
+    from sandboxes.docker import OWNER, reap_orphans
+
+    class C:
+        def __init__(self, owner):
+            self.labels = {"agent-spo": "sandbox", "agent-spo.owner": owner}
+            self.killed = False
+
+        def kill(self):
+            self.killed = True
+
+    dead_pid = 2**22 + 12345  # above pid_max: never a live process
+    mine, orphan, other_host = C(OWNER), C(f"{sk.gethostname()}:{dead_pid}"), C("elsewhere:1")
+
+    class Client:
+        class containers:  # noqa: N801 - mimics docker's client.containers
+            @staticmethod
+            def list(filters):
+                assert filters == {"label": "agent-spo=sandbox"}
+                return [mine, orphan, other_host]
+
+    assert reap_orphans(Client()) == 1
+    assert orphan.killed and not mine.killed and not other_host.killed
+    assert container_kwargs(ContainerSpec(), "w")["labels"]["agent-spo.owner"] == OWNER
+
+
 def test_demuxer_handles_split_and_interleaved_frames():
     stream = frame(STDOUT, b"hello ") + frame(STDERR, b"warn") + frame(STDOUT, b"world")
     d = FrameDemuxer()
