@@ -21,12 +21,23 @@ from agent_spo.verify.extract import (
     find_boxes,
     last_number,
 )
-from agent_spo.verify.normalize import normalize, text_key
+from agent_spo.verify.normalize import (
+    answer_unit,
+    juxtaposed_numbers,
+    normalize,
+    text_key,
+)
 from agent_spo.verify.parse import Answer, Choice, Text, Unparseable, parse_cached
 from agent_spo.verify.verdict import Verdict
 
 _INT = re.compile(r"[+-]?\d{1,1000}")  # longer literals go through the guarded parser
 _CHOICE_PREFIX = re.compile(r"\(?\s*([A-J])\s*\)?(?:[\s.:)]|$)")
+_OTHER_CHOICE = re.compile(
+    r"(?<![A-Za-z\\])(?-i:[A-J])(?![A-Za-z])|(?<![A-Za-z])(?:or|and|also|not|nor|either)(?![A-Za-z])",
+    re.IGNORECASE,
+)
+_BARE_LETTER_WORD = re.compile(r"[A-J]\s+[a-z]")  # `A total of 5`, `I think it is B`
+MAX_ANSWER_CHARS = 4000  # longer answers are not normalised (parse.MAX_CHARS is 1500)
 _HASH = re.compile(r"####\s*(.+)\s*$", re.S)
 
 
@@ -46,6 +57,18 @@ def parse_gold(gold: str) -> tuple[str, Answer | Unparseable]:
     """(normalised text, parsed value) of a gold; cached across the k samples of a problem."""
     normalized = normalize(gold_answer_text(gold))
     return normalized, parse_cached(normalized)
+
+
+@lru_cache(maxsize=4096)
+def gold_unit(gold: str) -> str | None:
+    """The canonical unit written after the gold's value (`5 \\text{ hours}`), else None."""
+    return answer_unit(gold_answer_text(gold))
+
+
+def _units_differ(g_unit: str | None, p_unit: str | None) -> bool:
+    """Both sides name a recognised unit, and not the same one (5 hours vs 5 minutes)."""
+    known = {None, "count", "%"}
+    return g_unit not in known and p_unit not in known and g_unit != p_unit
 
 
 def _squash(text: str) -> str:
@@ -73,9 +96,16 @@ def _check(gold: str, response: str) -> Verdict:
                        gold_parsed=None if isinstance(g, Unparseable) else str(g),
                        gold_ok=not isinstance(g, Unparseable))  # fmt: skip
     pred = ext.answer
+    if len(pred) > MAX_ANSWER_CHARS:
+        return _verdict(False, "the extracted answer is too long", ext, pred, g, None)
     p_norm = normalize(pred)
     if not p_norm:
         return _verdict(False, "the extracted answer is empty", ext, pred, g, None, "no_answer")
+    if juxtaposed_numbers(p_norm) and p_norm != g_norm:
+        return _verdict(False, f"numbers side by side: {p_norm}", ext, pred, g, None)
+    g_unit, p_unit = gold_unit(gold), answer_unit(pred)
+    if _units_differ(g_unit, p_unit):
+        return _verdict(False, f"different units: {p_unit} vs {g_unit}", ext, pred, g, None)
 
     # Integers, the common case for AIME/DAPO-style training, need no parser at all.
     if _INT.fullmatch(g_norm) and _INT.fullmatch(p_norm):
@@ -93,6 +123,10 @@ def _check(gold: str, response: str) -> Verdict:
     if isinstance(g, Choice):
         m = _CHOICE_PREFIX.match(p_norm)
         letter = m.group(1) if m else None
+        if m and (
+            _OTHER_CHOICE.search(p_norm, m.end(1) + 1) or _BARE_LETTER_WORD.match(p_norm)
+        ):  # `A or B`, `(A)(B)`, `A B C D`: several letters; `A total of 5`: a word
+            letter = None
         ok = letter == g.letter
         why = f"choice {letter}" if letter else "no choice letter in the answer"
         return _verdict(ok, f"{why}, expected {g.letter}", ext, pred, g, letter)

@@ -51,6 +51,18 @@ _POINTS = [
         [(31, 41), (43, 17), (11, 47), (73, 19), (59, 53), (29, 61), (67, 23), (13, 59)],
     )
 ]
+# More points where the answers must also agree when both are defined there: negative
+# non-integers and mixed-sign integers, which tell |x| from x, sqrt(x^2) from x, max(x, 0)
+# from x, ceil from floor + 1 and ln(x^2) from 2 ln x.
+_EXTRA_POINTS = [
+    [sympy.Rational(p, q) for p, q in row]
+    for row in (
+        [(-7, 3), (-5, 11), (-17, 7), (-3, 13), (-29, 11), (-8, 5), (-41, 17), (-9, 19)],
+        [(-3, 1), (2, 1), (-5, 1), (4, 1), (-1, 1), (3, 1), (-2, 1), (5, 1)],
+        [(2, 1), (-3, 1), (3, 1), (-2, 1), (5, 1), (-4, 1), (7, 1), (-6, 1)],
+    )
+]
+_MAX_EXACT_DEGREE = 200  # rational functions up to this degree are evaluated exactly
 Result = tuple[bool, str]
 
 
@@ -116,8 +128,47 @@ def _small_polynomial(e: sympy.Basic) -> bool:
     return all(not (p.exp.is_Integer and abs(int(p.exp)) > 12) for p in e.atoms(sympy.Pow))
 
 
-def _at_points(e: sympy.Basic, syms: list, k: int) -> mpmath.mpc | None:
-    return to_mpc(e.xreplace(dict(zip(syms, _POINTS[k], strict=False))))
+def _at_points(e: sympy.Basic, syms: list, k: int, rows=_POINTS) -> mpmath.mpc | None:
+    return to_mpc(e.xreplace(dict(zip(syms, rows[k], strict=False))))
+
+
+def _rational_function(e: sympy.Basic) -> bool:
+    """Built from symbols and rationals by +, * and integer powers of bounded degree."""
+    for node in sympy.preorder_traversal(e):
+        if node.is_Symbol or node.is_Rational or node.is_Add or node.is_Mul:
+            continue
+        if node.is_Pow and node.exp.is_Integer and abs(int(node.exp)) <= _MAX_EXACT_DEGREE:
+            continue
+        return False
+    return True
+
+
+def _exact_at(e: sympy.Basic, point: dict) -> sympy.Rational | None:
+    try:
+        v = e.xreplace(point)
+    except Exception:
+        return None
+    return v if v.is_Rational else None
+
+
+def _rational_functions_equal(gv: sympy.Basic, pv: sympy.Basic, syms: list) -> Result:
+    """Exact comparison at rational points: no tolerance, so x != x + 10^-31."""
+    agree = 0
+    for row in (*_POINTS, *_EXTRA_POINTS):
+        point = dict(zip(syms, row, strict=False))
+        a, b = _exact_at(gv, point), _exact_at(pv, point)
+        if a is None or b is None:
+            continue
+        if a != b:
+            return False, "different values at a sample point (exact)"
+        agree += 1
+    if agree >= 3:
+        return True, f"equal at {agree} sample points (exact)"
+    return False, "cannot evaluate; not the same expression"
+
+
+def _real(v: mpmath.mpc) -> bool:
+    return abs(v.imag) <= POINT_TOL * max(abs(v), 1)
 
 
 def expressions_equal(gv: sympy.Basic, pv: sympy.Basic) -> Result:
@@ -136,6 +187,15 @@ def expressions_equal(gv: sympy.Basic, pv: sympy.Basic) -> Result:
                 return True, "difference expands to 0"
         except Exception:
             pass
+    if _rational_function(gv) and _rational_function(pv):
+        return _rational_functions_equal(gv, pv, syms)
+    for k in range(len(_EXTRA_POINTS)):
+        a = _at_points(gv, syms, k, _EXTRA_POINTS)
+        b = _at_points(pv, syms, k, _EXTRA_POINTS)
+        if a is None or b is None or not (_real(a) or _real(b)):
+            continue  # undefined on one side, or complex on both
+        if not _close(a, b, POINT_TOL):
+            return False, f"different values at a sample point: {_show(a)} vs {_show(b)}"
     agree = 0
     for k in range(len(_POINTS)):
         a, b = _at_points(gv, syms, k), _at_points(pv, syms, k)
@@ -519,15 +579,18 @@ def equivalent(gold: Answer, pred: Answer) -> Result:
         return False, "expected a relation"
     if isinstance(pred, Relation):
         if all(op == "=" for op in pred.ops):
-            last = pred.parts[-1]
-            ok, why = equivalent(gold, last)
-            if ok:
-                return True, f"{why} (last side of an equation)"
-            if _lone_symbol(last):
-                ok, why = equivalent(gold, pred.parts[0])
-                if ok:
-                    return True, f"{why} (first side of an equation)"
-            return False, why
+            # `x = 5`, `x = 5+5+1 = 11`, `5 = x`: the value is the one side that is not a
+            # lone symbol, and every other such side must agree with it (so `2+2 = 5` and
+            # `x^2 = 4` state no value).
+            values = [x for x in pred.parts if not _lone_symbol(x)]
+            if not values:
+                return False, "an equation of symbols where a value was expected"
+            value = values[-1]
+            for other in values[:-1]:
+                if not equivalent(value, other)[0]:
+                    return False, "the sides of the equation differ; no value is stated"
+            ok, why = equivalent(gold, value)
+            return ok, f"{why} (side of an equation)"
         gset, pset = as_set(gold), as_set(pred)
         if gset is not None and pset is not None:
             return sets_equal(gset, pset)

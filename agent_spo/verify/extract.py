@@ -42,6 +42,14 @@ _SEPARATOR = re.compile(
     re.IGNORECASE,
 )
 _OR = re.compile(r"\bor\b", re.IGNORECASE)
+# A line with these words may name a number only to reject it ("It is not 5", "I first
+# thought it was 5"): no bare number is taken from it.
+_DOUBT = re.compile(
+    r"n't\b|n’t\b|\b(?:not|no|never|nor|thought|instead|wrong|incorrect|mistake|mistaken"
+    r"|initially|originally|previously|earlier|except|excluding|unless|rather|cannot)\b",
+    re.IGNORECASE,
+)
+_MATH_SPAN_AFTER = re.compile(r"\s*(?:\$|\\\(|\\\[|\d)")
 _FINAL_IS = re.compile(r"(?:final\s+answer|the\s+answer)\s+(?:is|would\s+be|=)\s*:?\s*", re.I)
 _ANSWER_LINE = re.compile(
     r"\banswer\s*(?:\*\*|__)?\s*(?:[:：]|(?=\$|\\\(|\\\[))\s*(?:\*\*|__)?[ \t]*([^\n]*)",
@@ -53,6 +61,25 @@ _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _COMMAND_ARG = re.compile(r"\\[a-zA-Z]+\s*\{[^{}]*\}")  # \text{..}, \begin{..}: not prose
 _WORDS_ONLY = re.compile(r"[\w\s'\-.,()\\{}]+")
 _CALCULATOR = re.compile(r"<<[^<>\n]{0,200}>>")  # GSM8K calculator annotations
+_SPACING_TAILS = ("\\qquad", "\\quad", "\\,", "\\;", "\\:", "\\!", "\\>", "\\ ", "~")
+
+
+def _strip_trailing_spacing(text: str) -> str:
+    """`5\\,`, `5\\;`, `5\\ ` (whose space `find_boxes` already stripped, leaving `5\\`)."""
+    end = len(text)
+    while True:
+        while end > 0 and text[end - 1].isspace():
+            end -= 1
+        for tail in _SPACING_TAILS:
+            if text.endswith(tail, 0, end) and not text.endswith("\\" + tail, 0, end):
+                end -= len(tail)
+                break
+        else:
+            if text.endswith("\\", 0, end) and not text.endswith("\\\\", 0, end):
+                end -= 1
+            return text[:end]
+
+
 _HOPE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
 
 
@@ -115,14 +142,15 @@ def _unwrap_inner_boxes(content: str) -> str:
 
 
 def _from_boxes(text: str, boxes: list[tuple[int, int, str]]) -> Extraction:
-    group = [boxes[-1]]
+    group = [boxes[-1]]  # built last box first, then reversed
     hedged = False
     for box in reversed(boxes[:-1]):
-        between = text[box[1] : group[0][0]]
+        between = text[box[1] : group[-1][0]]
         if len(between) > 200 or _SEPARATOR.fullmatch(between) is None:
             break
         hedged = hedged or bool(_OR.search(between))
-        group.insert(0, box)
+        group.append(box)
+    group.reverse()
     contents: list[str] = []
     for _, _, content in group:
         content = _unwrap_inner_boxes(content)
@@ -148,6 +176,19 @@ def _first_math_span(text: str) -> str:
     return text
 
 
+def _hedged_span(rest: str, answer: str) -> bool:
+    """After a leading math span, the same sentence offers another one with "or"."""
+    rest = rest.strip()
+    if not rest.startswith(("$", "\\(", "\\[")):
+        return False
+    at = rest.find(answer)
+    tail = rest[at + len(answer) :] if at >= 0 else rest
+    tail = tail.lstrip("$\\)] ")
+    sentence = re.split(r"\.\s|\n", tail, maxsplit=1)[0]
+    m = _OR.search(sentence)
+    return m is not None and _MATH_SPAN_AFTER.match(sentence, m.end()) is not None
+
+
 def clean_answer(text: str) -> str:
     """Strip math delimiters, markdown emphasis and trailing punctuation around an answer."""
     text = _HOPE.sub("", text.strip())
@@ -169,7 +210,7 @@ def clean_answer(text: str) -> str:
                 and text.endswith(right)
             ):
                 text = text[len(left) : len(text) - len(right)].strip()
-        text = text.rstrip(" ;:,")
+        text = _strip_trailing_spacing(text).rstrip(" ;:,")
         if text.endswith(".") and not text.endswith(".."):
             text = text[:-1].rstrip()
         if text.startswith("**") or text.startswith("__"):
@@ -186,7 +227,9 @@ def last_number(response: str) -> str | None:
     for line in reversed(response.strip().splitlines()):
         numbers = _NUMBER.findall(line)
         if numbers:
-            return None if _OR.search(line) else numbers[-1].strip()
+            if _OR.search(line) or _DOUBT.search(line):
+                return None
+            return numbers[-1].strip()
     return None
 
 
@@ -204,7 +247,10 @@ def extract_answer(response: str) -> Extraction:
     candidates: list[tuple[int, str, str]] = []
     finals = list(_FINAL_IS.finditer(response))
     if finals:
-        answer = clean_answer(_first_math_span(response[finals[-1].end() :]))
+        rest = response[finals[-1].end() :]
+        answer = clean_answer(_first_math_span(rest))
+        if answer and _hedged_span(rest, answer):
+            answer = ""  # "The answer is $3$ or $4$.": competing candidates, no answer
         if answer:
             candidates.append((finals[-1].start(), answer, "final-answer-is"))
     for pattern, how in ((_ANSWER_LINE, "answer-line"), (_HASH, "hash")):

@@ -56,10 +56,10 @@ _TRIG = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)(?![a-zA-Z])")
 _SCI = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)\s*[eE]\s*([+-]?\d+)(?![\w.])")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SPACE_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")
-_OVERLINE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\s*\{(\d+)\}")
-_DOT_DIGIT = re.compile(r"(\d*)\.(\d*)\\dot\s*(\d)")
+_OVERLINE = re.compile(r"(?<!\d)(\d*)\.(\d*)\\(?:overline|bar|dot)\s*\{(\d+)\}")
+_DOT_DIGIT = re.compile(r"(?<!\d)(\d*)\.(\d*)\\dot\s*(\d)")
 _PAREN_REPEAT = re.compile(r"(?<![\d)])(\d*)\.(\d*)\((\d+)\)")
-_ELLIPSIS_DECIMAL = re.compile(r"(\d*)\.(\d+)\s*(?:\.\.\.|\\ldots|\\cdots|\\dots|…)")
+_ELLIPSIS_DECIMAL = re.compile(r"(?<!\d)(\d*)\.(\d+)\s*(?:\.\.\.|\\ldots|\\cdots|\\dots|…)")
 _AND_OR = re.compile(r"\s*,?\s*(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z])\s*")
 _LEADING_APPROX = re.compile(r"^\s*(?:\\approx|=)\s*")
 _IN_SET = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
@@ -161,26 +161,121 @@ def _ellipsis_decimal(m: re.Match) -> str:
     return m.group(0)
 
 
-_UNIT_WORD = re.compile(r"[A-Za-z]{2,}(?:\^\{?[23]\}?)?")
+# Unit words that may follow a number, by canonical unit. Only these are dropped: any
+# other trailing word ("thousand", "squared", "or more", "is wrong") may change the value,
+# so the answer is left as written and does not parse.
+_UNIT_GROUPS = {
+    "mm": "mm millimeter millimeters millimetre millimetres",
+    "cm": "cm centimeter centimeters centimetre centimetres",
+    "m": "meter meters metre metres",
+    "km": "km kilometer kilometers kilometre kilometres",
+    "inch": "inch inches",
+    "foot": "ft foot feet",
+    "yard": "yd yds yard yards",
+    "mile": "mi mile miles",
+    "ms": "ms millisecond milliseconds",
+    "second": "sec secs second seconds",
+    "minute": "min mins minute minutes",
+    "hour": "hr hrs hour hours",
+    "day": "day days",
+    "week": "wk wks week weeks",
+    "month": "month months",
+    "year": "yr yrs year years",
+    "decade": "decade decades",
+    "century": "century centuries",
+    "mg": "mg milligram milligrams",
+    "gram": "gram grams",
+    "kg": "kg kilogram kilograms kilo kilos",
+    "pound": "lb lbs pound pounds",
+    "ounce": "oz ounce ounces",
+    "ton": "ton tons tonne tonnes",
+    "dollar": "dollar dollars usd",
+    "cent": "cent cents",
+    "euro": "euro euros",
+    "degree": "deg degree degrees",
+    "radian": "rad rads radian radians",
+    "ml": "ml milliliter milliliters millilitre millilitres",
+    "liter": "liter liters litre litres",
+    "gallon": "gal gallon gallons",
+    "quart": "qt quart quarts",
+    "pint": "pt pint pints",
+    "cup": "cup cups",
+    "mph": "mph",
+    "kph": "kph kmh",
+    "unit": "unit units",
+    "%": "percent",
+}  # fmt: skip
+_UNIT_CANON = {w: canon for canon, words in _UNIT_GROUPS.items() for w in words.split()}
+_UNIT_MODIFIERS = frozenset("square sq cubic cu per".split())
+# A plural count noun ("12 apples", "5 ways") is dropped too, unless it is one of these
+# words that scale or negate the number or are not nouns at all.
+_NOT_COUNT_NOUNS = frozenset(
+    "thousands millions billions trillions hundreds dozens tens scores pairs couples times "
+    "less plus minus was has does is this thus yes as us its unless always perhaps "
+    "perimeters areas squares cubes powers factorials percents digits tenths hundredths "
+    "thousandths halves thirds fourths quarters fifths sixths sevenths eighths ninths "
+    "lots gross others otherwise besides".split()
+)
+_UNIT_TOKEN = re.compile(r"([A-Za-z]{2,})(?:/([A-Za-z]{1,}))?(\^\{?[23]\}?)?")
 _UNIT_POWER = re.compile(r"\^\{?[23]\}?")
 
 
-def _strip_units(text: str) -> str:
-    """Drop trailing prose words after a number: `20 days`, `5 square units`, `9 min`."""
+def _unit_token(w: str) -> str | None:
+    """The canonical unit a trailing word names ("" for a modifier or power), else None."""
+    if _UNIT_POWER.fullmatch(w):
+        return ""
+    m = _UNIT_TOKEN.fullmatch(w)
+    if m is None:
+        return None
+    word, per, power = m.group(1), m.group(2), m.group(3) or ""
+    low = word.lower()
+    if per is not None:
+        a = _UNIT_CANON.get(low)
+        b = _UNIT_CANON.get(per.lower()) or {"s": "second", "h": "hour", "m": "m"}.get(per)
+        return None if a is None or b is None else f"{a}/{b}{power}"
+    if low in _UNIT_MODIFIERS:
+        return "" if not power else None
+    if word in _UNIT_CANON or low in _UNIT_CANON and word[0].isupper() and word[1:].islower():
+        return _UNIT_CANON[low] + power
+    return None
+
+
+def split_units(text: str) -> tuple[str, str | None]:
+    """`20 days` -> ("20", "day"); text without recognised trailing units -> (text, None)."""
     words = text.rstrip(". ").split(" ")
     cut = len(words)
+    units: list[str] = []
     while cut > 1:
         w = words[cut - 1].strip(".")
-        if w == "" or _UNIT_POWER.fullmatch(w) or (_UNIT_WORD.fullmatch(w) and w not in MATH_WORDS):
-            cut -= 1
-        else:
+        u = _unit_token(w) if w else ""
+        if u is None:
             break
+        if u:
+            units.append(u)
+        cut -= 1
+    if cut == len(words) and len(words) == 2:  # one plural count noun: `12 apples`
+        w = words[1].strip(".")
+        if (
+            len(w) >= 3
+            and w.isalpha()
+            and w.islower()
+            and w.endswith("s")
+            and w not in _NOT_COUNT_NOUNS
+            and w not in MATH_WORDS
+        ):
+            cut, units = 1, ["count"]
     if cut == len(words) or cut == 0:
-        return text
+        return text, None
     head = " ".join(words[:cut]).rstrip()
     if head and (head[-1].isdigit() or head[-1] in "})" or head.endswith("\\pi")):
-        return head
-    return text
+        # The key ignores powers and `square`/`cubic`: `cm^2` and `square cm` are one unit.
+        return head, "*".join(_UNIT_POWER.sub("", u) for u in reversed(units)) or None
+    return text, None
+
+
+def _strip_units(text: str) -> str:
+    """Drop trailing unit words after a number: `20 days`, `5 square units`, `9 min`."""
+    return split_units(text)[0]
 
 
 def _binomials(text: str) -> str:
@@ -213,8 +308,7 @@ def _binomials(text: str) -> str:
     return text
 
 
-def normalize(text: str) -> str:
-    """The normalised LaTeX form of one answer (see the module docstring)."""
+def _prepare(text: str) -> str:
     text = _unicode(text)
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = text.replace("\\cfrac", "\\frac").replace("\\dbinom", "\\binom")
@@ -233,8 +327,17 @@ def normalize(text: str) -> str:
     text = _text_commands(text)
     text = re.sub(r"\\(?:operatorname|mathop)\s*\{\s*([a-zA-Z]+)\s*\}", r"\\\1", text)
     text = text.replace("\\lcm", "\\operatorname{lcm}")
-    text = " ".join(text.split())
-    text = _strip_units(text)
+    return " ".join(text.split())
+
+
+def answer_unit(text: str) -> str | None:
+    """The canonical trailing unit of an answer (`5 \\text{ min}` -> minute), else None."""
+    return split_units(_prepare(text))[1]
+
+
+def normalize(text: str) -> str:
+    """The normalised LaTeX form of one answer (see the module docstring)."""
+    text = _strip_units(_prepare(text))
     if _EMPTY_WORDS.fullmatch(text.strip(" .")):
         return "\\emptyset"
     text = _EMPTY.sub("\\\\emptyset", text)
@@ -262,6 +365,15 @@ def normalize(text: str) -> str:
     elif _SPACE_THOUSANDS.fullmatch(text):
         text = text.replace(" ", "")
     return text
+
+
+_JUXTAPOSED = re.compile(r"(?<![\d._^])\d[\d.]*\s+\d[\d.]*(?!\s*/)(?![\d.])")
+
+
+def juxtaposed_numbers(text: str) -> bool:
+    """`2 3` or `1 2 3`: numbers side by side, which the parser would add or multiply and
+    squashing would join. A mixed number (`1 1/2`) is not this."""
+    return _JUXTAPOSED.search(text) is not None
 
 
 def text_key(text: str) -> str:

@@ -50,7 +50,7 @@ class Scalar:
     opaque: bool = False  # part of it is too large to evaluate; compared by structure
 
     def __str__(self) -> str:
-        return _short(sympy.sstr(self.value))
+        return _short(sympy.sstr(self.value, order="none"))
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class SetValue:
     value: sympy.Set
 
     def __str__(self) -> str:
-        return _short(sympy.sstr(self.value))
+        return _short(sympy.sstr(self.value, order="none"))
 
 
 @dataclass(frozen=True)
@@ -281,6 +281,9 @@ _DEC = re.compile(r"[+-]?(\d*)\.(\d+)")
 _SLASH = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
 _MIXED = re.compile(r"([+-]?)(\d+)\s+(\d+)\s*/\s*(\d+)")
 _FRAC = re.compile(r"([+-]?)\\frac\s*\{\s*([+-]?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+MAX_UNBRACED_POWERS = 8  # `x^x^...^2`: the parser is superlinear in these
+_UNBRACED_POWER = re.compile(r"\^\s*[^{\s]")
+_GCD_LCM = re.compile(r"\\gcd|\\operatorname\{lcm\}|\\lcm|\\operatorname\{gcd\}")
 _LONG_NUMBER = re.compile(rf"\d{{{MAX_DIGITS + 1},}}")
 
 
@@ -310,7 +313,10 @@ def _log2_bound(e: sympy.Basic, memo: dict) -> float:
         else:
             eb = _log2_bound(exp_, memo)
             out = math.inf if eb > 40 else bb * 2.0**eb + 1
-    elif isinstance(e, sympy.factorial):
+    elif isinstance(e, (sympy.exp, sympy.sinh, sympy.cosh)):
+        xb = _log2_bound(e.args[0], memo)
+        out = math.inf if xb > 40 else 2.0**xb * 1.45 + 1
+    elif isinstance(e, (sympy.factorial, sympy.gamma, sympy.factorial2, sympy.subfactorial)):
         nb = _log2_bound(e.args[0], memo)
         out = math.inf if nb > 24 else 2.0**nb * (nb + 1)
     elif isinstance(e, (sympy.Integral, sympy.Sum, sympy.Product, sympy.Limit, sympy.Derivative)):
@@ -341,13 +347,17 @@ def bounded_eval(e: sympy.Basic) -> tuple[sympy.Basic, bool]:
     return go(e)
 
 
-def _exact(value: sympy.Basic) -> sympy.Basic:
-    """Floats become the exact rationals they were written as; the symbol i becomes I."""
-    floats = value.atoms(sympy.Float)
-    if floats:
-        value = value.xreplace({f: sympy.Rational(str(f)) for f in floats})
-    if I_SYMBOL in value.free_symbols:
-        value = value.xreplace({I_SYMBOL: sympy.I})
+def _exact(value: sympy.Basic, evaluate: bool = True) -> sympy.Basic:
+    """Floats become the exact rationals they were written as; the symbol i becomes I.
+
+    evaluate=False for a tree left partly unevaluated (too large): rebuilding it with
+    evaluation on would compute what bounded_eval refused to."""
+    with sympy.evaluate(evaluate):
+        floats = value.atoms(sympy.Float)
+        if floats:
+            value = value.xreplace({f: sympy.Rational(str(f)) for f in floats})
+        if I_SYMBOL in value.free_symbols:
+            value = value.xreplace({I_SYMBOL: sympy.I})
     return value
 
 
@@ -382,6 +392,10 @@ def parse_scalar(text: str) -> Answer:
     if m and int(m.group(3)) != 0:
         sign = -1 if m.group(1) == "-" else 1
         return Scalar(sympy.Rational(sign * int(m.group(2)), int(m.group(3))))
+    if len(_UNBRACED_POWER.findall(text)) > MAX_UNBRACED_POWERS:
+        raise Unparseable("too many unbraced powers")
+    if _GCD_LCM.search(text) and "^" in text:
+        raise Unparseable("gcd/lcm of powers: the parser would compute it at any size")
     raw = _latex(text)
     return from_sympy(raw, has_float=bool(re.search(r"\d\.\d|(?<!\d)\.\d", text)))
 
@@ -408,7 +422,7 @@ def from_sympy(raw, has_float: bool = False) -> Answer:
     value, opaque = bounded_eval(raw)
     if value.has(sympy.zoo, sympy.nan):
         raise Unparseable("undefined value (division by zero)")
-    return Scalar(_exact(value), has_float=has_float, opaque=opaque)
+    return Scalar(_exact(value, not opaque), has_float=has_float, opaque=opaque)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -426,6 +440,12 @@ def _parse_relation(pieces: list[str], seps: list[str]) -> Answer:
     if "~" in ops:  # `x = 1/3 \approx 0.333`: the exact part before the first ≈ counts
         k = ops.index("~")
         if k == 0:  # `x \approx 3.14`: the approximation is all there is
+            first = parse_answer(pieces[0]) if pieces[0].strip() else None
+            if isinstance(first, Scalar) and not (
+                isinstance(first.value, sympy.Symbol)
+                or isinstance(first.value, sympy.core.function.AppliedUndef)
+            ):  # `\frac{\sqrt3}{2} \approx 0.866`: the exact value comes first
+                return first
             pieces, ops = pieces, ["=" if o == "~" else o for o in ops]
         else:
             pieces, ops = pieces[: k + 1], ops[:k]

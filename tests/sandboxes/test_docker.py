@@ -97,12 +97,15 @@ class FakeEngine:
                 self.proc.stdin.write(data)
                 self.proc.stdin.flush()
 
+        lock = threading.Lock()  # dockerd writes whole frames; two pumps must not interleave
+
         def out_pump(pipe, stream):
             rng = random.Random(stream)
             while data := pipe.read1(65536):
                 while data:  # re-chunk at random sizes, as the network would
                     n = rng.randint(1, 700)
-                    theirs.sendall(frame(stream, data[:n]))
+                    with lock:
+                        theirs.sendall(frame(stream, data[:n]))
                     data = data[n:]
 
         for target, args in (
@@ -164,6 +167,7 @@ def test_pool_over_the_docker_stream_protocol():
     assert r1.status == "ok" and r1.stdout == "x" * 5000 + "\n42\n" and r1.backend == "docker"
     assert r2.stdout == "42\n"
     assert r3.status == "timeout" and r4.stdout == "41\n"
+    assert [r.status for r in burst] == ["ok"] * 20, [r.detail for r in burst]
     assert sorted(int(r.stdout) for r in burst) == list(range(20))
 
 

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"  # a zombie is dead
-    except FileNotFoundError:
+            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except (OSError, IndexError):  # gone between open and read: ProcessLookupError
         return False
 
 
