@@ -1,0 +1,1 @@
+"""Episodes: the token-exact trajectory record (and, next, formats and the runner)."""
