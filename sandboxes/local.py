@@ -227,6 +227,7 @@ class LocalSandbox:
         landlock: bool = True,
         queue_timeout_s: float = 60.0,
         grace_s: float = 5.0,
+        session_ttl_s: float | None = 1800.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -236,6 +237,11 @@ class LocalSandbox:
         self.isolation = isolation
         self.queue_timeout_s = queue_timeout_s
         self.grace_s = grace_s
+        # A safety net for sessions their episode forgot to close: idle longer than this,
+        # they are closed and their processes freed (None: never).
+        self.session_ttl_s = session_ttl_s
+        self._sessions: dict[str, LocalSession] = {}
+        self._reaper: asyncio.Task | None = None
         self._n = workers
         self._spec = JailSpec(tmp_mb=tmp_mb, packages=tuple(packages))
         self._hello = {
@@ -273,7 +279,21 @@ class LocalSandbox:
             await asyncio.gather(*(w.kill() for w in self._workers), return_exceptions=True)
             raise
         self.started = True
+        if self.session_ttl_s is not None:
+            self._reaper = asyncio.create_task(self._reap_idle_sessions())
         return self
+
+    async def _reap_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.session_ttl_s / 4))
+            now = time.monotonic()
+            for s in list(self._sessions.values()):
+                if now - s.last_used > self.session_ttl_s and not s.busy:
+                    log.warning(
+                        "closing sandbox session %s: idle for over %.0f s", s.id, self.session_ttl_s
+                    )
+                    await s.close()
+                    s.expired = True
 
     async def _make_workers(self) -> list[_Worker]:
         env = cwd = None
@@ -295,6 +315,10 @@ class LocalSandbox:
         ]
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        self._sessions.clear()
         await asyncio.gather(*(w.shutdown() for w in self._workers), return_exceptions=True)
         self._workers = []
         self.started = False
@@ -369,7 +393,9 @@ class LocalSandbox:
         finally:
             await self._release(worker)
         worker.sessions += 1
-        return LocalSession(self, worker, gen, sid)
+        session = LocalSession(self, worker, gen, sid)
+        self._sessions[sid] = session
+        return session
 
     async def _call(self, worker: _Worker, msg: dict, timeout: float) -> ExecResult:
         if worker.dirty:
@@ -447,9 +473,28 @@ class LocalSession:
         self._sb, self._worker, self._gen, self.id = sandbox, worker, generation, sid
         self.closed = False
         self.lost = False
+        self.expired = False  # closed by the sandbox after sitting idle past its TTL
+        self.busy = False
+        self.last_used = time.monotonic()
 
     async def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+        self.last_used = time.monotonic()
+        self.busy = True
+        try:
+            return await self._run(code, timeout_s)
+        finally:
+            self.busy = False
+            self.last_used = time.monotonic()
+
+    async def _run(self, code: str, timeout_s: float | None) -> ExecResult:
         sb = self._sb
+        if self.expired:
+            return infra_result(
+                "session_lost",
+                "the session sat idle past its TTL and was closed",
+                sb.backend,
+                self._worker.index,
+            )
         if self.closed:
             raise RuntimeError("session is closed")
         if self.lost or self._worker.generation != self._gen:
@@ -489,6 +534,7 @@ class LocalSession:
             return
         self.closed = True
         sb, w = self._sb, self._worker
+        sb._sessions.pop(self.id, None)
         if w.generation != self._gen or not sb.started:
             return  # the worker restarted: the session died with it
         if await sb._acquire(w):

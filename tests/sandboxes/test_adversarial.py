@@ -716,6 +716,22 @@ def test_36_closing_a_session_frees_its_processes(sandbox):
 
 
 # -------------------------------------------------------------- concurrency and robustness
+def test_36b_forgotten_sessions_are_closed_after_their_ttl(make_sandbox):
+    import asyncio
+
+    sb = make_sandbox(workers=1, session_ttl_s=0.4)
+    forgotten = sb.session()
+    forgotten.run("x = 1")
+    kept = sb.session()
+    for _ in range(8):  # 1.6 s: 'kept' stays in use, 'forgotten' sits idle
+        kept.run("x = 2")
+        sb.loop.run_until_complete(asyncio.sleep(0.2))
+    assert sb.census()["sessions"] == 1
+    r = forgotten.run("x")
+    assert r.status == "session_lost" and "TTL" in r.detail
+    assert kept.run("x").stdout == "2\n"
+
+
 def test_37_a_burst_completes_and_a_full_queue_says_so(make_sandbox):
     sb = make_sandbox(workers=2, queue_timeout_s=0.5)
     if True:
