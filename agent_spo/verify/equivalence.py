@@ -3,7 +3,11 @@
 Rules, each returning (equal, reason):
 
 - Numbers are compared exactly: rationals as rationals; irrational and complex values
-  by 60-digit evaluation with a *relative* tolerance of 1e-40 (so 1/2^99 != 1/2^98). A
+  by 60-digit evaluation with a *relative* tolerance of 1e-40 (so 1/2^99 != 1/2^98), then
+  exactly: g - p must evaluate to zero under sympy's adaptive evalf (so e^100 != e^100 + 1
+  and sqrt(10^200 + 1) != 10^100). Where a side is a decimal, rounding noise past digit 40
+  is allowed, but only below 1e-30 absolutely. Irrational values over 10^1000 that are not
+  identical count as different. A
   decimal prediction is the rational it spells (0.333 != 1/3). One allowance: when the
   gold itself is a decimal with k places and the prediction is an exact non-decimal
   value (pi, 1/3, sqrt 2), the prediction counts if it rounds to the gold at k places.
@@ -40,6 +44,8 @@ from agent_spo.verify.parse import (
 
 DPS = 60  # digits for numeric evaluation
 REL_TOL = mpmath.mpf(10) ** -40  # numbers: relative difference allowed (rounding noise only)
+ABS_DIGITS = 30  # numbers: absolute difference allowed is 10^-ABS_DIGITS as well
+MAX_MAGNITUDE = 1000  # digits before the point beyond which irrational values are not compared
 POINT_TOL = mpmath.mpf(10) ** -30  # expressions: relative difference at sample points
 # Generic sample points for identity testing: positive (roots and logs stay real) and
 # unrelated to each other, one per variable and point.
@@ -69,16 +75,16 @@ Result = tuple[bool, str]
 # ------------------------------------------------------------------------------ numbers
 
 
-def to_mpc(e: sympy.Basic) -> mpmath.mpc | None:
-    """The value of a closed expression as a 60-digit complex number; None if it has none."""
+def to_mpc(e: sympy.Basic, dps: int = DPS) -> mpmath.mpc | None:
+    """The value of a closed expression as a dps-digit complex number; None if it has none."""
     try:
-        v = sympy.N(e, DPS)
+        v = sympy.N(e, dps)
         if not v.is_number:
             return None
         re_, im_ = v.as_real_imag()
-        with mpmath.workdps(DPS):
+        with mpmath.workdps(dps):
             out = mpmath.mpc(
-                mpmath.mpf(sympy.Float(re_, DPS)._mpf_), mpmath.mpf(sympy.Float(im_, DPS)._mpf_)
+                mpmath.mpf(sympy.Float(re_, dps)._mpf_), mpmath.mpf(sympy.Float(im_, dps)._mpf_)
             )
         if not (mpmath.isfinite(out.real) and mpmath.isfinite(out.imag)):
             return None
@@ -93,29 +99,91 @@ def _close(a: mpmath.mpc, b: mpmath.mpc, tol: mpmath.mpf) -> bool:
         return abs(a - b) <= tol * scale if scale != 0 else True
 
 
+def _close_absolute(gv: sympy.Basic, pv: sympy.Basic, a: mpmath.mpc, b: mpmath.mpc) -> bool:
+    """Whether two values already equal to 40 significant digits also agree absolutely.
+
+    The relative test alone accepts e^100 vs e^100 + 1, since 1 is beyond the 40th digit.
+    Both sides are evaluated again with as many more digits as the value has before the
+    point, so that |g - p| is known to ABS_DIGITS places; values beyond MAX_MAGNITUDE
+    digits cannot be compared that way and count as different (identical ones never get
+    here)."""
+    with mpmath.workdps(DPS):
+        scale = max(abs(a), abs(b))
+        if scale == 0:
+            return True
+        magnitude = int(mpmath.floor(mpmath.log10(scale))) + 1
+    if magnitude > MAX_MAGNITUDE:
+        return False
+    dps = DPS + max(0, magnitude)
+    if dps > DPS:
+        a, b = to_mpc(gv, dps), to_mpc(pv, dps)
+        if a is None or b is None:
+            return False
+    with mpmath.workdps(dps):
+        return abs(a - b) <= mpmath.mpf(10) ** -ABS_DIGITS
+
+
+def _difference_vanishes(gv: sympy.Basic, pv: sympy.Basic, a: mpmath.mpc, b: mpmath.mpc) -> bool:
+    """Whether g - p (exact values, no decimals) evaluates to zero, not just to something
+    small: sympy's adaptive evalf raises its working precision through cancellation, so
+    sqrt(10^200 + 1) - 10^100 comes out as 5e-101, while log 8 - 3 log 2 has no
+    significant bit left at any precision."""
+    with mpmath.workdps(DPS):
+        scale = max(abs(a), abs(b))
+        magnitude = int(mpmath.floor(mpmath.log10(scale))) + 1 if scale != 0 else 0
+    if magnitude > MAX_MAGNITUDE:
+        return False
+    try:
+        v = (gv - pv).evalf(15, maxn=int((max(0, magnitude) + 200) * 3.33) + 2000)
+        if not v.is_number:
+            return False
+        for part in v.as_real_imag():
+            if part.is_zero:
+                continue
+            if not part.is_Float or part._prec > 1:  # a definite nonzero value
+                return False
+        return True
+    except Exception:
+        return False
+
+
 def _show(v: mpmath.mpc) -> str:
     return mpmath.nstr(v.real if v.imag == 0 else v, 8)
 
 
 def numbers_equal(g: Scalar, p: Scalar) -> Result:
-    """Closed numbers: exact for rationals, 60-digit relative comparison otherwise."""
+    """Closed numbers: exact for rationals; otherwise equal to 40 significant digits and
+    then exactly (the difference evaluates to zero), or to 1e-30 where a side is a decimal."""
     gv, pv = g.value, p.value
     if gv.is_Rational and pv.is_Rational:
         if gv == pv:
             return True, "equal numbers"
         return False, f"different numbers: {gv} vs {pv}"
+    if gv == pv:
+        return True, "equal numbers"
     a, b = to_mpc(gv), to_mpc(pv)
     if a is None or b is None:
         return False, "cannot evaluate both sides; not the same expression"
     if _close(a, b, REL_TOL):
-        return True, f"equal values (to {DPS - 20} significant digits)"
-    if g.decimals is not None and not p.has_float and b.imag == 0:
+        if g.has_float or p.has_float:  # a decimal: rounding noise beyond digit 40 allowed
+            if _close_absolute(gv, pv, a, b):
+                return True, f"equal values (to {DPS - 20} significant digits)"
+        elif _difference_vanishes(gv, pv, a, b):
+            return True, "equal values (their difference evaluates to zero)"
+    if (
+        g.decimals is not None
+        and not p.has_float
+        and b.imag == 0
+        and abs(a) < mpmath.mpf(10) ** (DPS - 10 - g.decimals)  # a - b is known to the place
+    ):
         half = mpmath.mpf(5) * mpmath.mpf(10) ** -(g.decimals + 1)
         if abs(a - b) <= half:
             return (
                 True,
                 f"the gold is rounded to {g.decimals} places; the exact prediction rounds to it",
             )
+    if _close(a, b, REL_TOL):
+        return False, f"values equal to {DPS - 20} digits but not exactly: {_show(a)}"
     return False, f"different values: {_show(a)} vs {_show(b)}"
 
 
@@ -171,8 +239,11 @@ def _real(v: mpmath.mpc) -> bool:
     return abs(v.imag) <= POINT_TOL * max(abs(v), 1)
 
 
-def expressions_equal(gv: sympy.Basic, pv: sympy.Basic) -> Result:
-    """Expressions with variables: same variables, then expansion or sample points."""
+def expressions_equal(gv: sympy.Basic, pv: sympy.Basic, has_float: bool = False) -> Result:
+    """Expressions with variables: same variables, then expansion or sample points.
+
+    At the sample points the values must agree to 1e-30 and then, unless a side was
+    written with decimals (has_float), exactly (x + e^100 != x + e^100 + 1)."""
     gs, ps = gv.free_symbols, pv.free_symbols
     if gs != ps:
         names = lambda s: ", ".join(sorted(map(str, s))) or "none"  # noqa: E731
@@ -203,6 +274,10 @@ def expressions_equal(gv: sympy.Basic, pv: sympy.Basic) -> Result:
             continue
         if not _close(a, b, POINT_TOL):
             return False, f"different values at a sample point: {_show(a)} vs {_show(b)}"
+        if not has_float:
+            point = dict(zip(syms, _POINTS[k], strict=False))
+            if not _difference_vanishes(gv.xreplace(point), pv.xreplace(point), a, b):
+                return False, f"values at a sample point equal to 30 digits, not exactly: {_show(a)}"
         agree += 1
     if agree >= 2:
         return True, f"equal at {agree} sample points"
@@ -217,7 +292,7 @@ def scalars_equal(g: Scalar, p: Scalar) -> Result:
         return False, "too large to evaluate, and not the same expression"
     if not g.value.free_symbols and not p.value.free_symbols:
         return numbers_equal(g, p)
-    return expressions_equal(g.value, p.value)
+    return expressions_equal(g.value, p.value, g.has_float or p.has_float)
 
 
 def _proportional(gexpr: sympy.Basic, pexpr: sympy.Basic, positive: bool) -> bool:
@@ -419,15 +494,24 @@ def _dedupe(items) -> list:
 
 
 def _numeric_key(x) -> str | None:
+    """A bucket for matching many numbers by value: the exact value for a rational, else
+    30 digits (a candidate only: every match is confirmed with `equivalent`)."""
     if isinstance(x, Scalar) and not x.opaque and not x.value.free_symbols:
+        if x.value.is_Rational:
+            return f"q:{x.value}"
         v = to_mpc(x.value)
         if v is not None:
             return mpmath.nstr(v, 30)
     return None
 
 
-def _unordered(g_items, p_items) -> Result:
-    g_items, p_items = _dedupe(g_items), _dedupe(p_items)
+def _unordered(g_items, p_items, multiset: bool = False) -> Result:
+    """Items in any order. With multiset=False (sets, and lists whose gold has no repeated
+    item) repeats are dropped on both sides first, so a repeated root `1, 1, 2` still
+    answers `1, 2`. With multiset=True (a bare gold list that itself repeats an item, such
+    as `1, 1, 2`) every item counts, so `1, 2` does not answer it."""
+    if not multiset:
+        g_items, p_items = _dedupe(g_items), _dedupe(p_items)
     if len(g_items) != len(p_items):
         return False, f"{len(p_items)} items, expected {len(g_items)}"
     # Pair identical items first, then numbers by value: linear, not quadratic, in the items.
@@ -452,8 +536,12 @@ def _unordered(g_items, p_items) -> Result:
         rest_g = []
         for g in g_items:
             key = _numeric_key(g)
-            if key is not None and free[key]:
-                used.add(free[key].pop())
+            candidates = free[key] if key is not None else []
+            for n, i in enumerate(candidates):
+                if equivalent(g, p_items[i])[0]:
+                    used.add(i)
+                    del candidates[n]
+                    break
             else:
                 rest_g.append(g)
         g_items = rest_g
@@ -490,6 +578,16 @@ def _assignments(s: Seq) -> dict | None:
     return out
 
 
+def _in_name_order(s: Seq) -> tuple:
+    """The items of `y = 2, x = 3` as the point (3, 2): assignments to distinct variables
+    are taken in alphabetical order of the names (x before y, a before b), not in the
+    order they were listed; any other list as it is."""
+    named = _assignments(s)
+    if named is None:
+        return s.items
+    return tuple(named[k] for k in sorted(named, key=sympy.default_sort_key))
+
+
 def seqs_equal(g: Seq, p: Seq) -> Result:
     """Lists, sets, tuples and intervals by their brackets (module docstring)."""
     named = _assignments(g) if g.left == "" else None
@@ -501,23 +599,24 @@ def seqs_equal(g: Seq, p: Seq) -> Result:
             return _ordered([named[k] for k in named], [pred_named[k] for k in named])
         if p.left in ("", "("):
             return _ordered(list(named.values()), p.items)
+    multiset = g.left == "" and len(_dedupe(g.items)) < len(g.items)
     if g.left in ("{", "") and p.left in ("{", ""):
-        return _unordered(g.items, p.items)
+        return _unordered(g.items, p.items, multiset)
     if g.left == "" and p.left in "([":
         if len(p.items) == 2:
             return False, "a bracketed pair (interval or point) for a list of values"
-        return _unordered(g.items, p.items)
+        return _unordered(g.items, p.items, multiset)
     if g.left == "{" or p.left == "{":
         return False, "a set for an ordered tuple, or the reverse"
     if p.left == "":  # a bare `3, 5` for a point (3, 5)
         if g.left == "(":
-            return _ordered(g.items, p.items)
+            return _ordered(g.items, _in_name_order(p))
         return False, "a bare list for an interval or bracketed list"
     if len(g.items) == 2 and len(p.items) == 2:
         for side, (gb, pb) in enumerate(((g.left, p.left), (g.right, p.right))):
             if gb != pb and not (_infinite(g.items[side]) and _infinite(p.items[side])):
                 return False, f"different brackets: {g.left}..{g.right} vs {p.left}..{p.right}"
-    return _ordered(g.items, p.items)
+    return _ordered(g.items, _in_name_order(p))
 
 
 def _vector(m: Matrix) -> tuple | None:
