@@ -13,8 +13,10 @@ Rules, each returning (equal, reason):
   value (pi, 1/3, sqrt 2), the prediction counts if it rounds to the gold at k places.
 - Expressions with variables: the same variables, then `expand(g - p) == 0` for small
   polynomials, else agreement to 1e-30 at three fixed generic points.
-- Unordered: sets and bare "all solutions" lists (multiset matching). Ordered: tuples,
-  points, vectors. A bracketed pair is also an interval, so for two items the bracket
+- Unordered: sets and bare "all solutions" lists; repeats are dropped unless the gold
+  list itself repeats an item, then it is matched as a multiset (`_unordered`). Ordered:
+  tuples, points, vectors; a list of assignments `y = 2, x = 3` is read in alphabetical
+  order of the names, as the point (3, 2). A bracketed pair is also an interval, so for two items the bracket
   types must agree (except at infinite endpoints). Unions and named sets are compared
   as sets (sympy), and a gold inequality in solved form matches the equivalent interval.
 - Matrices by shape and entries. Equations up to a nonzero factor, inequalities up to a
@@ -277,7 +279,10 @@ def expressions_equal(gv: sympy.Basic, pv: sympy.Basic, has_float: bool = False)
         if not has_float:
             point = dict(zip(syms, _POINTS[k], strict=False))
             if not _difference_vanishes(gv.xreplace(point), pv.xreplace(point), a, b):
-                return False, f"values at a sample point equal to 30 digits, not exactly: {_show(a)}"
+                return (
+                    False,
+                    f"values at a sample point equal to 30 digits, not exactly: {_show(a)}",
+                )
         agree += 1
     if agree >= 2:
         return True, f"equal at {agree} sample points"

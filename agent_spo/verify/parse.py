@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import sympy
 from latex2sympy2_extended import NormalizationConfig, latex2sympy
+from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
 from agent_spo.verify.normalize import MATH_WORDS, text_key
 
@@ -33,6 +34,9 @@ MAX_ITEMS = 200  # most elements in a list, set, tuple or matrix
 _LATEX_CONFIG = NormalizationConfig(
     basic_latex=True, units=False, malformed_operators=True, nits=False, boxed="none"
 )
+# Symbols keep their case: P is not p, and \pi R^2 is not \pi r^2 (the parser lowercases
+# them by default). Only text answers and choice letters are compared case-insensitively.
+_CONVERSION_CONFIG = ConversionConfig(lowercase_symbols=False)
 I_SYMBOL = sympy.Symbol("i")
 
 
@@ -363,7 +367,9 @@ def _exact(value: sympy.Basic, evaluate: bool = True) -> sympy.Basic:
 
 def _latex(text: str) -> sympy.Basic:
     try:
-        return latex2sympy(text, normalization_config=_LATEX_CONFIG)
+        return latex2sympy(
+            text, normalization_config=_LATEX_CONFIG, conversion_config=_CONVERSION_CONFIG
+        )
     except Exception as e:  # the parser raises bare Exceptions with a caret diagram
         first = str(e).strip().split("\n", 1)[0] or type(e).__name__
         raise Unparseable(f"LaTeX parser: {first}") from None
