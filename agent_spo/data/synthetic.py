@@ -1,0 +1,96 @@
+"""The embedded task set: seeded arithmetic problems where running Python is the way to
+be right (products too long to do in the head, modular powers, prime counts, digit sums,
+two-step problems). Answers are exact integers; difficulty varies by size, so per-prompt
+success rates differ, which is what the value tracker and the sampler feed on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from agent_spo.data.problems import Problem
+
+FAMILIES = ("product", "modpow", "primes", "digit_sum", "two_step")
+
+
+def _product(rng: random.Random, level: int) -> tuple[str, int]:
+    digits = 3 + level  # 3..6-digit factors
+    a = rng.randrange(10 ** (digits - 1), 10**digits)
+    b = rng.randrange(10 ** (digits - 1), 10**digits)
+    return f"What is {a} multiplied by {b}?", a * b
+
+
+def _modpow(rng: random.Random, level: int) -> tuple[str, int]:
+    base = rng.randrange(2, 50)
+    exp = rng.randrange(10 ** (level + 1), 10 ** (level + 2))
+    mod = rng.choice([97, 1009, 10007, 100003, 1000003][: level + 2])
+    return f"What is the remainder when {base}^{exp} is divided by {mod}?", pow(base, exp, mod)
+
+
+def _primes(rng: random.Random, level: int) -> tuple[str, int]:
+    n = rng.randrange(10 ** (level + 2), 2 * 10 ** (level + 2))
+    return f"How many prime numbers are less than {n}?", _count_primes(n)
+
+
+def _digit_sum(rng: random.Random, level: int) -> tuple[str, int]:
+    if rng.random() < 0.5:
+        n = rng.randrange(10 + 10 * level, 30 + 20 * level)
+        return f"What is the sum of the digits of {n}! (the factorial of {n})?", sum(
+            map(int, str(math.factorial(n)))
+        )
+    k = rng.randrange(50 + 50 * level, 150 + 100 * level)
+    return f"What is the sum of the digits of 2^{k}?", sum(map(int, str(2**k)))
+
+
+def _two_step(rng: random.Random, level: int) -> tuple[str, int]:
+    a = rng.randrange(10 ** (level + 2), 10 ** (level + 3))
+    b = rng.randrange(10 ** (level + 2), 10 ** (level + 3))
+    m = rng.randrange(101, 1000)
+    c = rng.randrange(1, 100)
+    text = f"Let N = {a} * {b}. What is the remainder of N when divided by {m}, plus {c}?"
+    return text, (a * b) % m + c
+
+
+_MAKERS = {
+    "product": _product,
+    "modpow": _modpow,
+    "primes": _primes,
+    "digit_sum": _digit_sum,
+    "two_step": _two_step,
+}
+
+
+def _count_primes(n: int) -> int:
+    """Primes below n by a sieve of Eratosthenes."""
+    if n < 3:
+        return 0
+    sieve = bytearray([1]) * n
+    sieve[0] = sieve[1] = 0
+    for i in range(2, math.isqrt(n - 1) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytes(len(range(i * i, n, i)))
+    return sum(sieve)
+
+
+def make_tasks(n: int, seed: int = 0, levels: int = 4) -> list[Problem]:
+    """n distinct problems, reproducible from the seed, spread over families and levels."""
+    if n < 1 or not 1 <= levels <= 4:
+        raise ValueError(f"need n >= 1 and levels in 1..4, got n={n}, levels={levels}")
+    rng = random.Random(f"agent-spo-synthetic-{seed}")
+    out: list[Problem] = []
+    keys: set[str] = set()
+    i = 0
+    while len(out) < n:
+        family = FAMILIES[i % len(FAMILIES)]
+        level = rng.randrange(levels)
+        text, answer = _MAKERS[family](rng, level)
+        i += 1
+        prob = Problem(
+            f"synthetic-{seed}-{len(out)}", text, str(answer), f"synthetic:{family}:level{level}"
+        )
+        if prob.key in keys:
+            continue  # the same question twice would share one tracker entry
+        keys.add(prob.key)
+        out.append(prob)
+    return out
