@@ -63,25 +63,21 @@ def test_duplicates_by_content_are_skipped_not_merged_silently(tmp_path):
     ]))  # fmt: skip
     assert [p.id for p in ds] == ["a", "c"]
     assert ds.skipped == ((2, "same problem and answer as line 1"),)
-    assert (
-        len(
-            load_problems(
-                ds_path := _write(tmp_path, [])
-                if False
-                else _write(
-                    tmp_path, [{"id": i, "problem": f"p{i}", "answer": "1"} for i in range(10)]
-                ),
-                max_problems=3,
-            )
-        )
-        == 3
-        and ds_path.exists()
-    )
 
 
-def test_missing_file_and_parquet_are_clear():
+def test_max_problems(tmp_path):
+    rows = [{"id": i, "problem": f"p{i}", "answer": "1"} for i in range(10)]
+    ds = load_problems(_write(tmp_path, rows), max_problems=3)
+    assert [p.id for p in ds] == ["0", "1", "2"]
+
+
+def test_missing_file_and_parquet_are_clear(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_problems("/nonexistent/set.jsonl")
+    pq = tmp_path / "set.parquet"
+    pq.write_bytes(b"PAR1")
+    with pytest.raises(DatasetError, match="use the .jsonl file"):
+        load_problems(pq)
 
 
 def test_split_is_deterministic_and_disjoint():
