@@ -1,0 +1,343 @@
+"""transformers engine: continuous batching over a KV cache, in this process (DESIGN §5).
+
+The light default for tiny models on CPU. Concurrent ``generate`` calls are batched:
+between decode steps, waiting requests are prefilled and merged into the running batch
+(their caches left-padded to a common length), and finished rows leave it, so a long
+generation never holds up a short one. Each decode step runs in a worker thread, so the
+event loop keeps serving sandbox calls while the model computes.
+
+Log-probs are the raw model's (``log_softmax`` of the logits in float32), which is what
+the learner recomputes; temperature, top-k and top-p only shape the sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from agent_spo.engines.base import EngineError, Generation, Sampling, find_stop
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    sampling: Sampling
+    future: asyncio.Future
+    version: int
+    max_new: int
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()
+    window: int = 0  # tokens to decode when looking for stop strings
+
+
+class HFEngine:
+    """A Hugging Face causal LM served to many concurrent episodes."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch: int = 64,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self._max_model_len = min(max_model_len or limit, limit)
+        self._version = 0
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        eos = tokenizer.eos_token_id
+        cfg_eos = model.config.eos_token_id
+        self._eos = {eos} if eos is not None else set()
+        self._eos |= set(
+            cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else []
+        )
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._waiting: list[_Request] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._weights_lock: asyncio.Lock | None = None
+        self._closed = False
+        self.last_update_s = 0.0
+        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> HFEngine:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        return cls(model, tok, **kwargs)
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
+        if self._closed:
+            raise EngineError("the engine is closed")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        room = self._max_model_len - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens leaves no room under max_model_len "
+                f"{self._max_model_len}"
+            )
+        self._ensure_loop()
+        gen = None
+        if sampling.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        longest = max((len(s) for s in sampling.stop), default=0)
+        req = _Request(
+            prompt=prompt,
+            sampling=sampling,
+            future=asyncio.get_running_loop().create_future(),
+            version=self._version,
+            max_new=min(sampling.max_tokens, room),
+            generator=gen,
+            stop_ids=frozenset(sampling.stop_token_ids) | frozenset(self._eos),
+            window=longest + 4 if longest else 0,
+        )
+        self._waiting.append(req)
+        self._wake.set()
+        return await req.future
+
+    async def update_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Copy new weights in between decode steps; in-flight rows continue on them."""
+        self._ensure_loop()
+        async with self._weights_lock:
+            t0 = time.perf_counter()
+            targets = self.model.state_dict(keep_vars=True)  # tied names included
+            with torch.no_grad():
+                for name, tensor in weights:
+                    target = targets.get(name)
+                    if target is None:
+                        raise KeyError(f"the engine's model has no weight named {name!r}")
+                    target.copy_(tensor.to(target.device, target.dtype))
+            self._version = int(version)
+            self.last_update_s = time.perf_counter() - t0
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        for r in self._waiting:
+            if not r.future.done():
+                r.future.set_exception(EngineError("the engine was closed"))
+        self._waiting.clear()
+
+    async def __aenter__(self) -> HFEngine:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ the batch loop
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._weights_lock = asyncio.Lock()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        batch = _Batch(self)
+        admit: list[_Request] = []
+        try:
+            while True:
+                if not batch.rows and not self._waiting:
+                    self._wake.clear()
+                    await self._wake.wait()
+                async with self._weights_lock:
+                    admit = []
+                    while self._waiting and len(batch.rows) + len(admit) < self.max_batch:
+                        r = self._waiting.pop(0)
+                        if not r.future.done():  # skip requests whose caller gave up
+                            admit.append(r)
+                    finished = await asyncio.to_thread(batch.step, admit)
+                for r, gen in finished:
+                    if not r.future.done():
+                        r.future.set_result(gen)
+                await asyncio.sleep(0)  # let callers queue their next turns
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an engine failure is an infrastructure fault
+            err = EngineError(f"transformers engine failed: {type(e).__name__}: {e}")
+            for r in batch.rows + admit + self._waiting:
+                if not r.future.done():
+                    r.future.set_exception(err)
+            self._waiting.clear()
+            raise
+
+
+class _Batch:
+    """The running rows and their left-padded KV cache; runs in a worker thread."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.e = engine
+        self.rows: list[_Request] = []
+        self.cache = None  # DynamicCache, [B, heads, T, dim] per layer
+        self.mask: torch.Tensor | None = None  # [B, T] 1 = real token
+        self.next_logits: torch.Tensor | None = None  # [B, V] for the next token
+
+    @torch.no_grad()
+    def step(self, admit: list[_Request]) -> list[tuple[_Request, Generation]]:
+        if admit:
+            self._prefill(admit)
+        if not self.rows:
+            return []
+        tokens, logps = self._sample(self.next_logits)
+        finished: list[tuple[_Request, Generation]] = []
+        keep: list[int] = []
+        for i, r in enumerate(self.rows):
+            tok = int(tokens[i])
+            r.out.append(tok)
+            r.logprobs.append(float(logps[i]))
+            done = self._finish(r, tok)
+            if done is None:
+                keep.append(i)
+            else:
+                finished.append((r, done))
+        self.e.stats["tokens"] += len(self.rows)
+        self.e.stats["steps"] += 1
+        if len(keep) < len(self.rows):
+            self._select(keep)
+            tokens = tokens[keep]
+        if self.rows:
+            self._decode(tokens)
+        return finished
+
+    def _finish(self, r: _Request, tok: int) -> Generation | None:
+        reason, stop = None, None
+        if tok in r.stop_ids:
+            reason, stop = "stop", tok
+        elif r.window:
+            tail = self.e.tokenizer.decode(r.out[-r.window :], skip_special_tokens=False)
+            hit = find_stop(tail, r.sampling.stop)
+            if hit is not None:
+                reason, stop = "stop", hit
+        if reason is None and len(r.out) >= r.max_new:
+            reason = "length"
+        if reason is None:
+            return None
+        return Generation(tuple(r.out), tuple(r.logprobs), reason, r.version, stop)
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()  # [B, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        out = torch.empty(len(self.rows), dtype=torch.long)
+        for i, r in enumerate(self.rows):
+            s = r.sampling
+            if s.temperature == 0:
+                out[i] = int(torch.argmax(logits[i]))
+                continue
+            z = logits[i] / s.temperature
+            if s.top_k > 0 and s.top_k < z.numel():
+                kth = torch.topk(z, s.top_k).values[-1]
+                z = z.masked_fill(z < kth, float("-inf"))
+            probs = torch.softmax(z, dim=-1)
+            if s.top_p < 1.0:
+                sp, si = torch.sort(probs, descending=True)
+                drop = torch.cumsum(sp, 0) - sp > s.top_p
+                sp = sp.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter_(0, si, sp)
+            g = r.generator or self.e._generator
+            out[i] = int(torch.multinomial(probs, 1, generator=g))
+        return out, logp.gather(1, out[:, None]).squeeze(1)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+        from transformers import DynamicCache
+
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        cache = cache if cache is not None else DynamicCache()
+        out = self.e.model(
+            input_ids=ids.to(self.e.device),
+            attention_mask=mask.to(self.e.device),
+            position_ids=pos.to(self.e.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float().cpu(), out.past_key_values
+
+    def _prefill(self, admit: list[_Request]) -> None:
+        n = max(len(r.prompt) for r in admit)
+        ids = torch.full((len(admit), n), self.e._pad, dtype=torch.long)
+        mask = torch.zeros((len(admit), n), dtype=torch.long)
+        for i, r in enumerate(admit):
+            ids[i, n - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, n - len(r.prompt) :] = 1
+        logits, cache = self._forward(ids, mask, None)
+        self.e.stats["prefills"] += 1
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_logits = list(admit), cache, mask, logits
+        else:
+            self._merge(admit, cache, mask, logits)
+        self.e.stats["max_rows"] = max(self.e.stats["max_rows"], len(self.rows))
+
+    def _merge(self, admit, cache, mask, logits) -> None:
+        from transformers import DynamicCache
+
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+
+        def lpad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+            if x.shape[dim] == length:
+                return x
+            shape = list(x.shape)
+            shape[dim] = length - x.shape[dim]
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        merged = DynamicCache()
+        for li, (a, b) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
+            k = torch.cat([lpad(a.keys, t, 2), lpad(b.keys, t, 2)], dim=0)
+            v = torch.cat([lpad(a.values, t, 2), lpad(b.values, t, 2)], dim=0)
+            merged.update(k, v, li)
+        self.cache = merged
+        self.mask = torch.cat([lpad(self.mask, t, 1), lpad(mask, t, 1)], dim=0)
+        self.next_logits = torch.cat([self.next_logits, logits], dim=0)
+        self.rows.extend(admit)
+
+    def _select(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.next_logits = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(idx.to(self.e.device))
+        self.mask = self.mask[idx]
+        # drop columns that are padding in every remaining row
+        first = int((self.mask.cumsum(1) > 0).float().argmax(1).min()) if self.mask.numel() else 0
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def _decode(self, tokens: torch.Tensor) -> None:
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        self.next_logits, self.cache = self._forward(tokens[:, None], self.mask, self.cache)

@@ -1,0 +1,203 @@
+"""The transformers engine: exact log-probs, stops, batching, weight updates, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from agent_spo.engines.base import EngineError, Sampling
+from agent_spo.engines.hf import HFEngine
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval(), tok
+
+
+def _engine(model_and_tok, **kw) -> HFEngine:
+    import copy
+
+    model, tok = model_and_tok
+    return HFEngine(copy.deepcopy(model), tok, **kw)
+
+
+def _forward_logprobs(model, prompt, tokens) -> torch.Tensor:
+    ids = torch.tensor([list(prompt) + list(tokens)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
+    return lp[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
+
+def _prompts(tok, n):
+    return [tok(f"What is {100 + i} multiplied by {7 * i + 3}?").input_ids for i in range(n)]
+
+
+def test_logprobs_match_a_forward_pass_under_staggered_batching(model_and_tok):
+    """Rows admitted mid-batch (merged, left-padded caches) still score exactly."""
+    model, tok = model_and_tok
+    prompts = _prompts(tok, 12)
+
+    async def main():
+        e = _engine(model_and_tok, max_batch=8)
+        tasks = []
+        for i, p in enumerate(prompts):
+            tasks.append(
+                asyncio.create_task(e.generate(p, Sampling(max_tokens=10 + 3 * i, seed=i)))
+            )
+            await asyncio.sleep(0.003 * (i % 3))  # arrive while others decode
+        gens = await asyncio.gather(*tasks)
+        stats = dict(e.stats)
+        await e.close()
+        return gens, stats
+
+    gens, stats = asyncio.run(main())
+    assert stats["prefills"] > 1 and stats["max_rows"] > 1  # batched, with later admissions
+    for p, g in zip(prompts, gens, strict=True):
+        ref = _forward_logprobs(model, p, g.token_ids)
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4), (ref, g.logprobs)
+        assert g.finish_reason in ("length", "stop")
+
+
+def test_greedy_equals_transformers_generate(model_and_tok):
+    model, tok = model_and_tok
+    prompt = _prompts(tok, 1)[0]
+
+    async def main():
+        e = _engine(model_and_tok)
+        g = await e.generate(prompt, Sampling(max_tokens=12, temperature=0))
+        await e.close()
+        return g
+
+    g = asyncio.run(main())
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+        )[0, len(prompt) :].tolist()
+    assert list(g.token_ids) == ref[: len(g.token_ids)]
+
+
+def test_max_tokens_and_seeded_sampling(model_and_tok):
+    _, tok = model_and_tok
+    prompt = _prompts(tok, 1)[0]
+
+    async def main():
+        e = _engine(model_and_tok)
+        a = await e.generate(prompt, Sampling(max_tokens=7, seed=3, stop_token_ids=()))
+        b = await e.generate(prompt, Sampling(max_tokens=7, seed=3))
+        c = await e.generate(prompt, Sampling(max_tokens=7, seed=4))
+        await e.close()
+        return a, b, c
+
+    a, b, c = asyncio.run(main())
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    if a.finish_reason == "length":
+        assert len(a.token_ids) == 7 and a.stop is None
+    assert a.policy_version == 0
+    assert (a.token_ids, c.token_ids) != (None, None)
+
+
+def test_stop_strings_and_stop_tokens_end_on_the_completing_token(model_and_tok):
+    """Whatever the model samples, the turn ends at the first stop and includes its token."""
+    _, tok = model_and_tok
+    prompt = _prompts(tok, 1)[0]
+
+    async def main():
+        e = _engine(model_and_tok)
+        free = await e.generate(prompt, Sampling(max_tokens=40, temperature=0))
+        text = tok.decode(free.token_ids)
+        # a stop string that the greedy continuation is known to contain
+        stop = text[len(text) // 2 : len(text) // 2 + 2] or text
+        s = await e.generate(prompt, Sampling(max_tokens=40, temperature=0, stop=(stop,)))
+        # a stop token: the greedy continuation's third token
+        t = await e.generate(
+            prompt, Sampling(max_tokens=40, temperature=0, stop_token_ids=(free.token_ids[2],))
+        )
+        await e.close()
+        return free, stop, s, t
+
+    free, stop, s, t = asyncio.run(main())
+    assert s.finish_reason == "stop" and s.stop == stop
+    assert stop in tok.decode(s.token_ids) and stop not in tok.decode(s.token_ids[:-1])
+    assert s.token_ids == free.token_ids[: len(s.token_ids)]
+    k = free.token_ids.index(free.token_ids[2])
+    assert t.finish_reason == "stop" and t.stop == free.token_ids[2]
+    assert t.token_ids == free.token_ids[: k + 1]
+
+
+def test_weight_update_changes_outputs_and_version(model_and_tok):
+    model, tok = model_and_tok
+    prompt = _prompts(tok, 1)[0]
+    from agent_spo.demo.model import random_model
+
+    other = random_model(tok, seed=123, hidden=64, layers=2, heads=4)
+
+    async def main():
+        e = _engine(model_and_tok)
+        before = await e.generate(prompt, Sampling(max_tokens=16, temperature=0))
+        await e.update_weights(other.state_dict().items(), version=5)
+        after = await e.generate(prompt, Sampling(max_tokens=16, temperature=0))
+        v = e.version
+        await e.close()
+        return before, after, v
+
+    before, after, v = asyncio.run(main())
+    assert v == 5 and after.policy_version == 5 and before.policy_version == 0
+    assert before.logprobs != after.logprobs
+    ref = _forward_logprobs(other, prompt, after.token_ids)
+    assert torch.allclose(ref, torch.tensor(after.logprobs), atol=1e-4)
+
+
+def test_unknown_weight_name_is_an_error(model_and_tok):
+    async def main():
+        e = _engine(model_and_tok)
+        with pytest.raises(KeyError, match="no weight named"):
+            await e.update_weights([("nope.weight", torch.zeros(1))], version=1)
+        await e.close()
+
+    asyncio.run(main())
+
+
+def test_prompt_over_the_context_limit_is_refused(model_and_tok):
+    _, tok = model_and_tok
+
+    async def main():
+        e = _engine(model_and_tok, max_model_len=8)
+        with pytest.raises(ValueError, match="max_model_len"):
+            await e.generate(list(range(3, 11)), Sampling(max_tokens=4))
+        g = await e.generate([3, 4, 5, 6, 7, 8], Sampling(max_tokens=50))
+        await e.close()
+        return g
+
+    g = asyncio.run(main())
+    assert len(g.token_ids) <= 2  # clamped to the room left under max_model_len
+
+
+def test_a_failing_model_fails_requests_with_engine_error(model_and_tok):
+    async def main():
+        e = _engine(model_and_tok)
+
+        def boom(*a, **k):
+            raise RuntimeError("simulated device failure")
+
+        e.model.forward = boom
+        with pytest.raises(EngineError, match="simulated device failure"):
+            await e.generate([3, 4, 5], Sampling(max_tokens=4))
+        await e.close()
+        with pytest.raises(EngineError, match="closed"):
+            await e.generate([3, 4, 5], Sampling(max_tokens=4))
+
+    asyncio.run(main())
+
+
+def test_sampling_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_tokens"):
+        Sampling(max_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(max_tokens=1, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(max_tokens=1, top_p=0)
