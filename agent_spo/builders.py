@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent_spo.algo import PrioritizedSampler, ValueTracker
-from agent_spo.config import AlgoConfig, RolloutConfig, SandboxConfig, VerifierConfig
+from agent_spo.config import (
+    AlgoConfig,
+    DataConfig,
+    ModelConfig,
+    RolloutConfig,
+    SandboxConfig,
+    VerifierConfig,
+)
 
 
 def build_tracker(algo: AlgoConfig) -> ValueTracker:
@@ -63,15 +70,92 @@ def build_sandbox(cfg: SandboxConfig):
     return LocalSandbox(workers=cfg.pool_size, limits=limits)
 
 
-def build_toolbox(rollout: RolloutConfig):
-    """The built-in tools, with the model-facing output cap from the rollout section."""
-    from tools.toolbox import Toolbox, builtin_tools
-
-    return Toolbox(builtin_tools(), max_output_chars=rollout.tool_output_chars)
-
-
 def build_verifier(cfg: VerifierConfig):
     """The killable verifier pool (start-up happens on first use)."""
     from agent_spo.verify import VerifierPool
 
     return VerifierPool(workers=cfg.workers, timeout_s=cfg.timeout_s)
+
+
+def build_toolbox(rollout: RolloutConfig):
+    """The tools the rollout section offers (retool: python only), output-capped."""
+    from tools.toolbox import Toolbox, builtin_tools
+
+    names = ["python"] if rollout.tool_format == "retool" else rollout.tools
+    chosen = {t.name: t for t in builtin_tools()}
+    return Toolbox([chosen[n] for n in names], max_output_chars=rollout.tool_output_chars)
+
+
+def build_datasets(data: DataConfig, seed: int):
+    """(train, held_out) problem lists: the synthetic set or a .jsonl/.parquet file."""
+    from agent_spo.data.problems import load_problems, split
+
+    if data.train == "synthetic":
+        from agent_spo.data.synthetic import make_tasks
+
+        problems = make_tasks(data.synthetic_tasks, seed=seed)
+    else:
+        problems = list(load_problems(data.train, data.max_prompts).problems)
+    if data.max_prompts is not None:
+        problems = problems[: data.max_prompts]
+    return split(problems, data.held_out)
+
+
+def resolve_model_path(model: ModelConfig, log=print) -> str:
+    """The policy's model directory; None means the embedded demo model (built if missing)."""
+    if model.path is not None:
+        return model.path
+    from agent_spo.demo.build import ensure_demo_model
+
+    return str(ensure_demo_model(log=log))
+
+
+def build_engine(model_path: str, model: ModelConfig, rollout: RolloutConfig, seed: int):
+    """The generation engine named by rollout.engine (not started; hf and vllm load now)."""
+    if rollout.engine == "hf":
+        from agent_spo.engines.hf import HFEngine
+
+        return HFEngine.from_pretrained(
+            model_path,
+            dtype=model.dtype,
+            max_batch=rollout.max_batch,
+            max_model_len=rollout.max_model_len,
+            seed=seed,
+        )
+    if rollout.engine == "vllm":
+        from agent_spo.engines.vllm import VLLMEngine
+
+        kwargs = {} if rollout.max_model_len is None else {"max_model_len": rollout.max_model_len}
+        return VLLMEngine(model_path, dtype=model.dtype, seed=seed, **kwargs)
+    from agent_spo.engines.openai_http import OpenAIHTTPEngine
+
+    return OpenAIHTTPEngine(rollout.url, max_model_len=rollout.max_model_len)
+
+
+def build_renderer(tokenizer, rollout: RolloutConfig, toolbox):
+    """Token-exact chat rendering for the rollout section's format and tools."""
+    from agent_spo.episode.formats import get_format
+    from agent_spo.episode.render import ChatRenderer
+
+    return ChatRenderer(
+        tokenizer,
+        get_format(rollout.tool_format),
+        tools=toolbox.schemas(),
+        system_prompt=rollout.system_prompt,
+        enable_thinking=rollout.enable_thinking,
+    )
+
+
+def build_episode_settings(rollout: RolloutConfig, sandbox: SandboxConfig):
+    from agent_spo.episode.runner import EpisodeSettings
+
+    return EpisodeSettings(
+        max_turns=rollout.max_turns,
+        max_response_tokens=rollout.max_response_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        deadline_s=rollout.episode_timeout_s,
+        tool_timeout_s=sandbox.timeout_s,
+        retries=rollout.retries,
+    )

@@ -150,6 +150,104 @@ def train(
     )
 
 
+@app.command()
+def rollout(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Episodes to run.")] = 64,
+    split: Annotated[
+        str, typer.Option(help="Prompts to use: held_out (default) or train.")
+    ] = "held_out",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Episode log (JSON lines). Default: RUN_DIR/rollout.jsonl."),
+    ] = None,
+) -> None:
+    """Run N episodes with the current model and write the episode log (JSON lines).
+
+    Uses the config's model, engine, tool format, sandbox and verifier, cycling through
+    the chosen split's prompts in order. Prints accuracy, tool use, valid-call rate and
+    stop reasons, and writes them beside the log as .summary.json. The log is the input
+    of `agent-spo replay` and evaluation.
+
+    Example: `agent-spo rollout configs/demo.yaml --n 200 rollout.tool_format=retool`
+    """
+    import asyncio
+
+    cfg = _load(config, overrides)
+    if split not in ("held_out", "train"):
+        _stderr.print(Text(f"error: --split must be held_out or train, got {split!r}", style="red"))
+        raise typer.Exit(EXIT_CONFIG)
+    out = out or Path(cfg.run.output_dir) / cfg.run.name / "rollout.jsonl"
+    summary = asyncio.run(_rollout(cfg, n, split, out))
+    _print_rollout(summary, out)
+
+
+async def _rollout(cfg: TrainConfig, n: int, split: str, out: Path):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agent_spo import builders
+    from agent_spo.episode.runner import EpisodeRunner
+    from agent_spo.rollout import run_rollout, write_summary
+
+    train, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
+    problems = held_out if split == "held_out" else train
+    if not problems:
+        _stderr.print(Text(f"error: the {split} split is empty (data.held_out)", style="red"))
+        raise typer.Exit(EXIT_CONFIG)
+    model_path = builders.resolve_model_path(cfg.model, log=lambda m: _stderr.print(m))
+    engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    toolbox = builders.build_toolbox(cfg.rollout)
+    renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
+    settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with builders.build_verifier(cfg.verifier) as verifier:
+            async with builders.build_sandbox(cfg.sandbox) as sandbox:
+                runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+                with Progress(*columns, console=_stderr, transient=True) as bar:
+                    task = bar.add_task("episodes", total=n)
+
+                    def progress(s) -> None:
+                        bar.update(
+                            task,
+                            completed=s.episodes + s.dropped,
+                            description=f"episodes  acc {s.accuracy:.2f}  tool use "
+                            f"{s.used_tool / max(1, s.episodes):.2f}",
+                        )
+
+                    summary = await run_rollout(
+                        runner, problems, n, out, workers=cfg.rollout.workers,
+                        seed=cfg.run.seed, progress=progress,
+                    )  # fmt: skip
+    finally:
+        await engine.close()
+    write_summary(summary, out.with_suffix(".summary.json"))
+    return summary
+
+
+def _print_rollout(summary, out: Path) -> None:
+    from rich.table import Table
+
+    d = summary.to_dict()
+    table = Table(title="rollout", show_header=False)
+    for key in ("episodes", "dropped", "accuracy", "tool_use_rate", "valid_call_rate",
+                "tool_calls", "tool_faults", "stop_reasons", "episodes_per_s", "wall_s"):  # fmt: skip
+        table.add_row(key, _cell(d[key]))
+    Console().print(table)
+    _stderr.print(f"episode log: {out}")
+
+
 @app.command("eval")
 def evaluate(
     config: Annotated[str, typer.Argument(help="Evaluation config (model, benchmarks, sampling).")],

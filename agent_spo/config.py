@@ -82,6 +82,13 @@ class DataConfig(_Section):
     max_prompts: int | None = Field(None, ge=1)
     """Use at most this many prompts (first N rows). >= 1; None = all."""
 
+    synthetic_tasks: int = Field(1000, ge=2)
+    """How many tasks the built-in 'synthetic' set has (seeded by run.seed). >= 2."""
+
+    held_out: float = Field(0.2, ge=0, lt=1)
+    """Share of prompts kept out of training for evaluation, split by content key
+    (stable under reordering). In [0, 1)."""
+
 
 class RhoConfig(_Section):
     mode: Literal["kl_version", "kl_exact", "constant"] = "kl_version"
@@ -280,6 +287,55 @@ class RolloutConfig(_Section):
     tool_output_chars: int = Field(256, ge=1)
     """Tool output shown to the model is truncated to this many characters (head +
     tail). >= 1. Source: spec §6 (reference 256)."""
+
+    tools: list[str] = ["python"]
+    """Tools offered to the model (hermes format): any of python, simplify, factor,
+    expand, solve, integrate, evaluate. The retool format always uses python only."""
+
+    system_prompt: str | None = None
+    """System message. None = the tool format's default instructions."""
+
+    enable_thinking: bool | None = False
+    """Passed to the chat template (Qwen3: False = no <think> block). None = not passed."""
+
+    episode_timeout_s: float | None = Field(300.0, gt=0)
+    """Wall clock per episode, seconds; the episode stops (stop reason 'deadline') and is
+    scored on what it has. > 0; None = no limit."""
+
+    retries: int = Field(2, ge=0)
+    """Fresh attempts after an infrastructure failure (sandbox or engine) before the
+    episode is dropped and counted. >= 0."""
+
+    max_model_len: int | None = Field(None, ge=16)
+    """Context limit (prompt + response) in tokens. None = the model's own limit."""
+
+    max_batch: int = Field(64, ge=1)
+    """hf engine: most sequences decoded together. >= 1."""
+
+    url: str | None = None
+    """openai_http engine: the server's base URL (e.g. http://127.0.0.1:8000/v1);
+    required when engine = openai_http."""
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tools(cls, tools: list[str]) -> list[str]:
+        from tools.toolbox import builtin_tools
+
+        known = [t.name for t in builtin_tools()]
+        unknown = [t for t in tools if t not in known]
+        if unknown or not tools:
+            raise ValueError(
+                f"unknown tools {unknown}; choose from {known}" if unknown else "empty"
+            )
+        if len(set(tools)) != len(tools):
+            raise ValueError("a tool is listed twice")
+        return tools
+
+    @model_validator(mode="after")
+    def _url_for_http(self) -> RolloutConfig:
+        if self.engine == "openai_http" and not self.url:
+            raise ValueError("url is required when engine is 'openai_http'")
+        return self
 
     @field_validator("top_k")
     @classmethod

@@ -32,6 +32,7 @@ class ParsedCall:
 class ToolFormat(Protocol):
     name: str
     stop: tuple[str, ...]  # stop strings that end a turn at a complete call
+    system_prompt: str  # default instructions: how to call tools and give the answer
 
     def parse(self, turn_text: str) -> ParsedCall | None: ...
 
@@ -48,6 +49,10 @@ class RetoolFormat:
 
     name = "retool"
     stop = ("</code>",)
+    system_prompt = (
+        "Solve the math problem. To run Python, write <code>\n```python\n...\n```\n</code>; "
+        "the output appears in <interpreter></interpreter>. Put the final answer in \\boxed{}."
+    )
 
     def parse(self, turn_text: str) -> ParsedCall | None:
         m = _CODE.search(turn_text)
@@ -71,6 +76,9 @@ class HermesFormat:
 
     name = "hermes"
     stop = ("</tool_call>",)
+    system_prompt = (
+        "Solve the math problem. Use the tools to compute. Put the final answer in \\boxed{}."
+    )
 
     def parse(self, turn_text: str) -> ParsedCall | None:
         m = _TOOL_CALL.search(turn_text)

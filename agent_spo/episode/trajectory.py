@@ -92,12 +92,15 @@ class Trajectory:
     verdict: str | None = None  # the verifier's status
     reward: float | None = None  # None = not scorable (never a silent 0)
     timings: Mapping[str, float] = field(default_factory=dict)
+    stop_reason: str | None = None  # answer, max_turns, budget, context, deadline
+    info: Mapping[str, Any] = field(default_factory=dict)  # prompt key, sample index, ...
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
         object.__setattr__(self, "segments", tuple(self.segments))
         object.__setattr__(self, "tool_calls", tuple(self.tool_calls))
         object.__setattr__(self, "timings", MappingProxyType(dict(self.timings)))
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
         if not self.prompt_id:
             raise TrajectoryError("a trajectory needs its prompt id")
         if not self.prompt_token_ids:
@@ -168,6 +171,7 @@ class Trajectory:
             ],
             "answer": self.answer, "verdict": self.verdict, "reward": self.reward,
             "timings": dict(self.timings),
+            "stop_reason": self.stop_reason, "info": dict(self.info),
         })  # fmt: skip
 
     @classmethod
@@ -182,6 +186,8 @@ class Trajectory:
             verdict=d["verdict"],
             reward=d["reward"],
             timings=d["timings"],
+            stop_reason=d.get("stop_reason"),
+            info=d.get("info", {}),
         )
 
 

@@ -1,0 +1,267 @@
+"""The episode runner with a scripted engine and a real sandbox and verifier.
+
+The scripted engine replays texts (tokenised canonically) with the same stop semantics as
+the real engines; it records every context it was given, so the tests can check that
+each turn's context is exactly the previous one plus appended tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent_spo.data.problems import Problem
+from agent_spo.engines.base import EngineError, Generation, Sampling, find_stop
+from agent_spo.episode.formats import get_format
+from agent_spo.episode.render import ChatRenderer
+from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner, EpisodeSettings
+
+SCHEMAS = [{"type": "function", "function": {"name": "python", "parameters": {}}}]
+PROBLEM = Problem("p1", "What is 123 multiplied by 456?", "56088", "synthetic:product:level0")
+
+
+class ScriptedEngine:
+    """Returns the next scripted text each turn, cut like a real engine would cut it."""
+
+    def __init__(self, tokenizer, script, *, max_model_len=4096, fail_at=None):
+        self.tokenizer = tokenizer
+        self.script = list(script)
+        self.contexts: list[list[int]] = []
+        self._max = max_model_len
+        self.fail_at = fail_at
+        self.version = 3
+
+    @property
+    def max_model_len(self):
+        return self._max
+
+    async def generate(self, prompt_ids, sampling: Sampling) -> Generation:
+        if self.fail_at is not None and len(self.contexts) in self.fail_at:
+            self.contexts.append(list(prompt_ids))
+            raise EngineError("scripted engine failure")
+        self.contexts.append(list(prompt_ids))
+        text = self.script.pop(0) if self.script else "no more script"
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        out, reason, stop = [], "length", None
+        for t in ids:
+            out.append(t)
+            if t in sampling.stop_token_ids:
+                reason, stop = "stop", t
+                break
+            hit = find_stop(self.tokenizer.decode(out), sampling.stop)
+            if hit:
+                reason, stop = "stop", hit
+                break
+            if len(out) >= sampling.max_tokens:
+                break
+        else:
+            reason = "length" if len(out) >= sampling.max_tokens else "stop"
+        out = out[: sampling.max_tokens]
+        return Generation(tuple(out), tuple(-0.5 for _ in out), reason, self.version, stop)
+
+    async def update_weights(self, weights, version):  # pragma: no cover - unused
+        self.version = version
+
+    async def close(self):
+        pass
+
+
+def call(code: str, fmt: str = "hermes") -> str:
+    if fmt == "hermes":
+        return (
+            "<tool_call>\n"
+            + json.dumps({"name": "python", "arguments": {"code": code}})
+            + "\n</tool_call>"
+        )
+    return f"<code>\n```python\n{code}\n```\n</code>"
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from sandboxes.local import LocalSandbox
+
+    box = LocalSandbox(workers=2)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(box.start())
+    yield box, loop
+    loop.run_until_complete(box.close())
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    from agent_spo.verify import VerifierPool
+
+    with VerifierPool(workers=1, timeout_s=5) as pool:
+        yield pool
+
+
+def _run(sandbox, verifier, tok, script, *, fmt="hermes", settings_=None, **eng):
+    from tools.toolbox import Toolbox, builtin_tools
+
+    box, loop = sandbox
+    engine = ScriptedEngine(tok, script, **eng)
+    renderer = ChatRenderer(tok, get_format(fmt), tools=SCHEMAS, enable_thinking=False)
+    runner = EpisodeRunner(
+        engine, renderer, Toolbox(builtin_tools()), box, verifier, settings_ or EpisodeSettings()
+    )
+    try:
+        traj = loop.run_until_complete(runner.run(PROBLEM, seed=1))
+    except EpisodeDropped as e:
+        return None, engine, runner, e
+    return traj, engine, runner, None
+
+
+def _check_contexts(traj, engine):
+    """Each model turn was generated from exactly the record's context before it."""
+    k_model = [k for k, s in enumerate(traj.segments) if s.kind == "model"]
+    assert len(k_model) == len(engine.contexts)
+    for k, ctx in zip(k_model, engine.contexts, strict=True):
+        assert list(traj.context_before(k)) == ctx
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "retool"])
+def test_two_calls_with_session_state_then_an_answer(sandbox, verifier, chat_tokenizer, fmt):
+    script = [call("N = 123 * 456\nprint(N)", fmt), call("print(N + 0)", fmt),
+              "The answer is \\boxed{56088}.<|im_end|>"]  # fmt: skip
+    traj, engine, runner, err = _run(sandbox, verifier, chat_tokenizer, script, fmt=fmt)
+    assert err is None
+    assert traj.stop_reason == "answer" and traj.reward == 1.0 and traj.verdict == "correct"
+    assert [c.observation for c in traj.tool_calls] == ["56088", "56088"]  # session state kept
+    assert all(c.fault is None and c.status == "ok" for c in traj.tool_calls)
+    _check_contexts(traj, engine)
+    assert [s.kind for s in traj.segments if s.kind == "model"] == ["model"] * 3
+    assert all(s.policy_version == 3 for s in traj.segments if s.kind == "model")
+    assert traj.info["gold"] == "56088" and traj.info["prompt_key"] == PROBLEM.key
+    assert runner.counters["tool/ok"] == 2
+
+
+def test_bad_tool_syntax_goes_back_to_the_model(sandbox, verifier, chat_tokenizer):
+    script = ["<tool_call>\n{not json}\n</tool_call>", call("1/0"),
+              "The answer is \\boxed{7}.<|im_end|>"]  # fmt: skip
+    traj, engine, runner, err = _run(sandbox, verifier, chat_tokenizer, script)
+    assert err is None and traj.reward == 0.0 and traj.verdict == "incorrect"
+    bad, raised = traj.tool_calls
+    assert bad.fault == "model" and "not valid JSON" in bad.observation
+    assert raised.fault == "tool" and "ZeroDivisionError" in raised.observation
+    assert runner.counters["tool/model"] == 1 and runner.counters["tool/tool"] == 1
+    _check_contexts(traj, engine)
+
+
+def test_max_turns_stops_before_running_the_last_call(sandbox, verifier, chat_tokenizer):
+    script = [call("print(1)"), call("print(2)"), call("print(3)")]
+    s = EpisodeSettings(max_turns=2)
+    traj, engine, _, _ = _run(sandbox, verifier, chat_tokenizer, script, settings_=s)
+    assert traj.stop_reason == "max_turns" and len(traj.tool_calls) == 1
+    assert traj.reward == 0.0 and traj.verdict == "no_answer"  # scored: the model's doing
+    single = EpisodeSettings(max_turns=1)
+    traj, engine, _, _ = _run(sandbox, verifier, chat_tokenizer, script, settings_=single)
+    assert len(engine.contexts) == 1 and traj.tool_calls == ()
+
+
+def test_token_budget_truncates_and_scores_zero(sandbox, verifier, chat_tokenizer):
+    script = [call("print(5)"), "The answer is " + "very " * 50 + "\\boxed{56088}.<|im_end|>"]
+    s = EpisodeSettings(max_response_tokens=40)
+    traj, engine, _, _ = _run(sandbox, verifier, chat_tokenizer, script, settings_=s)
+    assert traj.stop_reason == "budget" and traj.num_model_tokens == 40
+    assert traj.reward == 0.0
+
+
+def test_context_limit(sandbox, verifier, chat_tokenizer):
+    renderer = ChatRenderer(
+        chat_tokenizer, get_format("hermes"), tools=SCHEMAS, enable_thinking=False
+    )
+    n_prompt = len(renderer.prompt_ids(PROBLEM.problem))
+    script = [call("print('x' * 200)"), "The answer is \\boxed{56088}.<|im_end|>"]
+    traj, engine, _, _ = _run(
+        sandbox, verifier, chat_tokenizer, script, max_model_len=n_prompt + 40
+    )
+    assert traj.stop_reason == "context"
+    assert len(traj.token_ids) <= n_prompt + 40
+
+
+def test_engine_failure_is_retried_then_dropped(sandbox, verifier, chat_tokenizer):
+    script = [call("print(1)"), "The answer is \\boxed{56088}.<|im_end|>"]
+    s = EpisodeSettings(retries=2)
+    traj, engine, runner, err = _run(
+        sandbox, verifier, chat_tokenizer, script, settings_=s, fail_at={0}
+    )
+    assert err is None and traj.info["attempt"] == 1 and traj.reward == 1.0
+    assert runner.counters["dropped/engine"] == 1 and runner.counters["retried"] == 1
+    traj, engine, runner, err = _run(
+        sandbox, verifier, chat_tokenizer, script, settings_=s, fail_at=set(range(10))
+    )
+    assert traj is None and err.source == "engine" and "scripted engine failure" in str(err)
+    assert runner.counters["dropped/engine"] == 3 and runner.counters["retried"] == 2
+    assert runner.counters["episodes"] == 0  # never scored
+
+
+def test_sandbox_failure_drops_and_the_session_is_closed(sandbox, verifier, chat_tokenizer):
+    from tools.toolbox import Toolbox, builtin_tools
+
+    box, loop = sandbox
+    closed = []
+
+    class DeadSession:
+        async def run(self, code, timeout_s=None):
+            from sandboxes.result import infra_result
+
+            return infra_result("session_lost", "the session's process died")
+
+        async def close(self):
+            closed.append(True)
+
+    class Box:
+        async def open_session(self):
+            return DeadSession()
+
+        async def run(self, code, timeout_s=None):
+            return await box.run(code, timeout_s=timeout_s)
+
+    engine = ScriptedEngine(chat_tokenizer, [call("print(1)")] * 5)
+    renderer = ChatRenderer(chat_tokenizer, get_format("hermes"), tools=SCHEMAS)
+    runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), Box(), verifier,
+                           EpisodeSettings(retries=1))  # fmt: skip
+    with pytest.raises(EpisodeDropped) as e:
+        loop.run_until_complete(runner.run(PROBLEM))
+    assert e.value.source == "sandbox"
+    assert closed == [True, True]  # one session per attempt, each closed
+    assert runner.counters["dropped/sandbox"] == 2
+
+
+tool_output = st.text(alphabet="0123456789abc \n<>/", min_size=0, max_size=400)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    outputs=st.lists(tool_output, min_size=1, max_size=4),
+    budget=st.integers(5, 300),
+    max_turns=st.integers(1, 6),
+    fmt=st.sampled_from(["hermes", "retool"]),
+)
+def test_token_invariants_hold_for_any_outputs_and_budgets(
+    sandbox, verifier, chat_tokenizer, outputs, budget, max_turns, fmt
+):
+    """Random tool outputs, truncations and budgets: contexts extend, masks and limits hold."""
+    script = [call(f"print({json.dumps(o)})", fmt) for o in outputs]
+    script.append("The answer is \\boxed{56088}.<|im_end|>")
+    s = EpisodeSettings(max_response_tokens=budget, max_turns=max_turns)
+    traj, engine, _, err = _run(sandbox, verifier, chat_tokenizer, script, fmt=fmt, settings_=s)
+    assert err is None
+    _check_contexts(traj, engine)
+    assert traj.num_model_tokens <= budget
+    assert len(engine.contexts) <= max_turns
+    assert traj.stop_reason in ("answer", "max_turns", "budget", "context")
+    mask = traj.loss_mask
+    assert len(mask) == len(traj.response_token_ids) == len(traj.logprobs)
+    assert sum(mask) == traj.num_model_tokens
+    for c in traj.tool_calls:  # what the model saw is capped head + tail
+        assert len(c.observation) <= 256 + 60
+    if traj.reward is not None:
+        assert traj.reward in (0.0, 1.0)
