@@ -401,15 +401,37 @@ def estimate_values(
 
 @app.command("demo-model")
 def demo_model(
-    out_dir: Annotated[Path, typer.Argument(help="Directory for the model and tokenizer.")],
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if out_dir exists.")] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Directory for the model and tokenizer. Default: the cache."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if it exists.")] = False,
 ) -> None:
     """Build the embedded demo policy: a tiny Qwen3-architecture model and its tokenizer.
 
-    Trains a small tokenizer, initialises the model and warm-starts it with SFT on
-    synthetic tool-use demonstrations, then saves it in HF format to OUT_DIR.
+    Trains a small BPE tokenizer with a Qwen3-style chat template, initialises a ~1M
+    parameter Qwen3 and warm-starts it by supervised fine-tuning on synthetic tool-use
+    demonstrations (both tool formats), then saves a normal Hugging Face model directory.
+    Without OUT_DIR it is cached (AGENT_SPO_CACHE, default ~/.cache/agent-spo) and reused;
+    configs with model.path = null build it on first use.
     """
-    _not_built("demo-model", "build the tiny demo model and tokenizer (SFT warm start)")
+    import shutil
+
+    from agent_spo.demo.build import DemoModelSettings, build_demo_model, ensure_demo_model
+
+    settings = DemoModelSettings()
+    log = lambda m: _stderr.print(m)  # noqa: E731
+    if out_dir is None:
+        from agent_spo.demo.build import demo_model_dir
+
+        if force:
+            shutil.rmtree(demo_model_dir(settings), ignore_errors=True)
+        path = ensure_demo_model(settings, log=log)
+    elif (out_dir / "demo.json").exists() and not force:
+        path = out_dir
+    else:
+        path = build_demo_model(out_dir, settings, log=log)
+    typer.echo(str(path))
 
 
 def _cell(value) -> str:

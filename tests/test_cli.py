@@ -16,7 +16,7 @@ runner = CliRunner()
 
 TOP_COMMANDS = [
     "config", "train", "eval", "replay", "verify", "estimate-values", "demo-model",
-    "sandbox", "tools", "bench",
+    "rollout", "sandbox", "tools", "bench",
 ]  # fmt: skip
 ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["sandbox", "serve"],
@@ -35,7 +35,6 @@ NOT_BUILT = [
     ["replay", "runs/demo"],
     ["replay", "runs/demo", "ep-1", "--rerun"],
     ["estimate-values", DEMO],
-    ["demo-model", "out"],
     ["bench", "throughput"],
 ]
 

@@ -166,25 +166,20 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
             yield from chunks
 
     stream = batches()
+    # The system prompt and tool schema open every prompt of a format; they are run once
+    # per step and their keys/values shared by the batch (gradients flow through them),
+    # which makes a step ~5x cheaper than running ~260 identical tokens per row.
+    prefix = {f: _common_prefix([x for (x, _), d in zip(data, demos, strict=True) if d[1] == f][:50])
+              for f in FORMATS}  # fmt: skip
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
         task = bar.add_task("warm-starting the demo model", total=settings.sft_steps)
         for step in range(settings.sft_steps):
-            batch = [data[i] for i in next(stream)]
-            n = max(len(x) for x, _ in batch)
-            ids = torch.full((len(batch), n), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros((len(batch), n), dtype=torch.long)
-            lab = torch.full((len(batch), n), -100, dtype=torch.long)
-            for i, (x, m) in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                att[i, : len(x)] = 1
-                lab[i, : len(x)] = torch.tensor(
-                    [t if k else -100 for t, k in zip(x, m, strict=True)]
-                )
-            logits = model(input_ids=ids, attention_mask=att).logits  # [B, T, V]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1)
+            chosen = next(stream)
+            fmt = demos[chosen[0]][1]
+            loss = _shared_prefix_loss(
+                model, prefix[fmt], [data[i] for i in chosen], tok.pad_token_id
             )
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -215,3 +210,38 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
     tmp.rename(out)
     log(f"demo model: built in {meta['build_s']} s -> {out}")
     return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    n = min(len(x) for x in seqs)
+    k = next((i for i in range(n) if len({x[i] for x in seqs}) > 1), n)
+    return list(seqs[0][:k])
+
+
+def _shared_prefix_loss(model, prefix: list[int], batch, pad_id: int):
+    """Mean next-token cross-entropy on the trainable tokens of rows sharing `prefix`."""
+    import torch
+
+    lp = len(prefix)
+    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(batch))
+    rows = [(x[lp:], m[lp:]) for x, m in batch]
+    n = max(len(x) for x, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), lp + n), dtype=torch.long)
+    att[:, :lp] = 1
+    lab = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (x, m) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        att[i, lp : lp + len(x)] = 1
+        lab[i, : len(x)] = torch.tensor([t if k else -100 for t, k in zip(x, m, strict=True)])
+    pos = torch.arange(lp, lp + n)[None].expand(len(rows), n)
+    logits = model(
+        input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache
+    ).logits  # [B, n, V]
+    # the first suffix token is the user's text (never trainable), so in-suffix shifting
+    # loses no label
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1)
+    )
