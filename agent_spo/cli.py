@@ -196,22 +196,24 @@ async def _rollout(cfg: TrainConfig, n: int, split: str, out: Path):
         _stderr.print(Text(f"error: the {split} split is empty (data.held_out)", style="red"))
         raise typer.Exit(EXIT_CONFIG)
     model_path = builders.resolve_model_path(cfg.model, log=lambda m: _stderr.print(m))
-    engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
-    tokenizer = getattr(engine, "tokenizer", None)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    toolbox = builders.build_toolbox(cfg.rollout)
-    renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-    settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
     try:
+        if hasattr(engine, "start"):  # remote engines: reach the server before any episode
+            await engine.start()
+        tokenizer = getattr(engine, "tokenizer", None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        toolbox = builders.build_toolbox(cfg.rollout)
+        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
+        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
         with builders.build_verifier(cfg.verifier) as verifier:
             async with builders.build_sandbox(cfg.sandbox) as sandbox:
                 runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
@@ -427,10 +429,19 @@ def demo_model(
         if force:
             shutil.rmtree(demo_model_dir(settings), ignore_errors=True)
         path = ensure_demo_model(settings, log=log)
-    elif (out_dir / "demo.json").exists() and not force:
-        path = out_dir
     else:
-        path = build_demo_model(out_dir, settings, log=log)
+        out_dir = out_dir.resolve()
+        is_demo = (out_dir / "demo.json").exists()
+        if out_dir.exists() and any(out_dir.iterdir()) and not is_demo:
+            _stderr.print(
+                Text(
+                    f"error: {out_dir} exists and is not a demo-model directory; "
+                    "choose a new or empty directory",
+                    style="red",
+                )  # fmt: skip
+            )
+            raise typer.Exit(EXIT_CONFIG)
+        path = out_dir if is_demo and not force else build_demo_model(out_dir, settings, log=log)
     typer.echo(str(path))
 
 

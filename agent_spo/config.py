@@ -273,7 +273,9 @@ class RolloutConfig(_Section):
     """Top-k sampling. -1 = off, else >= 1."""
 
     max_turns: int = Field(8, ge=1)
-    """Most tool turns per episode; 1 = single-turn. >= 1. Source: spec §6 (8)."""
+    """Most model turns per episode, each of which may make one tool call; a call in the
+    last allowed turn is not run and the episode scores 0 (no answer). 1 = single-turn.
+    >= 1. Source: spec §6 (8)."""
 
     max_response_tokens: int = Field(512, ge=1)
     """Budget of tokens the model generates over a whole episode (tool output excluded).
@@ -298,9 +300,10 @@ class RolloutConfig(_Section):
     enable_thinking: bool | None = False
     """Passed to the chat template (Qwen3: False = no <think> block). None = not passed."""
 
-    episode_timeout_s: float | None = Field(300.0, gt=0)
-    """Wall clock per episode, seconds; the episode stops (stop reason 'deadline') and is
-    scored on what it has. > 0; None = no limit."""
+    episode_timeout_s: float | None = Field(None, gt=0)
+    """Wall clock per episode, seconds. An episode past it stops (stop reason 'deadline')
+    and is logged but not scored (reward None): the clock also counts engine and sandbox
+    queueing, which are not the model's doing. > 0; None = no limit (default)."""
 
     retries: int = Field(2, ge=0)
     """Fresh attempts after an infrastructure failure (sandbox or engine) before the
@@ -424,6 +427,11 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.rollout.engine == "openai_http" and self.model.path is None:
+            raise ValueError(
+                "model.path is required when rollout.engine is 'openai_http': it names the "
+                "tokenizer and chat template of the model the server serves"
+            )
         g = self.algo.grpo.group_size
         if self.algo.name == "grpo" and self.learner.batch_size % g:
             raise ValueError(

@@ -90,7 +90,7 @@ async def run_rollout(
     for i in range(n):
         queue.put_nowait(i)
     t0 = time.perf_counter()
-    with open(out, "a", encoding="utf-8") as log:
+    with open(out, "w", encoding="utf-8") as log:  # one log per run, like its summary
 
         async def worker() -> None:
             while True:
@@ -100,7 +100,9 @@ async def run_rollout(
                     return
                 prob = problems[i % len(problems)]
                 try:
-                    traj = await runner.run(prob, seed=seed * 1_000_003 + i, info={"index": i})
+                    traj = await runner.run(
+                        prob, seed=seed % 2**20 * 1_000_003 + i, info={"index": i}
+                    )
                 except EpisodeDropped:
                     summary.dropped += 1
                 else:

@@ -185,3 +185,17 @@ def test_bench_verify_small(tmp_path):
     # 10 from MATH-500 when ../shared/data is present, else all 8 synthetic pairs
     assert ours["throughput"]["latex"]["n"] in (8, 10)
     assert (tmp_path / "per_case.jsonl").is_file()
+
+
+def test_demo_model_refuses_a_directory_that_is_not_a_demo_build(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    result = runner.invoke(app, ["demo-model", str(tmp_path)])
+    assert result.exit_code == EXIT_CONFIG
+    assert "not a demo-model directory" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_openai_http_engine_needs_the_model_path_for_its_tokenizer():
+    result = runner.invoke(app, ["config", "rollout.engine=openai_http", "rollout.url=http://x"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "model.path is required" in result.output

@@ -73,7 +73,7 @@ def _count_primes(n: int) -> int:
     return sum(sieve)
 
 
-def make_tasks(n: int, seed: int = 0, levels: int = 4) -> list[Problem]:
+def make_tasks(n: int, seed: int | str = 0, levels: int = 4) -> list[Problem]:
     """n distinct problems, reproducible from the seed, spread over families and levels."""
     if n < 1 or not 1 <= levels <= 4:
         raise ValueError(f"need n >= 1 and levels in 1..4, got n={n}, levels={levels}")

@@ -106,7 +106,8 @@ class HFEngine:
         gen = None
         if sampling.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        longest = max((len(s) for s in sampling.stop), default=0)
+        # a byte-level token holds at least one byte of text
+        longest = max((len(s.encode()) for s in sampling.stop), default=0)
         req = _Request(
             prompt=prompt,
             sampling=sampling,
@@ -124,16 +125,30 @@ class HFEngine:
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Copy new weights in between decode steps; in-flight rows continue on them."""
+        """Copy new weights in between decode steps; in-flight rows continue on them.
+
+        Every name and shape is checked before anything is copied, so a bad update
+        leaves the old weights intact.
+        """
+        if self._closed:
+            raise EngineError("the engine is closed")
         self._ensure_loop()
+        targets = self.model.state_dict(keep_vars=True)  # tied names included
+        staged = []
+        for name, tensor in weights:
+            target = targets.get(name)
+            if target is None:
+                raise KeyError(f"the engine's model has no weight named {name!r}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the engine's model expects {tuple(target.shape)}"
+                )
+            staged.append((target, tensor))
         async with self._weights_lock:
             t0 = time.perf_counter()
-            targets = self.model.state_dict(keep_vars=True)  # tied names included
             with torch.no_grad():
-                for name, tensor in weights:
-                    target = targets.get(name)
-                    if target is None:
-                        raise KeyError(f"the engine's model has no weight named {name!r}")
+                for target, tensor in staged:
                     target.copy_(tensor.to(target.device, target.dtype))
             self._version = int(version)
             self.last_update_s = time.perf_counter() - t0
@@ -178,13 +193,18 @@ class HFEngine:
                     while self._waiting and len(batch.rows) + len(admit) < self.max_batch:
                         r = self._waiting.pop(0)
                         if not r.future.done():  # skip requests whose caller gave up
+                            r.version = self._version  # the weights that will sample it
                             admit.append(r)
                     finished = await asyncio.to_thread(batch.step, admit)
                 for r, gen in finished:
                     if not r.future.done():
                         r.future.set_result(gen)
                 await asyncio.sleep(0)  # let callers queue their next turns
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # close(): nobody may wait forever
+            err = EngineError("the engine was closed")
+            for r in batch.rows + admit + self._waiting:
+                if not r.future.done():
+                    r.future.set_exception(err)
             raise
         except Exception as e:  # an engine failure is an infrastructure fault
             err = EngineError(f"transformers engine failed: {type(e).__name__}: {e}")
@@ -207,6 +227,10 @@ class _Batch:
 
     @torch.no_grad()
     def step(self, admit: list[_Request]) -> list[tuple[_Request, Generation]]:
+        live = [i for i, r in enumerate(self.rows) if not r.future.done()]
+        if len(live) < len(self.rows):  # callers that gave up (cancelled) free their rows
+            self.next_logits = self.next_logits[live] if live else None
+            self._select(live)
         if admit:
             self._prefill(admit)
         if not self.rows:

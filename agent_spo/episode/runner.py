@@ -39,10 +39,11 @@ from agent_spo.verify.verdict import Verdict
 class EpisodeDropped(RuntimeError):
     """Infrastructure failed (sandbox or engine): the episode is not scorable."""
 
-    def __init__(self, source: str, reason: str) -> None:
+    def __init__(self, source: str, reason: str, *, retryable: bool = True) -> None:
         super().__init__(f"{source} failure: {reason}")
-        self.source = source  # "engine" or "sandbox"
+        self.source = source  # "engine", "sandbox", "prompt" (too long) or "deadline"
         self.reason = reason
+        self.retryable = retryable  # False when a fresh attempt would fail the same way
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,18 @@ class EpisodeRunner:
         last: EpisodeDropped | None = None
         for attempt in range(self.settings.retries + 1):
             try:
-                traj = await self._attempt(problem, seed, {**(info or {}), "attempt": attempt})
+                # a retry samples afresh: a fault the model's own output provoked
+                # should not replay identically
+                seed_a = None if seed is None else (seed * 7919 + attempt * 104729) % 2**40
+                traj = await self._attempt(problem, seed_a, {**(info or {}), "attempt": attempt})
                 self.counters["episodes"] += 1
                 self.counters[f"stop/{traj.stop_reason}"] += 1
                 return traj
             except EpisodeDropped as e:
                 self.counters[f"dropped/{e.source}"] += 1
                 last = e
+                if not e.retryable:
+                    break
                 if attempt < self.settings.retries:
                     self.counters["retried"] += 1
         assert last is not None
@@ -108,9 +114,20 @@ class EpisodeRunner:
         last_turn: list[int] = []
         stop_reason = None
         session = None
+        ended_on_call = False  # the last model turn asked for a tool that never answered
+        try:
+            limit = self.engine.max_model_len
+        except EngineError as e:
+            raise EpisodeDropped("engine", str(e)) from e
+        if len(prompt) >= limit:
+            raise EpisodeDropped(
+                "prompt",
+                f"the prompt has {len(prompt)} tokens; the context limit is {limit}",
+                retryable=False,
+            )
         try:
             for turn in range(s.max_turns):
-                room = min(s.max_response_tokens - used, self.engine.max_model_len - len(context))
+                room = min(s.max_response_tokens - used, limit - len(context))
                 if room < 1:
                     stop_reason = "budget" if used >= s.max_response_tokens else "context"
                     break
@@ -146,8 +163,12 @@ class EpisodeRunner:
                     else:
                         stop_reason = "answer"
                     break
+                ended_on_call = True
                 if turn == s.max_turns - 1:
                     stop_reason = "max_turns"
+                    break
+                if used >= s.max_response_tokens:  # no budget left to read the result
+                    stop_reason = "budget"
                     break
                 if session is None and call.error is None:
                     session = await self._open_session()
@@ -158,15 +179,13 @@ class EpisodeRunner:
                 self.counters[f"tool/{record.fault or 'ok'}"] += 1
                 obs = self.renderer.observation(record.observation)
                 n_obs = sum(len(x.token_ids) for x in obs)
-                if len(context) + n_obs >= self.engine.max_model_len:
+                if len(context) + n_obs >= limit:
                     stop_reason = "context"
                     break
                 segments.extend(obs)
                 for x in obs:
                     context.extend(x.token_ids)
-                if used >= s.max_response_tokens:
-                    stop_reason = "budget"
-                    break
+                ended_on_call = False
                 if s.deadline_s is not None and time.perf_counter() - t_start >= s.deadline_s:
                     stop_reason = "deadline"
                     break
@@ -178,11 +197,19 @@ class EpisodeRunner:
                     await session.close()
                 except Exception:  # a dead session is already gone
                     self.counters["sandbox/close_failed"] += 1
-        if not segments:  # the deadline passed before the first token
-            raise EpisodeDropped("engine", "no model turn finished before the deadline")
+        if not segments:  # the deadline passed before the first turn finished
+            raise EpisodeDropped(
+                "deadline", f"no model turn finished within {s.deadline_s} s", retryable=False
+            )
         t0 = time.perf_counter()
-        if stop_reason == "max_turns":  # the last turn asked for a tool: no answer given
-            verdict = Verdict(False, "no_answer", "the episode ended on a tool call (max_turns)")
+        if stop_reason == "deadline":
+            # The clock counts engine and sandbox queueing too, so running out of it is
+            # not the model's doing alone: the episode is kept for inspection, not scored.
+            verdict = Verdict(False, "timeout", f"the episode passed its {s.deadline_s} s deadline")
+        elif ended_on_call:  # the last turn asked for a tool: no answer was given
+            verdict = Verdict(
+                False, "no_answer", f"the episode ended on a tool call ({stop_reason})"
+            )
         else:
             final_text = self.renderer.tokenizer.decode(last_turn, skip_special_tokens=True)
             verdict = await self.verifier.acheck(problem.answer, final_text)

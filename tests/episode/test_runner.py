@@ -265,3 +265,51 @@ def test_token_invariants_hold_for_any_outputs_and_budgets(
         assert len(c.observation) <= 256 + 60
     if traj.reward is not None:
         assert traj.reward in (0.0, 1.0)
+
+
+def test_budget_spent_on_a_call_turn_does_not_run_the_tool(sandbox, verifier, chat_tokenizer):
+    text = call("print(1)")
+    n = len(chat_tokenizer(text, add_special_tokens=False).input_ids)
+    s = EpisodeSettings(max_response_tokens=n)  # the call uses the whole budget
+    traj, engine, _, _ = _run(sandbox, verifier, chat_tokenizer, [text], settings_=s)
+    assert traj.stop_reason == "budget" and traj.tool_calls == ()
+    assert traj.verdict == "no_answer" and traj.reward == 0.0
+
+
+def test_a_prompt_over_the_context_limit_is_dropped_without_retry(
+    sandbox, verifier, chat_tokenizer
+):
+    traj, engine, runner, err = _run(
+        sandbox, verifier, chat_tokenizer, ["x"], max_model_len=10,
+        settings_=EpisodeSettings(retries=3),
+    )  # fmt: skip
+    assert traj is None and err.source == "prompt" and "context limit is 10" in str(err)
+    assert engine.contexts == [] and runner.counters["dropped/prompt"] == 1
+    assert runner.counters["retried"] == 0
+
+
+def test_the_deadline_keeps_the_episode_but_does_not_score_it(sandbox, verifier, chat_tokenizer):
+    class Slow(ScriptedEngine):
+        async def generate(self, prompt_ids, sampling):
+            if len(self.contexts) == 1:
+                await asyncio.sleep(0.5)
+            return await super().generate(prompt_ids, sampling)
+
+    from tools.toolbox import Toolbox, builtin_tools
+
+    box, loop = sandbox
+    engine = Slow(chat_tokenizer, [call("print(1)"), "The answer is \\boxed{56088}.<|im_end|>"])
+    renderer = ChatRenderer(chat_tokenizer, get_format("hermes"), tools=SCHEMAS)
+    runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), box, verifier,
+                           EpisodeSettings(deadline_s=0.3))  # fmt: skip
+    traj = loop.run_until_complete(runner.run(PROBLEM))
+    assert traj.stop_reason == "deadline" and traj.reward is None
+    assert len(traj.tool_calls) == 1  # what happened before the deadline is kept
+    # nothing finished at all: dropped, and not retried (it would only time out again)
+    engine = Slow(chat_tokenizer, ["never"] * 3)
+    engine.contexts.append([])  # make the first call the slow one
+    runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), box, verifier,
+                           EpisodeSettings(deadline_s=0.2, retries=2))  # fmt: skip
+    with pytest.raises(EpisodeDropped) as e:
+        loop.run_until_complete(runner.run(PROBLEM))
+    assert e.value.source == "deadline" and runner.counters["retried"] == 0
