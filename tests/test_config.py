@@ -72,7 +72,9 @@ def test_paper_config_values():
     cfg = load_config(CONFIGS / "paper_qwen3_8b.yaml")
     assert cfg.learner.batch_size == 2048 and cfg.learner.mini_batches == 8
     assert cfg.learner.lr == 1e-6
-    assert cfg.rollout.max_response_tokens == 16384 and cfg.rollout.max_turns == 8
+    assert (
+        cfg.rollout.max_response_tokens == 16384 and cfg.rollout.max_turns == 9
+    )  # 8 tool calls + the answer turn
     assert cfg.rollout.engine == "vllm" and cfg.rollout.tool_format == "retool"
     assert cfg.rollout.temperature == 1.0
 
