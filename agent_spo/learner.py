@@ -1,0 +1,192 @@
+"""The learner: log-probs of trainable tokens, PPO-clip updates, and weights for the engine.
+
+One ``step(trajectories, adv)`` consumes one training batch:
+
+* the batch is split into ``mini_batches`` optimizer steps (one pass, in order);
+* each mini-batch is split into micro-batches of at most ``micro_batch_tokens`` tokens,
+  whose gradients accumulate with the mini-batch's trainable-token count as the explicit
+  normaliser, so the split never changes the gradient (token mean over the step);
+* ``logp_old`` is the engine's behaviour log-probs (default: off-policy corrected by the
+  PPO ratio), or the learner's own recomputation before the update (reference option);
+* after the update the learner measures its drift d_s = mean |logp_after − logp_before|
+  over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from agent_spo.algo.loss import ppo_clip_loss
+from agent_spo.episode.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Means over the batch's trainable tokens unless said otherwise."""
+
+    loss: float
+    pg_loss: float
+    clip_frac: float
+    approx_kl: float  # k3(old || new) at the start of each mini-batch's update
+    grad_norm: float  # before clipping, mean over optimizer steps
+    drift: float  # d_s = mean |logp_after - logp_before|
+    n_tokens: int  # trainable tokens in the batch
+    n_trajectories: int
+    optimizer_steps: int
+    step_s: float  # wall time of the whole learner step
+
+
+class Learner:
+    """A causal LM trained by PPO-clip on trajectories; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        lr: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        grad_clip: float = 1.0,
+        mini_batches: int = 1,
+        micro_batch_tokens: int = 4096,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        dual_clip_c: float | None = 10.0,
+        logp_old: Literal["behaviour", "recompute"] = "behaviour",
+        pad_token_id: int = 0,
+    ) -> None:
+        self.model = model.train()
+        self.device = next(model.parameters()).device
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
+        )
+        self.grad_clip = grad_clip
+        self.mini_batches = mini_batches
+        self.micro_batch_tokens = micro_batch_tokens
+        self.loss_kwargs = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip_c": dual_clip_c}
+        if logp_old not in ("behaviour", "recompute"):
+            raise ValueError(f"logp_old must be 'behaviour' or 'recompute', got {logp_old!r}")
+        self.logp_old_mode = logp_old
+        self.pad_token_id = pad_token_id
+        self.version = 0
+
+    # ------------------------------------------------------------------ log-probs
+    def _micro_batches(self, trajs: Sequence[Trajectory]) -> Iterator[list[int]]:
+        """Indices grouped so each group's padded size stays within micro_batch_tokens."""
+        group: list[int] = []
+        longest = 0
+        for i, t in enumerate(trajs):
+            n = len(t.token_ids)
+            if group and max(longest, n) * (len(group) + 1) > self.micro_batch_tokens:
+                yield group
+                group, longest = [], 0
+            group.append(i)
+            longest = max(longest, n)
+        if group:
+            yield group
+
+    def _forward(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response log-probs [B, R] (R = longest response) and the loss mask [B, R]."""
+        n = max(len(t.token_ids) for t in trajs)
+        r = max(len(t.response_token_ids) for t in trajs)
+        ids = torch.full((len(trajs), n), self.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(trajs), n), dtype=torch.long)
+        index = torch.zeros((len(trajs), r), dtype=torch.long)  # logits row per response token
+        target = torch.zeros((len(trajs), r), dtype=torch.long)
+        mask = torch.zeros((len(trajs), r))
+        for b, t in enumerate(trajs):
+            p, resp = len(t.prompt_token_ids), t.response_token_ids
+            ids[b, : len(t.token_ids)] = torch.tensor(t.token_ids)
+            att[b, : len(t.token_ids)] = 1
+            index[b, : len(resp)] = torch.arange(p - 1, p - 1 + len(resp))
+            target[b, : len(resp)] = torch.tensor(resp)
+            mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
+        logits = self.model(
+            input_ids=ids.to(self.device), attention_mask=att.to(self.device)
+        ).logits
+        rows = logits.gather(1, index.to(self.device)[..., None].expand(-1, -1, logits.shape[-1]))
+        logp = torch.log_softmax(rows.float(), dim=-1)  # [B, R, V]
+        return logp.gather(2, target.to(self.device)[..., None]).squeeze(2), mask.to(self.device)
+
+    @torch.no_grad()
+    def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
+        """The current policy's log-prob of every response token, per trajectory (CPU)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
+        for group in self._micro_batches(trajs):
+            logp, _ = self._forward([trajs[i] for i in group])
+            for row, i in enumerate(group):
+                out[i] = logp[row, : len(trajs[i].response_token_ids)].cpu()
+        return out
+
+    # ------------------------------------------------------------------ the update
+    def step(self, trajs: Sequence[Trajectory], adv: Sequence[float]) -> StepStats:
+        """One batch: mini-batch optimizer steps over micro-batches; returns stats."""
+        if len(trajs) != len(adv) or not trajs:
+            raise ValueError(f"need one advantage per trajectory, got {len(trajs)} and {len(adv)}")
+        t0 = time.perf_counter()
+        before = self.token_logprobs(trajs)
+        if self.logp_old_mode == "recompute":
+            old = before
+        else:
+            old = [torch.tensor(t.logprobs) for t in trajs]
+        k = min(self.mini_batches, len(trajs))
+        bounds = [round(j * len(trajs) / k) for j in range(k + 1)]
+        totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "norm": 0.0}
+        n_tokens = 0
+        self.model.train()
+        for j in range(k):
+            idx = list(range(bounds[j], bounds[j + 1]))
+            mini = [trajs[i] for i in idx]
+            normalizer = float(sum(sum(t.loss_mask) for t in mini))
+            if normalizer == 0:
+                continue
+            self.opt.zero_grad(set_to_none=True)
+            for group in self._micro_batches(mini):
+                sub = [mini[g] for g in group]
+                logp, mask = self._forward(sub)  # [b, R]
+                lo = torch.zeros_like(logp)
+                for row, g in enumerate(group):
+                    o = old[idx[g]]
+                    lo[row, : len(o)] = o.to(lo.device)
+                a = torch.tensor([float(adv[idx[g]]) for g in group], device=logp.device)
+                loss, st = ppo_clip_loss(logp, lo, a, mask, normalizer, **self.loss_kwargs)
+                loss.backward()
+                totals["loss"] += float(loss.detach())
+                totals["pg_loss"] += st.pg_loss
+                totals["clip"] += st.clip_frac * st.n_tokens
+                totals["kl"] += st.approx_kl * st.n_tokens
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            totals["norm"] += float(norm)
+            self.opt.step()
+            n_tokens += int(normalizer)
+        self.opt.zero_grad(set_to_none=True)
+        self.version += 1
+        after = self.token_logprobs(trajs)
+        masks = [torch.tensor(t.loss_mask, dtype=torch.bool) for t in trajs]
+        diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
+        return StepStats(
+            loss=totals["loss"] / k,
+            pg_loss=totals["pg_loss"] / k,
+            clip_frac=totals["clip"] / max(1, n_tokens),
+            approx_kl=totals["kl"] / max(1, n_tokens),
+            grad_norm=totals["norm"] / k,
+            drift=float(diff.mean()) if diff.numel() else 0.0,
+            n_tokens=n_tokens,
+            n_trajectories=len(trajs),
+            optimizer_steps=k,
+            step_s=time.perf_counter() - t0,
+        )
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Detached weights to push into an engine (tied copies listed once)."""
+        seen: set[int] = set()
+        for name, p in self.model.state_dict().items():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            yield name, p.detach()

@@ -1,0 +1,148 @@
+"""The learner: exact log-probs, micro-batch invariance, the direction of an update,
+drift, and a weight push that makes the engine sample from the updated policy."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+
+import pytest
+import torch
+
+from agent_spo.episode.trajectory import Segment, Trajectory
+from agent_spo.learner import Learner
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from agent_spo.demo.tokenizer import train_tokenizer
+
+    return train_tokenizer([f"What is {i} times {i + 7}? {i * (i + 7)}" for i in range(300)],
+                           vocab_size=400)  # fmt: skip
+
+
+def _model(tok, dtype=torch.float32):
+    from agent_spo.demo.model import random_model
+
+    return random_model(tok, seed=0, hidden=32, layers=2, heads=2).to(dtype)
+
+
+def _trajectories(learner: Learner, n: int, vocab: int, seed: int = 0) -> list[Trajectory]:
+    """Random prompt / model / tool / model trajectories whose behaviour log-probs are the
+    learner's own (on-policy)."""
+    rng = random.Random(seed)
+    drafts = []
+    for i in range(n):
+        ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+        m1, tool, m2 = ids(rng.randint(1, 9)), ids(rng.randint(1, 6)), ids(rng.randint(1, 9))
+        segs = [
+            Segment("model", m1, [-1.0] * len(m1), 0),
+            Segment("tool", tool),
+            Segment("model", m2, [-1.0] * len(m2), 0),
+        ]
+        drafts.append(Trajectory(f"p{i}", ids(rng.randint(2, 12)), segs))
+    logps = learner.token_logprobs(drafts)
+    out = []
+    for t, lp in zip(drafts, logps, strict=True):
+        segs, k = [], 0
+        for s in t.segments:
+            n_s = len(s.token_ids)
+            if s.kind == "model":
+                segs.append(Segment("model", s.token_ids, lp[k : k + n_s].tolist(), 0))
+            else:
+                segs.append(s)
+            k += n_s
+        out.append(Trajectory(t.prompt_id, t.prompt_token_ids, segs))
+    return out
+
+
+def test_token_logprobs_equal_a_plain_forward_pass(tok):
+    model = _model(tok)
+    learner = Learner(copy.deepcopy(model), micro_batch_tokens=40)
+    trajs = _trajectories(learner, 6, len(tok))
+    for t, lp in zip(trajs, learner.token_logprobs(trajs), strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([t.token_ids])).logits.float(), -1)[0]
+        p = len(t.prompt_token_ids)
+        want = ref[p - 1 : -1].gather(1, torch.tensor(t.response_token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(lp, want, atol=1e-5)
+
+
+def test_micro_batch_split_does_not_change_the_update(tok):
+    """Token-mean over the step with an explicit normaliser: any split, same weights."""
+    base = _model(tok, torch.float64)
+    a = Learner(copy.deepcopy(base), lr=1e-2, micro_batch_tokens=10_000)
+    b = Learner(copy.deepcopy(base), lr=1e-2, micro_batch_tokens=12)
+    trajs = _trajectories(a, 8, len(tok))
+    adv = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 1.5]
+    sa, sb = a.step(trajs, adv), b.step(trajs, adv)
+    for (n, pa), (_, pb) in zip(
+        a.model.named_parameters(), b.model.named_parameters(), strict=True
+    ):
+        assert torch.allclose(pa, pb, atol=1e-10), n
+    assert sa.n_tokens == sb.n_tokens == sum(sum(t.loss_mask) for t in trajs)
+    assert sa.loss == pytest.approx(sb.loss, abs=1e-7)  # summation order only
+
+
+def test_positive_advantage_raises_and_negative_lowers_log_probs(tok):
+    learner = Learner(_model(tok), lr=3e-3)
+    good, bad = _trajectories(learner, 2, len(tok), seed=3)
+
+    def total(t):
+        lp = learner.token_logprobs([t])[0]
+        return float(lp[torch.tensor(t.loss_mask, dtype=torch.bool)].sum())
+
+    g0, b0 = total(good), total(bad)
+    stats = learner.step([good, bad], [1.0, -1.0])
+    assert total(good) > g0 and total(bad) < b0
+    assert stats.drift > 0 and stats.optimizer_steps == 1 and learner.version == 1
+    assert stats.clip_frac == 0.0  # on-policy first step: the ratio starts at 1
+
+
+def test_recompute_equals_behaviour_when_on_policy(tok):
+    base = _model(tok, torch.float64)
+    a = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2)
+    b = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2, logp_old="recompute")
+    trajs = _trajectories(a, 4, len(tok), seed=5)
+    a.step(trajs, [1.0, -1.0, 0.3, 0.7])
+    b.step(trajs, [1.0, -1.0, 0.3, 0.7])
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_only_model_tokens_are_trained(tok):
+    """A trajectory whose model tokens get advantage 0 moves nothing, however long its
+    tool segment; the step's token count is the model tokens alone."""
+    base = _model(tok, torch.float64)
+    learner = Learner(copy.deepcopy(base), lr=1e-2, weight_decay=0.0)
+    (t,) = _trajectories(learner, 1, len(tok), seed=7)
+    stats = learner.step([t], [0.0])
+    assert stats.n_tokens == t.num_model_tokens < len(t.response_token_ids)
+    for pa, pb in zip(learner.model.parameters(), base.parameters(), strict=True):
+        assert torch.allclose(pa, pb)
+
+
+def test_weight_push_makes_the_engine_sample_the_updated_policy(tok):
+    from agent_spo.engines.base import Sampling
+    from agent_spo.engines.hf import HFEngine
+
+    base = _model(tok)
+    learner = Learner(copy.deepcopy(base), lr=1e-2)
+    trajs = _trajectories(learner, 4, len(tok), seed=9)
+    learner.step(trajs, [1.0, -1.0, 1.0, -1.0])
+    prompt = list(trajs[0].prompt_token_ids)
+
+    async def main():
+        engine = HFEngine(copy.deepcopy(base), tok)
+        before = await engine.generate(prompt, Sampling(max_tokens=6, temperature=0))
+        await engine.update_weights(learner.named_weights(), learner.version)
+        after = await engine.generate(prompt, Sampling(max_tokens=6, temperature=0))
+        await engine.close()
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert after.policy_version == 1 and before.logprobs != after.logprobs
+    probe = Trajectory("x", prompt, [Segment("model", after.token_ids, after.logprobs, 1)])
+    lp = learner.token_logprobs([probe])[0]
+    assert torch.allclose(lp, torch.tensor(after.logprobs), atol=1e-5)
