@@ -1,0 +1,163 @@
+"""The single-stream SPO loop (DESIGN §3): workers never wait for each other.
+
+    sampler ─prompt─▶ worker ×N ─episode─▶ verifier ─reward─▶ tracker ─(traj, v̂)─▶ queue
+                                                                                  │
+    engine.update_weights ◀── learner.step ◀── SPO advantages ◀── first B finished ┘
+
+Each worker draws a prompt (∝ sqrt(v̂(1−v̂)) + ε among prompts not in flight), plays one
+episode, reads the baseline v̂(x) *before* adding the reward, updates the tracker, and puts
+the trajectory on the queue. The learner takes the first ``batch_size`` finished
+trajectories, drops any whose oldest segment lags the learner by more than
+``max_staleness`` versions (counted, never trained on), normalises r − v̂ over the batch,
+updates, records its drift for the ``kl_version`` discount, and pushes weights.
+Unscorable episodes (reward None) and dropped ones never reach the tracker or the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent_spo.algo import PrioritizedSampler, ValueTracker
+from agent_spo.algo.advantages import near_zero_fraction, no_baseline_advantages, spo_advantages
+from agent_spo.data.problems import Problem
+from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
+from agent_spo.episode.trajectory import Trajectory
+from agent_spo.learner import Learner
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    batch_size: int = 16
+    total_steps: int = 30
+    workers: int = 8
+    max_staleness: int = 4
+    baseline: bool = True  # False: the "no baseline" ablation, A = r
+    seed: int = 0
+
+
+@dataclass
+class _Finished:
+    traj: Trajectory
+    key: str
+    v_hat: float  # the baseline, read before this reward was added
+
+
+@dataclass
+class StreamState:
+    step: int = 0
+    episodes: int = 0
+    counters: Counter = field(default_factory=Counter)
+
+
+async def train_spo(
+    *,
+    runner: EpisodeRunner,
+    problems: Mapping[str, Problem],
+    tracker: ValueTracker,
+    sampler: PrioritizedSampler,
+    learner: Learner,
+    engine,
+    settings: StreamSettings,
+    on_step: Callable[[dict, list[_Finished]], None] | None = None,
+) -> StreamState:
+    """Run ``settings.total_steps`` learner steps on the single stream; returns counters."""
+    state = StreamState()
+    queue: asyncio.Queue[_Finished] = asyncio.Queue()
+    stop = asyncio.Event()
+
+    async def worker(wid: int) -> None:
+        n = 0
+        while not stop.is_set():
+            key = sampler.draw()
+            try:
+                seed = (settings.seed * 1009 + wid) * 1_000_003 + n
+                n += 1
+                traj = await runner.run(problems[key], seed=seed % 2**40)
+            except EpisodeDropped as e:
+                state.counters[f"dropped/{e.source}"] += 1
+                continue
+            finally:
+                sampler.release(key)
+            state.episodes += 1
+            if traj.reward is None:
+                state.counters["unscored"] += 1
+                continue
+            upd = tracker.observe(key, traj.reward)
+            sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
+            await queue.put(_Finished(traj, key, upd.v_hat_before))
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(settings.workers)]
+    try:
+        for step in range(settings.total_steps):
+            t_wait = time.perf_counter()
+            batch: list[_Finished] = []
+            while len(batch) < settings.batch_size:
+                item = await _next(queue, tasks)
+                if item.traj.staleness(learner.version) > settings.max_staleness:
+                    state.counters["dropped/stale"] += 1
+                    continue
+                batch.append(item)
+            wait_s = time.perf_counter() - t_wait
+            rewards = np.array([b.traj.reward for b in batch])
+            if settings.baseline:
+                adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]))
+            else:
+                adv, raw = no_baseline_advantages(rewards)
+            stats = await asyncio.to_thread(learner.step, [b.traj for b in batch], adv.tolist())
+            tracker.record_step_drift(stats.drift)
+            t_push = time.perf_counter()
+            await engine.update_weights(learner.named_weights(), learner.version)
+            push_s = time.perf_counter() - t_push
+            state.step = step + 1
+            metrics = {
+                "step": state.step,
+                "reward/mean": float(rewards.mean()),
+                "rollout/episodes": state.episodes,
+                "rollout/staleness_mean": float(
+                    np.mean([b.traj.staleness(learner.version - 1) for b in batch])
+                ),
+                "tracker/v_hat_mean": float(np.mean([b.v_hat for b in batch])),
+                "tracker/drift": stats.drift,
+                "loss/pg": stats.pg_loss,
+                "loss/clip_frac": stats.clip_frac,
+                "loss/approx_kl": stats.approx_kl,
+                "loss/grad_norm": stats.grad_norm,
+                "loss/adv_raw_var": float(np.var(raw)),
+                "loss/adv_zero_frac": near_zero_fraction(raw, 1e-6),
+                "tool/calls_per_episode": float(np.mean([len(b.traj.tool_calls) for b in batch])),
+                "perf/learner_s": stats.step_s,
+                "perf/wait_s": wait_s,
+                "perf/weight_push_s": push_s,
+                **{f"rollout/{k}": v for k, v in state.counters.items()},
+            }
+            if on_step is not None:
+                on_step(metrics, batch)
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return state
+
+
+async def _next(queue: asyncio.Queue, tasks: list[asyncio.Task]):
+    """The next finished trajectory; re-raises a worker's crash instead of waiting forever."""
+    get = asyncio.ensure_future(queue.get())
+    while True:
+        done, _ = await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        for t in done:
+            if t.exception() is not None:
+                get.cancel()
+                raise t.exception()
+        tasks = [t for t in tasks if not t.done()]
+        if not tasks:
+            get.cancel()
+            raise RuntimeError("every episode worker stopped")
