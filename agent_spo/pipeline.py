@@ -11,6 +11,9 @@ trajectories, drops any whose oldest segment lags the learner by more than
 ``max_staleness`` versions (counted, never trained on), normalises r − v̂ over the batch,
 updates, records its drift for the ``kl_version`` discount, and pushes weights.
 Unscorable episodes (reward None) and dropped ones never reach the tracker or the queue.
+The queue holds at most ``queue_limit`` finished trajectories: when the learner is the
+bottleneck, workers wait to hand theirs over rather than generate samples that would
+only go stale.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class StreamSettings:
     max_staleness: int = 4
     baseline: bool = True  # False: the "no baseline" ablation, A = r
     seed: int = 0
+    queue_limit: int | None = None  # finished trajectories waiting; None = batch_size
 
 
 @dataclass
@@ -68,7 +72,9 @@ async def train_spo(
 ) -> StreamState:
     """Run ``settings.total_steps`` learner steps on the single stream; returns counters."""
     state = StreamState()
-    queue: asyncio.Queue[_Finished] = asyncio.Queue()
+    # Back-pressure: when the learner is the bottleneck, workers wait to hand over their
+    # trajectory instead of sampling more that would only go stale and be dropped.
+    queue: asyncio.Queue[_Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
     stop = asyncio.Event()
 
     async def worker(wid: int) -> None:
