@@ -59,6 +59,7 @@ class Learner:
         dual_clip_c: float | None = 10.0,
         logp_old: Literal["behaviour", "recompute"] = "behaviour",
         pad_token_id: int = 0,
+        share_prefix: bool = True,
     ) -> None:
         self.model = model.train()
         self.device = next(model.parameters()).device
@@ -73,6 +74,7 @@ class Learner:
             raise ValueError(f"logp_old must be 'behaviour' or 'recompute', got {logp_old!r}")
         self.logp_old_mode = logp_old
         self.pad_token_id = pad_token_id
+        self.share_prefix = share_prefix  # run the batch's common opening tokens once
         self.version = 0
 
     # ------------------------------------------------------------------ log-probs
@@ -91,27 +93,52 @@ class Learner:
             yield group
 
     def _forward(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response log-probs [B, R] (R = longest response) and the loss mask [B, R]."""
-        n = max(len(t.token_ids) for t in trajs)
+        """Response log-probs [B, R] (R = longest response) and the loss mask [B, R].
+
+        The tokens every trajectory of the micro-batch opens with (system prompt, tool
+        schemas: often most of a short episode) run once, and their keys/values are shared
+        by the rows; gradients flow through them as through a full pass.
+        """
+        shared = self._shared_prefix_len(trajs) if self.share_prefix else 0
+        n = max(len(t.token_ids) for t in trajs) - shared
         r = max(len(t.response_token_ids) for t in trajs)
         ids = torch.full((len(trajs), n), self.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(trajs), n), dtype=torch.long)
+        att = torch.zeros((len(trajs), shared + n), dtype=torch.long)
+        att[:, :shared] = 1
         index = torch.zeros((len(trajs), r), dtype=torch.long)  # logits row per response token
         target = torch.zeros((len(trajs), r), dtype=torch.long)
         mask = torch.zeros((len(trajs), r))
         for b, t in enumerate(trajs):
             p, resp = len(t.prompt_token_ids), t.response_token_ids
-            ids[b, : len(t.token_ids)] = torch.tensor(t.token_ids)
+            ids[b, : len(t.token_ids) - shared] = torch.tensor(t.token_ids[shared:])
             att[b, : len(t.token_ids)] = 1
-            index[b, : len(resp)] = torch.arange(p - 1, p - 1 + len(resp))
+            index[b, : len(resp)] = torch.arange(p - 1 - shared, p - 1 - shared + len(resp))
             target[b, : len(resp)] = torch.tensor(resp)
             mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
+        kwargs = {}
+        if shared:
+            head = torch.tensor([trajs[0].token_ids[:shared]], device=self.device)
+            cache = self.model(input_ids=head, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(trajs))
+            pos = torch.arange(shared, shared + n, device=self.device)[None].expand(len(trajs), n)
+            kwargs = {"past_key_values": cache, "position_ids": pos, "use_cache": True}
         logits = self.model(
-            input_ids=ids.to(self.device), attention_mask=att.to(self.device)
-        ).logits
+            input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kwargs
+        ).logits  # [B, n, V]
         rows = logits.gather(1, index.to(self.device)[..., None].expand(-1, -1, logits.shape[-1]))
         logp = torch.log_softmax(rows.float(), dim=-1)  # [B, R, V]
         return logp.gather(2, target.to(self.device)[..., None]).squeeze(2), mask.to(self.device)
+
+    @staticmethod
+    def _shared_prefix_len(trajs: Sequence[Trajectory], minimum: int = 16) -> int:
+        """Length of the token prefix all rows share, ending before every row's last
+        prompt token (whose logits score the first response token); 0 if too short."""
+        limit = min(len(t.prompt_token_ids) for t in trajs) - 1
+        first = trajs[0].prompt_token_ids
+        k = 0
+        while k < limit and all(t.prompt_token_ids[k] == first[k] for t in trajs):
+            k += 1
+        return k if k >= minimum and len(trajs) > 1 else 0
 
     @torch.no_grad()
     def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:

@@ -146,3 +146,21 @@ def test_weight_push_makes_the_engine_sample_the_updated_policy(tok):
     probe = Trajectory("x", prompt, [Segment("model", after.token_ids, after.logprobs, 1)])
     lp = learner.token_logprobs([probe])[0]
     assert torch.allclose(lp, torch.tensor(after.logprobs), atol=1e-5)
+
+
+def test_sharing_the_common_prompt_prefix_changes_nothing_but_cost(tok):
+    """Rows that open with the same system prompt: the prefix runs once, same update."""
+    base = _model(tok, torch.float64)
+    a = Learner(copy.deepcopy(base), lr=1e-2, share_prefix=True)
+    b = Learner(copy.deepcopy(base), lr=1e-2, share_prefix=False)
+    head = list(range(5, 45))  # a 40-token "system prompt" every trajectory starts with
+    drafts = _trajectories(b, 6, len(tok), seed=11)
+    trajs = [Trajectory(t.prompt_id, head + list(t.prompt_token_ids), t.segments) for t in drafts]
+    assert Learner._shared_prefix_len(trajs) == 40
+    for x, y in zip(a.token_logprobs(trajs), b.token_logprobs(trajs), strict=True):
+        assert torch.allclose(x, y, atol=1e-10)
+    adv = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0]
+    a.step(trajs, adv)
+    b.step(trajs, adv)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-10)
