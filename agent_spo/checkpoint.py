@@ -1,0 +1,128 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint is a directory ``ckpt-{step:06d}/`` under the run's ``checkpoints/``:
+
+* ``model/``: the policy as a Hugging Face model directory (weights + config + tokenizer);
+* ``optimizer.pt``: the optimizer's state;
+* ``state.json``: step, learner version, tracker state, sampler state (with its RNG),
+  the episode-log offset in bytes, and anything else the loop passes in ``extra``.
+
+It is written under a temporary name and renamed into place, then ``latest`` (a one-line
+file naming it) is replaced atomically. A crash mid-write leaves only a ``.tmp-*``
+directory, which :func:`latest_checkpoint` ignores and :func:`save_checkpoint` cleans up,
+so the previous checkpoint stays the one a resume reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict  # state.json
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def optimizer_path(self) -> Path:
+        return self.path / "optimizer.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    tracker,
+    sampler,
+    learner_version: int,
+    episode_log_offset: int = 0,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
+    import torch
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # leftovers of a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"ckpt-{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    model.save_pretrained(str(tmp / "model"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "model"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    state = {
+        "step": step,
+        "learner_version": learner_version,
+        "episode_log_offset": episode_log_offset,
+        "tracker": tracker.state_dict(),
+        "sampler": sampler.state_dict(),
+        **(extra or {}),
+    }
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    pointer = root / f".latest-{os.getpid()}"
+    pointer.write_text(final.name + "\n")
+    pointer.replace(root / "latest")
+    _fsync_dir(root)
+    for old in sorted(root.glob("ckpt-*"))[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Checkpoint | None:
+    """The checkpoint ``latest`` names, or the newest complete one; None if there is none."""
+    root = Path(root)
+    candidates = []
+    pointer = root / "latest"
+    if pointer.exists():
+        candidates.append(root / pointer.read_text().strip())
+    candidates += sorted(root.glob("ckpt-*"), reverse=True)
+    for path in candidates:
+        state_file = path / "state.json"
+        if not state_file.exists():
+            continue
+        try:
+            state = json.loads(state_file.read_text())
+        except ValueError:
+            continue
+        return Checkpoint(path, int(state["step"]), state)
+    return None
+
+
+def restore(ckpt: Checkpoint, *, optimizer, tracker, sampler) -> None:
+    """Load the optimizer, tracker and sampler state (the model loads from model_dir)."""
+    import torch
+
+    optimizer.load_state_dict(torch.load(ckpt.optimizer_path, weights_only=True))
+    tracker.load_state_dict(ckpt.state["tracker"])
+    sampler.load_state_dict(ckpt.state["sampler"])
