@@ -14,6 +14,9 @@ Unscorable episodes (reward None) and dropped ones never reach the tracker or th
 The queue holds at most ``queue_limit`` finished trajectories: when the learner is the
 bottleneck, workers wait to hand theirs over rather than generate samples that would
 only go stale.
+
+:func:`train_grpo` is the matched baseline on the same runner, learner and engine: G
+episodes per prompt behind a group barrier, uniform prompts, group-normalised advantages.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent_spo.algo import PrioritizedSampler, ValueTracker
-from agent_spo.algo.advantages import near_zero_fraction, no_baseline_advantages, spo_advantages
+from agent_spo.algo.advantages import (
+    group_stats,
+    grpo_advantages,
+    near_zero_fraction,
+    no_baseline_advantages,
+    spo_advantages,
+)
 from agent_spo.data.problems import Problem
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
@@ -115,35 +124,133 @@ async def train_spo(
                 adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]))
             else:
                 adv, raw = no_baseline_advantages(rewards)
-            stats = await asyncio.to_thread(learner.step, [b.traj for b in batch], adv.tolist())
-            tracker.record_step_drift(stats.drift)
-            t_push = time.perf_counter()
-            await engine.update_weights(learner.named_weights(), learner.version)
-            push_s = time.perf_counter() - t_push
+            metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
             state.step = step + 1
-            metrics = {
+            metrics.update({
                 "step": state.step,
-                "reward/mean": float(rewards.mean()),
                 "rollout/episodes": state.episodes,
-                "rollout/staleness_mean": float(
-                    np.mean([b.traj.staleness(learner.version - 1) for b in batch])
-                ),
                 "tracker/v_hat_mean": float(np.mean([b.v_hat for b in batch])),
-                "tracker/drift": stats.drift,
-                "loss/pg": stats.pg_loss,
-                "loss/clip_frac": stats.clip_frac,
-                "loss/approx_kl": stats.approx_kl,
-                "loss/grad_norm": stats.grad_norm,
-                "loss/adv_raw_var": float(np.var(raw)),
-                "loss/adv_zero_frac": near_zero_fraction(raw, 1e-6),
-                "tool/calls_per_episode": float(np.mean([len(b.traj.tool_calls) for b in batch])),
-                "perf/learner_s": stats.step_s,
                 "perf/wait_s": wait_s,
-                "perf/weight_push_s": push_s,
                 **{f"rollout/{k}": v for k, v in state.counters.items()},
-            }
+            })  # fmt: skip
             if on_step is not None:
                 on_step(metrics, batch)
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return state
+
+
+async def _learn(trajs, adv, raw, learner: Learner, engine, tracker) -> dict:
+    """One learner step on a batch, the drift for the tracker, the weight push; metrics."""
+    stats = await asyncio.to_thread(learner.step, trajs, np.asarray(adv).tolist())
+    if tracker is not None:
+        tracker.record_step_drift(stats.drift)
+    t_push = time.perf_counter()
+    await engine.update_weights(learner.named_weights(), learner.version)
+    rewards = np.array([t.reward for t in trajs])
+    return {
+        "reward/mean": float(rewards.mean()),
+        "rollout/staleness_mean": float(np.mean([t.staleness(learner.version - 1) for t in trajs])),
+        "tracker/drift": stats.drift,
+        "loss/pg": stats.pg_loss,
+        "loss/clip_frac": stats.clip_frac,
+        "loss/approx_kl": stats.approx_kl,
+        "loss/grad_norm": stats.grad_norm,
+        "loss/adv_raw_var": float(np.var(raw)),
+        "loss/adv_zero_frac": near_zero_fraction(np.asarray(raw), 1e-6),
+        "tool/calls_per_episode": float(np.mean([len(t.tool_calls) for t in trajs])),
+        "perf/learner_s": stats.step_s,
+        "perf/weight_push_s": time.perf_counter() - t_push,
+    }
+
+
+async def train_grpo(
+    *,
+    runner: EpisodeRunner,
+    problems: Mapping[str, Problem],
+    sampler: PrioritizedSampler,
+    learner: Learner,
+    engine,
+    settings: StreamSettings,
+    group_size: int = 8,
+    on_step: Callable[[dict, list[tuple[str, list[Trajectory]]]], None] | None = None,
+) -> StreamState:
+    """The matched GRPO baseline on the same machinery: G episodes per prompt behind a
+    group barrier (a group is handed over only when all its members finished), uniform
+    prompts (pass a uniform sampler), A = (r − mean_g)/(std_g + eps) (spec §5)."""
+    if settings.batch_size % group_size:
+        raise ValueError(f"batch_size {settings.batch_size} is not a multiple of G={group_size}")
+    state = StreamState()
+    per_batch = settings.batch_size // group_size
+    queue: asyncio.Queue = asyncio.Queue(settings.queue_limit or per_batch)
+    stop = asyncio.Event()
+
+    async def group_worker(wid: int) -> None:
+        n = 0
+        while not stop.is_set():
+            key = sampler.draw()
+            base = ((settings.seed * 1009 + wid) * 1_000_003 + n * group_size) % 2**40
+            n += 1
+            try:
+                results = await asyncio.gather(
+                    *(runner.run(problems[key], seed=base + j) for j in range(group_size)),
+                    return_exceptions=True,
+                )
+            finally:
+                sampler.release(key)
+            group = []
+            for r in results:
+                if isinstance(r, EpisodeDropped):
+                    state.counters[f"dropped/{r.source}"] += 1
+                elif isinstance(r, BaseException):
+                    raise r
+                else:
+                    state.episodes += 1
+                    if r.reward is None:
+                        state.counters["unscored"] += 1
+                    else:
+                        group.append(r)
+            if len(group) < group_size:
+                state.counters["groups_incomplete"] += 1
+            if group:
+                await queue.put((key, group))
+
+    tasks = [
+        asyncio.create_task(group_worker(i)) for i in range(max(1, settings.workers // group_size))
+    ]
+    try:
+        for step in range(settings.total_steps):
+            t_wait = time.perf_counter()
+            groups: list[tuple[str, list[Trajectory]]] = []
+            n_traj = 0
+            while n_traj < settings.batch_size:
+                key, group = await _next(queue, tasks)
+                if max(t.staleness(learner.version) for t in group) > settings.max_staleness:
+                    state.counters["dropped/stale"] += len(group)
+                    continue
+                groups.append((key, group))
+                n_traj += len(group)
+            wait_s = time.perf_counter() - t_wait
+            trajs = [t for _, g in groups for t in g]
+            ids = [i for i, (_, g) in enumerate(groups) for _ in g]
+            rewards = np.array([t.reward for t in trajs])
+            adv = grpo_advantages(rewards, ids)
+            gs = group_stats(rewards, ids)
+            metrics = await _learn(trajs, adv, adv, learner, engine, None)
+            state.step = step + 1
+            metrics.update({
+                "step": state.step,
+                "rollout/episodes": state.episodes,
+                "grpo/degenerate_frac": gs.frac_degenerate,
+                "grpo/samples_degenerate_frac": gs.frac_samples_degenerate,
+                "perf/wait_s": wait_s,
+                **{f"rollout/{k}": v for k, v in state.counters.items()},
+            })  # fmt: skip
+            if on_step is not None:
+                on_step(metrics, groups)
     finally:
         stop.set()
         for t in tasks:

@@ -11,15 +11,16 @@ from agent_spo import builders
 from agent_spo.config import load_config
 from agent_spo.episode.runner import EpisodeRunner
 from agent_spo.learner import Learner
-from agent_spo.pipeline import StreamSettings, train_spo
+from agent_spo.pipeline import StreamSettings, train_grpo, train_spo
 
 pytestmark = pytest.mark.slow
 
 
-def _run(max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4):
+def _run(max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0):
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(None, ["rollout.max_response_tokens=128", "sandbox.pool_size=2"])
+    algo = ["algo.name=grpo", f"algo.grpo.group_size={grpo}"] if grpo else []
+    cfg = load_config(None, ["rollout.max_response_tokens=128", "sandbox.pool_size=2", *algo])
     train, _ = builders.build_datasets(cfg.data, 0)
     path = builders.resolve_model_path(cfg.model, log=lambda m: None)
     rows: list[dict] = []
@@ -41,13 +42,20 @@ def _run(max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4):
                     engine, renderer, toolbox, sandbox, verifier,
                     builders.build_episode_settings(cfg.rollout, cfg.sandbox),
                 )  # fmt: skip
-                state = await train_spo(
-                    runner=runner, problems=problems, tracker=tracker, sampler=sampler,
-                    learner=learner, engine=engine,
-                    settings=StreamSettings(batch_size=batch, total_steps=steps,
-                                            workers=workers, max_staleness=max_staleness),
-                    on_step=lambda m, b: rows.append({**m, "keys": [x.key for x in b]}),
-                )  # fmt: skip
+                settings = StreamSettings(batch_size=batch, total_steps=steps,
+                                          workers=workers, max_staleness=max_staleness)  # fmt: skip
+                if grpo:
+                    state = await train_grpo(
+                        runner=runner, problems=problems, sampler=sampler, learner=learner,
+                        engine=engine, settings=settings, group_size=grpo,
+                        on_step=lambda m, g: rows.append({**m, "groups": g}),
+                    )  # fmt: skip
+                else:
+                    state = await train_spo(
+                        runner=runner, problems=problems, tracker=tracker, sampler=sampler,
+                        learner=learner, engine=engine, settings=settings,
+                        on_step=lambda m, b: rows.append({**m, "keys": [x.key for x in b]}),
+                    )  # fmt: skip
         await engine.close()
         return state, tracker, sampler, learner, engine
 
@@ -71,3 +79,18 @@ def test_zero_staleness_trains_only_on_current_policy_samples():
     state, tracker, sampler, learner, engine, rows = _run(max_staleness=0, steps=3, batch=2)
     assert state.step == 3
     assert all(r["rollout/staleness_mean"] == 0 for r in rows)
+
+
+def test_grpo_hands_over_whole_groups_behind_a_barrier():
+    state, tracker, sampler, learner, engine, rows = _run(
+        max_staleness=4, steps=2, batch=4, workers=4, grpo=2
+    )
+    assert state.step == 2 and learner.version == 2 and engine.version == 2
+    assert sampler.mode == "uniform"  # GRPO samples prompts uniformly (spec §5)
+    assert tracker.steps == 0  # no value tracker in GRPO
+    for r in rows:
+        groups = r["groups"]
+        assert sum(len(g) for _, g in groups) >= 4
+        for key, group in groups:  # every member of a group answers the same prompt
+            assert {t.info["prompt_key"] for t in group} == {key}
+        assert 0.0 <= r["grpo/degenerate_frac"] <= 1.0
