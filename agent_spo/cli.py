@@ -129,6 +129,10 @@ def train(
         bool,
         typer.Option("--dry-run", help="Validate and print the resolved config; train nothing."),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the run from its latest checkpoint."),
+    ] = False,
 ) -> None:
     """Train a policy with SPO (or GRPO for comparison) from a YAML config.
 
@@ -143,10 +147,44 @@ def train(
         _stderr.print(Text("config ok", style="green"))
         typer.echo(dump_config(cfg), nl=False)
         return
-    _not_built(
-        "train",
-        "the training loop (sampler → episodes → verifier → tracker → learner) is not "
-        "implemented; `agent-spo train --dry-run` validates the config",
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agent_spo.train import RunExists, run_training
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=_stderr) as bar:
+        task = bar.add_task("training", total=cfg.train.total_steps)
+
+        def on_metrics(m: dict) -> None:
+            bar.update(
+                task,
+                completed=m["step"],
+                description=f"{cfg.algo.name}  reward {m['reward/mean']:.2f}  "
+                f"tool calls {m['tool/calls_per_episode']:.2f}  "
+                f"learner {m['perf/learner_s']:.1f}s",
+            )
+
+        try:
+            summary = asyncio.run(
+                run_training(
+                    cfg, resume=resume, log=lambda m: bar.console.print(m), on_metrics=on_metrics
+                )  # fmt: skip
+            )
+        except RunExists as e:
+            _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+            raise typer.Exit(EXIT_CONFIG) from None
+    held = summary.get("held_out", {})
+    _stderr.print(
+        f"done: {summary['steps']} steps in {summary.get('train_s', 0):.0f} s; held-out accuracy "
+        f"{held.get('accuracy', float('nan')):.3f} over {held.get('episodes', 0)} episodes; "
+        f"run directory {summary['run_dir']}"
     )
 
 

@@ -211,8 +211,9 @@ class LossConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
-    """AdamW learning rate, constant. > 0. Source: spec §3 (1e-6 for Qwen3-8B)."""
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 3e-4. Paper: 1e-6 for
+    Qwen3-8B (spec §3)."""
 
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW (beta1, beta2), each in [0, 1). Source: spec §3."""
@@ -223,9 +224,9 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     """Global gradient-norm clip. > 0. Source: spec §3 (1.0)."""
 
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
     """Trajectories per training batch: the learner takes the first batch_size finished
-    ones. >= 1. Paper: 2048 (SPO 2048 prompts × 1; GRPO 256 × 8). Demo: 16."""
+    ones. >= 1. Paper: 2048 (SPO 2048 prompts × 1; GRPO 256 × 8). Demo: 32."""
 
     mini_batches: int = Field(1, ge=1)
     """Optimizer steps per batch (one pass, batch split evenly). 1..batch_size.
@@ -260,8 +261,8 @@ class RolloutConfig(_Section):
     """Generation engine. hf: transformers with request batching (light default);
     vllm: in-process vLLM; openai_http: an OpenAI-compatible server over HTTP."""
 
-    workers: int = Field(8, ge=1)
-    """Episodes in flight at once (async workers). >= 1."""
+    workers: int = Field(32, ge=1)
+    """Episodes in flight at once (async workers). >= 1. Demo: 32."""
 
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature. >= 0. Source: paper trains at 1.0 (evaluation uses 0.6)."""
@@ -381,8 +382,8 @@ class VerifierConfig(_Section):
 
 
 class TrainLoopConfig(_Section):
-    total_steps: int = Field(30, ge=1)
-    """Training batches to run (each = mini_batches optimizer steps). >= 1. Demo: 30."""
+    total_steps: int = Field(50, ge=1)
+    """Training batches to run (each = mini_batches optimizer steps). >= 1. Demo: 50."""
 
     checkpoint_every: int = Field(10, ge=1)
     """Save a checkpoint (policy, optimizer, tracker, sampler RNG) every this many

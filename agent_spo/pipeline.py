@@ -52,6 +52,7 @@ class StreamSettings:
     baseline: bool = True  # False: the "no baseline" ablation, A = r
     seed: int = 0
     queue_limit: int | None = None  # finished trajectories waiting; None = batch_size
+    first_step: int = 0  # resume: steps already done
 
 
 @dataclass
@@ -109,7 +110,7 @@ async def train_spo(
 
     tasks = [asyncio.create_task(worker(i)) for i in range(settings.workers)]
     try:
-        for step in range(settings.total_steps):
+        for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
             batch: list[_Finished] = []
             while len(batch) < settings.batch_size:
@@ -222,7 +223,7 @@ async def train_grpo(
         asyncio.create_task(group_worker(i)) for i in range(max(1, settings.workers // group_size))
     ]
     try:
-        for step in range(settings.total_steps):
+        for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
             groups: list[tuple[str, list[Trajectory]]] = []
             n_traj = 0

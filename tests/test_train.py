@@ -1,0 +1,55 @@
+"""`agent-spo train` end to end on the demo model: logs, checkpoints, resume, summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_spo.cli import EXIT_CONFIG, app
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "learner.batch_size=4", "rollout.workers=4", "sandbox.pool_size=2",
+    "rollout.max_response_tokens=128", "data.synthetic_tasks=40", "learner.lr=1e-4",
+    "train.checkpoint_every=1",
+]  # fmt: skip
+
+
+def _train(tmp_path, steps: int, *extra: str):
+    args = ["train", *SMALL, f"run.output_dir={tmp_path}", "run.name=t",
+            f"train.total_steps={steps}", *extra]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def test_train_then_resume_continues_without_replaying_a_step(tmp_path):
+    first = _train(tmp_path, 2)
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "t"
+    for name in ("config.yaml", "metrics.jsonl", "episodes.jsonl", "summary.json"):
+        assert (run / name).exists(), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    episodes = (run / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 8 and json.loads(episodes[0])["train"]["step"] == 1
+    assert (run / "checkpoints" / "latest").read_text().strip() == "ckpt-000002"
+    state = json.loads((run / "checkpoints" / "ckpt-000002" / "state.json").read_text())
+    visits = sum(state["tracker"]["visits"].values())
+    assert visits >= 8  # every trained trajectory (and maybe more) updated the tracker
+
+    again = _train(tmp_path, 2)  # same name without --resume: refused, nothing lost
+    assert again.exit_code == EXIT_CONFIG and "--resume" in again.output
+
+    resumed = _train(tmp_path, 3, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    lines = (run / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and lines[:8] == episodes  # the log only grew
+    state3 = json.loads((run / "checkpoints" / "ckpt-000003" / "state.json").read_text())
+    assert state3["learner_version"] == 3
+    assert sum(state3["tracker"]["visits"].values()) > visits  # tracker state carried on
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_at"] == 2 and summary["held_out"]["episodes"] > 0
