@@ -86,7 +86,7 @@ async def run_training(
         mini_batches=L.mini_batches, micro_batch_tokens=L.micro_batch_tokens,
         eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
         dual_clip_c=cfg.loss.dual_clip_c, pad_token_id=tokenizer.pad_token_id,
-        logp_old=L.logp_old,
+        logp_old=cfg.loss.logp_old,
     )  # fmt: skip
     tracker = builders.build_tracker(cfg.algo)
     sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
