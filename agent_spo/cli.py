@@ -151,7 +151,7 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from agent_spo.train import RunExists, run_training
+    from agent_spo.train import RunExists, UnsupportedConfig, run_training
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -177,7 +177,7 @@ def train(
                     cfg, resume=resume, log=lambda m: bar.console.print(m), on_metrics=on_metrics
                 )  # fmt: skip
             )
-        except RunExists as e:
+        except (RunExists, UnsupportedConfig) as e:
             _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
             raise typer.Exit(EXIT_CONFIG) from None
     held = summary.get("held_out", {})

@@ -57,6 +57,7 @@ class Learner:
         eps_low: float = 0.2,
         eps_high: float = 0.28,
         dual_clip_c: float | None = 10.0,
+        log_ratio_clamp: float = 20.0,
         logp_old: Literal["behaviour", "recompute"] = "behaviour",
         pad_token_id: int = 0,
         share_prefix: bool = True,
@@ -69,7 +70,12 @@ class Learner:
         self.grad_clip = grad_clip
         self.mini_batches = mini_batches
         self.micro_batch_tokens = micro_batch_tokens
-        self.loss_kwargs = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip_c": dual_clip_c}
+        self.loss_kwargs = {
+            "eps_low": eps_low,
+            "eps_high": eps_high,
+            "dual_clip_c": dual_clip_c,
+            "log_ratio_clamp": log_ratio_clamp,
+        }
         if logp_old not in ("behaviour", "recompute"):
             raise ValueError(f"logp_old must be 'behaviour' or 'recompute', got {logp_old!r}")
         self.logp_old_mode = logp_old
@@ -142,7 +148,9 @@ class Learner:
 
     @torch.no_grad()
     def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
-        """The current policy's log-prob of every response token, per trajectory (CPU)."""
+        """The current policy's log-prob of every response token, per trajectory (CPU),
+        in eval mode (no dropout noise in logp_old or the drift)."""
+        self.model.eval()
         out: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
         for group in self._micro_batches(trajs):
             logp, _ = self._forward([trajs[i] for i in group])

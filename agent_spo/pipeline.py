@@ -53,6 +53,8 @@ class StreamSettings:
     seed: int = 0
     queue_limit: int | None = None  # finished trajectories waiting; None = batch_size
     first_step: int = 0  # resume: steps already done
+    adv_eps: float = 1e-8  # SPO: added to the batch std in the global normalisation
+    grpo_std_eps: float = 1e-6  # GRPO: added to each group's std
 
 
 @dataclass
@@ -122,9 +124,11 @@ async def train_spo(
             wait_s = time.perf_counter() - t_wait
             rewards = np.array([b.traj.reward for b in batch])
             if settings.baseline:
-                adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]))
+                adv, raw = spo_advantages(
+                    rewards, np.array([b.v_hat for b in batch]), eps=settings.adv_eps
+                )
             else:
-                adv, raw = no_baseline_advantages(rewards)
+                adv, raw = no_baseline_advantages(rewards, eps=settings.adv_eps)
             metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
             state.step = step + 1
             metrics.update({
@@ -238,7 +242,7 @@ async def train_grpo(
             trajs = [t for _, g in groups for t in g]
             ids = [i for i, (_, g) in enumerate(groups) for _ in g]
             rewards = np.array([t.reward for t in trajs])
-            adv = grpo_advantages(rewards, ids)
+            adv = grpo_advantages(rewards, ids, eps=settings.grpo_std_eps)
             gs = group_stats(rewards, ids)
             metrics = await _learn(trajs, adv, adv, learner, engine, None)
             state.step = step + 1

@@ -112,15 +112,26 @@ def test_recompute_equals_behaviour_when_on_policy(tok):
 
 
 def test_only_model_tokens_are_trained(tok):
-    """A trajectory whose model tokens get advantage 0 moves nothing, however long its
-    tool segment; the step's token count is the model tokens alone."""
+    """Tool tokens after the last model turn carry no loss: changing them changes nothing,
+    and the step's token count is the model tokens alone."""
     base = _model(tok, torch.float64)
-    learner = Learner(copy.deepcopy(base), lr=1e-2, weight_decay=0.0)
-    (t,) = _trajectories(learner, 1, len(tok), seed=7)
-    stats = learner.step([t], [0.0])
-    assert stats.n_tokens == t.num_model_tokens < len(t.response_token_ids)
-    for pa, pb in zip(learner.model.parameters(), base.parameters(), strict=True):
-        assert torch.allclose(pa, pb)
+    learners = [Learner(copy.deepcopy(base), lr=1e-2) for _ in range(2)]
+    m = [7, 8, 9, 10]
+    lp = learners[0].token_logprobs(
+        [Trajectory("x", [3, 4, 5], [Segment("model", m, [-1.0] * 4, 0)])]
+    )[0]
+    model_seg = Segment("model", m, lp.tolist(), 0)
+    a = Trajectory("x", [3, 4, 5], [model_seg, Segment("tool", [11, 12, 13, 14, 15])])
+    b = Trajectory("x", [3, 4, 5], [model_seg, Segment("tool", [21, 22, 23, 24, 25])])
+    sa = learners[0].step([a], [1.0])
+    sb = learners[1].step([b], [1.0])
+    assert sa.n_tokens == sb.n_tokens == 4 < len(a.response_token_ids)
+    moved = False
+    for pa, pb, p0 in zip(learners[0].model.parameters(), learners[1].model.parameters(),
+                          base.parameters(), strict=True):  # fmt: skip
+        assert torch.allclose(pa, pb, atol=1e-12)
+        moved |= not torch.allclose(pa, p0)
+    assert moved  # the advantage did train the model tokens
 
 
 def test_weight_push_makes_the_engine_sample_the_updated_policy(tok):

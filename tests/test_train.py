@@ -66,22 +66,29 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
 
     run = tmp_path / "k"
     args = [sys.executable, "-m", "agent_spo.cli", "train", *SMALL, f"run.output_dir={tmp_path}",
-            "run.name=k", "train.total_steps=6", "train.checkpoint_every=2"]  # fmt: skip
+            "run.name=k", "train.total_steps=6", "train.checkpoint_every=3"]  # fmt: skip
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     latest = run / "checkpoints" / "latest"
+    episodes = run / "episodes.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "ckpt-000002":
-            break
-        time.sleep(0.05)
+        # kill once a step after the checkpoint at step 3 is in the episode log, so the
+        # resume has something to cut back
+        if latest.exists() and latest.read_text().strip() == "ckpt-000003":
+            state = json.loads((run / "checkpoints" / "ckpt-000003" / "state.json").read_text())
+            if episodes.stat().st_size > state["episode_log_offset"]:
+                break
+        time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    size_at_kill = episodes.stat().st_size
 
     name = latest.read_text().strip()
     saved = json.loads((run / "checkpoints" / name / "state.json").read_text())
     log_before = (run / "episodes.jsonl").read_bytes()[: saved["episode_log_offset"]]
+    assert name == "ckpt-000003" and size_at_kill > saved["episode_log_offset"]
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -98,3 +105,15 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
     for key, n in saved["tracker"]["visits"].items():  # tracker state carried through
         assert final["tracker"]["visits"][key] >= n
     assert final["tracker"]["steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("algo.rho.mode=kl_exact", "kl_exact"), ("loss.kl_coef=0.1", "loss.kl_coef"),
+     ("rollout.workers=900", "lower rollout.workers")],
+)  # fmt: skip
+def test_settings_training_cannot_honour_are_refused_before_work(tmp_path, override, message):
+    result = _train(tmp_path, 1, override)
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert message in result.output
+    assert not (tmp_path / "t" / "metrics.jsonl").exists()
