@@ -141,10 +141,7 @@ async def train_spo(
             if on_step is not None:
                 on_step(metrics, batch)
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop_workers(stop, tasks)
     return state
 
 
@@ -257,11 +254,16 @@ async def train_grpo(
             if on_step is not None:
                 on_step(metrics, groups)
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop_workers(stop, tasks)
     return state
+
+
+async def _stop_workers(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+    """Stop drawing prompts and cancel the episodes in flight (their prompts are released)."""
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _next(queue: asyncio.Queue, tasks: list[asyncio.Task]):

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_spo.data.problems import Problem
+from agent_spo.demo.demonstrations import call_text
 from agent_spo.engines.base import EngineError, Generation, Sampling, find_stop
 from agent_spo.episode.formats import get_format
 from agent_spo.episode.render import ChatRenderer
@@ -71,13 +72,8 @@ class ScriptedEngine:
 
 
 def call(code: str, fmt: str = "hermes") -> str:
-    if fmt == "hermes":
-        return (
-            "<tool_call>\n"
-            + json.dumps({"name": "python", "arguments": {"code": code}})
-            + "\n</tool_call>"
-        )
-    return f"<code>\n```python\n{code}\n```\n</code>"
+    """A model turn asking for one python call (the demo's own demonstration format)."""
+    return call_text(fmt, code)
 
 
 @pytest.fixture(scope="module")
