@@ -149,42 +149,54 @@ def train(
         return
     import asyncio
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     from agent_spo.train import RunExists, UnsupportedConfig, run_training
 
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=_stderr) as bar:
+    with Progress(*_bar_columns(), console=_stderr) as bar:
         task = bar.add_task("training", total=cfg.train.total_steps)
+        est = None
+        last_eval = {"acc": float("nan")}
+
+        def on_estimate(s) -> None:
+            nonlocal est
+            if est is None:
+                est = bar.add_task("initial values", total=s.prompts_total)
+            bar.update(est, completed=s.prompts_done,
+                       description=f"initial values  mean v0 {s.mean_value:.2f}")  # fmt: skip
 
         def on_metrics(m: dict) -> None:
+            if "eval/accuracy" in m:
+                last_eval["acc"] = m["eval/accuracy"]
+            eps = m["rollout/episodes"] / max(1e-9, m["perf/elapsed_s"])
             bar.update(
                 task,
                 completed=m["step"],
                 description=f"{cfg.algo.name}  reward {m['reward/mean']:.2f}  "
-                f"tool calls {m['tool/calls_per_episode']:.2f}  "
-                f"learner {m['perf/learner_s']:.1f}s",
+                f"held-out {last_eval['acc']:.2f}  "
+                f"tool calls {m['tool/calls_per_episode']:.2f}  {eps:.1f} ep/s",
             )
 
         try:
             summary = asyncio.run(
                 run_training(
-                    cfg, resume=resume, log=lambda m: bar.console.print(m), on_metrics=on_metrics
+                    cfg,
+                    resume=resume,
+                    log=lambda m: bar.console.print(m),
+                    on_metrics=on_metrics,
+                    on_estimate=on_estimate,
                 )  # fmt: skip
             )
         except (RunExists, UnsupportedConfig) as e:
             _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
             raise typer.Exit(EXIT_CONFIG) from None
-    held = summary.get("held_out", {})
+    held, before = summary.get("held_out", {}), summary.get("held_out_before", {})
+    nan = float("nan")
     _stderr.print(
         f"done: {summary['steps']} steps in {summary.get('train_s', 0):.0f} s; held-out accuracy "
-        f"{held.get('accuracy', float('nan')):.3f} over {held.get('episodes', 0)} episodes; "
-        f"run directory {summary['run_dir']}"
+        f"{before.get('accuracy', nan):.3f} -> {held.get('accuracy', nan):.3f} over "
+        f"{held.get('episodes', 0)} episodes; run directory {summary['run_dir']}"
+        + (f"; curves {summary['plot']}" if "plot" in summary else "")
     )
 
 
@@ -435,8 +447,88 @@ def estimate_values(
     loop, verifies them, and writes per-prompt success counts; pass the file to training
     as algo.init.values_path.
     """
-    _load(config, overrides)
-    _not_built("estimate-values", "sample n0 episodes per prompt and write success counts")
+    import asyncio
+
+    cfg = _load(config, overrides)
+    asyncio.run(_estimate_values(cfg, out))
+
+
+async def _estimate_values(cfg: TrainConfig, out: Path) -> None:
+    from rich.progress import Progress
+
+    from agent_spo import builders
+    from agent_spo.episode.runner import EpisodeRunner
+    from agent_spo.values import estimate_values, load_values, value_summary
+
+    train_set, _ = builders.build_datasets(cfg.data, cfg.run.seed)
+    model_path = builders.resolve_model_path(cfg.model, log=lambda m: _stderr.print(m))
+    engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+    try:
+        if hasattr(engine, "start"):
+            await engine.start()
+        tokenizer = getattr(engine, "tokenizer", None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        toolbox = builders.build_toolbox(cfg.rollout)
+        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
+        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
+        with builders.build_verifier(cfg.verifier) as verifier:
+            async with builders.build_sandbox(cfg.sandbox) as sandbox:
+                runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+                with Progress(*_bar_columns(), console=_stderr, transient=True) as bar:
+                    task = bar.add_task("prompts", total=len(train_set))
+
+                    def progress(s) -> None:
+                        bar.update(task, completed=s.prompts_done,
+                                   description=f"prompts  mean v0 {s.mean_value:.2f}")  # fmt: skip
+
+                    state = await estimate_values(
+                        runner, train_set, cfg.algo.init.n0, out, workers=cfg.rollout.workers,
+                        seed=cfg.run.seed + 3, progress=progress,
+                    )  # fmt: skip
+    finally:
+        await engine.close()
+    summary = value_summary(load_values(out))
+    _stderr.print(
+        f"{summary['prompts']} prompts, {state.episodes} scored episodes in {state.wall_s:.0f} s "
+        f"({state.dropped} dropped, {state.unscored} unscored); mean v0 "
+        f"{summary.get('mean_value', 0):.3f}, always solved {summary.get('always_solved', 0):.2f},"
+        f" never solved {summary.get('never_solved', 0):.2f}\nvalues file: {out}  (train with "
+        f"algo.init.values_path={out})"
+    )
+
+
+def _bar_columns():
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="One or more run directories (drawn on the same axes).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write. Default: FIRST_RUN/curves.png.")
+    ] = None,
+) -> None:
+    """Draw a run's curves (reward, held-out accuracy, tool use, baseline, drift, idle time)."""
+    from agent_spo.plot import plot_run
+
+    try:
+        path = plot_run(*run_dirs, out=out)
+    except FileNotFoundError as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    _stderr.print(f"wrote {path}")
 
 
 @app.command("demo-model")

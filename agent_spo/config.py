@@ -3,7 +3,7 @@
 Every field is documented (meaning, unit, range, source); defaults live only here. The
 defaults are the embedded CPU demo: the spec's value wherever the spec gives one, and a
 small CPU value where the paper's is GPU-scale (the paper's value is in the docstring and
-in `configs/paper_qwen3_8b.yaml`).
+in `configs/qwen3_8b_spo.yaml`).
 
 `load_config` reads YAML, applies dotted `key.path=value` overrides to the raw mapping,
 then validates. Every problem is reported at once, one line each, naming the full dotted
@@ -391,6 +391,18 @@ class TrainLoopConfig(_Section):
 
     log_every: int = Field(1, ge=1)
     """Write metrics every this many steps. >= 1."""
+
+    eval_every: int = Field(25, ge=0)
+    """Score the held-out prompts (one episode each, fixed seeds) before training and
+    every this many steps; the curve goes to metrics.jsonl as eval/*. 0 = only at the
+    end. The final evaluation always runs when there is a held-out split."""
+
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events under RUN_DIR/tensorboard (needs the
+    `tensorboard` package: pip install 'agent-spo[tensorboard]')."""
+
+    plot: bool = True
+    """Write RUN_DIR/curves.png at the end (also: `agent-spo plot RUN_DIR`)."""
 
 
 class TrainConfig(_Section):

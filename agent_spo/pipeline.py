@@ -22,6 +22,7 @@ episodes per prompt behind a group barrier, uniform prompts, group-normalised ad
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -62,6 +63,7 @@ class _Finished:
     traj: Trajectory
     key: str
     v_hat: float  # the baseline, read before this reward was added
+    draw: int = 0  # the draw's sequence number: it fixes the seed and the batch order
 
 
 @dataclass
@@ -69,6 +71,47 @@ class StreamState:
     step: int = 0
     episodes: int = 0
     counters: Counter = field(default_factory=Counter)
+
+
+def _episode_seed(run_seed: int, draw: int) -> int:
+    """Draw n's sampling seed: the same prompt draw gets the same seed in every loop."""
+    return (run_seed * 1_000_003 + draw) % 2**40
+
+
+class _SamplingBudget:
+    """How far the workers may sample ahead of the learner.
+
+    An episode started at policy version v is trained on only if the learner has not
+    moved more than ``max_staleness`` versions past v by then, so at most
+    ``(steps done + 1 + max_staleness) × batch_size`` episodes may be started in all;
+    episodes that never reach the learner (dropped, unscored, stale) give their place
+    back. With ``max_staleness = 0`` this is the synchronous loop: exactly one batch is
+    sampled per policy version, and nothing is ever sampled only to be dropped.
+    """
+
+    def __init__(self, batch_size: int, max_staleness: int) -> None:
+        self.batch_size, self.max_staleness = batch_size, max_staleness
+        self.started = 0
+        self.steps = 0
+        self._cond = asyncio.Condition()
+
+    def _open(self) -> bool:
+        return self.started < (self.steps + 1 + self.max_staleness) * self.batch_size
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(self._open)
+            self.started += 1
+
+    async def give_back(self) -> None:
+        async with self._cond:
+            self.started -= 1
+            self._cond.notify_all()
+
+    async def stepped(self) -> None:
+        async with self._cond:
+            self.steps += 1
+            self._cond.notify_all()
 
 
 async def train_spo(
@@ -80,37 +123,43 @@ async def train_spo(
     learner: Learner,
     engine,
     settings: StreamSettings,
-    on_step: Callable[[dict, list[_Finished]], None] | None = None,
+    on_step: Callable[[dict, list[_Finished]], object] | None = None,
 ) -> StreamState:
     """Run ``settings.total_steps`` learner steps on the single stream; returns counters."""
     state = StreamState()
     # Back-pressure: when the learner is the bottleneck, workers wait to hand over their
     # trajectory instead of sampling more that would only go stale and be dropped.
     queue: asyncio.Queue[_Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
+    budget = _SamplingBudget(settings.batch_size, settings.max_staleness)
     stop = asyncio.Event()
+    draws = 0
 
-    async def worker(wid: int) -> None:
-        n = 0
+    async def worker() -> None:
+        nonlocal draws
         while not stop.is_set():
-            key = sampler.draw()
+            await budget.acquire()
+            key, draw = sampler.draw(), draws
+            draws += 1
             try:
-                seed = (settings.seed * 1009 + wid) * 1_000_003 + n
-                n += 1
-                traj = await runner.run(problems[key], seed=seed % 2**40)
+                traj = await runner.run(
+                    problems[key], seed=_episode_seed(settings.seed, draw), info={"draw": draw}
+                )
             except EpisodeDropped as e:
                 state.counters[f"dropped/{e.source}"] += 1
+                await budget.give_back()
                 continue
             finally:
                 sampler.release(key)
             state.episodes += 1
             if traj.reward is None:
                 state.counters["unscored"] += 1
+                await budget.give_back()
                 continue
             upd = tracker.observe(key, traj.reward)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
-            await queue.put(_Finished(traj, key, upd.v_hat_before))
+            await queue.put(_Finished(traj, key, upd.v_hat_before, draw))
 
-    tasks = [asyncio.create_task(worker(i)) for i in range(settings.workers)]
+    tasks = [asyncio.create_task(worker()) for _ in range(settings.workers)]
     try:
         for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
@@ -119,30 +168,91 @@ async def train_spo(
                 item = await _next(queue, tasks)
                 if item.traj.staleness(learner.version) > settings.max_staleness:
                     state.counters["dropped/stale"] += 1
+                    await budget.give_back()
                     continue
                 batch.append(item)
+            # Draw order, not finish order: mini-batches and float sums do not depend
+            # on which episode happened to finish first.
+            batch.sort(key=lambda b: b.draw)
             wait_s = time.perf_counter() - t_wait
-            rewards = np.array([b.traj.reward for b in batch])
-            if settings.baseline:
-                adv, raw = spo_advantages(
-                    rewards, np.array([b.v_hat for b in batch]), eps=settings.adv_eps
-                )
-            else:
-                adv, raw = no_baseline_advantages(rewards, eps=settings.adv_eps)
-            metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
+            metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+            await budget.stepped()
             state.step = step + 1
             metrics.update({
                 "step": state.step,
                 "rollout/episodes": state.episodes,
-                "tracker/v_hat_mean": float(np.mean([b.v_hat for b in batch])),
                 "perf/wait_s": wait_s,
                 **{f"rollout/{k}": v for k, v in state.counters.items()},
             })  # fmt: skip
             if on_step is not None:
-                on_step(metrics, batch)
+                await _maybe_await(on_step(metrics, batch))
     finally:
         await _stop_workers(stop, tasks)
     return state
+
+
+async def train_sync(
+    *,
+    runner: EpisodeRunner,
+    problems: Mapping[str, Problem],
+    tracker: ValueTracker,
+    sampler: PrioritizedSampler,
+    learner: Learner,
+    engine,
+    settings: StreamSettings,
+    on_step: Callable[[dict, list[_Finished]], object] | None = None,
+) -> StreamState:
+    """The textbook synchronous loop, kept as the reference the stream reduces to.
+
+    Each step: draw ``batch_size`` prompts, play them all with the current policy, wait
+    for the last, update the tracker in draw order, learn. :func:`train_spo` with
+    ``max_staleness = 0`` and ``workers = batch_size`` must produce exactly this run
+    (tests/test_pipeline.py checks it); it is not meant for training.
+    """
+    state = StreamState()
+    draws = 0
+    for step in range(settings.first_step, settings.total_steps):
+        keys = [sampler.draw() for _ in range(settings.batch_size)]
+        ids = range(draws, draws + len(keys))
+        draws += len(keys)
+        results = await asyncio.gather(
+            *(runner.run(problems[k], seed=_episode_seed(settings.seed, d), info={"draw": d})
+              for k, d in zip(keys, ids, strict=True)),
+            return_exceptions=True,
+        )  # fmt: skip
+        batch = []
+        for key, draw, r in zip(keys, ids, results, strict=True):
+            sampler.release(key)
+            if isinstance(r, EpisodeDropped):
+                state.counters[f"dropped/{r.source}"] += 1
+                continue
+            if isinstance(r, BaseException):
+                raise r
+            state.episodes += 1
+            if r.reward is None:
+                state.counters["unscored"] += 1
+                continue
+            upd = tracker.observe(key, r.reward)
+            sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
+            batch.append(_Finished(r, key, upd.v_hat_before, draw))
+        metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+        state.step = step + 1
+        metrics.update({"step": state.step, "rollout/episodes": state.episodes})
+        if on_step is not None:
+            await _maybe_await(on_step(metrics, batch))
+    return state
+
+
+async def _learn_spo(batch: list[_Finished], settings, learner, engine, tracker) -> dict:
+    """SPO advantages over the whole batch (spec §2), then one learner step."""
+    rewards = np.array([b.traj.reward for b in batch])
+    if settings.baseline:
+        adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]), eps=settings.adv_eps)
+    else:
+        adv, raw = no_baseline_advantages(rewards, eps=settings.adv_eps)
+    metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
+    metrics["tracker/v_hat_mean"] = float(np.mean([b.v_hat for b in batch]))
+    return metrics
 
 
 async def _learn(trajs, adv, raw, learner: Learner, engine, tracker) -> dict:
@@ -178,7 +288,7 @@ async def train_grpo(
     engine,
     settings: StreamSettings,
     group_size: int = 8,
-    on_step: Callable[[dict, list[tuple[str, list[Trajectory]]]], None] | None = None,
+    on_step: Callable[[dict, list[tuple[str, list[Trajectory]]]], object] | None = None,
 ) -> StreamState:
     """The matched GRPO baseline on the same machinery: G episodes per prompt behind a
     group barrier (a group is handed over only when all its members finished), uniform
@@ -252,10 +362,16 @@ async def train_grpo(
                 **{f"rollout/{k}": v for k, v in state.counters.items()},
             })  # fmt: skip
             if on_step is not None:
-                on_step(metrics, groups)
+                await _maybe_await(on_step(metrics, groups))
     finally:
         await _stop_workers(stop, tasks)
     return state
+
+
+async def _maybe_await(result) -> None:
+    """``on_step`` may be a plain or an async callback (e.g. one that runs an evaluation)."""
+    if inspect.isawaitable(result):
+        await result
 
 
 async def _stop_workers(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:

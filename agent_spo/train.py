@@ -23,6 +23,7 @@ from pathlib import Path
 from agent_spo import builders
 from agent_spo.checkpoint import latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, write_resolved
+from agent_spo.metrics import MetricsLog
 
 
 class RunExists(RuntimeError):
@@ -42,8 +43,6 @@ def _check_supported(cfg: TrainConfig) -> None:
     if cfg.algo.rho.mode == "kl_exact":
         problems.append("algo.rho.mode=kl_exact (per-prompt measured drift) is not built "
                         "into training yet; use kl_version or constant")  # fmt: skip
-    if cfg.algo.init.values_path is not None:
-        problems.append("algo.init.values_path: offline value initialisation is not built yet")
     for key in ("kl_coef", "entropy_coef"):
         if getattr(cfg.loss, key) != 0:
             problems.append(f"loss.{key}: the learner has no reference/entropy term yet; use 0")
@@ -75,15 +74,19 @@ async def run_training(
     resume: bool = False,
     log: Callable[[str], None] = print,
     on_metrics: Callable[[dict], None] | None = None,
+    on_estimate: Callable | None = None,
 ) -> dict:
     """Train as the config says; returns the summary (also written to summary.json)."""
+    from transformers.utils import logging as hf_logging
+
     _check_supported(cfg)
+    hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     if resume and ckpt is None:
         log(f"no checkpoint under {ckpt_root}; starting from scratch")
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and any((run_dir / f).exists() for f in ("metrics.jsonl", "values.jsonl")):
         raise RunExists(
             f"{run_dir} already holds a run; pass --resume to continue it, or set run.name"
         )
@@ -96,31 +99,25 @@ async def run_training(
             f"{len(problems)} training prompts; lower rollout.workers"
         )
     write_resolved(cfg, run_dir)
-    if cfg.algo.name == "spo" and cfg.algo.init.mode != "none":
-        log(
-            "note: offline value initialisation (algo.init) is not built yet; the tracker "
-            "starts from its prior, as with algo.init.mode=none"
-        )
     base_path = builders.resolve_model_path(cfg.model, log=log)
     model_path = str(ckpt.model_dir) if ckpt else base_path
 
     engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
     try:
         return await _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems,
-                            held_out, log, on_metrics)  # fmt: skip
+                            held_out, log, on_metrics, on_estimate)  # fmt: skip
     finally:
         await engine.close()
 
 
 async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, held_out, log,
-                 on_metrics) -> dict:  # fmt: skip
+                 on_metrics, on_estimate) -> dict:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agent_spo.episode.runner import EpisodeRunner
     from agent_spo.learner import Learner
     from agent_spo.pipeline import StreamSettings, train_grpo, train_spo
-    from agent_spo.rollout import run_rollout
 
     tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
     # The learner keeps float32 weights (AdamW on bf16 weights loses small updates); the
@@ -136,19 +133,11 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
         dual_clip_c=cfg.loss.dual_clip_c, pad_token_id=pad or 0,
         logp_old=cfg.loss.logp_old, log_ratio_clamp=cfg.loss.log_ratio_clamp,
     )  # fmt: skip
-    tracker = builders.build_tracker(cfg.algo)
-    sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
     metrics_path, episodes_path = run_dir / "metrics.jsonl", run_dir / "episodes.jsonl"
-    first_step = 0
+    first_step = ckpt.step if ckpt is not None else 0
     if ckpt is not None:
-        restore(ckpt, optimizer=learner.opt, tracker=tracker, sampler=sampler)
-        sampler.release_all()  # episodes in flight at the checkpoint are gone
-        learner.version = ckpt.state["learner_version"]
-        await engine.update_weights(learner.named_weights(), learner.version)
-        first_step = ckpt.step
         _truncate_jsonl(episodes_path, offset=ckpt.state["episode_log_offset"])
         _truncate_jsonl(metrics_path, max_step=first_step)
-        log(f"resumed from {ckpt.path.name} (step {first_step})")
     else:
         for p in (metrics_path, episodes_path):
             p.unlink(missing_ok=True)
@@ -162,32 +151,58 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
         baseline=cfg.algo.baseline, seed=cfg.run.seed + first_step, first_step=first_step,
         adv_eps=cfg.algo.adv_eps, grpo_std_eps=cfg.algo.grpo.std_eps,
     )  # fmt: skip
-    t_start = time.perf_counter()
     summary: dict = {"run_dir": str(run_dir), "algo": cfg.algo.name, "resumed_at": first_step}
     with builders.build_verifier(cfg.verifier) as verifier:
         async with builders.build_sandbox(cfg.sandbox) as sandbox:
             runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
-            mlog = open(metrics_path, "a", encoding="utf-8")
+            tracker = builders.build_tracker(cfg.algo)
+            if ckpt is not None:
+                sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
+                restore(ckpt, optimizer=learner.opt, tracker=tracker, sampler=sampler)
+                sampler.release_all()  # episodes in flight at the checkpoint are gone
+                learner.version = ckpt.state["learner_version"]
+                await engine.update_weights(learner.named_weights(), learner.version)
+                log(f"resumed from {ckpt.path.name} (step {first_step})")
+            else:
+                if cfg.algo.name == "spo" and cfg.algo.init.mode != "none":
+                    summary["values"] = await _init_values(
+                        cfg, runner, problems, tracker, run_dir, log, on_estimate
+                    )
+                sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
+            evaluator = _Evaluator(cfg, runner, held_out, run_dir)
+            if held_out and cfg.train.eval_every and first_step == 0:
+                summary["held_out_before"] = (await evaluator.run(0)).to_dict()
+            metrics = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
+            if "held_out_before" in summary:
+                metrics.write(evaluator.last_row)
             elog = open(episodes_path, "a", encoding="utf-8")
+            t_start = time.perf_counter()
 
-            def on_step(metrics: dict, batch) -> None:
-                step = metrics["step"]
+            async def on_step(row: dict, batch) -> None:
+                step = row["step"]
                 if cfg.algo.name == "grpo":
                     items = [(t, None) for _, g in batch for t in g]
                 else:
                     items = [(b.traj, b.v_hat) for b in batch]
                 for traj, v_hat in items:
-                    row = json.loads(traj.to_json())
-                    row["train"] = {"step": step, "v_hat": v_hat,
+                    rec = json.loads(traj.to_json())
+                    rec["train"] = {"step": step, "v_hat": v_hat,
                                     "lag": traj.staleness(learner.version - 1)}  # fmt: skip
-                    elog.write(json.dumps(row) + "\n")
+                    elog.write(json.dumps(rec) + "\n")
                 elog.flush()
-                metrics["perf/elapsed_s"] = time.perf_counter() - t_start
-                if step % cfg.train.log_every == 0 or step == cfg.train.total_steps:
-                    mlog.write(json.dumps(metrics) + "\n")
-                    mlog.flush()
+                row["perf/elapsed_s"] = time.perf_counter() - t_start
+                every = cfg.train.eval_every
+                if held_out and ((every and step % every == 0) or step == cfg.train.total_steps):
+                    await evaluator.run(step)
+                    row.update(evaluator.last_row)
+                if (
+                    step % cfg.train.log_every == 0
+                    or step == cfg.train.total_steps
+                    or ("eval/accuracy" in row)
+                ):
+                    metrics.write(row)
                 if on_metrics is not None:
-                    on_metrics(metrics)
+                    on_metrics(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
                     save_checkpoint(
                         ckpt_root, step=step, model=learner.model, tokenizer=tokenizer,
@@ -207,16 +222,82 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                         runner=runner, problems=problems, tracker=tracker, sampler=sampler,
                         learner=learner, engine=engine, settings=stream, on_step=on_step,
                     )  # fmt: skip
+                summary["train_s"] = round(time.perf_counter() - t_start, 1)
+                if held_out:
+                    final = cfg.train.total_steps
+                    if evaluator.step != final:
+                        await evaluator.run(final)
+                        metrics.write(evaluator.last_row)
+                    summary["held_out"] = evaluator.summary.to_dict()
             finally:
-                mlog.close()
+                metrics.close()
                 elog.close()
-            summary["train_s"] = round(time.perf_counter() - t_start, 1)
-            if held_out:
-                held = await run_rollout(
-                    runner, held_out, len(held_out), run_dir / "held_out.jsonl",
-                    workers=cfg.rollout.workers, seed=cfg.run.seed + 7,
-                )  # fmt: skip
-                summary["held_out"] = held.to_dict()
     summary["steps"] = cfg.train.total_steps
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.train.plot:
+        from agent_spo.plot import plot_run
+
+        try:
+            summary["plot"] = str(plot_run(run_dir))
+        except Exception as e:  # a plot must never cost the run its summary
+            log(f"warning: could not draw the curves: {e}")
     return summary
+
+
+async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate) -> dict:
+    """The tracker's offline prior: from algo.init.values_path, or estimated now (resumable)."""
+    from agent_spo.values import estimate_values, load_values, value_summary
+
+    init = cfg.algo.init
+    if init.values_path is not None:
+        values = load_values(init.values_path, known=problems)
+        source = init.values_path
+    else:
+        path = run_dir / "values.jsonl"
+        log(f"estimating initial values: {init.n0} episodes x {len(problems)} prompts "
+            f"-> {path} (skip with algo.init.mode=none, reuse with algo.init.values_path)")  # fmt: skip
+        state = await estimate_values(
+            runner, list(problems.values()), init.n0, path, workers=cfg.rollout.workers,
+            seed=cfg.run.seed + 3, progress=on_estimate,
+        )  # fmt: skip
+        values = load_values(path, known=problems)
+        source = str(path)
+        log(f"initial values: {state.episodes} scored episodes in {state.wall_s:.0f} s, "
+            f"{state.dropped} dropped, {state.unscored} unscored")  # fmt: skip
+    tracker.init_from_scores(values, form=init.mode)
+    out = {"source": source, **value_summary(values)}
+    if len(values) < len(problems):
+        log(f"note: {len(problems) - len(values)} prompts had no scored episode; their "
+            "tracker starts from the prior")  # fmt: skip
+    return out
+
+
+class _Evaluator:
+    """Held-out accuracy at fixed seeds, so successive points differ only by the policy."""
+
+    def __init__(self, cfg, runner, held_out, run_dir: Path) -> None:
+        self.cfg, self.runner, self.held_out = cfg, runner, held_out
+        self.dir = run_dir / "eval"
+        self.step: int | None = None
+        self.summary = None
+        self.last_row: dict = {}
+
+    async def run(self, step: int):
+        from agent_spo.rollout import run_rollout
+
+        t0 = time.perf_counter()
+        self.summary = await run_rollout(
+            self.runner, self.held_out, len(self.held_out), self.dir / f"step_{step:06d}.jsonl",
+            workers=self.cfg.rollout.workers, seed=self.cfg.run.seed + 7,
+        )  # fmt: skip
+        self.step = step
+        d = self.summary.to_dict()
+        self.last_row = {
+            "step": step,
+            "eval/accuracy": d["accuracy"],
+            "eval/tool_use_rate": d["tool_use_rate"],
+            "eval/valid_call_rate": d["valid_call_rate"],
+            "eval/episodes": d["scored"],
+            "perf/eval_s": time.perf_counter() - t0,
+        }
+        return self.summary

@@ -49,7 +49,9 @@ def test_every_field_is_documented_and_sections_forbid_extras():
             assert info.description, f"{model.__name__}.{name} has no description"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_grpo.yaml", "paper_qwen3_8b.yaml"])
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "demo_grpo.yaml", "qwen3_8b_spo.yaml", "qwen3_8b_grpo.yaml"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, TrainConfig)
@@ -69,7 +71,7 @@ def test_grpo_demo_matches_spo_demo_budget():
 
 
 def test_paper_config_values():
-    cfg = load_config(CONFIGS / "paper_qwen3_8b.yaml")
+    cfg = load_config(CONFIGS / "qwen3_8b_spo.yaml")
     assert cfg.learner.batch_size == 2048 and cfg.learner.mini_batches == 8
     assert cfg.learner.lr == 1e-6
     assert (
@@ -77,6 +79,22 @@ def test_paper_config_values():
     )  # 8 tool calls + the answer turn
     assert cfg.rollout.engine == "vllm" and cfg.rollout.tool_format == "retool"
     assert cfg.rollout.temperature == 1.0
+    assert cfg.algo.name == "spo" and cfg.algo.init.mode == "paper" and cfg.algo.init.n0 == 8
+    assert (cfg.algo.rho.rho_min, cfg.algo.rho.rho_max, cfg.algo.rho.d_half) == (0.875, 0.96, 0.06)
+    assert (cfg.loss.eps_low, cfg.loss.eps_high) == (0.2, 0.28)
+    assert cfg.algo.sampler.mode == "prioritized" and cfg.algo.sampler.eps == 0.05
+
+
+def test_paper_grpo_config_is_matched_to_spo():
+    """Spec §5: the same everything except the algorithm: 256 prompts x 8 vs 2048 x 1."""
+    spo = load_config(CONFIGS / "qwen3_8b_spo.yaml")
+    grpo = load_config(CONFIGS / "qwen3_8b_grpo.yaml")
+    assert grpo.algo.name == "grpo" and grpo.algo.grpo.group_size == 8
+    assert grpo.algo.sampler.mode == "uniform"
+    assert grpo.learner.batch_size // grpo.algo.grpo.group_size == 256
+    for section in ("model", "data", "loss", "learner", "rollout", "sandbox", "verifier"):
+        assert getattr(grpo, section) == getattr(spo, section), section
+    assert grpo.train.model_dump() == spo.train.model_dump()
 
 
 # --- overrides --------------------------------------------------------------------------
@@ -133,7 +151,7 @@ def test_whole_section_override():
 
 def test_write_resolved_round_trip(tmp_path):
     cfg = load_config(
-        CONFIGS / "paper_qwen3_8b.yaml", ["loss.dual_clip_c=null", "learner.betas=[0.8,0.9]"]
+        CONFIGS / "qwen3_8b_spo.yaml", ["loss.dual_clip_c=null", "learner.betas=[0.8,0.9]"]
     )
     out = write_resolved(cfg, tmp_path / "run")
     assert out == tmp_path / "run" / "config.yaml"

@@ -11,12 +11,15 @@ from agent_spo import builders
 from agent_spo.config import load_config
 from agent_spo.episode.runner import EpisodeRunner
 from agent_spo.learner import Learner
-from agent_spo.pipeline import StreamSettings, train_grpo, train_spo
+from agent_spo.pipeline import StreamSettings, train_grpo, train_spo, train_sync
 
 pytestmark = pytest.mark.slow
 
 
-def _run(max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0):
+def _run(
+    max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0,
+    sync: bool = False,
+):  # fmt: skip
     from transformers import AutoModelForCausalLM
 
     algo = ["algo.name=grpo", f"algo.grpo.group_size={grpo}"] if grpo else []
@@ -51,10 +54,11 @@ def _run(max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, g
                         on_step=lambda m, g: rows.append({**m, "groups": g}),
                     )  # fmt: skip
                 else:
-                    state = await train_spo(
+                    state = await (train_sync if sync else train_spo)(
                         runner=runner, problems=problems, tracker=tracker, sampler=sampler,
                         learner=learner, engine=engine, settings=settings,
-                        on_step=lambda m, b: rows.append({**m, "keys": [x.key for x in b]}),
+                        on_step=lambda m, b: rows.append({**m, "keys": [x.key for x in b],
+                                                          "batch": b}),
                     )  # fmt: skip
         await engine.close()
         return state, tracker, sampler, learner, engine
@@ -79,6 +83,42 @@ def test_zero_staleness_trains_only_on_current_policy_samples():
     state, tracker, sampler, learner, engine, rows = _run(max_staleness=0, steps=3, batch=2)
     assert state.step == 3
     assert all(r["rollout/staleness_mean"] == 0 for r in rows)
+
+
+def test_stream_at_zero_staleness_equals_the_synchronous_loop():
+    """With max_staleness 0 the stream samples exactly one batch per policy version, so
+    it must reproduce the synchronous loop: the same prompts, seeds, tokens, rewards,
+    baselines, tracker state and weights (up to float noise from engine batching)."""
+    import torch
+
+    a = _run(max_staleness=0, steps=3, batch=4, workers=4)
+    b = _run(max_staleness=0, steps=3, batch=4, workers=4, sync=True)
+    (state_a, tracker_a, sampler_a, learner_a, _, rows_a) = a
+    (state_b, tracker_b, sampler_b, learner_b, _, rows_b) = b
+    assert state_a.step == state_b.step == 3
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["keys"] == rb["keys"]
+        for x, y in zip(ra["batch"], rb["batch"], strict=True):
+            assert x.draw == y.draw
+            assert x.traj.prompt_token_ids == y.traj.prompt_token_ids
+            assert x.traj.response_token_ids == y.traj.response_token_ids
+            assert x.traj.reward == y.traj.reward and x.v_hat == y.v_hat
+            assert x.traj.staleness(ra["step"] - 1) == 0
+    assert tracker_a.state_dict()["visits"] == tracker_b.state_dict()["visits"]
+    for k in tracker_b.state_dict()["visits"]:
+        assert tracker_a.alpha_beta(k) == pytest.approx(tracker_b.alpha_beta(k), abs=1e-9)
+    assert sampler_a.state_dict()["rng"] == sampler_b.state_dict()["rng"]
+    from transformers import AutoModelForCausalLM
+
+    path = builders.resolve_model_path(load_config(None, []).model, log=lambda m: None)
+    w0 = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+    wa, wb = dict(learner_a.named_weights()), dict(learner_b.named_weights())
+    moved = 0.0
+    for name, t in wb.items():
+        torch.testing.assert_close(wa[name], t, atol=2e-5, rtol=0)
+        if name in w0:
+            moved = max(moved, (t - w0[name].detach()).abs().max().item())
+    assert moved > 1e-4  # the three steps did train: equal weights are not unchanged ones
 
 
 def test_grpo_hands_over_whole_groups_behind_a_barrier():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "learner.batch_size=4", "rollout.workers=4", "sandbox.pool_size=2",
     "rollout.max_response_tokens=128", "data.synthetic_tasks=40", "learner.lr=1e-4",
-    "train.checkpoint_every=1",
+    "train.checkpoint_every=1", "train.eval_every=0", "algo.init.mode=none",
 ]  # fmt: skip
 
 

@@ -1,0 +1,120 @@
+"""Every training metric, defined once: its name, what it means, and where it is written.
+
+Names are namespaced by what they describe:
+
+    rollout/  episodes and what happened to them      reward/  verifier rewards
+    tracker/  the value tracker (baseline, drift)     loss/    the learner's objective
+    tool/     tool use inside episodes                perf/    time and throughput
+    eval/     held-out evaluation                     grpo/    GRPO-only group statistics
+
+:class:`MetricsLog` writes one JSON line per logged step to ``metrics.jsonl`` (always)
+and, optionally, TensorBoard scalars. A key that is not defined here is refused, so the
+table below is the complete list (``agent-spo plot`` and the README read from it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+METRICS: dict[str, str] = {
+    "step": "learner steps done (the row's x-axis)",
+    # rollout/
+    "rollout/episodes": "episodes finished since the run (or resume) started, trained or not",
+    "rollout/staleness_mean": "mean policy-version lag of the batch's oldest segments",
+    "rollout/unscored": "episodes with no reward (deadline): never trained on, never tracked",
+    "rollout/dropped/*": "episodes dropped, by cause (sandbox, engine, prompt, stale)",
+    "rollout/groups_incomplete": "GRPO groups that lost members to drops",
+    # reward/
+    "reward/mean": "mean verifier reward of the batch",
+    # tracker/
+    "tracker/v_hat_mean": "mean baseline v̂(x) of the batch, read before each reward",
+    "tracker/drift": "the step's policy drift d_s (mean |log-ratio| new vs old policy)",
+    # loss/
+    "loss/pg": "PPO-clip policy-gradient loss (token-mean)",
+    "loss/clip_frac": "share of trainable tokens whose ratio was clipped",
+    "loss/approx_kl": "approximate KL(old || new) over trainable tokens",
+    "loss/grad_norm": "gradient norm before clipping",
+    "loss/adv_raw_var": "variance of the advantages before normalisation",
+    "loss/adv_zero_frac": "share of samples whose raw advantage is ~0 (no learning signal)",
+    # tool/
+    "tool/calls_per_episode": "mean tool calls per episode in the batch",
+    # perf/
+    "perf/wait_s": "time the learner waited for the batch to be ready (idle)",
+    "perf/learner_s": "time of the learner's update on the batch",
+    "perf/weight_push_s": "time to hand the new weights to the engine",
+    "perf/elapsed_s": "wall time since training (or the resume) started",
+    "perf/eval_s": "time of the held-out evaluation logged in this row",
+    # grpo/
+    "grpo/degenerate_frac": "share of the batch's groups with identical rewards",
+    "grpo/samples_degenerate_frac": "share of samples in such groups (zero advantage)",
+    # eval/
+    "eval/accuracy": "held-out accuracy, one episode per prompt, fixed seeds",
+    "eval/tool_use_rate": "share of held-out episodes that called a tool",
+    "eval/valid_call_rate": "share of held-out tool calls with valid syntax and arguments",
+    "eval/episodes": "held-out episodes scored",
+}
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile("^" + re.escape(name).replace(r"\*", "[^/]+") + "$")
+
+
+_PATTERNS = [_pattern(k) for k in METRICS]
+
+
+def is_defined(key: str) -> bool:
+    return any(p.match(key) for p in _PATTERNS)
+
+
+class UndefinedMetric(KeyError):
+    """A metric written without a definition in :data:`METRICS`."""
+
+
+class MetricsLog:
+    """metrics.jsonl (append, flushed per row) plus optional TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                self._f.close()
+                raise RuntimeError(
+                    "train.tensorboard=true needs the tensorboard package: "
+                    "pip install 'agent-spo[tensorboard]'"
+                ) from e
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        bad = [k for k in row if not is_defined(k)]
+        if bad:
+            raise UndefinedMetric(f"metrics {bad} are not defined in agent_spo.metrics.METRICS")
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

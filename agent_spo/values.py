@@ -1,0 +1,194 @@
+"""Offline value estimation: n0 episodes per prompt with the initial policy (spec §1).
+
+The tracker's baseline starts from these success counts instead of the uninformed prior,
+so the first advantages already separate easy from hard prompts. The estimate runs
+through the same episode loop as training (engine, tools, sandbox, verifier), so what it
+measures is what training will see.
+
+The values file is JSON lines, one prompt per line, appended as each prompt's n0 episodes
+finish::
+
+    {"prompt": "synthetic-0007", "rewards": [1.0, 0.0, 1.0, ...], "dropped": 0}
+
+``rewards`` holds the scored episodes only: a dropped episode (sandbox or engine failure)
+or an unscored one (deadline) is counted, never taken as a 0. A prompt with no scored
+episode is left out, and the tracker keeps its prior for it. Interrupted estimation
+resumes: prompts already in the file are not sampled again, and a torn last line (a crash
+mid-write) is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent_spo.data.problems import Problem
+from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
+
+
+class ValuesFileError(ValueError):
+    """A values file that cannot be used: unreadable rows, bad rewards, foreign prompts."""
+
+
+@dataclass
+class EstimateProgress:
+    prompts_done: int = 0
+    prompts_total: int = 0
+    episodes: int = 0
+    correct: float = 0.0
+    dropped: int = 0
+    unscored: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def mean_value(self) -> float:
+        return self.correct / self.episodes if self.episodes else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompts": self.prompts_done,
+            "episodes": self.episodes,
+            "mean_value": round(self.mean_value, 4),
+            "dropped": self.dropped,
+            "unscored": self.unscored,
+            "wall_s": round(self.wall_s, 1),
+        }
+
+
+def load_values(path: str | Path, *, known: Iterable[str] | None = None) -> dict[str, list[float]]:
+    """Per-prompt offline rewards from a values file; ``known`` checks the prompt ids.
+
+    A torn last line is skipped (the file is appended during estimation); any other bad
+    row raises :class:`ValuesFileError` naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValuesFileError(f"values file {path} does not exist (write it with "
+                              "`agent-spo estimate-values`)")  # fmt: skip
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: dict[str, list[float]] = {}
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # torn by a crash mid-write: that prompt is redone
+                continue
+            raise ValuesFileError(f"{path}:{i}: not a JSON object") from None
+        try:
+            key, rewards = str(row["prompt"]), [float(r) for r in row["rewards"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValuesFileError(
+                f"{path}:{i}: expected {{'prompt': str, 'rewards': [numbers]}}"
+            ) from None
+        if not all(0.0 <= r <= 1.0 for r in rewards):
+            raise ValuesFileError(f"{path}:{i}: rewards must lie in [0, 1]")
+        if rewards:
+            out[key] = rewards
+    if known is not None:
+        known = set(known)
+        foreign = [k for k in out if k not in known]
+        if foreign:
+            raise ValuesFileError(
+                f"{path}: {len(foreign)} prompt ids are not in this run's training set "
+                f"(e.g. {foreign[0]!r}); was the file estimated for another data config?"
+            )
+    return out
+
+
+async def estimate_values(
+    runner: EpisodeRunner,
+    problems: list[Problem],
+    n0: int,
+    out: Path,
+    *,
+    workers: int,
+    seed: int = 0,
+    progress: Callable[[EstimateProgress], None] | None = None,
+) -> EstimateProgress:
+    """Play n0 episodes per prompt (skipping prompts already in ``out``) and append rows."""
+    if n0 < 1:
+        raise ValueError(f"n0 must be >= 1, got {n0}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set(load_values(out)) if out.exists() else set()
+    _drop_torn_tail(out)
+    todo = [p for p in problems if p.key not in done]
+    state = EstimateProgress(prompts_done=len(problems) - len(todo), prompts_total=len(problems))
+    pending: dict[str, list] = {p.key: [] for p in todo}  # results per prompt, in any order
+    counts = {p.key: 0 for p in todo}
+    # Episodes are interleaved prompt-major so every prompt finishes early and gets written.
+    queue: asyncio.Queue[tuple[int, Problem, int]] = asyncio.Queue()
+    for i, p in enumerate(todo):
+        for j in range(n0):
+            queue.put_nowait((i, p, j))
+    t0 = time.perf_counter()
+    with open(out, "a", encoding="utf-8") as f:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    i, prob, j = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                ep_seed = (seed % 2**20 * 1_000_003 + i * n0 + j) % 2**40
+                try:
+                    traj = await runner.run(prob, seed=ep_seed, info={"estimate": j})
+                    reward = traj.reward
+                except EpisodeDropped:
+                    reward = "dropped"
+                pending[prob.key].append(reward)
+                counts[prob.key] += 1
+                if reward == "dropped":
+                    state.dropped += 1
+                elif reward is None:
+                    state.unscored += 1
+                else:
+                    state.episodes += 1
+                    state.correct += reward
+                if counts[prob.key] == n0:
+                    results = pending.pop(prob.key)
+                    rewards = [r for r in results if isinstance(r, float | int)]
+                    row = {"prompt": prob.key, "rewards": rewards,
+                           "dropped": sum(r == "dropped" for r in results),
+                           "unscored": sum(r is None for r in results)}  # fmt: skip
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    state.prompts_done += 1
+                state.wall_s = time.perf_counter() - t0
+                if progress is not None:
+                    progress(state)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(todo) * n0)))))
+    state.wall_s = time.perf_counter() - t0
+    return state
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a crash mid-write) so appends stay parseable."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+
+
+def value_summary(values: dict[str, list[float]]) -> dict:
+    """Mean initial value and the share of prompts the initial policy always/never solves."""
+    if not values:
+        return {"prompts": 0}
+    means = [sum(r) / len(r) for r in values.values()]
+    return {
+        "prompts": len(values),
+        "mean_value": round(sum(means) / len(means), 4),
+        "always_solved": round(sum(m >= 1.0 for m in means) / len(means), 4),
+        "never_solved": round(sum(m <= 0.0 for m in means) / len(means), 4),
+        "uncertain": round(sum(0.0 < m < 1.0 for m in means) / len(means), 4),
+    }

@@ -1,0 +1,80 @@
+"""The metric registry, the metrics log (JSON lines and TensorBoard) and the run plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_spo.cli import EXIT_CONFIG, app
+from agent_spo.metrics import MetricsLog, UndefinedMetric, is_defined, read_metrics
+from agent_spo.plot import plot_run
+
+
+def test_every_metric_is_defined_once_and_namespaced():
+    assert is_defined("loss/clip_frac") and is_defined("rollout/dropped/sandbox")
+    assert not is_defined("rollout/dropped/a/b") and not is_defined("clip_frac")
+    assert not is_defined("loss/clip_fraction")
+
+
+def test_metrics_log_refuses_an_undefined_key_and_writes_nothing(tmp_path):
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "reward/mean": 0.5})
+    with pytest.raises(UndefinedMetric, match="reward/avg"):
+        log.write({"step": 2, "reward/avg": 0.5})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5}]
+
+
+def test_tensorboard_events_hold_the_same_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        log.write({"step": step, "reward/mean": step / 10, "loss/pg": -step})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, round(e.value, 6)) for e in acc.Scalars("reward/mean")]
+    assert got == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert [e.value for e in acc.Scalars("loss/pg")] == [-1, -2, -3]
+
+
+def _fake_run(path, steps=30, eval_every=10, grpo=False):
+    path.mkdir()
+    rows = []
+    for s in range(steps + 1):
+        row = {"step": s}
+        if s:
+            row.update({"reward/mean": s / steps, "tool/calls_per_episode": 1.0,
+                        "loss/clip_frac": 0.01, "tracker/drift": 0.02,
+                        "perf/learner_s": 2.0, "perf/wait_s": 0.5})  # fmt: skip
+            if grpo:
+                row["grpo/samples_degenerate_frac"] = 0.4
+            else:
+                row.update({"tracker/v_hat_mean": 0.4, "loss/adv_zero_frac": 0.0})
+        if s % eval_every == 0:
+            row.update({"eval/accuracy": 0.3 + s / 100, "eval/tool_use_rate": 0.9})
+        rows.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"st')
+
+
+def test_plot_draws_one_or_several_runs(tmp_path):
+    _fake_run(tmp_path / "spo")
+    _fake_run(tmp_path / "grpo", grpo=True)
+    png = plot_run(tmp_path / "spo")
+    assert png == tmp_path / "spo" / "curves.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    both = CliRunner().invoke(
+        app, ["plot", str(tmp_path / "spo"), str(tmp_path / "grpo"), "--out", str(tmp_path / "c.png")]
+    )
+    assert both.exit_code == 0, both.output
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == EXIT_CONFIG
+    assert "metrics.jsonl" in result.output
