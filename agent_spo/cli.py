@@ -151,6 +151,7 @@ def train(
 
     from rich.progress import Progress
 
+    from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.train import RunExists, UnsupportedConfig, run_training
 
     with Progress(*_bar_columns(), console=_stderr) as bar:
@@ -190,6 +191,10 @@ def train(
         except (RunExists, UnsupportedConfig) as e:
             _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
             raise typer.Exit(EXIT_CONFIG) from None
+        except AllEpisodesDropped as e:
+            _stderr.print(Text(f"error: {e}; the latest checkpoint is kept, continue with "
+                               "--resume once fixed", style="red"), soft_wrap=True)  # fmt: skip
+            raise typer.Exit(1) from None
     held, before = summary.get("held_out", {}), summary.get("held_out_before", {})
     nan = float("nan")
     _stderr.print(
@@ -302,40 +307,144 @@ def _print_rollout(summary, out: Path) -> None:
 
 @app.command("eval")
 def evaluate(
-    config: Annotated[str, typer.Argument(help="Evaluation config (model, benchmarks, sampling).")],
+    config: Annotated[str, typer.Argument(help="Evaluation config, e.g. configs/eval/paper.yaml.")],
+    overrides: OverridesArg = None,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint directory to evaluate instead of the config's model."),
+        typer.Option(
+            help="Evaluate this instead of the config's model: a ckpt-* directory, a run's "
+            "checkpoints/ (its latest), a run directory, or a model directory."
+        ),
     ] = None,
-    samples: Annotated[int, typer.Option(help="Samples per problem (k).", min=1)] = 32,
+    samples: Annotated[
+        int | None, typer.Option(help="Samples per problem n (eval.n).", min=1)
+    ] = None,
+    problems: Annotated[
+        int | None,
+        typer.Option(help="Only the first N problems of each dataset (eval.max_problems).", min=1),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory. Default: run.output_dir/run.name."),
+    ] = None,
 ) -> None:
     """Evaluate a model or checkpoint on math benchmarks: avg@k, pass@k (unbiased), maj@k.
 
     The spec's protocol: AIME 24/25, BeyondAIME, BRUMO 25, HMMT Feb 25; 32 samples per
     problem at T = 0.6, top_p = 0.95, top_k = 20, with the same tool loop and verifier
-    as training.
+    as training. maj@k groups answers by verifier equivalence. Writes the episode log
+    (input of `agent-spo replay`), results.json and results.md to the output directory;
+    run it again to resume: finished samples are kept, only missing ones are generated.
+
+    Example: `agent-spo eval configs/eval/paper.yaml --samples 4 --problems 5`
     """
-    _not_built("eval", "score a model with avg@k, pass@k and maj@k on math benchmarks")
+    import asyncio
+
+    from agent_spo.data.problems import DatasetError
+    from agent_spo.evaluate.command import build_config, progress_bar, results_table
+    from agent_spo.evaluate.run import EvalMismatch, run_eval
+
+    try:
+        cfg = build_config(config, overrides or [], checkpoint=checkpoint, samples=samples,
+                           problems=problems, out=out)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    bar, update = progress_bar(_stderr)
+    try:
+        with bar:
+            results, out_dir = asyncio.run(
+                run_eval(cfg, log=lambda m: bar.console.print(m), progress=update)
+            )
+    except (EvalMismatch, DatasetError) as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    title = (f"eval {cfg.run.name}: {results['n']} samples per problem, model "
+             f"{results['model']}")  # fmt: skip
+    Console().print(results_table(results, title))
+    _stderr.print(
+        f"{results['generated']} samples generated in {results['generate_s']:.0f} s, "
+        f"{results['dropped_now']} dropped; wrote {out_dir}/ (results.json, results.md, "
+        "episodes.jsonl)"
+    )
 
 
 @app.command()
 def replay(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agent-spo train`.")],
+    episodes: Annotated[
+        Path,
+        typer.Argument(
+            help="Episode log (RUN_DIR/episodes.jsonl, a rollout or eval log) or the "
+            "run/eval directory that holds it."
+        ),
+    ],
     episode: Annotated[
         str | None,
-        typer.Argument(help="Episode id; omitted: list the run's episodes.", show_default=False),
+        typer.Argument(
+            help="Episode number (the list's # column); omitted: list the episodes.",
+            show_default=False,
+        ),
     ] = None,
-    rerun: Annotated[
-        bool, typer.Option("--rerun", help="Re-execute the episode's tool calls and verification.")
+    failed: Annotated[
+        bool, typer.Option("--failed", help="List only episodes whose reward is not 1.")
     ] = False,
+    prompt: Annotated[
+        str | None, typer.Option(help="List only this prompt id (or prompt key).")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="List only this training step.")] = None,
+    verdict: Annotated[
+        str | None,
+        typer.Option(help="List only this verdict: correct, incorrect, no_answer, ..."),
+    ] = None,
+    tool_error: Annotated[
+        bool, typer.Option("--tool-error", help="List only episodes with a faulty tool call.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(help="Most episodes listed (and put in --html).", min=1)
+    ] = 50,
+    tokens: Annotated[
+        bool, typer.Option("--tokens", help="Colour every token: trainable vs masked.")
+    ] = False,
+    rerun: Annotated[
+        bool,
+        typer.Option("--rerun", help="Re-execute the tool calls in a fresh sandbox and re-verify."),
+    ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(help="Also write the views as one self-contained HTML page here."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model (tokenizer) directory. Default: from config.yaml beside the log, "
+            "else the demo model."
+        ),
+    ] = None,
 ) -> None:
-    """Show a logged episode turn by turn.
+    """Show logged episodes: a filtered list, or one episode turn by turn.
 
-    Prints model text, tool calls, sandbox output and latency, the verdict, the tracker
-    value before and after, the advantage and the policy-version lag; with --rerun,
-    re-runs the tool calls in a sandbox and re-verifies the answer.
+    The detail view prints each turn's model text, tool calls with their code, the typed
+    sandbox result and latency, truncation markers, the final answer, the verdict and its
+    reason, the tracker value before and after, the advantage and the policy-version lag.
+    --rerun re-runs the tool calls in a fresh sandbox session and re-verifies the answer,
+    reporting any difference from the log.
+
+    Examples: `agent-spo replay runs/demo --failed --step 3`;
+    `agent-spo replay runs/demo 17 --tokens --rerun`; `agent-spo replay runs/demo --html page.html`
     """
-    _not_built("replay", "show a logged episode turn by turn and optionally re-run it")
+    from agent_spo.replay.command import ReplayError, run_replay
+    from agent_spo.replay.episode import Filters
+
+    filters = Filters(failed=failed, prompt=prompt, step=step, verdict=verdict,
+                      tool_error=tool_error)  # fmt: skip
+    try:
+        run_replay(
+            episodes, episode, filters=filters, limit=limit, tokens=tokens, rerun=rerun,
+            html_out=html, model=model, console=Console(), err=_stderr,
+        )  # fmt: skip
+    except ReplayError as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 @app.command()
@@ -691,6 +800,68 @@ def bench_bandit(
     typer.echo(f"wrote {out_dir}/ (config.yaml, metrics.jsonl, summary.json, curves.png)")
 
 
+@bench_app.command("learning")
+def bench_learning(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated run seeds.")] = "0,1,2",
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: spo, grpo, no_baseline, no_init.")
+    ] = "spo,grpo,no_baseline,no_init",
+    out: Annotated[
+        Path, typer.Option(help="Benchmark directory (one run per variant and seed).")
+    ] = Path("runs/bench-learning"),
+) -> None:
+    """Demo SPO vs matched GRPO (same trajectories per step) and SPO's ablations, over seeds.
+
+    Every (variant, seed) is a full training run on the config (default: the demo);
+    reports the held-out accuracy curve and its final value (mean ± std over seeds), the
+    share of zero-advantage samples (GRPO: degenerate groups), the raw advantage
+    variance (vs the no-baseline ablation) and time. Finished runs are reused, so an
+    interrupted benchmark continues. Writes learning.json, learning.md, learning.png.
+    """
+    import asyncio
+
+    from rich.table import Table
+
+    from agent_spo.bench_learning import VARIANTS, run_learning_bench
+
+    _load(config, overrides)  # fail before any work on a bad config
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *(overrides or [])]
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        bad.append(f"--seeds {seeds!r}")
+    if bad or not names or not seed_list:
+        _stderr.print(Text(f"error: bad --variants/--seeds: {bad or 'empty'}; variants are "
+                           f"{', '.join(VARIANTS)}", style="red"))  # fmt: skip
+        raise typer.Exit(EXIT_CONFIG)
+    result = asyncio.run(
+        run_learning_bench(
+            config,
+            overrides or [],
+            out,
+            seeds=seed_list,
+            variants=names,
+            log=lambda m: _stderr.print(m, soft_wrap=True),
+        )  # fmt: skip
+    )
+    table = Table(title=f"learning benchmark, seeds {seed_list}")
+    for col in ("variant", "before", "final (mean ± std)", "zero-adv share", "adv var",
+                "trained", "train s"):  # fmt: skip
+        table.add_column(col)
+    for name, v in result["variants"].items():
+        table.add_row(name, f"{v['before_mean']:.3f}",
+                      f"{v['final_mean']:.3f} ± {v['final_std']:.3f}",
+                      f"{v['zero_adv_share']:.3f}", f"{v['adv_raw_var']:.3f}",
+                      f"{v['trained_trajectories']:.0f}", f"{v['train_s']:.0f}")  # fmt: skip
+    Console().print(table)
+    _stderr.print(f"results: {out}/learning.md, learning.json, learning.png")
+
+
 @bench_app.command("verify")
 def bench_verify(
     cases: Annotated[
@@ -831,14 +1002,104 @@ def bench_verify(
 
 
 @bench_app.command("throughput")
-def bench_throughput(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
-    """Measure SPO's group-free pipeline against GRPO's group barrier (spec §8).
+def bench_throughput(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    grpo_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="GRPO's config. Default: configs/demo_grpo.yaml without CONFIG, else "
+            "CONFIG with algo.name=grpo and a uniform sampler. OVERRIDES apply to both."
+        ),
+    ] = None,
+    cases: Annotated[
+        str,
+        typer.Option(
+            help="Modelled episode-time distributions, comma-separated: paper, lognormal, "
+            "pareto, constant (the zero-variance control). '' skips part (b)."
+        ),
+    ] = "paper,lognormal,pareto,constant",
+    demo: Annotated[
+        bool, typer.Option(help="Part (a): both configs as they are, no added delay.")
+    ] = True,
+    steps: Annotated[int, typer.Option(help="Learner steps per modelled run.", min=1)] = 2,
+    repeats: Annotated[
+        int, typer.Option(help="Runs per mode and case (medians are reported).", min=1)
+    ] = 3,
+    demo_steps: Annotated[int, typer.Option(help="Learner steps per demo run.", min=1)] = 8,
+    demo_repeats: Annotated[int, typer.Option(help="Runs per mode on the demo.", min=1)] = 1,
+    batch: Annotated[int, typer.Option(help="B for the modelled cases (paper: 24).", min=1)] = 24,
+    workers: Annotated[
+        int, typer.Option(help="Episodes in flight for the modelled cases (paper: 48).", min=1)
+    ] = 48,
+    group_size: Annotated[int, typer.Option(help="GRPO's G for the modelled cases.", min=2)] = 8,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            help="Real seconds per modelled second (paper's 553 s -> 553 x this).", min=1e-6
+        ),
+    ] = 0.02,
+    median: Annotated[
+        float, typer.Option(help="lognormal/pareto median and constant value, modelled s.")
+    ] = 100.0,
+    sigma: Annotated[float, typer.Option(help="lognormal: std of log time.", min=1e-6)] = 1.0,
+    alpha: Annotated[float, typer.Option(help="pareto: tail index.", min=1e-6)] = 1.5,
+    cap: Annotated[float, typer.Option(help="Longest modelled time, s.", min=1e-6)] = 600.0,
+    seed: Annotated[int, typer.Option(help="First seed; repeat r uses seed + r.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path(
+        "runs/bench-throughput.json"
+    ),
+) -> None:
+    """Trajectories/s into the learner and learner idle time, SPO's stream vs GRPO's
+    group barrier (spec §8), through the real pipeline.
 
-    Runs both modes on the same engine, sandbox and verifier and reports the time until a
-    batch is ready, under measured or modelled episode-time distributions.
+    (a) The real demo configs for a few steps each, nothing added. (b) The same engine,
+    runner, sandbox, verifier and learner, with each episode's first model turn held to a
+    time drawn from a distribution (the paper's 6 x 8 example among them), the same times
+    for both modes. Prints tables and writes a JSON report to --out.
     """
-    _load(config, overrides)
-    _not_built("bench throughput", "time batch readiness for SPO versus GRPO")
+    import asyncio
+    import json
+
+    from agent_spo.bench_throughput import DISTRIBUTIONS, BenchSettings, run_bench, tables
+
+    user = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, user = None, [config, *user]
+    spo_cfg = _load(config, user)
+    if spo_cfg.algo.name != "spo":
+        _stderr.print(Text("error: CONFIG must be an SPO config (algo.name=spo); "
+                           "give GRPO's with --grpo-config", style="red"))  # fmt: skip
+        raise typer.Exit(EXIT_CONFIG)
+    default_grpo = Path(__file__).resolve().parents[1] / "configs" / "demo_grpo.yaml"
+    if grpo_config is not None:
+        grpo_cfg = _load(str(grpo_config), user)
+    elif config is None and default_grpo.is_file():
+        grpo_cfg = _load(str(default_grpo), user)
+    else:
+        grpo_cfg = _load(config, [*user, "algo.name=grpo", "algo.sampler.mode=uniform"])
+    names = tuple(c.strip() for c in cases.split(",") if c.strip())
+    bad = [c for c in names if c not in DISTRIBUTIONS]
+    if bad or batch % group_size:
+        what = (f"--cases: unknown {bad}; allowed: {', '.join(DISTRIBUTIONS)}" if bad
+                else f"--batch {batch} is not a multiple of --group-size {group_size}")  # fmt: skip
+        _stderr.print(Text(f"error: {what}", style="red"))
+        raise typer.Exit(EXIT_CONFIG)
+    bench = BenchSettings(
+        cases=names, steps=steps, repeats=repeats, batch=batch, workers=workers,
+        group_size=group_size, time_scale=time_scale, sigma=sigma, alpha=alpha,
+        median_s=median, cap_s=cap, demo=demo, demo_steps=demo_steps,
+        demo_repeats=demo_repeats, seed=seed,
+    )  # fmt: skip
+    report = asyncio.run(run_bench(spo_cfg, grpo_cfg, bench, log=lambda m: _stderr.print(m)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console = Console()
+    for table in tables(report):
+        console.print(table)
+    for target, ok in report["targets"].items():
+        console.print(f"target {target}: {'met' if ok else 'NOT met'}")
+    typer.echo(f"wrote {out}")
 
 
 # Commands implemented in their own modules register themselves on the groups above.

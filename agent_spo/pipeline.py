@@ -56,6 +56,30 @@ class StreamSettings:
     first_step: int = 0  # resume: steps already done
     adv_eps: float = 1e-8  # SPO: added to the batch std in the global normalisation
     grpo_std_eps: float = 1e-6  # GRPO: added to each group's std
+    # Stop with an error after this many episodes in a row were dropped: a broken sandbox
+    # or engine must not leave the learner waiting forever.
+    max_consecutive_drops: int = 200
+
+
+class AllEpisodesDropped(RuntimeError):
+    """Every recent episode was dropped (sandbox or engine failures); training stops."""
+
+
+class _DropWatch:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.run, self.last = limit, 0, ""
+
+    def dropped(self, e: EpisodeDropped) -> None:
+        self.run += 1
+        self.last = f"{e.source}: {e.reason}"
+        if self.run >= self.limit:
+            raise AllEpisodesDropped(
+                f"the last {self.run} episodes were all dropped (last: {self.last}); "
+                "check the sandbox and engine (agent-spo sandbox run, agent-spo rollout)"
+            )
+
+    def ok(self) -> None:
+        self.run = 0
 
 
 @dataclass
@@ -131,6 +155,7 @@ async def train_spo(
     # trajectory instead of sampling more that would only go stale and be dropped.
     queue: asyncio.Queue[_Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
     budget = _SamplingBudget(settings.batch_size, settings.max_staleness)
+    watch = _DropWatch(settings.max_consecutive_drops)
     stop = asyncio.Event()
     draws = 0
 
@@ -147,9 +172,11 @@ async def train_spo(
             except EpisodeDropped as e:
                 state.counters[f"dropped/{e.source}"] += 1
                 await budget.give_back()
+                watch.dropped(e)
                 continue
             finally:
                 sampler.release(key)
+            watch.ok()
             state.episodes += 1
             if traj.reward is None:
                 state.counters["unscored"] += 1
@@ -297,6 +324,7 @@ async def train_grpo(
         raise ValueError(f"batch_size {settings.batch_size} is not a multiple of G={group_size}")
     state = StreamState()
     per_batch = settings.batch_size // group_size
+    watch = _DropWatch(settings.max_consecutive_drops)
     queue: asyncio.Queue = asyncio.Queue(settings.queue_limit or per_batch)
     stop = asyncio.Event()
 
@@ -317,9 +345,11 @@ async def train_grpo(
             for r in results:
                 if isinstance(r, EpisodeDropped):
                     state.counters[f"dropped/{r.source}"] += 1
+                    watch.dropped(r)
                 elif isinstance(r, BaseException):
                     raise r
                 else:
+                    watch.ok()
                     state.episodes += 1
                     if r.reward is None:
                         state.counters["unscored"] += 1

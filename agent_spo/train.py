@@ -50,6 +50,42 @@ def _check_supported(cfg: TrainConfig) -> None:
         raise UnsupportedConfig("; ".join(problems))
 
 
+# Keys a resumed run may change: how long it runs and what it writes, not what it learns.
+_RESUMABLE_CHANGES = ("run.output_dir", "train.", "rollout.workers", "sandbox.pool_size")
+
+
+def _check_resume_config(cfg: TrainConfig, saved: Path) -> None:
+    """--resume continues the run the checkpoint belongs to: a changed learning setting
+    (lr, algorithm, tracker, data, model, ...) would silently mix two runs, so refuse it."""
+    from agent_spo.config import load_config
+
+    if not saved.exists():
+        return
+    old = _flatten(load_config(saved).model_dump(mode="json"))
+    new = _flatten(cfg.model_dump(mode="json"))
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise UnsupportedConfig(
+            "--resume with a config that differs from the run's config.yaml in what it "
+            f"learns: {'; '.join(changed)}. Resume with the original settings, or start a "
+            "new run (run.name=...)"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _truncate_jsonl(path: Path, *, offset: int | None = None, max_step: int | None = None) -> None:
     """Cut a log back to a byte offset, or to the rows with step <= max_step."""
     if not path.exists():
@@ -98,6 +134,8 @@ async def run_training(
             f"rollout.workers keeps {in_flight} prompts in flight but there are only "
             f"{len(problems)} training prompts; lower rollout.workers"
         )
+    if resume:
+        _check_resume_config(cfg, run_dir / "config.yaml")
     write_resolved(cfg, run_dir)
     base_path = builders.resolve_model_path(cfg.model, log=log)
     model_path = str(ckpt.model_dir) if ckpt else base_path

@@ -134,3 +134,43 @@ def test_grpo_hands_over_whole_groups_behind_a_barrier():
         for key, group in groups:  # every member of a group answers the same prompt
             assert {t.info["prompt_key"] for t in group} == {key}
         assert 0.0 <= r["grpo/degenerate_frac"] <= 1.0
+
+
+class _AlwaysDropped:
+    """A runner whose sandbox is down: every episode is dropped."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def run(self, problem, *, seed=None, info=None):
+        from agent_spo.episode.runner import EpisodeDropped
+
+        self.calls += 1
+        await asyncio.sleep(0)
+        raise EpisodeDropped("sandbox", "connection refused")
+
+
+@pytest.mark.parametrize("loop", ["spo", "grpo"])
+def test_a_run_whose_every_episode_is_dropped_stops_with_a_clear_error(loop):
+    from agent_spo.algo import PrioritizedSampler, ValueTracker
+    from agent_spo.data.synthetic import make_tasks
+    from agent_spo.pipeline import AllEpisodesDropped
+
+    problems = {p.key: p for p in make_tasks(20)}
+    tracker = ValueTracker()
+    sampler = PrioritizedSampler(list(problems), seed=0)
+    runner = _AlwaysDropped()
+    settings = StreamSettings(batch_size=4, total_steps=1, workers=4, max_consecutive_drops=12)
+
+    async def main():
+        if loop == "spo":
+            await train_spo(runner=runner, problems=problems, tracker=tracker, sampler=sampler,
+                            learner=None, engine=None, settings=settings)  # fmt: skip
+        else:
+            await train_grpo(runner=runner, problems=problems, sampler=sampler, learner=None,
+                             engine=None, settings=settings, group_size=2)  # fmt: skip
+
+    with pytest.raises(AllEpisodesDropped, match=r"last 1[2-9] episodes were all dropped.*sandbox: connection refused"):
+        asyncio.run(asyncio.wait_for(main(), 30))
+    assert 12 <= runner.calls < 40  # stopped soon after the limit, not after a timeout
+    assert sampler.in_flight == []
