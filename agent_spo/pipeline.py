@@ -13,7 +13,10 @@ updates, records its drift for the ``kl_version`` discount, and pushes weights.
 Unscorable episodes (reward None) and dropped ones never reach the tracker or the queue.
 The queue holds at most ``queue_limit`` finished trajectories: when the learner is the
 bottleneck, workers wait to hand theirs over rather than generate samples that would
-only go stale.
+only go stale. A sampling budget bounds how far workers run ahead of the learner
+(``max_staleness + 1`` batches), so with ``max_staleness = 0`` the stream is exactly the
+synchronous loop (:func:`train_sync`, the reference it is tested against). Batches are
+ordered by draw, not by finish, so which episode finished first never changes the update.
 
 :func:`train_grpo` is the matched baseline on the same runner, learner and engine: G
 episodes per prompt behind a group barrier, uniform prompts, group-normalised advantages.
@@ -83,11 +86,16 @@ class _DropWatch:
 
 
 @dataclass
-class _Finished:
+class Finished:
+    """A trained trajectory with what the learner made of it (the episode log's ``train``)."""
+
     traj: Trajectory
     key: str
-    v_hat: float  # the baseline, read before this reward was added
-    draw: int = 0  # the draw's sequence number: it fixes the seed and the batch order
+    v_hat: float | None  # SPO: the baseline, read before this reward was added
+    draw: int = 0  # SPO: the draw's sequence number (fixes the seed and the batch order)
+    v_after: float | None = None  # SPO: the tracker's value after this reward
+    group: int | None = None  # GRPO: the group's index in the batch
+    adv: float | None = None  # the normalised advantage the learner used
 
 
 @dataclass
@@ -147,13 +155,13 @@ async def train_spo(
     learner: Learner,
     engine,
     settings: StreamSettings,
-    on_step: Callable[[dict, list[_Finished]], object] | None = None,
+    on_step: Callable[[dict, list[Finished]], object] | None = None,
 ) -> StreamState:
     """Run ``settings.total_steps`` learner steps on the single stream; returns counters."""
     state = StreamState()
     # Back-pressure: when the learner is the bottleneck, workers wait to hand over their
     # trajectory instead of sampling more that would only go stale and be dropped.
-    queue: asyncio.Queue[_Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
+    queue: asyncio.Queue[Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
     budget = _SamplingBudget(settings.batch_size, settings.max_staleness)
     watch = _DropWatch(settings.max_consecutive_drops)
     stop = asyncio.Event()
@@ -184,13 +192,13 @@ async def train_spo(
                 continue
             upd = tracker.observe(key, traj.reward)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
-            await queue.put(_Finished(traj, key, upd.v_hat_before, draw))
+            await queue.put(Finished(traj, key, upd.v_hat_before, draw, upd.v_hat_after))
 
     tasks = [asyncio.create_task(worker()) for _ in range(settings.workers)]
     try:
         for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
-            batch: list[_Finished] = []
+            batch: list[Finished] = []
             while len(batch) < settings.batch_size:
                 item = await _next(queue, tasks)
                 if item.traj.staleness(learner.version) > settings.max_staleness:
@@ -227,7 +235,7 @@ async def train_sync(
     learner: Learner,
     engine,
     settings: StreamSettings,
-    on_step: Callable[[dict, list[_Finished]], object] | None = None,
+    on_step: Callable[[dict, list[Finished]], object] | None = None,
 ) -> StreamState:
     """The textbook synchronous loop, kept as the reference the stream reduces to.
 
@@ -261,7 +269,7 @@ async def train_sync(
                 continue
             upd = tracker.observe(key, r.reward)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
-            batch.append(_Finished(r, key, upd.v_hat_before, draw))
+            batch.append(Finished(r, key, upd.v_hat_before, draw, upd.v_hat_after))
         metrics = await _learn_spo(batch, settings, learner, engine, tracker)
         state.step = step + 1
         metrics.update({"step": state.step, "rollout/episodes": state.episodes})
@@ -270,13 +278,15 @@ async def train_sync(
     return state
 
 
-async def _learn_spo(batch: list[_Finished], settings, learner, engine, tracker) -> dict:
+async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) -> dict:
     """SPO advantages over the whole batch (spec §2), then one learner step."""
     rewards = np.array([b.traj.reward for b in batch])
     if settings.baseline:
         adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]), eps=settings.adv_eps)
     else:
         adv, raw = no_baseline_advantages(rewards, eps=settings.adv_eps)
+    for b, a in zip(batch, np.asarray(adv).tolist(), strict=True):
+        b.adv = a
     metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
     metrics["tracker/v_hat_mean"] = float(np.mean([b.v_hat for b in batch]))
     return metrics
@@ -315,7 +325,7 @@ async def train_grpo(
     engine,
     settings: StreamSettings,
     group_size: int = 8,
-    on_step: Callable[[dict, list[tuple[str, list[Trajectory]]]], object] | None = None,
+    on_step: Callable[[dict, list[Finished]], object] | None = None,
 ) -> StreamState:
     """The matched GRPO baseline on the same machinery: G episodes per prompt behind a
     group barrier (a group is handed over only when all its members finished), uniform
@@ -376,10 +386,15 @@ async def train_grpo(
                 groups.append((key, group))
                 n_traj += len(group)
             wait_s = time.perf_counter() - t_wait
-            trajs = [t for _, g in groups for t in g]
-            ids = [i for i, (_, g) in enumerate(groups) for _ in g]
+            items = [
+                Finished(t, key, None, group=i) for i, (key, g) in enumerate(groups) for t in g
+            ]
+            trajs = [b.traj for b in items]
+            ids = [b.group for b in items]
             rewards = np.array([t.reward for t in trajs])
             adv = grpo_advantages(rewards, ids, eps=settings.grpo_std_eps)
+            for b, a in zip(items, np.asarray(adv).tolist(), strict=True):
+                b.adv = a
             gs = group_stats(rewards, ids)
             metrics = await _learn(trajs, adv, adv, learner, engine, None)
             state.step = step + 1
@@ -392,7 +407,7 @@ async def train_grpo(
                 **{f"rollout/{k}": v for k, v in state.counters.items()},
             })  # fmt: skip
             if on_step is not None:
-                await _maybe_await(on_step(metrics, groups))
+                await _maybe_await(on_step(metrics, items))
     finally:
         await _stop_workers(stop, tasks)
     return state

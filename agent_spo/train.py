@@ -218,14 +218,11 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
 
             async def on_step(row: dict, batch) -> None:
                 step = row["step"]
-                if cfg.algo.name == "grpo":
-                    items = [(t, None) for _, g in batch for t in g]
-                else:
-                    items = [(b.traj, b.v_hat) for b in batch]
-                for traj, v_hat in items:
-                    rec = json.loads(traj.to_json())
-                    rec["train"] = {"step": step, "v_hat": v_hat,
-                                    "lag": traj.staleness(learner.version - 1)}  # fmt: skip
+                for b in batch:
+                    rec = json.loads(b.traj.to_json())
+                    rec["train"] = {"step": step, "v_hat": b.v_hat, "v_after": b.v_after,
+                                    "adv": b.adv, "group": b.group,
+                                    "lag": b.traj.staleness(learner.version - 1)}  # fmt: skip
                     elog.write(json.dumps(rec) + "\n")
                 elog.flush()
                 row["perf/elapsed_s"] = time.perf_counter() - t_start

@@ -51,7 +51,7 @@ def _run(
                     state = await train_grpo(
                         runner=runner, problems=problems, sampler=sampler, learner=learner,
                         engine=engine, settings=settings, group_size=grpo,
-                        on_step=lambda m, g: rows.append({**m, "groups": g}),
+                        on_step=lambda m, b: rows.append({**m, "batch": b}),
                     )  # fmt: skip
                 else:
                     state = await (train_sync if sync else train_spo)(
@@ -71,6 +71,10 @@ def test_stream_trains_updates_the_tracker_and_pushes_weights():
     assert state.step == 2 and learner.version == 2 and engine.version == 2
     assert [r["step"] for r in rows] == [1, 2]
     assert all(len(r["keys"]) == 4 for r in rows)
+    for b in rows[0]["batch"]:  # what the episode log records per trajectory
+        lo, hi = sorted((b.v_hat, b.traj.reward))  # one EMA step from v_hat towards r
+        assert lo - 1e-12 <= b.v_after <= hi + 1e-12 and b.v_after != b.v_hat
+    assert abs(sum(b.adv for b in rows[0]["batch"])) < 1e-6  # normalised over the batch
     for key in {k for r in rows for k in r["keys"]}:
         assert tracker.visits(key) >= 1  # every trained trajectory updated its prompt
     assert sampler.in_flight == []  # workers stopped and released their prompts
@@ -129,10 +133,13 @@ def test_grpo_hands_over_whole_groups_behind_a_barrier():
     assert sampler.mode == "uniform"  # GRPO samples prompts uniformly (spec §5)
     assert tracker.steps == 0  # no value tracker in GRPO
     for r in rows:
-        groups = r["groups"]
-        assert sum(len(g) for _, g in groups) >= 4
-        for key, group in groups:  # every member of a group answers the same prompt
-            assert {t.info["prompt_key"] for t in group} == {key}
+        batch = r["batch"]
+        assert len(batch) >= 4
+        groups = {b.group for b in batch}
+        for g in groups:  # every member of a group answers the same prompt
+            members = [b for b in batch if b.group == g]
+            assert {b.traj.info["prompt_key"] for b in members} == {members[0].key}
+            assert abs(sum(b.adv for b in members)) < 1e-6  # group-centred advantages
         assert 0.0 <= r["grpo/degenerate_frac"] <= 1.0
 
 
@@ -170,7 +177,10 @@ def test_a_run_whose_every_episode_is_dropped_stops_with_a_clear_error(loop):
             await train_grpo(runner=runner, problems=problems, sampler=sampler, learner=None,
                              engine=None, settings=settings, group_size=2)  # fmt: skip
 
-    with pytest.raises(AllEpisodesDropped, match=r"last 1[2-9] episodes were all dropped.*sandbox: connection refused"):
+    with pytest.raises(
+        AllEpisodesDropped,
+        match=r"last 1[2-9] episodes were all dropped.*sandbox: connection refused",
+    ):
         asyncio.run(asyncio.wait_for(main(), 30))
     assert 12 <= runner.calls < 40  # stopped soon after the limit, not after a timeout
     assert sampler.in_flight == []
