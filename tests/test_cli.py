@@ -30,9 +30,6 @@ ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["bench", "verify"],
 ]
 NOT_BUILT = [
-    ["eval", "configs/eval.yaml"],
-    ["replay", "runs/demo"],
-    ["replay", "runs/demo", "ep-1", "--rerun"],
     ["estimate-values", DEMO],
     ["bench", "throughput"],
 ]

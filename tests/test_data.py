@@ -71,13 +71,58 @@ def test_max_problems(tmp_path):
     assert [p.id for p in ds] == ["0", "1", "2"]
 
 
-def test_missing_file_and_parquet_are_clear(tmp_path):
+def test_missing_file_and_bad_parquet_are_clear(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_problems("/nonexistent/set.jsonl")
     pq = tmp_path / "set.parquet"
     pq.write_bytes(b"PAR1")
-    with pytest.raises(DatasetError, match="use the .jsonl file"):
+    with pytest.raises(DatasetError, match="not a readable parquet file"):
         load_problems(pq)
+
+
+def _write_parquet(path, columns: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_reads_the_same_problems_as_jsonl(tmp_path):
+    rows = [{"id": f"q{i}", "problem": f"what is {i} + 1?", "answer": str(i + 1),
+             "source": "toy"} for i in range(10)]  # fmt: skip
+    jsonl = load_problems(_write(tmp_path, rows))
+    cols = {k: [r[k] for r in rows] for k in ("id", "problem", "answer", "source")}
+    parquet = load_problems(_write_parquet(tmp_path / "set.parquet", cols))
+    assert parquet.problems == jsonl.problems
+    assert load_problems(tmp_path / "set.parquet", max_problems=4).keys == jsonl.keys[:4]
+
+
+def test_parquet_rows_are_checked_like_jsonl_rows(tmp_path):
+    cols = {"id": ["a", "b", "c"], "problem": ["p", "", "r"], "answer": ["1", "2", "3"]}
+    ds = load_problems(_write_parquet(tmp_path / "gap.parquet", cols))
+    assert [p.id for p in ds] == ["a", "c"] and ds.skipped == ((2, "empty problem"),)
+    cols = {"id": ["a", "a"], "problem": ["p", "q"], "answer": ["1", "2"]}
+    with pytest.raises(DatasetError, match="id 'a' repeats line 1"):
+        load_problems(_write_parquet(tmp_path / "dup.parquet", cols))
+
+
+def test_parquet_without_the_fields_names_them(tmp_path):
+    cols = {"prompt": ["p"], "reward_model": ["1"]}
+    with pytest.raises(DatasetError, match="missing column.*id, problem, answer.*verl-format"):
+        load_problems(_write_parquet(tmp_path / "verl.parquet", cols))
+
+
+@needs_data
+def test_shared_benchmark_round_trips_through_parquet(tmp_path):
+    """A real benchmark file read as JSON lines and as parquet gives the same problems."""
+    jsonl = load_problems(DATA / "aime2024" / "aime2024.jsonl")
+    rows = [json.loads(line) for line in (DATA / "aime2024" / "aime2024.jsonl").open()]
+    cols = {k: [r[k] for r in rows] for k in ("id", "problem", "answer", "source")}
+    assert load_problems(_write_parquet(tmp_path / "aime2024.parquet", cols)).problems == (
+        jsonl.problems
+    )
+    assert len(jsonl) == 30
 
 
 def test_split_is_deterministic_and_disjoint():

@@ -1,0 +1,1 @@
+"""Evaluation: avg@k, pass@k (unbiased) and maj@k on math benchmarks (spec §7)."""

@@ -1,0 +1,106 @@
+"""`agent-spo eval` on screen: config and checkpoint resolution, progress bar, tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from agent_spo.evaluate.config import EvalConfig, load_eval_config
+
+
+def model_dir_of(checkpoint: Path) -> Path:
+    """The model directory of a checkpoint, a run's checkpoints/ folder, or a run directory."""
+    from agent_spo.checkpoint import latest_checkpoint
+
+    p = Path(checkpoint)
+    if (p / "config.json").is_file():  # already a model directory
+        return p
+    if (p / "model" / "config.json").is_file():  # one ckpt-* directory
+        return p / "model"
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            ckpt = latest_checkpoint(root)
+            if ckpt is not None and (ckpt.model_dir / "config.json").is_file():
+                return ckpt.model_dir
+    raise ValueError(
+        f"--checkpoint {p}: no model found (expected a ckpt-* directory with model/, a run's "
+        "checkpoints/ directory, a run directory, or a model directory)"
+    )
+
+
+def build_config(
+    config: str,
+    overrides: Sequence[str],
+    *,
+    checkpoint: Path | None,
+    samples: int | None,
+    problems: int | None,
+    out: Path | None,
+) -> EvalConfig:
+    """The eval config with the command-line options applied as overrides."""
+    extra = list(overrides)
+    if samples is not None:
+        extra.append(f"eval.n={samples}")
+    if problems is not None:
+        extra.append(f"eval.max_problems={problems}")
+    if out is not None:
+        extra += [f"run.output_dir={out.parent}", f"run.name={out.name}"]
+    if checkpoint is not None:
+        extra.append(f"model.path={model_dir_of(checkpoint)}")
+    return load_eval_config(config, extra)
+
+
+def progress_bar(console: Console):
+    """A rich bar fed by run_eval's progress callback; returns (bar, callback)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    task = bar.add_task("samples", total=None)
+
+    def update(state) -> None:
+        acc = state.correct / max(1, state.done - state.dropped)
+        bar.update(
+            task, total=state.total, completed=state.done,
+            description=f"{state.dataset}  correct {acc:.2f}  dropped {state.dropped}",
+        )  # fmt: skip
+
+    return bar, update
+
+
+def results_table(results: dict, title: str) -> Table:
+    """The per-dataset table and the unweighted mean (percentages)."""
+    ks, n = results["k"], results["n"]
+    cols = [f"avg@{n}", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in ks)]
+    table = Table(title=title, title_justify="left")
+    for c in ("dataset", "problems", "dropped", "unscored", *cols):
+        table.add_column(c, justify="left" if c == "dataset" else "right")
+    for name, d in results["datasets"].items():
+        table.add_row(
+            name, str(d["problems"]), str(d["dropped"]), str(d["unscored"]),
+            *(f"{100 * d['metrics'][c]:.1f}" for c in cols),
+        )  # fmt: skip
+    table.add_section()
+    table.add_row("mean", "", "", "", *(f"{100 * results['mean'][c]:.1f}" for c in cols),
+                  style="bold")  # fmt: skip
+    return table
+
+
+def print_results(results: dict, title: str, console: Console | None = None) -> None:
+    """The results table on stdout; piped output gets room for every column."""
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 40 + 9 * (1 + 2 * len(results["k"])))
+    console.print(results_table(results, title))

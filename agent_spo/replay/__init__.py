@@ -1,0 +1,1 @@
+"""Episode replay: list and inspect logged episodes, re-run one, write a static page."""
