@@ -138,6 +138,15 @@ class EvalConfig(_Section):
     eval: EvalSection
     """Benchmarks and metrics."""
 
+    @model_validator(mode="after")
+    def _tokenizer_for_http(self) -> EvalConfig:
+        if self.rollout.engine == "openai_http" and self.model.path is None:
+            raise ValueError(
+                "model.path is required when rollout.engine is 'openai_http': it names the "
+                "tokenizer and chat template of the model the server serves"
+            )
+        return self
+
 
 # Settings that do not change what a sample is (throughput and addresses only).
 _NOT_SAMPLE = {"rollout": ("workers", "max_batch", "url"), "sandbox": ("pool_size", "url")}

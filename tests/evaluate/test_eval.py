@@ -126,6 +126,9 @@ def test_bad_eval_configs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="rollout.temperature"):
         load_eval_config(_dump(tmp_path, {"eval": {"datasets": [{"path": str(good)}]}}),
                          ["rollout.temperature=-1"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_eval_config(_dump(tmp_path, {"eval": {"datasets": [{"path": str(good)}]},
+                                          "rollout": {"engine": "openai_http", "url": "http://x"}}))  # fmt: skip
     with pytest.raises(ConfigError, match="dataset names repeat: d"):
         load_eval_config(_dump(tmp_path, {"eval": {"datasets": [{"path": str(good)}] * 2}}))
 
