@@ -139,19 +139,22 @@ def tracker_view(row: dict) -> TrackerView:
         return TrackerView(None, None, None, None, None, None,
                            "not a training episode (no tracker update, no advantage)")  # fmt: skip
     v = t.get("v_hat")
+    after = t.get("v_after", t.get("v_hat_after"))  # the trainer writes v_after
     r = row.get("reward")
     raw = None if v is None or r is None else r - v
     notes = []
-    if t.get("v_hat_after") is None:
+    if after is None and v is not None:
         notes.append("v̂ after is not in this log")
     if t.get("adv") is None:
         notes.append("the normalised advantage is not in this log; raw A = r − v̂ shown")
     if v is None:
-        notes = ["GRPO episode: no tracker baseline (group advantages)"]
+        group = t.get("group")
+        notes = ["GRPO episode: no tracker baseline; the advantage is the group's"
+                 + (f" (group {group})" if group is not None else "")]  # fmt: skip
     return TrackerView(
         step=t.get("step"),
         v_hat_before=v,
-        v_hat_after=t.get("v_hat_after"),
+        v_hat_after=after,
         adv=t.get("adv"),
         adv_raw=t.get("adv_raw", raw),
         lag=t.get("lag"),

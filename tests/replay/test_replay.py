@@ -135,6 +135,23 @@ def test_training_rows_show_tracker_advantage_and_lag(logs):
     assert "v̂ after is not in this log" in text
 
 
+def test_tracker_values_as_the_trainer_logs_them(logs, tmp_path):
+    """The trainer's `train` object: v_hat, v_after, adv, group, lag."""
+    _, run = logs
+    rows = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    rows[0]["train"].update({"v_after": 0.3125, "adv": 1.25, "group": None})
+    rows[1]["train"].update({"v_hat": None, "v_after": None, "adv": -0.5, "group": 4})
+    spo = tmp_path / "spo"
+    spo.mkdir()
+    shutil.copy(run / "config.yaml", spo / "config.yaml")
+    (spo / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = _replay(spo, "0")
+    assert "v̂ before 0.250  v̂ after 0.312  advantage 1.250  policy lag 1" in text
+    assert "not in this log" not in text
+    grpo = _replay(spo, "1")
+    assert "advantage -0.500" in grpo and "GRPO episode" in grpo and "group 4" in grpo
+
+
 def test_tokens_view_marks_trainable_tokens(logs):
     out, _ = logs
     text = _replay(out, "0", "--tokens")
