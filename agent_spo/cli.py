@@ -1,14 +1,14 @@
 """The `agent-spo` command line.
 
-Exit codes: 0 success; 2 bad config or bad usage (named key, before any work);
-3 the command is declared but not built yet. Heavy imports (torch, transformers, vLLM)
+Exit codes: 0 success; 1 the job failed (e.g. every episode dropped); 2 bad config or
+bad usage (named key, before any work). Heavy imports (torch, transformers, vLLM)
 stay inside the commands so `agent-spo --help` is instant.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,7 +17,6 @@ from rich.text import Text
 from agent_spo.config import ConfigError, TrainConfig, dump_config, load_config, write_resolved
 
 EXIT_CONFIG = 2
-EXIT_NOT_BUILT = 3
 
 _stderr = Console(stderr=True)
 
@@ -66,12 +65,6 @@ def _main(
 ) -> None:
     """Train tool-using math agents with Single-stream Policy Optimization (SPO)."""
 
-
-def _not_built(command: str, what: str) -> NoReturn:
-    """Say plainly that a declared command does not exist yet, and exit 3."""
-    message = f"`agent-spo {command}` is not built yet: {what}"
-    _stderr.print(Text(message, style="yellow"), soft_wrap=True)
-    raise typer.Exit(EXIT_NOT_BUILT)
 
 
 def _load(config: str | None, overrides: list[str] | None) -> TrainConfig:
@@ -341,7 +334,7 @@ def evaluate(
     import asyncio
 
     from agent_spo.data.problems import DatasetError
-    from agent_spo.evaluate.command import build_config, progress_bar, results_table
+    from agent_spo.evaluate.command import build_config, print_results, progress_bar
     from agent_spo.evaluate.run import EvalMismatch, run_eval
 
     try:
@@ -361,7 +354,7 @@ def evaluate(
         raise typer.Exit(EXIT_CONFIG) from None
     title = (f"eval {cfg.run.name}: {results['n']} samples per problem, model "
              f"{results['model']}")  # fmt: skip
-    Console().print(results_table(results, title))
+    print_results(results, title)
     _stderr.print(
         f"{results['generated']} samples generated in {results['generate_s']:.0f} s, "
         f"{results['dropped_now']} dropped; wrote {out_dir}/ (results.json, results.md, "
@@ -1027,7 +1020,7 @@ def bench_throughput(
         int, typer.Option(help="Runs per mode and case (medians are reported).", min=1)
     ] = 3,
     demo_steps: Annotated[int, typer.Option(help="Learner steps per demo run.", min=1)] = 8,
-    demo_repeats: Annotated[int, typer.Option(help="Runs per mode on the demo.", min=1)] = 1,
+    demo_repeats: Annotated[int, typer.Option(help="Runs per mode on the demo.", min=1)] = 3,
     batch: Annotated[int, typer.Option(help="B for the modelled cases (paper: 24).", min=1)] = 24,
     workers: Annotated[
         int, typer.Option(help="Episodes in flight for the modelled cases (paper: 48).", min=1)

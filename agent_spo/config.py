@@ -397,6 +397,23 @@ class TrainLoopConfig(_Section):
     every this many steps; the curve goes to metrics.jsonl as eval/*. 0 = only at the
     end. The final evaluation always runs when there is a held-out split."""
 
+    eval_temperature: float = Field(0.6, ge=0)
+    """Sampling temperature of the held-out evaluation. >= 0. Source: the paper's
+    evaluation protocol (spec §7); training samples at rollout.temperature."""
+
+    eval_top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus mass of the held-out evaluation. In (0, 1]. Source: spec §7."""
+
+    eval_top_k: int = Field(20, ge=-1)
+    """Top-k of the held-out evaluation; -1 = off. Source: spec §7."""
+
+    @field_validator("eval_top_k")
+    @classmethod
+    def _eval_top_k_not_zero(cls, top_k: int) -> int:
+        if top_k == 0:
+            raise ValueError("0 is not allowed; use -1 (off) or a value >= 1")
+        return top_k
+
     tensorboard: bool = False
     """Also write the metrics as TensorBoard events under RUN_DIR/tensorboard (needs the
     `tensorboard` package: pip install 'agent-spo[tensorboard]')."""

@@ -15,6 +15,7 @@ checkpoint had seen, so no batch is counted twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -207,7 +208,12 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                         cfg, runner, problems, tracker, run_dir, log, on_estimate
                     )
                 sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
-            evaluator = _Evaluator(cfg, runner, held_out, run_dir)
+            T = cfg.train
+            eval_settings = dataclasses.replace(
+                settings, temperature=T.eval_temperature, top_p=T.eval_top_p, top_k=T.eval_top_k
+            )
+            eval_runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, eval_settings)
+            evaluator = _Evaluator(cfg, eval_runner, held_out, run_dir)
             if held_out and cfg.train.eval_every and first_step == 0:
                 summary["held_out_before"] = (await evaluator.run(0)).to_dict()
             metrics = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
@@ -308,7 +314,8 @@ async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate
 
 
 class _Evaluator:
-    """Held-out accuracy at fixed seeds, so successive points differ only by the policy."""
+    """Held-out accuracy at fixed seeds and the paper's evaluation sampling (T 0.6, top-p
+    0.95, top-k 20 by default), so successive points differ only by the policy."""
 
     def __init__(self, cfg, runner, held_out, run_dir: Path) -> None:
         self.cfg, self.runner, self.held_out = cfg, runner, held_out

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from agent_spo.cli import EXIT_CONFIG, EXIT_NOT_BUILT, app
+from agent_spo.cli import EXIT_CONFIG, app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -16,7 +16,7 @@ runner = CliRunner()
 
 TOP_COMMANDS = [
     "config", "train", "eval", "replay", "verify", "estimate-values", "demo-model",
-    "rollout", "sandbox", "tools", "bench",
+    "rollout", "plot", "sandbox", "tools", "bench",
 ]  # fmt: skip
 ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["sandbox", "serve"],
@@ -26,12 +26,9 @@ ALL_HELP = [[c] for c in TOP_COMMANDS] + [
     ["tools", "show"],
     ["tools", "test"],
     ["bench", "throughput"],
+    ["bench", "learning"],
     ["bench", "bandit"],
     ["bench", "verify"],
-]
-NOT_BUILT = [
-    ["estimate-values", DEMO],
-    ["bench", "throughput"],
 ]
 
 
@@ -81,13 +78,6 @@ def test_train_missing_config_exits_2():
     result = runner.invoke(app, ["train", "no/such.yaml"])
     assert result.exit_code == EXIT_CONFIG
     assert "not found" in result.stderr
-
-
-@pytest.mark.parametrize("args", NOT_BUILT, ids=lambda a: " ".join(a[:2]))
-def test_unbuilt_commands_exit_3(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == EXIT_NOT_BUILT, result.output
-    assert "not built" in result.stderr
 
 
 def _console_script() -> list[str]:

@@ -85,6 +85,11 @@ def test_paper_config_values():
     assert cfg.algo.sampler.mode == "prioritized" and cfg.algo.sampler.eps == 0.05
 
 
+def test_held_out_evaluation_samples_as_the_paper_evaluates():
+    t = TrainConfig().train  # spec §7: T 0.6, top_p 0.95, top_k 20
+    assert (t.eval_temperature, t.eval_top_p, t.eval_top_k) == (0.6, 0.95, 20)
+
+
 def test_paper_grpo_config_is_matched_to_spo():
     """Spec §5: the same everything except the algorithm: 256 prompts x 8 vs 2048 x 1."""
     spo = load_config(CONFIGS / "qwen3_8b_spo.yaml")
