@@ -66,7 +66,7 @@ def test_grpo_demo_matches_spo_demo_budget():
     spo = load_config(CONFIGS / "demo.yaml")
     grpo = load_config(CONFIGS / "demo_grpo.yaml")
     assert grpo.algo.name == "grpo" and grpo.algo.sampler.mode == "uniform"
-    assert grpo.learner.batch_size == spo.learner.batch_size  # 4 prompts x 4 = 16 x 1
+    assert grpo.learner.batch_size == spo.learner.batch_size  # 8 prompts x 4 = 32 x 1
     assert grpo.learner.batch_size % grpo.algo.grpo.group_size == 0
 
 
