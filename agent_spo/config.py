@@ -130,9 +130,9 @@ class InitConfig(_Section):
     """File of per-prompt success counts written by `agent-spo estimate-values`.
     None with mode paper/smoothed: v0 is estimated before training starts."""
 
-    n0: int = Field(8, ge=1)
+    n0: int = Field(4, ge=1)
     """Samples of the initial policy per prompt for the offline estimate. >= 1.
-    Source: spec §1 (paper 8)."""
+    Demo: 4 (800 prompts x 4 episodes, ~3 min on 2 cores). Source: spec §1 (paper 8)."""
 
 
 class SamplerConfig(_Section):
@@ -211,8 +211,8 @@ class LossConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    lr: float = Field(3e-4, gt=0)
-    """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 3e-4. Paper: 1e-6 for
+    lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 1e-3. Paper: 1e-6 for
     Qwen3-8B (spec §3)."""
 
     betas: tuple[float, float] = (0.9, 0.999)
@@ -382,8 +382,8 @@ class VerifierConfig(_Section):
 
 
 class TrainLoopConfig(_Section):
-    total_steps: int = Field(50, ge=1)
-    """Training batches to run (each = mini_batches optimizer steps). >= 1. Demo: 50."""
+    total_steps: int = Field(60, ge=1)
+    """Training batches to run (each = mini_batches optimizer steps). >= 1. Demo: 60."""
 
     checkpoint_every: int = Field(10, ge=1)
     """Save a checkpoint (policy, optimizer, tracker, sampler RNG) every this many
@@ -392,7 +392,7 @@ class TrainLoopConfig(_Section):
     log_every: int = Field(1, ge=1)
     """Write metrics every this many steps. >= 1."""
 
-    eval_every: int = Field(25, ge=0)
+    eval_every: int = Field(20, ge=0)
     """Score the held-out prompts (one episode each, fixed seeds) before training and
     every this many steps; the curve goes to metrics.jsonl as eval/*. 0 = only at the
     end. The final evaluation always runs when there is a held-out split."""

@@ -38,7 +38,7 @@ def test_defaults_validate_and_match_spec():
     assert cfg.algo.name == "spo"
     assert (cfg.algo.rho.rho_min, cfg.algo.rho.rho_max, cfg.algo.rho.d_half) == (0.875, 0.96, 0.06)
     assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.dual_clip_c) == (0.2, 0.28, 10.0)
-    assert cfg.algo.sampler.eps == 0.05 and cfg.algo.init.n0 == 8
+    assert cfg.algo.sampler.eps == 0.05 and cfg.algo.init.n0 == 4  # demo size; paper 8 (qwen3_8b)
     assert cfg.learner.betas == (0.9, 0.999)
 
 
