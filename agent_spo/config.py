@@ -232,6 +232,14 @@ class LearnerConfig(_Section):
     """Optimizer steps per batch (one pass, batch split evenly). 1..batch_size.
     Paper: 8. Demo: 1."""
 
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Learner compute precision. Weights and optimizer state stay float32; bfloat16
+    runs the forward/backward under autocast. auto: bfloat16 on CUDA, float32 on CPU."""
+
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute activations in the backward pass (memory for time; turns the shared-
+    prefix pass off). auto: on with CUDA, off on CPU."""
+
     micro_batch_tokens: int = Field(4096, ge=1)
     """Tokens per forward/backward pass; gradients accumulate across micro-batches with
     the step's token count as normaliser. >= 1. Memory knob only."""

@@ -61,6 +61,8 @@ class Learner:
         logp_old: Literal["behaviour", "recompute"] = "behaviour",
         pad_token_id: int = 0,
         share_prefix: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         self.model = model.train()
         self.device = next(model.parameters()).device
@@ -80,6 +82,18 @@ class Learner:
             raise ValueError(f"logp_old must be 'behaviour' or 'recompute', got {logp_old!r}")
         self.logp_old_mode = logp_old
         self.pad_token_id = pad_token_id
+        # bf16 autocast on GPUs: matmuls in bf16, weights, optimizer state and the
+        # log-softmax in float32 (None = compute in the weights' dtype).
+        self.compute_dtype = compute_dtype
+        if gradient_checkpointing:
+            # Recompute activations in the backward pass instead of storing them. The
+            # shared-prefix pass needs the layers' key/value cache, which checkpointed
+            # layers do not return, so prefix sharing is off with it.
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            share_prefix = False
+        self.gradient_checkpointing = gradient_checkpointing
         self.share_prefix = share_prefix  # run the batch's common opening tokens once
         self.version = 0
 
@@ -121,16 +135,21 @@ class Learner:
             index[b, : len(resp)] = torch.arange(p - 1 - shared, p - 1 - shared + len(resp))
             target[b, : len(resp)] = torch.tensor(resp)
             mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
-        kwargs = {}
-        if shared:
-            head = torch.tensor([trajs[0].token_ids[:shared]], device=self.device)
-            cache = self.model(input_ids=head, use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(trajs))
-            pos = torch.arange(shared, shared + n, device=self.device)[None].expand(len(trajs), n)
-            kwargs = {"past_key_values": cache, "position_ids": pos, "use_cache": True}
-        logits = self.model(
-            input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kwargs
-        ).logits  # [B, n, V]
+        kwargs: dict = {"use_cache": False}
+        with torch.autocast(
+            self.device.type, dtype=self.compute_dtype or torch.float32,
+            enabled=self.compute_dtype is not None,
+        ):  # fmt: skip
+            if shared:
+                head = torch.tensor([trajs[0].token_ids[:shared]], device=self.device)
+                cache = self.model(input_ids=head, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(trajs))
+                pos = torch.arange(shared, shared + n, device=self.device)
+                kwargs = {"past_key_values": cache, "position_ids": pos[None].expand(len(trajs), n),
+                          "use_cache": True}  # fmt: skip
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kwargs
+            ).logits  # [B, n, V]
         rows = logits.gather(1, index.to(self.device)[..., None].expand(-1, -1, logits.shape[-1]))
         logp = torch.log_softmax(rows.float(), dim=-1)  # [B, R, V]
         return logp.gather(2, target.to(self.device)[..., None]).squeeze(2), mask.to(self.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 from agent_spo import builders
 from agent_spo.checkpoint import latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, write_resolved
-from agent_spo.metrics import MetricsLog
+from agent_spo.metrics import MetricsLog, read_metrics
 
 
 class RunExists(RuntimeError):
@@ -171,6 +171,9 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
         eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
         dual_clip_c=cfg.loss.dual_clip_c, pad_token_id=pad or 0,
         logp_old=cfg.loss.logp_old, log_ratio_clamp=cfg.loss.log_ratio_clamp,
+        compute_dtype=_compute_dtype(L.precision, device),
+        gradient_checkpointing=L.gradient_checkpointing == "on"
+        or (L.gradient_checkpointing == "auto" and device == "cuda"),
     )  # fmt: skip
     metrics_path, episodes_path = run_dir / "metrics.jsonl", run_dir / "episodes.jsonl"
     first_step = ckpt.step if ckpt is not None else 0
@@ -216,6 +219,15 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
             evaluator = _Evaluator(cfg, eval_runner, held_out, run_dir)
             if held_out and cfg.train.eval_every and first_step == 0:
                 summary["held_out_before"] = (await evaluator.run(0)).to_dict()
+            elif first_step > 0:  # resumed: the step-0 evaluation is in the kept metrics
+                before = [r for r in read_metrics(metrics_path)
+                          if r.get("step") == 0 and "eval/accuracy" in r]  # fmt: skip
+                if before:
+                    summary["held_out_before"] = {
+                        "accuracy": before[0]["eval/accuracy"],
+                        "tool_use_rate": before[0]["eval/tool_use_rate"],
+                        "scored": before[0]["eval/episodes"],
+                    }
             metrics = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
             if "held_out_before" in summary:
                 metrics.write(evaluator.last_row)
@@ -283,6 +295,14 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
         except Exception as e:  # a plot must never cost the run its summary
             log(f"warning: could not draw the curves: {e}")
     return summary
+
+
+def _compute_dtype(precision: str, device: str):
+    import torch
+
+    if precision == "bfloat16" or (precision == "auto" and device == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate) -> dict:

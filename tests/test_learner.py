@@ -175,3 +175,35 @@ def test_sharing_the_common_prompt_prefix_changes_nothing_but_cost(tok):
     b.step(trajs, adv)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-10)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tok):
+    """Activations recomputed in the backward pass: same gradients, same weights."""
+    base = _model(tok, torch.float64)
+    a = Learner(copy.deepcopy(base), lr=1e-2, share_prefix=False)
+    b = Learner(copy.deepcopy(base), lr=1e-2, gradient_checkpointing=True)
+    assert b.model.is_gradient_checkpointing and not b.share_prefix
+    trajs = _trajectories(a, 6, len(tok), seed=11)
+    adv = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0]
+    a.step(trajs, adv)
+    b.step(trajs, adv)
+    moved = 0.0
+    for (n, pa), (_, pb), p0 in zip(a.model.named_parameters(), b.model.named_parameters(),
+                                    base.parameters(), strict=True):  # fmt: skip
+        assert torch.allclose(pa, pb, atol=1e-10), n
+        moved = max(moved, (pa - p0).abs().max().item())
+    assert moved > 1e-4
+
+
+def test_bf16_autocast_keeps_float32_weights_and_close_log_probs(tok):
+    base = _model(tok)
+    full = Learner(copy.deepcopy(base), lr=1e-3)
+    half = Learner(copy.deepcopy(base), lr=1e-3, compute_dtype=torch.bfloat16)
+    trajs = _trajectories(full, 4, len(tok), seed=12)
+    for a, b in zip(full.token_logprobs(trajs), half.token_logprobs(trajs), strict=True):
+        assert b.dtype == torch.float32  # the log-softmax runs in float32
+        assert torch.allclose(a, b, atol=0.05)
+        assert not torch.equal(a, b)  # the matmuls did run in bfloat16
+    stats = half.step(trajs, [1.0, -1.0, 0.5, -0.5])
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())
+    assert stats.drift > 0 and stats.grad_norm > 0

@@ -120,11 +120,14 @@ def test_settings_training_cannot_honour_are_refused_before_work(tmp_path, overr
 
 
 def test_resume_refuses_a_changed_learning_setting_but_may_run_longer(tmp_path):
-    assert _train(tmp_path, 1).exit_code == 0
+    assert _train(tmp_path, 1, "train.eval_every=1").exit_code == 0
     changed = _train(tmp_path, 2, "--resume", "learner.lr=1e-3", "algo.rho.mode=constant")
     assert changed.exit_code == EXIT_CONFIG
     assert "learner.lr: 0.0001 -> 0.001" in changed.output and "algo.rho.mode" in changed.output
     longer = _train(tmp_path, 2, "--resume", "train.eval_every=1")
     assert longer.exit_code == 0, longer.output
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # the evaluation before training is kept
+    assert all("eval/accuracy" in r for r in rows)
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["held_out_before"]["accuracy"] == rows[0]["eval/accuracy"]
