@@ -68,7 +68,9 @@ async def run_learning_bench(
                 extra.append(f"algo.init.values_path={values}")
             cfg = load_config(config, [*overrides, *extra, f"run.seed={seed}",
                                        f"run.output_dir={out}", f"run.name={run_dir.name}"])  # fmt: skip
-            resume = (run_dir / "checkpoints" / "latest").exists()
+            # anything started before (estimate, evaluation, steps) continues; a changed
+            # learning setting is refused by the resume check, naming the key
+            resume = (run_dir / "config.yaml").exists()
             log(f"{run_dir.name}: training{' (resumed)' if resume else ''}")
             await run_training(cfg, resume=resume, log=lambda m, n=run_dir.name: log(f"  {n}: {m}"))
     result = summarize(out, seeds, variants)
@@ -89,14 +91,20 @@ def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> dict:
             rows = read_metrics(run_dir / "metrics.jsonl")
             summary = json.loads((run_dir / "summary.json").read_text())
             train_rows = [r for r in rows if "reward/mean" in r]
-            zero_key = "grpo/samples_degenerate_frac" if variant == "grpo" else "loss/adv_zero_frac"
+            # with A = r (no baseline) a zero raw advantage is just a failure, not a lack
+            # of signal: the share is not reported for that variant
+            zero_key = {"grpo": "grpo/samples_degenerate_frac", "no_baseline": None}.get(
+                variant, "loss/adv_zero_frac"
+            )
             est = summary.get("values", {})
             runs.append({
                 "seed": seed,
                 "curve": {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r},
                 "final": summary["held_out"]["accuracy"],
                 "before": summary.get("held_out_before", {}).get("accuracy"),
-                "zero_adv": _mean([r[zero_key] for r in train_rows if zero_key in r]),
+                "zero_adv": _mean([r[zero_key] for r in train_rows if zero_key in r])
+                if zero_key
+                else None,
                 "adv_var": _mean([r["loss/adv_raw_var"] for r in train_rows]),
                 "trained": sum(1 for _ in open(run_dir / "episodes.jsonl")),
                 "sampled": train_rows[-1]["rollout/episodes"] if train_rows else 0,
@@ -109,7 +117,7 @@ def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> dict:
             "final_mean": _mean([r["final"] for r in runs]),
             "final_std": _std([r["final"] for r in runs]),
             "before_mean": _mean([r["before"] for r in runs if r["before"] is not None]),
-            "zero_adv_share": _mean([r["zero_adv"] for r in runs]),
+            "zero_adv_share": _mean([r["zero_adv"] for r in runs if r["zero_adv"] is not None]),
             "adv_raw_var": _mean([r["adv_var"] for r in runs]),
             "trained_trajectories": _mean([r["trained"] for r in runs]),
             "sampled_episodes": _mean([r["sampled"] for r in runs]),
@@ -117,6 +125,10 @@ def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> dict:
             "runs": runs,
         }
     return result
+
+
+def _fmt(x: float) -> str:
+    return "–" if x != x else f"{x:.3f}"  # NaN: not measured for this variant
 
 
 def to_markdown(result: dict) -> str:
@@ -128,7 +140,7 @@ def to_markdown(result: dict) -> str:
     for name, v in result["variants"].items():
         lines.append(
             f"| {name} | {v['before_mean']:.3f} | {v['final_mean']:.3f} ± {v['final_std']:.3f} "
-            f"| {v['zero_adv_share']:.3f} | {v['adv_raw_var']:.3f} | "
+            f"| {_fmt(v['zero_adv_share'])} | {v['adv_raw_var']:.3f} | "
             f"{v['trained_trajectories']:.0f} | {v['train_s']:.0f} |"
         )
     return "\n".join(lines) + f"\n\nseeds: {result['seeds']}\n"

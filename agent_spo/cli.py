@@ -66,7 +66,6 @@ def _main(
     """Train tool-using math agents with Single-stream Policy Optimization (SPO)."""
 
 
-
 def _load(config: str | None, overrides: list[str] | None) -> TrainConfig:
     """Load and validate a training config; on failure print every problem and exit 2.
 
@@ -146,6 +145,7 @@ def train(
 
     from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.train import RunExists, UnsupportedConfig, run_training
+    from agent_spo.values import ValuesFileError
 
     with Progress(*_bar_columns(), console=_stderr) as bar:
         task = bar.add_task("training", total=cfg.train.total_steps)
@@ -184,9 +184,12 @@ def train(
         except (RunExists, UnsupportedConfig) as e:
             _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
             raise typer.Exit(EXIT_CONFIG) from None
+        except ValuesFileError as e:
+            _stderr.print(Text(f"error: algo.init.values_path: {e}", style="red"), soft_wrap=True)
+            raise typer.Exit(EXIT_CONFIG) from None
         except AllEpisodesDropped as e:
-            _stderr.print(Text(f"error: {e}; the latest checkpoint is kept, continue with "
-                               "--resume once fixed", style="red"), soft_wrap=True)  # fmt: skip
+            _stderr.print(Text(f"error: {e}; checkpoints written so far are kept: continue "
+                               "with --resume once fixed", style="red"), soft_wrap=True)  # fmt: skip
             raise typer.Exit(1) from None
     held, before = summary.get("held_out", {}), summary.get("held_out_before", {})
     nan = float("nan")
@@ -542,6 +545,10 @@ def estimate_values(
     out: Annotated[Path, typer.Option(help="Where to write per-prompt success counts.")] = Path(
         "values.jsonl"
     ),
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted estimate in OUT (same config)."),
+    ] = False,
 ) -> None:
     """Estimate each prompt's initial success rate v0 for the value tracker (spec §1).
 
@@ -552,6 +559,11 @@ def estimate_values(
     import asyncio
 
     cfg = _load(config, overrides)
+    if out.exists() and not resume:
+        _stderr.print(Text(f"error: {out} exists: pass --resume to continue that estimate "
+                           "(made with the same model and config), or choose another --out",
+                           style="red"), soft_wrap=True)  # fmt: skip
+        raise typer.Exit(EXIT_CONFIG)
     asyncio.run(_estimate_values(cfg, out))
 
 
@@ -817,7 +829,7 @@ def bench_learning(
 
     from rich.table import Table
 
-    from agent_spo.bench_learning import VARIANTS, run_learning_bench
+    from agent_spo.bench_learning import VARIANTS, _fmt, run_learning_bench
 
     _load(config, overrides)  # fail before any work on a bad config
     if config is not None and "=" in config and not Path(config).is_file():
@@ -832,16 +844,26 @@ def bench_learning(
         _stderr.print(Text(f"error: bad --variants/--seeds: {bad or 'empty'}; variants are "
                            f"{', '.join(VARIANTS)}", style="red"))  # fmt: skip
         raise typer.Exit(EXIT_CONFIG)
-    result = asyncio.run(
-        run_learning_bench(
-            config,
-            overrides or [],
-            out,
-            seeds=seed_list,
-            variants=names,
-            log=lambda m: _stderr.print(m, soft_wrap=True),
-        )  # fmt: skip
-    )
+    from agent_spo.pipeline import AllEpisodesDropped
+    from agent_spo.train import UnsupportedConfig
+
+    try:
+        result = asyncio.run(
+            run_learning_bench(
+                config,
+                overrides or [],
+                out,
+                seeds=seed_list,
+                variants=names,
+                log=lambda m: _stderr.print(m, soft_wrap=True),
+            )  # fmt: skip
+        )
+    except (UnsupportedConfig, ConfigError) as e:
+        _stderr.print(Text(f"error: {e}", style="red"), soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except AllEpisodesDropped as e:
+        _stderr.print(Text(f"error: {e}; rerun the same command to continue", style="red"))
+        raise typer.Exit(1) from None
     table = Table(title=f"learning benchmark, seeds {seed_list}")
     for col in ("variant", "before", "final (mean ± std)", "zero-adv share", "adv var",
                 "trained", "train s"):  # fmt: skip
@@ -849,7 +871,7 @@ def bench_learning(
     for name, v in result["variants"].items():
         table.add_row(name, f"{v['before_mean']:.3f}",
                       f"{v['final_mean']:.3f} ± {v['final_std']:.3f}",
-                      f"{v['zero_adv_share']:.3f}", f"{v['adv_raw_var']:.3f}",
+                      _fmt(v['zero_adv_share']), f"{v['adv_raw_var']:.3f}",
                       f"{v['trained_trajectories']:.0f}", f"{v['train_s']:.0f}")  # fmt: skip
     Console().print(table)
     _stderr.print(f"results: {out}/learning.md, learning.json, learning.png")

@@ -59,13 +59,14 @@ class StreamSettings:
     first_step: int = 0  # resume: steps already done
     adv_eps: float = 1e-8  # SPO: added to the batch std in the global normalisation
     grpo_std_eps: float = 1e-6  # GRPO: added to each group's std
-    # Stop with an error after this many episodes in a row were dropped: a broken sandbox
-    # or engine must not leave the learner waiting forever.
-    max_consecutive_drops: int = 200
+    # Stop with an error after this many episodes in a row could not be trained on
+    # (dropped, or unscored): a broken sandbox, engine or verifier must not leave the
+    # learner waiting forever. None = max(200, 2 x workers).
+    max_consecutive_drops: int | None = None
 
 
 class AllEpisodesDropped(RuntimeError):
-    """Every recent episode was dropped (sandbox or engine failures); training stops."""
+    """Every recent episode was dropped or unscored; training stops."""
 
 
 class _DropWatch:
@@ -73,16 +74,28 @@ class _DropWatch:
         self.limit, self.run, self.last = limit, 0, ""
 
     def dropped(self, e: EpisodeDropped) -> None:
+        self._miss(f"{e.source}: {e.reason}")
+
+    def unscored(self, traj: Trajectory) -> None:
+        self._miss(f"unscored ({traj.stop_reason})")
+
+    def _miss(self, why: str) -> None:
         self.run += 1
-        self.last = f"{e.source}: {e.reason}"
+        self.last = why
         if self.run >= self.limit:
             raise AllEpisodesDropped(
-                f"the last {self.run} episodes were all dropped (last: {self.last}); "
-                "check the sandbox and engine (agent-spo sandbox run, agent-spo rollout)"
+                f"the last {self.run} episodes were all dropped or unscored (last: "
+                f"{self.last}); check the sandbox, engine and verifier (agent-spo sandbox run, "
+                "agent-spo rollout) and rollout.episode_timeout_s"
             )
 
     def ok(self) -> None:
         self.run = 0
+
+
+def _watch(settings: StreamSettings) -> _DropWatch:
+    limit = settings.max_consecutive_drops
+    return _DropWatch(limit if limit is not None else max(200, 2 * settings.workers))
 
 
 @dataclass
@@ -163,7 +176,7 @@ async def train_spo(
     # trajectory instead of sampling more that would only go stale and be dropped.
     queue: asyncio.Queue[Finished] = asyncio.Queue(settings.queue_limit or settings.batch_size)
     budget = _SamplingBudget(settings.batch_size, settings.max_staleness)
-    watch = _DropWatch(settings.max_consecutive_drops)
+    watch = _watch(settings)
     stop = asyncio.Event()
     draws = 0
 
@@ -184,12 +197,13 @@ async def train_spo(
                 continue
             finally:
                 sampler.release(key)
-            watch.ok()
             state.episodes += 1
             if traj.reward is None:
                 state.counters["unscored"] += 1
                 await budget.give_back()
+                watch.unscored(traj)
                 continue
+            watch.ok()
             upd = tracker.observe(key, traj.reward)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
             await queue.put(Finished(traj, key, upd.v_hat_before, draw, upd.v_hat_after))
@@ -334,7 +348,7 @@ async def train_grpo(
         raise ValueError(f"batch_size {settings.batch_size} is not a multiple of G={group_size}")
     state = StreamState()
     per_batch = settings.batch_size // group_size
-    watch = _DropWatch(settings.max_consecutive_drops)
+    watch = _watch(settings)
     queue: asyncio.Queue = asyncio.Queue(settings.queue_limit or per_batch)
     stop = asyncio.Event()
 
@@ -359,11 +373,12 @@ async def train_grpo(
                 elif isinstance(r, BaseException):
                     raise r
                 else:
-                    watch.ok()
                     state.episodes += 1
                     if r.reward is None:
                         state.counters["unscored"] += 1
+                        watch.unscored(r)
                     else:
+                        watch.ok()
                         group.append(r)
             if len(group) < group_size:
                 state.counters["groups_incomplete"] += 1

@@ -62,7 +62,7 @@ def plot_run(*run_dirs: Path, out: Path | None = None) -> Path:
             xr, yr = _series(rows, "reward/mean")
             ax[2].plot(xr, _smooth(yr, 10), color=color, ls=":", label=f"{name} reward")
         x, y = _series(rows, "loss/adv_zero_frac")
-        if not any(y):
+        if not x:  # a GRPO run: its zero-advantage samples are the degenerate groups'
             x, y = _series(rows, "grpo/samples_degenerate_frac")
         ax[3].plot(x, _smooth(y, 10), color=color, label=f"{name} zero-advantage share")
         x, y = _series(rows, "loss/clip_frac")

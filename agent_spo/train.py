@@ -135,6 +135,10 @@ async def run_training(
             f"rollout.workers keeps {in_flight} prompts in flight but there are only "
             f"{len(problems)} training prompts; lower rollout.workers"
         )
+    if cfg.algo.init.values_path is not None and cfg.algo.name == "spo" and ckpt is None:
+        from agent_spo.values import load_values
+
+        load_values(cfg.algo.init.values_path, known=problems)  # a bad file fails before work
     if resume:
         _check_resume_config(cfg, run_dir / "config.yaml")
     write_resolved(cfg, run_dir)
@@ -229,7 +233,7 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                         "scored": before[0]["eval/episodes"],
                     }
             metrics = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
-            if "held_out_before" in summary:
+            if evaluator.step == 0:  # evaluated before training in this process
                 metrics.write(evaluator.last_row)
             elog = open(episodes_path, "a", encoding="utf-8")
             t_start = time.perf_counter()
@@ -335,7 +339,8 @@ async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate
 
 class _Evaluator:
     """Held-out accuracy at fixed seeds and the paper's evaluation sampling (T 0.6, top-p
-    0.95, top-k 20 by default), so successive points differ only by the policy."""
+    0.95, top-k 20 by default). The stream keeps sampling meanwhile (its episodes share
+    the engine), which slows an evaluation but does not change what it scores."""
 
     def __init__(self, cfg, runner, held_out, run_dir: Path) -> None:
         self.cfg, self.runner, self.held_out = cfg, runner, held_out

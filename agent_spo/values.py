@@ -116,8 +116,8 @@ async def estimate_values(
         raise ValueError(f"n0 must be >= 1, got {n0}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(out)  # first: a row cut just before its newline is redone, not kept
     done = set(load_values(out)) if out.exists() else set()
-    _drop_torn_tail(out)
     todo = [p for p in problems if p.key not in done]
     state = EstimateProgress(prompts_done=len(problems) - len(todo), prompts_total=len(problems))
     pending: dict[str, list] = {p.key: [] for p in todo}  # results per prompt, in any order
@@ -164,7 +164,9 @@ async def estimate_values(
                 if progress is not None:
                     progress(state)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(todo) * n0)))))
+        async with asyncio.TaskGroup() as group:  # one worker's crash cancels the others
+            for _ in range(max(1, min(workers, len(todo) * n0))):
+                group.create_task(worker())
     state.wall_s = time.perf_counter() - t0
     return state
 

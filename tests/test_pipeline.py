@@ -87,6 +87,7 @@ def test_zero_staleness_trains_only_on_current_policy_samples():
     state, tracker, sampler, learner, engine, rows = _run(max_staleness=0, steps=3, batch=2)
     assert state.step == 3
     assert all(r["rollout/staleness_mean"] == 0 for r in rows)
+    assert all("rollout/dropped/stale" not in r for r in rows)  # nothing sampled to be dropped
 
 
 def test_stream_at_zero_staleness_equals_the_synchronous_loop():
@@ -144,17 +145,47 @@ def test_grpo_hands_over_whole_groups_behind_a_barrier():
 
 
 class _AlwaysDropped:
-    """A runner whose sandbox is down: every episode is dropped."""
+    """A runner whose sandbox is down (every episode dropped), or whose episodes all run
+    past their deadline (every episode unscored)."""
 
-    def __init__(self) -> None:
+    def __init__(self, unscored: bool = False) -> None:
         self.calls = 0
+        self.unscored = unscored
 
     async def run(self, problem, *, seed=None, info=None):
+        from types import SimpleNamespace
+
         from agent_spo.episode.runner import EpisodeDropped
 
         self.calls += 1
         await asyncio.sleep(0)
+        if self.unscored:
+            return SimpleNamespace(reward=None, stop_reason="deadline")
         raise EpisodeDropped("sandbox", "connection refused")
+
+
+@pytest.mark.parametrize("loop", ["spo", "grpo"])
+def test_a_run_whose_every_episode_is_unscored_stops_instead_of_waiting(loop):
+    from agent_spo.algo import PrioritizedSampler, ValueTracker
+    from agent_spo.data.synthetic import make_tasks
+    from agent_spo.pipeline import AllEpisodesDropped
+
+    problems = {p.key: p for p in make_tasks(20)}
+    sampler = PrioritizedSampler(list(problems), seed=0)
+    runner = _AlwaysDropped(unscored=True)
+    settings = StreamSettings(batch_size=4, total_steps=1, workers=4)  # limit: max(200, 8)
+
+    async def main():
+        if loop == "spo":
+            await train_spo(runner=runner, problems=problems, tracker=ValueTracker(),
+                            sampler=sampler, learner=None, engine=None, settings=settings)  # fmt: skip
+        else:
+            await train_grpo(runner=runner, problems=problems, sampler=sampler, learner=None,
+                             engine=None, settings=settings, group_size=2)  # fmt: skip
+
+    with pytest.raises(AllEpisodesDropped, match=r"unscored \(deadline\)"):
+        asyncio.run(asyncio.wait_for(main(), 30))
+    assert 200 <= runner.calls < 240
 
 
 @pytest.mark.parametrize("loop", ["spo", "grpo"])

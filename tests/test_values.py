@@ -155,3 +155,26 @@ def test_estimate_values_command_writes_a_file_training_accepts(tmp_path):
     n = _train_size(20)
     assert len(values) == n and f"{n} prompts" in result.output
     assert "algo.init.values_path=" in result.output
+
+
+def test_estimate_values_refuses_to_overwrite_or_silently_reuse_a_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from agent_spo.cli import EXIT_CONFIG, app
+
+    out = tmp_path / "v.jsonl"
+    out.write_text('{"prompt": "a", "rewards": [1.0]}\n')
+    result = CliRunner().invoke(app, ["estimate-values", "--out", str(out)])
+    assert result.exit_code == EXIT_CONFIG and "--resume" in result.output
+    assert out.read_text() == '{"prompt": "a", "rewards": [1.0]}\n'
+
+
+def test_a_bad_values_path_fails_training_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from agent_spo.cli import EXIT_CONFIG, app
+
+    result = CliRunner().invoke(app, ["train", f"run.output_dir={tmp_path}",
+                                      f"algo.init.values_path={tmp_path / 'missing.jsonl'}"])  # fmt: skip
+    assert result.exit_code == EXIT_CONFIG
+    assert "algo.init.values_path" in result.output and "does not exist" in result.output
