@@ -233,9 +233,10 @@ def test_the_stream_assembles_the_papers_batch_faster_than_the_barrier(parts):
     assert grpo.first_batch_s / spo.first_batch_s > 2.0  # paper: 4.34; constant: ~1
     assert spo.trajectories == grpo.trajectories == 24
     for r in (spo, grpo):
-        # one draw per episode started: at least those that finished, at most those
-        # plus the ones still in flight at the stop
-        assert r.episodes <= r.delays_drawn <= r.episodes + 48
+        # one draw per episode attempt: at least one per finished episode, at most those
+        # plus the ones in flight at the stop and the odd retry (an attempt the sandbox
+        # failed on a loaded machine starts over and draws again)
+        assert r.episodes <= r.delays_drawn <= r.episodes + 48 + 8
         assert 0 < r.idle_frac < 1
 
 
