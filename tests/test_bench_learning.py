@@ -23,7 +23,7 @@ def test_learning_bench_runs_every_variant_and_seed_then_reuses_them(tmp_path):
     assert first.exit_code == 0, first.output
     result = json.loads((tmp_path / "learning.json").read_text())
     assert set(result["variants"]) == {"spo", "grpo", "no_baseline"}
-    for name, v in result["variants"].items():
+    for v in result["variants"].values():
         assert [r["seed"] for r in v["runs"]] == [0, 1]
         assert list(v["curve"]) == ["0", "1", "2"]  # eval before and after each step
         assert v["trained_trajectories"] == 8  # 2 steps x 4: equal for every variant
