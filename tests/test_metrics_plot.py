@@ -68,7 +68,8 @@ def test_plot_draws_one_or_several_runs(tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     both = CliRunner().invoke(
-        app, ["plot", str(tmp_path / "spo"), str(tmp_path / "grpo"), "--out", str(tmp_path / "c.png")]
+        app,
+        ["plot", str(tmp_path / "spo"), str(tmp_path / "grpo"), "--out", str(tmp_path / "c.png")],
     )
     assert both.exit_code == 0, both.output
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
