@@ -62,6 +62,14 @@ def test_a_worker_that_died_while_idle_is_replaced_without_losing_a_check():
         assert p.restarts == 1 and p.pids() != [pid]
 
 
+def test_an_input_that_kills_two_workers_is_a_failed_check_not_a_hang():
+    with VerifierPool(workers=1, timeout_s=2.0) as p:
+        v = p._call(("exit",), None)  # every worker that receives it dies
+        assert v.status == "timeout" and v.reward is None
+        assert "died (exit code" in v.reason and p.restarts == 2
+        assert p.check("3", "\\boxed{3}").correct  # the pool still works
+
+
 def test_check_many_keeps_order(pool):
     pairs = [(str(i), f"\\boxed{{{i if i % 3 else i + 1}}}") for i in range(40)]
     verdicts = pool.check_many(pairs)
