@@ -101,7 +101,8 @@ def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> dict:
                 "seed": seed,
                 "curve": {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r},
                 "final": summary["held_out"]["accuracy"],
-                "before": summary.get("held_out_before", {}).get("accuracy"),
+                "before": next((r["eval/accuracy"] for r in rows
+                                if r["step"] == 0 and "eval/accuracy" in r), None),  # fmt: skip
                 "zero_adv": _mean([r[zero_key] for r in train_rows if zero_key in r])
                 if zero_key
                 else None,
