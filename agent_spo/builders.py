@@ -159,3 +159,22 @@ def build_episode_settings(rollout: RolloutConfig, sandbox: SandboxConfig):
         tool_timeout_s=sandbox.timeout_s,
         retries=rollout.retries,
     )
+
+
+async def build_runner(cfg, engine, model_path: str | None, sandbox, verifier):
+    """The episode runner for a started-or-not engine: starts a remote engine, takes the
+    tokenizer from the engine (else from model_path), and wires tools, renderer and
+    the config's episode settings around the given sandbox and verifier."""
+    from agent_spo.episode.runner import EpisodeRunner
+
+    if hasattr(engine, "start"):  # remote engines: reach the server before any episode
+        await engine.start()
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    toolbox = build_toolbox(cfg.rollout)
+    renderer = build_renderer(tokenizer, cfg.rollout, toolbox)
+    settings = build_episode_settings(cfg.rollout, cfg.sandbox)
+    return EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)

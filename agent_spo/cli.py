@@ -238,7 +238,6 @@ async def _rollout(cfg: TrainConfig, n: int, split: str, out: Path):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from agent_spo import builders
-    from agent_spo.episode.runner import EpisodeRunner
     from agent_spo.rollout import run_rollout, write_summary
 
     train, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
@@ -255,19 +254,9 @@ async def _rollout(cfg: TrainConfig, n: int, split: str, out: Path):
     )
     engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
     try:
-        if hasattr(engine, "start"):  # remote engines: reach the server before any episode
-            await engine.start()
-        tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        toolbox = builders.build_toolbox(cfg.rollout)
-        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
         with builders.build_verifier(cfg.verifier) as verifier:
             async with builders.build_sandbox(cfg.sandbox) as sandbox:
-                runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+                runner = await builders.build_runner(cfg, engine, model_path, sandbox, verifier)
                 with Progress(*columns, console=_stderr, transient=True) as bar:
                     task = bar.add_task("episodes", total=n)
 
@@ -571,26 +560,15 @@ async def _estimate_values(cfg: TrainConfig, out: Path) -> None:
     from rich.progress import Progress
 
     from agent_spo import builders
-    from agent_spo.episode.runner import EpisodeRunner
     from agent_spo.values import estimate_values, load_values, value_summary
 
     train_set, _ = builders.build_datasets(cfg.data, cfg.run.seed)
     model_path = builders.resolve_model_path(cfg.model, log=lambda m: _stderr.print(m))
     engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
     try:
-        if hasattr(engine, "start"):
-            await engine.start()
-        tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        toolbox = builders.build_toolbox(cfg.rollout)
-        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
         with builders.build_verifier(cfg.verifier) as verifier:
             async with builders.build_sandbox(cfg.sandbox) as sandbox:
-                runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+                runner = await builders.build_runner(cfg, engine, model_path, sandbox, verifier)
                 with Progress(*_bar_columns(), console=_stderr, transient=True) as bar:
                     task = bar.add_task("prompts", total=len(train_set))
 

@@ -125,7 +125,7 @@ async def generate(
     server already running); it is closed at the end like a built one.
     """
     from agent_spo import builders
-    from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
+    from agent_spo.episode.runner import EpisodeDropped
 
     episodes = out_dir / "episodes.jsonl"
     done = finished_samples(episodes, warn=log)
@@ -153,18 +153,8 @@ async def generate(
     if fixed:
         log(f"{episodes}: {fixed}")
     try:
-        if hasattr(engine, "start"):
-            await engine.start()
-        tokenizer = getattr(engine, "tokenizer", None)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        toolbox = builders.build_toolbox(cfg.rollout)
-        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
         async with builders.build_sandbox(cfg.sandbox) as sandbox:
-            runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+            runner = await builders.build_runner(cfg, engine, model_path, sandbox, verifier)
 
             async def worker() -> None:
                 while True:
