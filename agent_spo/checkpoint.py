@@ -60,7 +60,11 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``."""
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``.
+
+    ``tracker`` and ``sampler`` are the objects or their ``state_dict()`` snapshots (taken
+    by a caller that writes from a thread while they keep changing).
+    """
     import torch
 
     root = Path(root)
@@ -78,8 +82,8 @@ def save_checkpoint(
         "step": step,
         "learner_version": learner_version,
         "episode_log_offset": episode_log_offset,
-        "tracker": tracker.state_dict(),
-        "sampler": sampler.state_dict(),
+        "tracker": tracker if isinstance(tracker, dict) else tracker.state_dict(),
+        "sampler": sampler if isinstance(sampler, dict) else sampler.state_dict(),
         **(extra or {}),
     }
     with open(tmp / "state.json", "w") as f:

@@ -15,6 +15,7 @@ checkpoint had seen, so no batch is counted twice.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -237,6 +238,7 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                 metrics.write(evaluator.last_row)
             elog = open(episodes_path, "a", encoding="utf-8")
             t_start = time.perf_counter()
+            saving = {"s": 0.0}  # checkpoint writing, summed into the summary
 
             async def on_step(row: dict, batch) -> None:
                 step = row["step"]
@@ -261,11 +263,18 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                 if on_metrics is not None:
                     on_metrics(row)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
-                    save_checkpoint(
-                        ckpt_root, step=step, model=learner.model, tokenizer=tokenizer,
-                        optimizer=learner.opt, tracker=tracker, sampler=sampler,
+                    # Tracker and sampler are copied now: workers keep updating them while
+                    # the files are written. The weights and optimizer hold still, since the
+                    # learner waits for this step's callback, so the disk work runs in a
+                    # thread and episodes keep flowing meanwhile.
+                    t_save = time.perf_counter()
+                    await asyncio.to_thread(
+                        save_checkpoint, ckpt_root, step=step, model=learner.model,
+                        tokenizer=tokenizer, optimizer=learner.opt,
+                        tracker=tracker.state_dict(), sampler=sampler.state_dict(),
                         learner_version=learner.version, episode_log_offset=elog.tell(),
                     )  # fmt: skip
+                    saving["s"] += time.perf_counter() - t_save
 
             try:
                 if cfg.algo.name == "grpo":
@@ -280,6 +289,7 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
                         learner=learner, engine=engine, settings=stream, on_step=on_step,
                     )  # fmt: skip
                 summary["train_s"] = round(time.perf_counter() - t_start, 1)
+                summary["checkpoint_s"] = round(saving["s"], 1)
                 if held_out:
                     final = cfg.train.total_steps
                     if evaluator.step != final:

@@ -6,6 +6,13 @@ between decode steps, waiting requests are prefilled and merged into the running
 generation never holds up a short one. Each decode step runs in a worker thread, so the
 event loop keeps serving sandbox calls while the model computes.
 
+Most prompts open with the same tokens (system prompt, tool schema, chat markers). The
+engine keeps the keys and values of that shared opening for the current weights and
+prefills only the rest of each prompt: the opening is found by matching prompts against
+each other (longest common prefix, at least ``min_prefix`` tokens) and recomputed once
+after each weight update. Rows then hold ``[opening | padding | rest]``; positions come
+from the attention mask, so the padding in the middle changes nothing.
+
 Log-probs are the raw model's (``log_softmax`` of the logits in float32), which is what
 the learner recomputes; temperature, top-k and top-p only shape the sampling.
 
@@ -55,6 +62,8 @@ class HFEngine:
         max_model_len: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        prefix_cache: bool = True,
+        min_prefix: int = 32,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -76,8 +85,9 @@ class HFEngine:
         self._task: asyncio.Task | None = None
         self._weights_lock: asyncio.Lock | None = None
         self._closed = False
+        self._prefix = _SharedPrefix(min_prefix) if prefix_cache else None
         self.last_update_s = 0.0
-        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0}
+        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0, "prefix_tokens": 0}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> HFEngine:
@@ -315,19 +325,59 @@ class _Batch:
         return out.logits[:, -1, :].float().cpu(), out.past_key_values
 
     def _prefill(self, admit: list[_Request]) -> None:
-        n = max(len(r.prompt) for r in admit)
-        ids = torch.full((len(admit), n), self.e._pad, dtype=torch.long)
-        mask = torch.zeros((len(admit), n), dtype=torch.long)
-        for i, r in enumerate(admit):
+        shared = self.e._prefix
+        n = shared.observe([r.prompt for r in admit]) if shared is not None else 0
+        use = [r for r in admit if n and len(r.prompt) > n and shared.matches(r.prompt)]
+        rest = [r for r in admit if all(r is not u for u in use)]
+        for group, after_prefix in ((use, True), (rest, False)):
+            if not group:
+                continue
+            if after_prefix:
+                ids, mask, cache = self._after_prefix(group, shared)
+            else:
+                (ids, mask), cache = self._left_padded(group), None
+            logits, cache = self._forward(ids, mask, cache)
+            self.e.stats["prefills"] += 1
+            if not self.rows:
+                self.rows, self.cache, self.mask, self.next_logits = (
+                    list(group),
+                    cache,
+                    mask,
+                    logits,
+                )
+            else:
+                self._merge(group, cache, mask, logits)
+        self.e.stats["max_rows"] = max(self.e.stats["max_rows"], len(self.rows))
+
+    def _left_padded(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), n), self.e._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
             ids[i, n - len(r.prompt) :] = torch.tensor(r.prompt)
             mask[i, n - len(r.prompt) :] = 1
-        logits, cache = self._forward(ids, mask, None)
-        self.e.stats["prefills"] += 1
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.next_logits = list(admit), cache, mask, logits
-        else:
-            self._merge(admit, cache, mask, logits)
-        self.e.stats["max_rows"] = max(self.e.stats["max_rows"], len(self.rows))
+        return ids, mask
+
+    def _after_prefix(self, rows: list[_Request], shared: _SharedPrefix):
+        """Inputs for the prompts' tails over the shared opening's cached keys and values."""
+        from transformers import DynamicCache
+
+        kv = shared.keys_values(self.e.model, self.e._version, self.e.device)
+        p = len(shared.ids)
+        tails = [r.prompt[p:] for r in rows]
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(rows), width), self.e._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        for i, t in enumerate(tails):
+            ids[i, width - len(t) :] = torch.tensor(t)
+            mask[i, p + width - len(t) :] = 1
+        cache = DynamicCache()
+        for li, (k, v) in enumerate(kv):
+            size = (len(rows), *k.shape[1:])
+            cache.update(k.expand(size).contiguous(), v.expand(size).contiguous(), li)
+        self.e.stats["prefix_tokens"] += p * len(rows)
+        return ids, mask, cache
 
     def _merge(self, admit, cache, mask, logits) -> None:
         from transformers import DynamicCache
@@ -371,3 +421,55 @@ class _Batch:
     def _decode(self, tokens: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
         self.next_logits, self.cache = self._forward(tokens[:, None], self.mask, self.cache)
+
+
+class _SharedPrefix:
+    """The opening tokens prompts share, and their keys/values under the current weights.
+
+    The candidate starts as the first prompt seen and shrinks to its longest common prefix
+    with each later prompt, as long as at least ``min_len`` tokens stay shared; a prompt
+    that shares fewer is prefilled in full. A candidate no prompt has matched yet is
+    replaced by the next prompt, so one odd first prompt cannot pin it.
+    """
+
+    def __init__(self, min_len: int) -> None:
+        self.min_len = max(1, min_len)
+        self.ids: list[int] = []
+        self.hits = 0
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._version = -1
+
+    def observe(self, prompts: list[list[int]]) -> int:
+        """Update the candidate with these prompts; the usable shared length (0 = none)."""
+        for prompt in prompts:
+            room = len(prompt) - 1  # the last prompt token is prefilled for its logits
+            if not self.ids:
+                self.ids = prompt[:room]
+                continue
+            n = 0
+            limit = min(len(self.ids), room)
+            while n < limit and self.ids[n] == prompt[n]:
+                n += 1
+            if n == len(self.ids):
+                self.hits += 1
+            elif n >= self.min_len:
+                self._shrink(n)
+                self.hits += 1
+            elif self.hits == 0:
+                self.ids, self._kv = prompt[:room], None
+        return len(self.ids) if self.hits and len(self.ids) >= self.min_len else 0
+
+    def matches(self, prompt: list[int]) -> bool:
+        return prompt[: len(self.ids)] == self.ids
+
+    def _shrink(self, n: int) -> None:
+        self.ids = self.ids[:n]
+        if self._kv is not None:
+            self._kv = [(k[:, :, :n], v[:, :, :n]) for k, v in self._kv]
+
+    def keys_values(self, model, version: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._kv is None or self._version != version:
+            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True)
+            self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self._version = version
+        return self._kv

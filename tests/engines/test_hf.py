@@ -297,3 +297,93 @@ def test_multibyte_stop_strings_are_found(model_and_tok):
     g = asyncio.run(main())
     assert g.finish_reason == "stop" and g.stop == stop
     assert list(g.token_ids) == stop_ids
+
+
+def _chat_prompts(tok, n):
+    """Prompts that open with the same long system text, as episodes do."""
+    system = tok("You are a careful solver. Use the python tool for arithmetic. " * 4).input_ids
+    return [
+        system + tok(f"What is {100 + i} multiplied by {7 * i + 3}?").input_ids for i in range(n)
+    ]
+
+
+def test_shared_prefix_is_cached_and_scores_exactly(model_and_tok):
+    """Prompts sharing an opening reuse its keys/values; tokens and log-probs are unchanged."""
+    model, tok = model_and_tok
+    prompts = _chat_prompts(tok, 10)
+
+    async def run(prefix_cache: bool):
+        e = _engine(model_and_tok, max_batch=6, prefix_cache=prefix_cache, min_prefix=16)
+        tasks = []
+        for i, p in enumerate(prompts):
+            s = Sampling(max_tokens=6 + 2 * i, temperature=0)
+            tasks.append(asyncio.create_task(e.generate(p, s)))
+            await asyncio.sleep(0.003 * (i % 3))
+        gens = await asyncio.gather(*tasks)
+        stats = dict(e.stats)
+        await e.close()
+        return gens, stats
+
+    cached, stats = asyncio.run(run(True))
+    plain, plain_stats = asyncio.run(run(False))
+    shared = len(
+        tok("You are a careful solver. Use the python tool for arithmetic. " * 4).input_ids
+    )
+    assert stats["prefix_tokens"] >= shared * (len(prompts) - 1)  # all but the first reuse it
+    assert plain_stats["prefix_tokens"] == 0
+    for p, a, b in zip(prompts, cached, plain, strict=True):
+        assert a.token_ids == b.token_ids
+        ref = _forward_logprobs(model, p, a.token_ids)
+        assert torch.allclose(ref, torch.tensor(a.logprobs), atol=1e-4), (ref, a.logprobs)
+
+
+def test_shared_prefix_is_recomputed_after_a_weight_update(model_and_tok):
+    """After new weights arrive, the cached opening is the new weights' (exact log-probs)."""
+    model, tok = model_and_tok
+    prompts = _chat_prompts(tok, 4)
+    import copy
+
+    new_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    async def main():
+        e = _engine(model_and_tok, min_prefix=16)
+        first = await asyncio.gather(
+            *(e.generate(p, Sampling(max_tokens=5, seed=1)) for p in prompts)
+        )
+        await e.update_weights(new_model.state_dict().items(), version=1)
+        second = await asyncio.gather(
+            *(e.generate(p, Sampling(max_tokens=5, seed=1)) for p in prompts)
+        )
+        stats = dict(e.stats)
+        await e.close()
+        return first, second, stats
+
+    first, second, stats = asyncio.run(main())
+    assert stats["prefix_tokens"] > 0
+    for p, g in zip(prompts, second, strict=True):
+        assert g.policy_version == 1
+        ref = _forward_logprobs(new_model, p, g.token_ids)
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+
+
+def test_prompts_without_a_shared_opening_are_prefilled_in_full(model_and_tok):
+    model, tok = model_and_tok
+    prompts = [tok(f"{i} apples and {3 * i} pears: how many fruits?").input_ids for i in range(5)]
+
+    async def main():
+        e = _engine(model_and_tok, min_prefix=16)
+        gens = await asyncio.gather(
+            *(e.generate(p, Sampling(max_tokens=4, seed=i)) for i, p in enumerate(prompts))
+        )
+        stats = dict(e.stats)
+        await e.close()
+        return gens, stats
+
+    gens, stats = asyncio.run(main())
+    assert stats["prefix_tokens"] == 0
+    for p, g in zip(prompts, gens, strict=True):
+        ref = _forward_logprobs(model, p, g.token_ids)
+        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
