@@ -211,8 +211,8 @@ class LossConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    lr: float = Field(1e-3, gt=0)
-    """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 1e-3. Paper: 1e-6 for
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 3e-4. Paper: 1e-6 for
     Qwen3-8B (spec §3)."""
 
     betas: tuple[float, float] = (0.9, 0.999)

@@ -2,6 +2,11 @@
 be right (products too long to do in the head, modular powers, prime counts, digit sums,
 two-step problems). Answers are exact integers; difficulty varies by size, so per-prompt
 success rates differ, which is what the value tracker and the sampler feed on.
+
+Sizes are chosen for the demo policy, a ~1M-parameter model: every number it has to copy
+(an operand into code, a printed result into the answer) is at most seven digits, three
+tokens of the demo tokenizer. Longer numbers are where such a model miscopies, and a task
+whose only failure mode is miscopying teaches nothing about using the tool.
 """
 
 from __future__ import annotations
@@ -15,21 +20,25 @@ FAMILIES = ("product", "modpow", "primes", "digit_sum", "two_step")
 
 
 def _product(rng: random.Random, level: int) -> tuple[str, int]:
-    digits = 3 + level  # 3..6-digit factors
-    a = rng.randrange(10 ** (digits - 1), 10**digits)
-    b = rng.randrange(10 ** (digits - 1), 10**digits)
+    da, db = ((2, 2), (3, 2), (3, 3), (4, 3))[level]  # products of 3 to 7 digits
+    a = rng.randrange(10 ** (da - 1), 10**da)
+    b = rng.randrange(10 ** (db - 1), 10**db)
     return f"What is {a} multiplied by {b}?", a * b
 
 
 def _modpow(rng: random.Random, level: int) -> tuple[str, int]:
     base = rng.randrange(2, 50)
     exp = rng.randrange(10 ** (level + 1), 10 ** (level + 2))
-    mod = rng.choice([97, 1009, 10007, 100003, 1000003][: level + 2])
+    mod = rng.choice([97, 1009, 10007, 100003][: level + 1])
     return f"What is the remainder when {base}^{exp} is divided by {mod}?", pow(base, exp, mod)
 
 
 def _primes(rng: random.Random, level: int) -> tuple[str, int]:
-    n = rng.randrange(10 ** (level + 2), 2 * 10 ** (level + 2))
+    n = (
+        rng.randrange(10 ** (level + 2), 2 * 10 ** (level + 2))
+        if level < 3
+        else rng.randrange(20_000, 60_000)
+    )
     return f"How many prime numbers are less than {n}?", _count_primes(n)
 
 
@@ -44,8 +53,9 @@ def _digit_sum(rng: random.Random, level: int) -> tuple[str, int]:
 
 
 def _two_step(rng: random.Random, level: int) -> tuple[str, int]:
-    a = rng.randrange(10 ** (level + 2), 10 ** (level + 3))
-    b = rng.randrange(10 ** (level + 2), 10 ** (level + 3))
+    digits = (2, 3, 3, 4)[level]
+    a = rng.randrange(10 ** (digits - 1), 10**digits)
+    b = rng.randrange(10 ** (digits - 1), 10**digits)
     m = rng.randrange(101, 1000)
     c = rng.randrange(1, 100)
     text = f"Let N = {a} * {b}. What is the remainder of N when divided by {m}, plus {c}?"

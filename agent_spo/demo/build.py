@@ -36,12 +36,12 @@ class DemoModelSettings:
     layers: int = 4
     heads: int = 4
     sft_tasks: int = 6000
-    copy_steps: int = 450  # stage 1: short-context copying
-    sft_steps: int = 300  # stage 2: the real format
+    copy_steps: int = 600  # stage 1: short-context copying
+    sft_steps: int = 600  # stage 2: the real format
     batch_size: int = 32
-    lr: float = 1e-2
+    lr: float = 3e-3
     seed: int = 0
-    recipe: int = 5  # bump when demonstrations or training change
+    recipe: int = 6  # bump when demonstrations, tasks or training change
 
     def tag(self) -> str:
         import hashlib

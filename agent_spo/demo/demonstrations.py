@@ -18,7 +18,7 @@ import re
 from agent_spo.data.problems import Problem
 
 # Probability that a demonstration uses the tool, by family (minus 0.05 per level).
-TOOL_SHARE = {"product": 0.7, "modpow": 0.6, "primes": 0.55, "digit_sum": 0.65, "two_step": 0.75}
+TOOL_SHARE = {"product": 0.55, "modpow": 0.45, "primes": 0.4, "digit_sum": 0.5, "two_step": 0.6}
 
 
 def family_and_level(problem: Problem) -> tuple[str, int]:
