@@ -146,12 +146,45 @@ async def run_training(
     base_path = builders.resolve_model_path(cfg.model, log=log)
     model_path = str(ckpt.model_dir) if ckpt else base_path
 
-    engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+    threads_before = _set_torch_threads(cfg)
     try:
-        return await _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems,
-                            held_out, log, on_metrics, on_estimate)  # fmt: skip
+        engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+        try:
+            return await _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems,
+                                held_out, log, on_metrics, on_estimate)  # fmt: skip
+        finally:
+            await engine.close()
     finally:
-        await engine.close()
+        if threads_before is not None:
+            import torch
+
+            torch.set_num_threads(threads_before)
+
+
+def torch_threads_for(cfg: TrainConfig) -> int | None:
+    """train.torch_threads, or auto: half the cores when the in-process engine and the
+    learner share the CPU; None = leave torch's default."""
+    import os
+
+    import torch
+
+    if cfg.train.torch_threads is not None:
+        return cfg.train.torch_threads
+    if cfg.rollout.engine != "hf" or torch.cuda.is_available():
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def _set_torch_threads(cfg: TrainConfig) -> int | None:
+    """Apply torch_threads_for(cfg); the previous count (to restore), or None if unchanged."""
+    import torch
+
+    n = torch_threads_for(cfg)
+    if n is None:
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, held_out, log,

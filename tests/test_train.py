@@ -25,8 +25,12 @@ def _train(tmp_path, steps: int, *extra: str):
 
 
 def test_train_then_resume_continues_without_replaying_a_step(tmp_path):
-    first = _train(tmp_path, 2)
+    import torch
+
+    threads = torch.get_num_threads()
+    first = _train(tmp_path, 2, "train.torch_threads=3")
     assert first.exit_code == 0, first.output
+    assert torch.get_num_threads() == threads  # the run's thread count is not left behind
     run = tmp_path / "t"
     for name in ("config.yaml", "metrics.jsonl", "episodes.jsonl", "summary.json"):
         assert (run / name).exists(), name
@@ -42,7 +46,7 @@ def test_train_then_resume_continues_without_replaying_a_step(tmp_path):
     again = _train(tmp_path, 2)  # same name without --resume: refused, nothing lost
     assert again.exit_code == EXIT_CONFIG and "--resume" in again.output
 
-    resumed = _train(tmp_path, 3, "--resume")
+    resumed = _train(tmp_path, 3, "--resume")  # torch_threads may change on resume
     assert resumed.exit_code == 0, resumed.output
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -131,3 +135,23 @@ def test_resume_refuses_a_changed_learning_setting_but_may_run_longer(tmp_path):
     assert all("eval/accuracy" in r for r in rows)
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["held_out_before"]["accuracy"] == rows[0]["eval/accuracy"]
+
+
+def test_torch_threads_auto_splits_the_cores_only_where_engine_and_learner_share_them():
+    import os
+
+    import torch
+
+    from agent_spo.config import load_config
+    from agent_spo.train import torch_threads_for
+
+    cores = len(os.sched_getaffinity(0))
+    hf = load_config(None)
+    if torch.cuda.is_available():
+        assert torch_threads_for(hf) is None
+    else:
+        assert torch_threads_for(hf) == max(1, cores // 2)
+    assert torch_threads_for(load_config(None, ["rollout.engine=vllm"])) is None
+    assert torch_threads_for(load_config(None, ["train.torch_threads=5"])) == 5
+    with pytest.raises(Exception, match="torch_threads"):
+        load_config(None, ["train.torch_threads=0"])
