@@ -501,6 +501,19 @@ async def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Everything `agent-spo bench throughput` measures, as one JSON-ready dict."""
+    from agent_spo.train import apply_torch_threads
+
+    threads_before = apply_torch_threads(spo_cfg)  # as training would run
+    try:
+        return await _run_bench(spo_cfg, grpo_cfg, bench, log)
+    finally:
+        if threads_before is not None:
+            import torch
+
+            torch.set_num_threads(threads_before)
+
+
+async def _run_bench(spo_cfg, grpo_cfg, bench: BenchSettings, log) -> dict:
     from agent_spo import builders
 
     train, _ = builders.build_datasets(spo_cfg.data, spo_cfg.run.seed)

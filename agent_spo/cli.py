@@ -630,6 +630,14 @@ def demo_model(
         typer.Argument(help="Directory for the model and tokenizer. Default: the cache."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if it exists.")] = False,
+    probe: Annotated[
+        int,
+        typer.Option(
+            help="Then measure copying on this many demo tasks (teacher-forced: are the "
+            "number tokens of the code and of the answer predicted right?). 0 = skip.",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Build the embedded demo policy: a tiny Qwen3-architecture model and its tokenizer.
 
@@ -665,6 +673,28 @@ def demo_model(
             raise typer.Exit(EXIT_CONFIG)
         path = out_dir if is_demo and not force else build_demo_model(out_dir, settings, log=log)
     typer.echo(str(path))
+    if probe:
+        _probe_demo_model(path, probe)
+
+
+def _probe_demo_model(path: Path, n: int) -> None:
+    from rich.table import Table
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_spo.data.synthetic import make_tasks
+    from agent_spo.demo.build import renderer_for
+    from agent_spo.demo.probe import copy_probe
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    result = copy_probe(model, renderer_for(tok, "hermes"), make_tasks(n, seed=0))
+    table = Table(title=f"copying, teacher-forced, {result.tasks} demo tasks (hermes)")
+    for col in ("family:level", "code right", "answer right", "tasks"):
+        table.add_column(col)
+    for kind, (code, answer, count) in sorted(result.by_kind.items()):
+        table.add_row(kind, str(code), str(answer), str(count))
+    table.add_row("all", f"{result.code:.3f}", f"{result.answer:.3f}", str(result.tasks))
+    Console().print(table)
 
 
 def _cell(value) -> str:

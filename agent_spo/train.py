@@ -146,7 +146,7 @@ async def run_training(
     base_path = builders.resolve_model_path(cfg.model, log=log)
     model_path = str(ckpt.model_dir) if ckpt else base_path
 
-    threads_before = _set_torch_threads(cfg)
+    threads_before = apply_torch_threads(cfg)
     try:
         engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
         try:
@@ -175,7 +175,7 @@ def torch_threads_for(cfg: TrainConfig) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // 2)
 
 
-def _set_torch_threads(cfg: TrainConfig) -> int | None:
+def apply_torch_threads(cfg: TrainConfig) -> int | None:
     """Apply torch_threads_for(cfg); the previous count (to restore), or None if unchanged."""
     import torch
 

@@ -338,15 +338,11 @@ class _Batch:
                 (ids, mask), cache = self._left_padded(group), None
             logits, cache = self._forward(ids, mask, cache)
             self.e.stats["prefills"] += 1
-            if not self.rows:
-                self.rows, self.cache, self.mask, self.next_logits = (
-                    list(group),
-                    cache,
-                    mask,
-                    logits,
-                )
-            else:
+            if self.rows:
                 self._merge(group, cache, mask, logits)
+            else:
+                self.rows, self.cache = list(group), cache
+                self.mask, self.next_logits = mask, logits
         self.e.stats["max_rows"] = max(self.e.stats["max_rows"], len(self.rows))
 
     def _left_padded(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:

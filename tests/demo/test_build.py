@@ -119,3 +119,37 @@ def test_shared_prefix_loss_equals_the_plain_loss():
     g1 = torch.autograd.grad(shared, w)[0]
     g2 = torch.autograd.grad(plain, w)[0]
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+class _Oracle:
+    """Predicts each next token from the sequence it is given (right every time), or
+    one token off (wrong every time)."""
+
+    def __init__(self, vocab: int, wrong: bool = False) -> None:
+        self.vocab, self.wrong = vocab, wrong
+
+    def __call__(self, input_ids):
+        import torch
+
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong:
+            nxt = (nxt + 1) % self.vocab
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})
+
+
+def test_copy_probe_scores_perfect_and_hopeless_copiers():
+    from agent_spo.demo.model import random_model
+    from agent_spo.demo.probe import copy_probe
+    from agent_spo.demo.tokenizer import train_tokenizer
+
+    tasks = make_tasks(25, seed=4)
+    tok = train_tokenizer([p.problem for p in tasks], vocab_size=400)
+    r = build.renderer_for(tok, "hermes")
+    right = copy_probe(_Oracle(len(tok)), r, tasks)
+    assert right.tasks == 25 and right.code == 1.0 and right.answer == 1.0
+    wrong = copy_probe(_Oracle(len(tok), wrong=True), r, tasks)
+    assert wrong.code == 0.0 and wrong.answer == 0.0
+    assert sum(v[2] for v in wrong.by_kind.values()) == 25
+    assert set(wrong.to_dict()["by_kind"]) == {p.source.split(":", 1)[1] for p in tasks}
+    rand = copy_probe(random_model(tok, hidden=32, layers=1, heads=2), r, tasks)
+    assert rand.answer < 0.5  # an untrained model does not copy
