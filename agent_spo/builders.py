@@ -121,6 +121,7 @@ def build_engine(model_path: str, model: ModelConfig, rollout: RolloutConfig, se
             max_batch=rollout.max_batch,
             max_model_len=rollout.max_model_len,
             seed=seed,
+            prefix_cache=rollout.prefix_cache,
         )
     if rollout.engine == "vllm":
         from agent_spo.engines.vllm import VLLMEngine

@@ -324,6 +324,11 @@ class RolloutConfig(_Section):
     max_batch: int = Field(64, ge=1)
     """hf engine: most sequences decoded together. >= 1."""
 
+    prefix_cache: bool = True
+    """hf engine: compute the keys/values of the opening all prompts share (system
+    prompt, tool schema) once per weight version instead of once per prompt. Off by
+    itself for models with other than full-attention layers."""
+
     url: str | None = None
     """openai_http engine: the server's base URL (e.g. http://127.0.0.1:8000/v1);
     required when engine = openai_http."""

@@ -172,7 +172,8 @@ def torch_threads_for(cfg: TrainConfig) -> int | None:
         return cfg.train.torch_threads
     if cfg.rollout.engine != "hf" or torch.cuda.is_available():
         return None
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 2) // 2)
 
 
 def apply_torch_threads(cfg: TrainConfig) -> int | None:

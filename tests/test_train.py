@@ -145,7 +145,7 @@ def test_torch_threads_auto_splits_the_cores_only_where_engine_and_learner_share
     from agent_spo.config import load_config
     from agent_spo.train import torch_threads_for
 
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     hf = load_config(None)
     if torch.cuda.is_available():
         assert torch_threads_for(hf) is None

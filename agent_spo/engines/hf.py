@@ -85,7 +85,11 @@ class HFEngine:
         self._task: asyncio.Task | None = None
         self._weights_lock: asyncio.Lock | None = None
         self._closed = False
-        self._prefix = _SharedPrefix(min_prefix) if prefix_cache else None
+        # Rows hold [opening | padding | rest]: right for full attention only (a sliding
+        # window or a recurrent layer would see the padding as positions).
+        layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+        full = all(t == "full_attention" for t in layer_types)
+        self._prefix = _SharedPrefix(min_prefix) if prefix_cache and full else None
         self.last_update_s = 0.0
         self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0, "prefix_tokens": 0}
 
@@ -167,6 +171,8 @@ class HFEngine:
                 for target, tensor in staged:
                     target.copy_(tensor.to(target.device, target.dtype))
             self._version = int(version)
+            if self._prefix is not None:  # even under a reused version number
+                self._prefix.invalidate()
             self.last_update_s = time.perf_counter() - t0
 
     async def close(self) -> None:
@@ -454,6 +460,10 @@ class _SharedPrefix:
             elif self.hits == 0:
                 self.ids, self._kv = prompt[:room], None
         return len(self.ids) if self.hits and len(self.ids) >= self.min_len else 0
+
+    def invalidate(self) -> None:
+        """New weights arrived: the cached keys/values are recomputed on next use."""
+        self._kv = None
 
     def matches(self, prompt: list[int]) -> bool:
         return prompt[: len(self.ids)] == self.ids

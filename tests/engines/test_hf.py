@@ -310,7 +310,10 @@ def _chat_prompts(tok, n):
 def test_shared_prefix_is_cached_and_scores_exactly(model_and_tok):
     """Prompts sharing an opening reuse its keys/values; tokens and log-probs are unchanged."""
     model, tok = model_and_tok
-    prompts = _chat_prompts(tok, 10)
+    # plus two prompts without the opening, admitted with the others: one prefill then
+    # runs two forward passes (cached opening, and in full) and merges them
+    others = [tok(f"{i} apples and {3 * i} pears?").input_ids for i in (4, 9)]
+    prompts = _chat_prompts(tok, 10) + others
 
     async def run(prefix_cache: bool):
         e = _engine(model_and_tok, max_batch=6, prefix_cache=prefix_cache, min_prefix=16)
@@ -329,7 +332,7 @@ def test_shared_prefix_is_cached_and_scores_exactly(model_and_tok):
     shared = len(
         tok("You are a careful solver. Use the python tool for arithmetic. " * 4).input_ids
     )
-    assert stats["prefix_tokens"] >= shared * (len(prompts) - 1)  # all but the first reuse it
+    assert stats["prefix_tokens"] >= shared * (len(prompts) - 3)  # all but the first reuse it
     assert plain_stats["prefix_tokens"] == 0
     for p, a, b in zip(prompts, cached, plain, strict=True):
         assert a.token_ids == b.token_ids
@@ -357,16 +360,22 @@ def test_shared_prefix_is_recomputed_after_a_weight_update(model_and_tok):
         second = await asyncio.gather(
             *(e.generate(p, Sampling(max_tokens=5, seed=1)) for p in prompts)
         )
+        # the old weights again under the same version number (a reload, a rollback)
+        await e.update_weights(model.state_dict().items(), version=1)
+        third = await asyncio.gather(
+            *(e.generate(p, Sampling(max_tokens=5, seed=1)) for p in prompts)
+        )
         stats = dict(e.stats)
         await e.close()
-        return first, second, stats
+        return first, second, third, stats
 
-    first, second, stats = asyncio.run(main())
+    first, second, third, stats = asyncio.run(main())
     assert stats["prefix_tokens"] > 0
-    for p, g in zip(prompts, second, strict=True):
-        assert g.policy_version == 1
-        ref = _forward_logprobs(new_model, p, g.token_ids)
-        assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+    for weights, gens in ((new_model, second), (model, third)):
+        for p, g in zip(prompts, gens, strict=True):
+            assert g.policy_version == 1
+            ref = _forward_logprobs(weights, p, g.token_ids)
+            assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
 
 
 def test_prompts_without_a_shared_opening_are_prefilled_in_full(model_and_tok):
@@ -387,3 +396,14 @@ def test_prompts_without_a_shared_opening_are_prefilled_in_full(model_and_tok):
     for p, g in zip(prompts, gens, strict=True):
         ref = _forward_logprobs(model, p, g.token_ids)
         assert torch.allclose(ref, torch.tensor(g.logprobs), atol=1e-4)
+
+
+def test_prefix_cache_is_off_for_models_with_other_than_full_attention(model_and_tok):
+    import copy
+
+    model, tok = model_and_tok
+    sliding = copy.deepcopy(model)
+    sliding.config.layer_types = ["sliding_attention"] * len(sliding.config.layer_types)
+    assert HFEngine(sliding, tok)._prefix is None
+    assert HFEngine(copy.deepcopy(model), tok)._prefix is not None
+    assert HFEngine(copy.deepcopy(model), tok, prefix_cache=False)._prefix is None
