@@ -1,7 +1,7 @@
 """Build the embedded demo policy: tokenizer, tiny Qwen3, supervised warm start (DESIGN §8).
 
 ``ensure_demo_model()`` returns the cached model directory, building it on first use
-(about two minutes on 2 cores). The directory is a normal Hugging Face model directory,
+(about seven minutes on 2 cores). The directory is a normal Hugging Face model directory,
 so every engine loads it like any other model.
 """
 
