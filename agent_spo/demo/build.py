@@ -83,6 +83,11 @@ def ensure_demo_model(settings: DemoModelSettings = DemoModelSettings(), *, log=
     return out
 
 
+def number_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that are digits only (every 1-3 digit group in the demo vocab)."""
+    return {i for i in range(len(tokenizer)) if tokenizer.decode([i]).isdigit()}
+
+
 def _encode(renderer: ChatRenderer, problem: Problem, turns) -> tuple[list[int], list[int]]:
     tok = renderer.tokenizer
     ids = renderer.prompt_ids(problem.problem)
@@ -134,7 +139,7 @@ def build_demo_model(out: Path, settings: DemoModelSettings, *, log=print) -> Pa
         )
         corpus.extend(text + "\n" + (o or "") for text, o in turns)
     tok = train_tokenizer(corpus, vocab_size=settings.vocab_size)
-    numbers = {i for i in range(len(tok)) if tok.decode([i]).isdigit()}
+    numbers = number_token_ids(tok)
 
     full = {f: renderer_for(tok, f) for f in FORMATS}
     stage2: dict[str, list] = {f: [] for f in FORMATS}

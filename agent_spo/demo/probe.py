@@ -22,18 +22,23 @@ from agent_spo.demo.demonstrations import answer_text, call_text, solution_steps
 
 @dataclass
 class ProbeResult:
-    tasks: int = 0
-    code_right: int = 0
-    answer_right: int = 0
+    # family:level -> [tasks whose code copied right, whose answer did, tasks]
     by_kind: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+
+    def _total(self, column: int) -> int:
+        return sum(row[column] for row in self.by_kind.values())
+
+    @property
+    def tasks(self) -> int:
+        return self._total(2)
 
     @property
     def code(self) -> float:
-        return self.code_right / self.tasks if self.tasks else 0.0
+        return self._total(0) / self.tasks if self.tasks else 0.0
 
     @property
     def answer(self) -> float:
-        return self.answer_right / self.tasks if self.tasks else 0.0
+        return self._total(1) / self.tasks if self.tasks else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -53,10 +58,9 @@ def copy_probe(model, renderer, problems: list[Problem]) -> ProbeResult:
     ``problems``, rendered with ``renderer`` (a demo renderer, see ``renderer_for``)."""
     import torch
 
-    from agent_spo.demo.build import _encode
+    from agent_spo.demo.build import _encode, number_token_ids
 
-    tok = renderer.tokenizer
-    numbers = {i for i in range(len(tok)) if tok.decode([i]).isdigit()}
+    numbers = number_token_ids(renderer.tokenizer)
     fmt = renderer.fmt.name
     out = ProbeResult()
     for p in problems:
@@ -78,7 +82,4 @@ def copy_probe(model, renderer, problems: list[Problem]) -> ProbeResult:
         row[0] += code_ok
         row[1] += answer_ok
         row[2] += 1
-        out.tasks += 1
-        out.code_right += code_ok
-        out.answer_right += answer_ok
     return out

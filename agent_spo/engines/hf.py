@@ -333,8 +333,11 @@ class _Batch:
     def _prefill(self, admit: list[_Request]) -> None:
         shared = self.e._prefix
         n = shared.observe([r.prompt for r in admit]) if shared is not None else 0
-        use = [r for r in admit if n and len(r.prompt) > n and shared.matches(r.prompt)]
-        rest = [r for r in admit if all(r is not u for u in use)]
+        use: list[_Request] = []
+        rest: list[_Request] = []
+        for r in admit:
+            cached = n and len(r.prompt) > n and shared.matches(r.prompt)
+            (use if cached else rest).append(r)
         for group, after_prefix in ((use, True), (rest, False)):
             if not group:
                 continue
