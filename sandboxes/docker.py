@@ -174,7 +174,7 @@ class DockerSandbox(LocalSandbox):
         **kwargs,
     ) -> None:
         super().__init__(workers=workers, limits=limits or Limits(), **kwargs)
-        self.spec = spec or ContainerSpec() or ContainerSpec()
+        self.spec = spec or ContainerSpec()
         # the container is the jail: the runner may sweep every other process it sees
         self._hello["config"]["jailed"] = True
 

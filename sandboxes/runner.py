@@ -399,7 +399,9 @@ class Zygote:
 
     def _make_spare(self) -> None:
         self.calls += 1
-        workdir = f"{self.limits['workroot']}/call-{self.calls}"
+        # runners may share one work root (the unisolated mode's, a test's /tmp): the
+        # zygote's pid keeps one runner from removing another's fresh directory
+        workdir = f"{self.limits['workroot']}/call-{os.getpid()}-{self.calls}"
         pid, sock = self._fork_executor(workdir, persistent=False)
         self.spare = (pid, sock, workdir)
 

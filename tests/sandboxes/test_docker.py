@@ -1,4 +1,4 @@
-"""The docker backend: container spec and stream protocol here; live calls need an engine.
+"""The docker backend, and runners that share one host work root.
 
 No Docker engine runs on the development and CI machines, so the live tests skip with
 the reason; everything around them runs: the container's security settings, the frame
@@ -8,6 +8,7 @@ runner's output exactly as dockerd does.
 
 import asyncio
 import collections
+import os
 import random
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from sandboxes.docker import (
     frame,
 )
 from sandboxes.jail import SandboxUnavailable, unisolated_command
-from sandboxes.local import Limits
+from sandboxes.local import Limits, LocalSandbox
 
 
 def test_container_is_locked_down():
@@ -169,6 +170,31 @@ def test_pool_over_the_docker_stream_protocol():
     assert r3.status == "timeout" and r4.stdout == "41\n"
     assert [r.status for r in burst] == ["ok"] * 20, [r.detail for r in burst]
     assert sorted(int(r.stdout) for r in burst) == list(range(20))
+
+
+
+def test_runners_sharing_one_work_root_never_reuse_a_work_dir():
+    """Two unisolated runners share one work root; a call's directory is its own.
+
+    Each runner once numbered its call directories from 1, so one runner could remove
+    the directory another's fresh executor was about to enter (a spurious 'crashed').
+    """
+
+    async def go():
+        async with LocalSandbox(workers=2, isolation="none") as sb:
+            root = sb._workdir
+            results = await asyncio.gather(
+                *(sb.run("import os\nprint(os.getcwd())") for _ in range(40))
+            )
+        return root, results
+
+    root, results = asyncio.run(go())
+    assert [r.status for r in results] == ["ok"] * 40, [r.exit_code for r in results]
+    assert {r.worker for r in results} == {0, 1}  # both runners served calls
+    cwds = [r.stdout.strip() for r in results]
+    assert all(c.startswith(root + "/call-") for c in cwds), cwds[:3]
+    assert len(set(cwds)) == 40  # no two calls, of either runner, shared a directory
+    assert not os.path.exists(root)  # the pool's work root goes with the pool
 
 
 def _engine_or_reason():
