@@ -172,7 +172,6 @@ def test_pool_over_the_docker_stream_protocol():
     assert sorted(int(r.stdout) for r in burst) == list(range(20))
 
 
-
 def test_runners_sharing_one_work_root_never_reuse_a_work_dir():
     """Two unisolated runners share one work root; a call's directory is its own.
 
