@@ -4,8 +4,9 @@ Names are namespaced by what they describe:
 
     rollout/  episodes and what happened to them      reward/  verifier rewards
     tracker/  the value tracker (baseline, drift)     loss/    the learner's objective
-    tool/     tool use inside episodes                perf/    time and throughput
-    eval/     held-out evaluation                     grpo/    GRPO-only group statistics
+    tool/     tool use inside episodes                sandbox/ code the episodes ran
+    perf/     time and throughput                     eval/    held-out evaluation
+    grpo/     GRPO-only group statistics
 
 :class:`MetricsLog` writes one JSON line per logged step to ``metrics.jsonl`` (always)
 and, optionally, TensorBoard scalars. A key that is not defined here is refused, so the
@@ -40,6 +41,12 @@ METRICS: dict[str, str] = {
     "loss/adv_zero_frac": "share of samples whose raw advantage is ~0 (no learning signal)",
     # tool/
     "tool/calls_per_episode": "mean tool calls per episode in the batch",
+    # sandbox/
+    "sandbox/runs_per_episode": "mean sandbox executions per episode in the batch",
+    "sandbox/latency_mean_s": "mean wait of the batch's sandbox executions (absent if none)",
+    "sandbox/latency_p95_s": "95th percentile of that wait (absent if none)",
+    "sandbox/failed_frac": "share of the batch's sandbox executions whose status is not ok",
+    "sandbox/status/*": "the batch's sandbox executions ending in a non-ok status, by status",
     # perf/
     "perf/wait_s": "time the learner waited for the batch to be ready (idle)",
     "perf/learner_s": "time of the learner's update on the batch",

@@ -325,9 +325,30 @@ async def _learn(trajs, adv, raw, learner: Learner, engine, tracker) -> dict:
         "loss/adv_raw_var": float(np.var(raw)),
         "loss/adv_zero_frac": near_zero_fraction(np.asarray(raw), 1e-6),
         "tool/calls_per_episode": float(np.mean([len(t.tool_calls) for t in trajs])),
+        **sandbox_metrics(trajs),
         "perf/learner_s": stats.step_s,
         "perf/weight_push_s": time.perf_counter() - t_push,
     }
+
+
+def sandbox_metrics(trajs) -> dict:
+    """The batch's sandbox executions: how many, how long the episodes waited, how they ended.
+
+    Calls that never reached the sandbox (malformed, or a tool that runs no code) have no
+    status and are not counted.
+    """
+    runs = [c for t in trajs for c in t.tool_calls if c.status is not None]
+    out = {
+        "sandbox/runs_per_episode": len(runs) / max(len(trajs), 1),
+        "sandbox/failed_frac": sum(c.status != "ok" for c in runs) / len(runs) if runs else 0.0,
+    }
+    if runs:
+        waits = np.array([c.latency_s for c in runs])
+        out["sandbox/latency_mean_s"] = float(waits.mean())
+        out["sandbox/latency_p95_s"] = float(np.percentile(waits, 95))
+    for status, n in sorted(Counter(c.status for c in runs if c.status != "ok").items()):
+        out[f"sandbox/status/{status}"] = n
+    return out
 
 
 async def train_grpo(

@@ -27,6 +27,36 @@ def test_metrics_log_refuses_an_undefined_key_and_writes_nothing(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5}]
 
 
+
+def test_sandbox_metrics_count_only_what_ran_in_the_sandbox():
+    from agent_spo.episode.trajectory import Segment, ToolCallRecord, Trajectory
+    from agent_spo.pipeline import sandbox_metrics
+
+    def traj(*calls):
+        return Trajectory("p", (1, 2), (Segment("model", (3,), (-0.1,), 0),), tool_calls=calls)
+
+    def call(status, latency, fault=None):
+        return ToolCallRecord("python", {"code": "1"}, "obs", fault, status, latency)
+
+    malformed = ToolCallRecord("python", None, "bad call", "model", None, 0.0)
+    batch = [
+        traj(call("ok", 0.1), call("timeout", 2.0, "model")),
+        traj(malformed),
+        traj(call("ok", 0.3), call("error", 0.2, "model"), call("ok", 0.2)),
+        traj(),
+    ]
+    m = sandbox_metrics(batch)
+    assert all(is_defined(k) for k in m)
+    assert m["sandbox/runs_per_episode"] == 5 / 4  # the malformed call never ran
+    assert m["sandbox/failed_frac"] == 2 / 5
+    assert m["sandbox/status/timeout"] == 1 and m["sandbox/status/error"] == 1
+    assert "sandbox/status/ok" not in m
+    assert m["sandbox/latency_mean_s"] == pytest.approx(2.8 / 5)
+    assert 0.3 < m["sandbox/latency_p95_s"] <= 2.0
+    none_ran = sandbox_metrics([traj(malformed)])
+    assert none_ran == {"sandbox/runs_per_episode": 0.0, "sandbox/failed_frac": 0.0}
+
+
 def test_tensorboard_events_hold_the_same_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -81,6 +81,11 @@ def test_stream_trains_updates_the_tracker_and_pushes_weights():
     assert rows[1]["tracker/drift"] > 0 and tracker.cumulative_drift > 0
     for key in ("reward/mean", "loss/pg", "perf/learner_s", "perf/weight_push_s"):
         assert key in rows[0]
+    for r in rows:  # the sandbox metrics describe the batch's own tool calls
+        runs = [c for b in r["batch"] for c in b.traj.tool_calls if c.status is not None]
+        assert r["sandbox/runs_per_episode"] == len(runs) / len(r["batch"])
+        if runs:
+            assert r["sandbox/latency_mean_s"] > 0
 
 
 def test_zero_staleness_trains_only_on_current_policy_samples():
