@@ -27,7 +27,6 @@ def test_metrics_log_refuses_an_undefined_key_and_writes_nothing(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5}]
 
 
-
 def test_sandbox_metrics_count_only_what_ran_in_the_sandbox():
     from agent_spo.episode.trajectory import Segment, ToolCallRecord, Trajectory
     from agent_spo.pipeline import sandbox_metrics
