@@ -1,9 +1,10 @@
 """The curves of a run as one PNG (``RUN_DIR/curves.png``; ``agent-spo plot RUN_DIR``).
 
-Six panels over learner steps: reward and held-out accuracy; tool use; the baseline
-against the reward; the learning signal (zero-advantage share, clip fraction); the
-policy drift; and where the time went (learner busy vs waiting for data). Several run
-directories can be drawn on the same axes to compare SPO with GRPO.
+Six panels over learner steps: reward and held-out accuracy; tool use and the share of
+sandbox runs that failed; the baseline against the reward; the learning signal
+(zero-advantage share, clip fraction); the policy drift; and where the time went
+(learner busy vs waiting for data). Several run directories can be drawn on the same
+axes to compare SPO with GRPO.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def plot_run(*run_dirs: Path, out: Path | None = None) -> Path:
         ax[1].plot(x, _smooth(y, 10), color=color, label=f"{name} calls/episode")
         x, y = _series(rows, "eval/tool_use_rate")
         ax[1].plot(x, y, "o--", color=color, ms=4, label=f"{name} held-out tool use")
+        x, y = _series(rows, "sandbox/failed_frac")
+        if y:
+            ax[1].plot(x, _smooth(y, 10), color=color, ls=":", label=f"{name} sandbox runs failed")
         x, y = _series(rows, "tracker/v_hat_mean")
         if y:
             ax[2].plot(x, _smooth(y, 10), color=color, label=f"{name} baseline v̂")

@@ -78,7 +78,8 @@ def _fake_run(path, steps=30, eval_every=10, grpo=False):
         if s:
             row.update({"reward/mean": s / steps, "tool/calls_per_episode": 1.0,
                         "loss/clip_frac": 0.01, "tracker/drift": 0.02,
-                        "perf/learner_s": 2.0, "perf/wait_s": 0.5})  # fmt: skip
+                        "perf/learner_s": 2.0, "perf/wait_s": 0.5,
+                        "sandbox/failed_frac": 0.1})  # fmt: skip
             if grpo:
                 row["grpo/samples_degenerate_frac"] = 0.4
             else:
