@@ -191,12 +191,22 @@ def train(
             _stderr.print(Text(f"error: {e}; checkpoints written so far are kept: continue "
                                "with --resume once fixed", style="red"), soft_wrap=True)  # fmt: skip
             raise typer.Exit(1) from None
+    _stderr.print(_done_line(summary))
+
+
+def _done_line(summary: dict) -> str:
+    """The one line a finished training run ends with: steps, held-out accuracy, where."""
     held, before = summary.get("held_out", {}), summary.get("held_out_before", {})
-    nan = float("nan")
-    _stderr.print(
-        f"done: {summary['steps']} steps in {summary.get('train_s', 0):.0f} s; held-out accuracy "
-        f"{before.get('accuracy', nan):.3f} -> {held.get('accuracy', nan):.3f} over "
-        f"{held.get('episodes', 0)} episodes; run directory {summary['run_dir']}"
+    if "accuracy" in held:
+        acc = f"{held['accuracy']:.3f}"
+        if "accuracy" in before:
+            acc = f"{before['accuracy']:.3f} -> {acc}"
+        acc = f"held-out accuracy {acc} over {held.get('episodes', 0)} episodes"
+    else:
+        acc = "no held-out evaluation"
+    return (
+        f"done: {summary['steps']} steps in {summary.get('train_s', 0):.0f} s; {acc}; "
+        f"run directory {summary['run_dir']}"
         + (f"; curves {summary['plot']}" if "plot" in summary else "")
     )
 

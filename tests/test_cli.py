@@ -185,3 +185,23 @@ def test_openai_http_engine_needs_the_model_path_for_its_tokenizer():
     result = runner.invoke(app, ["config", "rollout.engine=openai_http", "rollout.url=http://x"])
     assert result.exit_code == EXIT_CONFIG
     assert "model.path is required" in result.output
+
+
+def test_the_closing_line_of_train_says_what_was_evaluated():
+    from agent_spo.cli import _done_line
+
+    base = {"steps": 8, "train_s": 33.2, "run_dir": "/r"}
+    full = {
+        **base,
+        "held_out_before": {"accuracy": 0.25},
+        "held_out": {"accuracy": 0.9, "episodes": 223},
+    }
+    assert _done_line(full) == (
+        "done: 8 steps in 33 s; held-out accuracy 0.250 -> 0.900 over 223 episodes; "
+        "run directory /r"
+    )
+    only_after = {**base, "held_out": {"accuracy": 0.866, "episodes": 223}}  # eval_every=0
+    assert "held-out accuracy 0.866 over 223" in _done_line(only_after)
+    assert "nan" not in _done_line(only_after)
+    assert "no held-out evaluation" in _done_line({**base, "plot": "/r/curves.png"})
+    assert _done_line({**base, "plot": "/r/curves.png"}).endswith("; curves /r/curves.png")
