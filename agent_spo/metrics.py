@@ -26,7 +26,7 @@ METRICS: dict[str, str] = {
     "rollout/staleness_mean": "mean policy-version lag of the batch's oldest segments",
     "rollout/unscored": "episodes with no reward (deadline): never trained on, never tracked",
     "rollout/dropped/*": "episodes dropped, by cause (sandbox, engine, prompt, stale)",
-    "rollout/groups_incomplete": "GRPO groups that lost members to drops",
+    "rollout/groups_incomplete": "GRPO groups that lost members to drops or deadlines",
     # reward/
     "reward/mean": "mean verifier reward of the batch",
     # tracker/

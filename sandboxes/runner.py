@@ -695,12 +695,29 @@ class Zygote:
                     pass
         shutil.rmtree(s["workdir"], ignore_errors=True)
 
+    def close(self) -> None:
+        """End every session and the spare and remove their work dirs: a work root that
+        outlives this runner (the unisolated mode's, a shared /tmp) keeps nothing of it."""
+        for sid in list(self.sessions):
+            self._drop_session(sid)
+        if self.spare is not None:
+            pid, sock, workdir = self.spare
+            self.spare = None
+            sock.close()
+            _killpg(pid)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            shutil.rmtree(workdir, ignore_errors=True)
+
     # -- loop
     def serve(self) -> None:
         self._make_spare()
         while True:
             req = read_msg(self.pin)
             if req is None or req.get("op") == "shutdown":
+                self.close()
                 return
             op = req.get("op")
             t0 = time.monotonic()

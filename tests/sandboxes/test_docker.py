@@ -144,11 +144,13 @@ class FakeEngineSandbox(DockerSandbox):
         return workers
 
 
-def test_pool_over_the_docker_stream_protocol():
+def test_pool_over_the_docker_stream_protocol(tmp_path):
     async def go():
         sb = FakeEngineSandbox(workers=2, limits=Limits(timeout_s=2.0))
-        # the fake 'containers' are plain processes on this host: never sweep the host
+        # the fake 'containers' are plain processes on this host: never sweep the host,
+        # and keep their work dirs out of the host's /tmp
         sb._hello["config"]["jailed"] = False
+        sb._hello["config"]["limits"]["workroot"] = str(tmp_path)
         await sb.start()
         try:
             r1 = await sb.run("print('x' * 5000)\n6 * 7")
@@ -194,6 +196,26 @@ def test_runners_sharing_one_work_root_never_reuse_a_work_dir():
     assert all(c.startswith(root + "/call-") for c in cwds), cwds[:3]
     assert len(set(cwds)) == 40  # no two calls, of either runner, shared a directory
     assert not os.path.exists(root)  # the pool's work root goes with the pool
+
+
+def test_a_runner_that_shuts_down_leaves_nothing_in_its_work_root():
+    async def go():
+        async with LocalSandbox(workers=1, isolation="none") as sb:
+            session = await sb.open_session()
+            await session.run("open('kept.txt', 'w').write('x')")
+            r = await sb.run("print(1)")
+            for _ in range(200):  # the next spare makes its own dir, just after the reply
+                full = sorted(os.listdir(sb._workdir))
+                if any(n.startswith("call-") for n in full):
+                    break
+                await asyncio.sleep(0.01)
+            await sb._workers[0].shutdown()  # returns once the runner has exited
+            return r, full, sorted(os.listdir(sb._workdir))
+
+    r, full, after = asyncio.run(go())
+    assert r.status == "ok"
+    assert any(n.startswith("session-") for n in full) and any(n.startswith("call-") for n in full)
+    assert after == []
 
 
 def _engine_or_reason():
