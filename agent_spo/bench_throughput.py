@@ -403,7 +403,7 @@ async def run_mode(
         runner = EpisodeRunner(wrapped, parts.renderer, parts.toolbox, sandbox,
                                parts.verifier, parts.episode_settings)  # fmt: skip
         settings = StreamSettings(
-            batch_size=batch, total_steps=steps, workers=workers,
+            batch_size=batch, batch_tokens=L.batch_tokens, total_steps=steps, workers=workers,
             max_staleness=L.max_staleness, baseline=cfg.algo.baseline, seed=seed,
             adv_eps=cfg.algo.adv_eps, grpo_std_eps=cfg.algo.grpo.std_eps,
         )  # fmt: skip

@@ -228,6 +228,15 @@ class LearnerConfig(_Section):
     """Trajectories per training batch: the learner takes the first batch_size finished
     ones. >= 1. Paper: 2048 (SPO 2048 prompts × 1; GRPO 256 × 8). Demo: 32."""
 
+    batch_tokens: int | None = Field(None, ge=1)
+    """Also close a batch once its trajectories hold this many trainable (model-sampled)
+    tokens, so a batch of long episodes does not make a long learner step: a batch is
+    then the first finished trajectories up to batch_size of them or batch_tokens tokens,
+    whichever comes first, and at least one (GRPO: whole groups, at least one). >= 1;
+    null (default) = by count only. The workers still sample ahead by batch_size
+    trajectories per step, so with max_staleness 0 what a short batch leaves over goes
+    stale and is dropped (counted). The paper batches by count."""
+
     mini_batches: int = Field(1, ge=1)
     """Optimizer steps per batch (one pass, batch split evenly). 1..batch_size.
     Paper: 8. Demo: 1."""

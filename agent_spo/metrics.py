@@ -26,6 +26,8 @@ METRICS: dict[str, str] = {
     "rollout/staleness_mean": "mean policy-version lag of the batch's oldest segments",
     "rollout/unscored": "episodes with no reward (deadline): never trained on, never tracked",
     "rollout/dropped/*": "episodes dropped, by cause (sandbox, engine, prompt, stale)",
+    "rollout/batch_trajectories": "trajectories in the batch the learner trained on",
+    "rollout/batch_tokens": "trainable (model-sampled) tokens in that batch",
     "rollout/groups_incomplete": "GRPO groups that lost members to drops or deadlines",
     # reward/
     "reward/mean": "mean verifier reward of the batch",

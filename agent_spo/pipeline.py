@@ -50,6 +50,7 @@ from agent_spo.learner import Learner
 @dataclass(frozen=True)
 class StreamSettings:
     batch_size: int = 16
+    batch_tokens: int | None = None  # also close a batch at this many trainable tokens
     total_steps: int = 30
     workers: int = 8
     max_staleness: int = 4
@@ -118,6 +119,13 @@ class StreamState:
     counters: Counter = field(default_factory=Counter)
 
 
+def _room(settings: StreamSettings, n: int, tokens: int) -> bool:
+    """Whether a batch of n trajectories holding this many trainable tokens takes more."""
+    if n >= settings.batch_size:
+        return False
+    return settings.batch_tokens is None or tokens < settings.batch_tokens
+
+
 def _episode_seed(run_seed: int, draw: int) -> int:
     """Draw n's sampling seed: the same prompt draw gets the same seed in every loop."""
     return (run_seed * 1_000_003 + draw) % 2**40
@@ -128,20 +136,21 @@ class _SamplingBudget:
 
     An episode started at policy version v is trained on only if the learner has not
     moved more than ``max_staleness`` versions past v by then, so at most
-    ``(steps done + 1 + max_staleness) × batch_size`` episodes may be started in all;
+    ``trained + (1 + max_staleness) × batch_size`` episodes may be started in all;
     episodes that never reach the learner (dropped, unscored, stale) give their place
-    back. With ``max_staleness = 0`` this is the synchronous loop: exactly one batch is
-    sampled per policy version, and nothing is ever sampled only to be dropped.
+    back. With ``max_staleness = 0`` and batches closed by count this is the synchronous
+    loop: exactly one batch is sampled per policy version, and nothing is ever sampled
+    only to be dropped.
     """
 
     def __init__(self, batch_size: int, max_staleness: int) -> None:
         self.batch_size, self.max_staleness = batch_size, max_staleness
         self.started = 0
-        self.steps = 0
+        self.trained = 0
         self._cond = asyncio.Condition()
 
     def _open(self) -> bool:
-        return self.started < (self.steps + 1 + self.max_staleness) * self.batch_size
+        return self.started < self.trained + (1 + self.max_staleness) * self.batch_size
 
     async def acquire(self) -> None:
         async with self._cond:
@@ -153,9 +162,9 @@ class _SamplingBudget:
             self.started -= 1
             self._cond.notify_all()
 
-    async def stepped(self) -> None:
+    async def stepped(self, trained: int) -> None:
         async with self._cond:
-            self.steps += 1
+            self.trained += trained
             self._cond.notify_all()
 
 
@@ -213,19 +222,21 @@ async def train_spo(
         for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
             batch: list[Finished] = []
-            while len(batch) < settings.batch_size:
+            tokens = 0
+            while _room(settings, len(batch), tokens):
                 item = await _next(queue, tasks)
                 if item.traj.staleness(learner.version) > settings.max_staleness:
                     state.counters["dropped/stale"] += 1
                     await budget.give_back()
                     continue
                 batch.append(item)
+                tokens += item.traj.num_model_tokens
             # Draw order, not finish order: mini-batches and float sums do not depend
             # on which episode happened to finish first.
             batch.sort(key=lambda b: b.draw)
             wait_s = time.perf_counter() - t_wait
             metrics = await _learn_spo(batch, settings, learner, engine, tracker)
-            await budget.stepped()
+            await budget.stepped(len(batch))
             state.step = step + 1
             metrics.update({
                 "step": state.step,
@@ -324,6 +335,8 @@ async def _learn(trajs, adv, raw, learner: Learner, engine, tracker) -> dict:
         "loss/grad_norm": stats.grad_norm,
         "loss/adv_raw_var": float(np.var(raw)),
         "loss/adv_zero_frac": near_zero_fraction(np.asarray(raw), 1e-6),
+        "rollout/batch_trajectories": len(trajs),
+        "rollout/batch_tokens": sum(t.num_model_tokens for t in trajs),
         "tool/calls_per_episode": float(np.mean([len(t.tool_calls) for t in trajs])),
         **sandbox_metrics(trajs),
         "perf/learner_s": stats.step_s,
@@ -413,14 +426,15 @@ async def train_grpo(
         for step in range(settings.first_step, settings.total_steps):
             t_wait = time.perf_counter()
             groups: list[tuple[str, list[Trajectory]]] = []
-            n_traj = 0
-            while n_traj < settings.batch_size:
+            n_traj = tokens = 0
+            while _room(settings, n_traj, tokens):
                 key, group = await _next(queue, tasks)
                 if max(t.staleness(learner.version) for t in group) > settings.max_staleness:
                     state.counters["dropped/stale"] += len(group)
                     continue
                 groups.append((key, group))
                 n_traj += len(group)
+                tokens += sum(t.num_model_tokens for t in group)
             wait_s = time.perf_counter() - t_wait
             items = [
                 Finished(t, key, None, group=i) for i, (key, g) in enumerate(groups) for t in g

@@ -227,7 +227,7 @@ async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, he
     renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
     settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
     stream = StreamSettings(
-        batch_size=L.batch_size, total_steps=cfg.train.total_steps,
+        batch_size=L.batch_size, batch_tokens=L.batch_tokens, total_steps=cfg.train.total_steps,
         workers=cfg.rollout.workers, max_staleness=L.max_staleness,
         baseline=cfg.algo.baseline, seed=cfg.run.seed + first_step, first_step=first_step,
         adv_eps=cfg.algo.adv_eps, grpo_std_eps=cfg.algo.grpo.std_eps,

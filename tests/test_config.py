@@ -212,6 +212,12 @@ def test_out_of_range(tmp_path):
         None, ["loss.dual_clip_c=0.5"]
     )
 
+    assert "learner.batch_tokens: expected an integer >= 1 or null, got 0" in _error(
+        None, ["learner.batch_tokens=0"]
+    )
+    assert load_config(None, ["learner.batch_tokens=4096"]).learner.batch_tokens == 4096
+    assert load_config(None, []).learner.batch_tokens is None  # by count, as the paper
+
 
 def test_rho_min_above_rho_max():
     msg = _error(None, ["algo.rho.rho_min=0.99"])

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _run(
     max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0,
-    sync: bool = False,
+    sync: bool = False, batch_tokens: int | None = None,
 ):  # fmt: skip
     from transformers import AutoModelForCausalLM
 
@@ -46,7 +46,8 @@ def _run(
                     builders.build_episode_settings(cfg.rollout, cfg.sandbox),
                 )  # fmt: skip
                 settings = StreamSettings(batch_size=batch, total_steps=steps,
-                                          workers=workers, max_staleness=max_staleness)  # fmt: skip
+                                          workers=workers, max_staleness=max_staleness,
+                                          batch_tokens=batch_tokens)  # fmt: skip
                 if grpo:
                     state = await train_grpo(
                         runner=runner, problems=problems, sampler=sampler, learner=learner,
@@ -147,6 +148,101 @@ def test_grpo_hands_over_whole_groups_behind_a_barrier():
             assert {b.traj.info["prompt_key"] for b in members} == {members[0].key}
             assert abs(sum(b.adv for b in members)) < 1e-6  # group-centred advantages
         assert 0.0 <= r["grpo/degenerate_frac"] <= 1.0
+
+
+def test_a_token_budget_closes_batches_early():
+    cap = 40  # demo episodes have >= 8 model tokens: the cap closes a batch by the 5th
+    state, tracker, sampler, learner, engine, rows = _run(
+        max_staleness=4, steps=3, batch=8, workers=8, batch_tokens=cap
+    )
+    assert state.step == 3
+    for r in rows:
+        sizes = [b.traj.num_model_tokens for b in r["batch"]]
+        assert r["rollout/batch_trajectories"] == len(sizes) <= 8
+        assert r["rollout/batch_tokens"] == sum(sizes)
+        # it closed on count or on tokens, and only the last one taken crossed the cap
+        assert len(sizes) == 8 or sum(sizes) >= cap
+        assert sum(sizes) - max(sizes) < cap
+    assert any(len(r["batch"]) < 8 for r in rows)  # the cap, not the count, closed some
+
+
+class _TimedRunner:
+    """Episodes that take a set time by draw and carry the policy version they started
+    at; the learner and engine below are instant, so finish order is fixed by the timers."""
+
+    def __init__(self, learner, seconds):
+        self.learner, self.seconds = learner, seconds
+
+    async def run(self, problem, *, seed=None, info=None):
+        from agent_spo.episode.trajectory import Segment, Trajectory
+
+        version = self.learner.version
+        await asyncio.sleep(self.seconds(info["draw"]))
+        seg = Segment("model", (5,) * 10, (-0.5,) * 10, version)
+        return Trajectory(problem.key, (1, 2), (seg,), reward=float(info["draw"] % 2),
+                          info={"draw": info["draw"]})  # fmt: skip
+
+
+class _InstantLearner:
+    version = 0
+
+    def step(self, trajs, adv):
+        from types import SimpleNamespace
+
+        self.version += 1
+        return SimpleNamespace(drift=0.01, pg_loss=0.0, clip_frac=0.0, approx_kl=0.0,
+                               grad_norm=0.0, step_s=0.0)  # fmt: skip
+
+    def named_weights(self):
+        return []
+
+
+class _NullEngine:
+    async def update_weights(self, weights, version):
+        pass
+
+
+def test_what_a_token_capped_batch_leaves_over_goes_stale_and_is_dropped():
+    """max_staleness 0, 4 episodes sampled ahead per version, a cap of 10 tokens (one
+    episode). Draw 0 finishes first and is the whole first batch. Draws 1-3 finish next,
+    at the old version: step 2 drops them (counted), and their places go to draws 5-7,
+    started while the learner is still at version 1. Step 2 trains draw 4; step 3 drops
+    draws 5-7 and trains draw 8. Nothing stale is ever trained."""
+    from agent_spo.algo import PrioritizedSampler, ValueTracker
+    from agent_spo.data.synthetic import make_tasks
+
+    problems = {p.key: p for p in make_tasks(20)}
+    learner = _InstantLearner()
+    runner = _TimedRunner(
+        learner, lambda d: 0.0 if d == 0 else 0.1 if d < 4 else 0.3 if d == 4 else 0.6
+    )
+    settings = StreamSettings(batch_size=4, batch_tokens=10, total_steps=3, workers=4,
+                              max_staleness=0)  # fmt: skip
+    rows = []
+
+    async def main():
+        return await train_spo(
+            runner=runner, problems=problems, tracker=ValueTracker(),
+            sampler=PrioritizedSampler(list(problems), seed=0), learner=learner,
+            engine=_NullEngine(), settings=settings,
+            on_step=lambda m, b: rows.append({**m, "draws": [x.draw for x in b]}),
+        )  # fmt: skip
+
+    state = asyncio.run(asyncio.wait_for(main(), 30))
+    assert state.step == 3
+    assert [r["draws"] for r in rows] == [[0], [4], [8]]
+    assert [r["rollout/batch_tokens"] for r in rows] == [10, 10, 10]
+    assert "rollout/dropped/stale" not in rows[0]
+    assert [r["rollout/dropped/stale"] for r in rows[1:]] == [3, 6]
+    assert all(r["rollout/staleness_mean"] == 0 for r in rows)
+
+
+def test_grpo_under_a_token_budget_still_takes_whole_groups():
+    state, tracker, sampler, learner, engine, rows = _run(
+        max_staleness=4, steps=2, batch=4, workers=4, grpo=2, batch_tokens=1
+    )
+    for r in rows:  # one group crosses a one-token budget: the batch is that group
+        assert len({b.group for b in r["batch"]}) == 1 and 1 <= len(r["batch"]) <= 2
 
 
 class _AlwaysDropped:
