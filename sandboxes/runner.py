@@ -688,11 +688,7 @@ class Zygote:
         s["sock"].close()
         for pid in (s["pid"], s.get("backup")):
             if pid:
-                _killpg(pid)
-                try:
-                    os.waitpid(pid, 0)  # holders are our children; do not leave a zombie
-                except ChildProcessError:
-                    pass
+                _kill_and_reap(pid)
         shutil.rmtree(s["workdir"], ignore_errors=True)
 
     def close(self) -> None:
@@ -704,11 +700,7 @@ class Zygote:
             pid, sock, workdir = self.spare
             self.spare = None
             sock.close()
-            _killpg(pid)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            _kill_and_reap(pid)
             shutil.rmtree(workdir, ignore_errors=True)
 
     # -- loop
@@ -880,6 +872,15 @@ def _killpg(pid: int) -> None:
             fn(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _kill_and_reap(pid: int) -> None:
+    """Kill an executor (and its group) and reap it if it is our child: no zombie left."""
+    _killpg(pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # not our child (a backup still under its holder)
+        pass
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
