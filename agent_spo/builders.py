@@ -7,7 +7,8 @@ Heavy imports stay inside the functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from agent_spo.algo import PrioritizedSampler, ValueTracker
 from agent_spo.config import (
@@ -79,7 +80,8 @@ def build_verifier(cfg: VerifierConfig):
 
 def build_toolbox(rollout: RolloutConfig):
     """The tools the rollout section offers (retool: python only), output-capped."""
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     names = ["python"] if rollout.tool_format == "retool" else rollout.tools
     chosen = {t.name: t for t in builtin_tools()}
@@ -179,3 +181,25 @@ async def build_runner(cfg, engine, model_path: str | None, sandbox, verifier):
     renderer = build_renderer(tokenizer, cfg.rollout, toolbox)
     settings = build_episode_settings(cfg.rollout, cfg.sandbox)
     return EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+
+
+@contextlib.asynccontextmanager
+async def open_episode_runner(
+    cfg, *, log: Callable[[str], None] = print, verifier=None, engine=None
+) -> AsyncIterator:
+    """An episode runner for the config's model, engine, sandbox and verifier, closed
+    (engine, sandbox, verifier) on exit; what rollout, estimate-values and eval play with.
+
+    ``verifier`` and ``engine`` replace the built ones (the caller's verifier stays open;
+    a given engine is closed on exit like a built one).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        model_path = None
+        if engine is None:
+            model_path = resolve_model_path(cfg.model, log=log)
+            engine = build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+        stack.push_async_callback(engine.close)
+        if verifier is None:
+            verifier = stack.enter_context(build_verifier(cfg.verifier))
+        sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox))
+        yield await build_runner(cfg, engine, model_path, sandbox, verifier)

@@ -7,16 +7,21 @@ It is the input of replay and evaluation.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent_spo.data.problems import Problem
-from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
+from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
+from agent_spo.episode.runner import EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from agent_spo.config import TrainConfig
 
 
 @dataclass
@@ -81,41 +86,62 @@ async def run_rollout(
     *,
     workers: int,
     seed: int = 0,
-    progress=None,
+    progress: Callable[[RolloutSummary], None] | None = None,
 ) -> RolloutSummary:
     """Play n episodes over `problems` (cycled in order) with `workers` in flight."""
     summary = RolloutSummary()
     out.parent.mkdir(parents=True, exist_ok=True)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
+    jobs = [
+        EpisodeJob(problems[i % len(problems)], episode_seed(seed, "rollout", i), {"index": i})
+        for i in range(n)
+    ]
     t0 = time.perf_counter()
     with open(out, "w", encoding="utf-8") as log:  # one log per run, like its summary
 
-        async def worker() -> None:
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                prob = problems[i % len(problems)]
-                try:
-                    traj = await runner.run(
-                        prob, seed=seed % 2**20 * 1_000_003 + i, info={"index": i}
-                    )
-                except EpisodeDropped:
-                    summary.dropped += 1
-                else:
-                    log.write(traj.to_json() + "\n")
-                    log.flush()
-                    summary.add(traj)
-                if progress is not None:
-                    progress(summary)
+        def record(o: Outcome) -> None:
+            if o.trajectory is None:
+                summary.dropped += 1
+            else:
+                log.write(o.trajectory.to_json() + "\n")
+                log.flush()
+                summary.add(o.trajectory)
+            if progress is not None:
+                progress(summary)
 
-        await asyncio.gather(*(worker() for _ in range(max(1, min(workers, n)))))
+        await play(runner, jobs, workers=workers, on_outcome=record)
     summary.wall_s = time.perf_counter() - t0
     return summary
 
 
 def write_summary(summary: RolloutSummary, path: Path) -> None:
     path.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+
+
+class EmptySplit(ValueError):
+    """The chosen split holds no prompts."""
+
+
+async def rollout_from_config(
+    cfg: TrainConfig,
+    n: int,
+    split: str,
+    out: Path,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Callable[[RolloutSummary], None] | None = None,
+) -> RolloutSummary:
+    """`agent-spo rollout`: n episodes over a split of the config's data with its model,
+    engine, tools, sandbox and verifier; writes the log and its .summary.json."""
+    from agent_spo import builders
+
+    train, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
+    problems = held_out if split == "held_out" else train
+    if not problems:
+        raise EmptySplit(f"the {split} split is empty (data.held_out)")
+    async with builders.open_episode_runner(cfg, log=log) as runner:
+        summary = await run_rollout(
+            runner, problems, n, out, workers=cfg.rollout.workers, seed=cfg.run.seed,
+            progress=progress,
+        )  # fmt: skip
+    write_summary(summary, out.with_suffix(".summary.json"))
+    return summary

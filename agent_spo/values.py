@@ -19,15 +19,19 @@ mid-write) is ignored.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent_spo.data.problems import Problem
-from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
+from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
+from agent_spo.episode.runner import EpisodeRunner
+
+if TYPE_CHECKING:
+    from agent_spo.config import TrainConfig
 
 
 class ValuesFileError(ValueError):
@@ -120,53 +124,42 @@ async def estimate_values(
     done = set(load_values(out)) if out.exists() else set()
     todo = [p for p in problems if p.key not in done]
     state = EstimateProgress(prompts_done=len(problems) - len(todo), prompts_total=len(problems))
-    pending: dict[str, list] = {p.key: [] for p in todo}  # results per prompt, in any order
-    counts = {p.key: 0 for p in todo}
-    # Episodes are interleaved prompt-major so every prompt finishes early and gets written.
-    queue: asyncio.Queue[tuple[int, Problem, int]] = asyncio.Queue()
-    for i, p in enumerate(todo):
-        for j in range(n0):
-            queue.put_nowait((i, p, j))
+    pending: dict[str, list[float | None]] = {p.key: [] for p in todo}  # None: unscored
+    dropped = dict.fromkeys(pending, 0)
+    # Jobs are prompt-major so every prompt finishes early and gets written.
+    jobs = [
+        EpisodeJob(p, episode_seed(seed, "estimate", p.key, j), {"estimate": j})
+        for p in todo
+        for j in range(n0)
+    ]
     t0 = time.perf_counter()
     with open(out, "a", encoding="utf-8") as f:
 
-        async def worker() -> None:
-            while True:
-                try:
-                    i, prob, j = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                ep_seed = (seed % 2**20 * 1_000_003 + i * n0 + j) % 2**40
-                try:
-                    traj = await runner.run(prob, seed=ep_seed, info={"estimate": j})
-                    reward = traj.reward
-                except EpisodeDropped:
-                    reward = "dropped"
-                pending[prob.key].append(reward)
-                counts[prob.key] += 1
-                if reward == "dropped":
-                    state.dropped += 1
-                elif reward is None:
+        def record(o: Outcome) -> None:
+            key = o.job.problem.key
+            if o.trajectory is None:
+                dropped[key] += 1
+                state.dropped += 1
+            else:
+                reward = o.trajectory.reward
+                pending[key].append(reward)
+                if reward is None:
                     state.unscored += 1
                 else:
                     state.episodes += 1
                     state.correct += reward
-                if counts[prob.key] == n0:
-                    results = pending.pop(prob.key)
-                    rewards = [r for r in results if isinstance(r, float | int)]
-                    row = {"prompt": prob.key, "rewards": rewards,
-                           "dropped": sum(r == "dropped" for r in results),
-                           "unscored": sum(r is None for r in results)}  # fmt: skip
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    state.prompts_done += 1
-                state.wall_s = time.perf_counter() - t0
-                if progress is not None:
-                    progress(state)
+            if len(pending[key]) + dropped[key] == n0:
+                results = pending.pop(key)
+                row = {"prompt": key, "rewards": [r for r in results if r is not None],
+                       "dropped": dropped[key], "unscored": results.count(None)}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                state.prompts_done += 1
+            state.wall_s = time.perf_counter() - t0
+            if progress is not None:
+                progress(state)
 
-        async with asyncio.TaskGroup() as group:  # one worker's crash cancels the others
-            for _ in range(max(1, min(workers, len(todo) * n0))):
-                group.create_task(worker())
+        await play(runner, jobs, workers=workers, on_outcome=record)
     state.wall_s = time.perf_counter() - t0
     return state
 
@@ -180,6 +173,26 @@ def _drop_torn_tail(path: Path) -> None:
         cut = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
             f.truncate(cut)
+
+
+async def estimate_from_config(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Callable[[EstimateProgress], None] | None = None,
+) -> tuple[EstimateProgress, dict]:
+    """`agent-spo estimate-values`: algo.init.n0 episodes per training prompt with the
+    config's initial policy; (progress counters, :func:`value_summary` of the file)."""
+    from agent_spo import builders
+
+    train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
+    async with builders.open_episode_runner(cfg, log=log) as runner:
+        state = await estimate_values(
+            runner, train, cfg.algo.init.n0, out, workers=cfg.rollout.workers,
+            seed=cfg.run.seed + 3, progress=progress,
+        )  # fmt: skip
+    return state, value_summary(load_values(out))
 
 
 def value_summary(values: dict[str, list[float]]) -> dict:

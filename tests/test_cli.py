@@ -188,7 +188,7 @@ def test_openai_http_engine_needs_the_model_path_for_its_tokenizer():
 
 
 def test_the_closing_line_of_train_says_what_was_evaluated():
-    from agent_spo.cli import _done_line
+    from agent_spo.cli.train import done_line as _done_line
 
     base = {"steps": 8, "train_s": 33.2, "run_dir": "/r"}
     full = {

@@ -83,6 +83,28 @@ def ensure_demo_model(settings: DemoModelSettings = DemoModelSettings(), *, log=
     return out
 
 
+class NotADemoDir(ValueError):
+    """The output directory holds something other than a demo model."""
+
+
+def prepare_demo_model(out: Path | None, *, force: bool = False, log=print) -> Path:
+    """`agent-spo demo-model`: the cached demo model (``out`` None), or one built in
+    ``out``, which must be new, empty or a demo model (kept unless ``force``)."""
+    settings = DemoModelSettings()
+    if out is None:
+        if force:
+            shutil.rmtree(demo_model_dir(settings), ignore_errors=True)
+        return ensure_demo_model(settings, log=log)
+    out = out.resolve()
+    is_demo = (out / "demo.json").exists()
+    if out.exists() and any(out.iterdir()) and not is_demo:
+        raise NotADemoDir(f"{out} exists and is not a demo-model directory; choose a new or "
+                          "empty directory")  # fmt: skip
+    if is_demo and not force:
+        return out
+    return build_demo_model(out, settings, log=log)
+
+
 def number_token_ids(tokenizer) -> set[int]:
     """Ids of the tokens that are digits only (every 1-3 digit group in the demo vocab)."""
     return {i for i in range(len(tokenizer)) if tokenizer.decode([i]).isdigit()}

@@ -83,3 +83,15 @@ def copy_probe(model, renderer, problems: list[Problem]) -> ProbeResult:
         row[1] += answer_ok
         row[2] += 1
     return out
+
+
+def probe_model_dir(path, n: int) -> ProbeResult:
+    """:func:`copy_probe` of the demo model saved at ``path`` on ``n`` demo tasks (hermes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_spo.data.synthetic import make_tasks
+    from agent_spo.demo.build import renderer_for
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    return copy_probe(model, renderer_for(tok, "hermes"), make_tasks(n, seed=0))

@@ -16,8 +16,6 @@ have drawn, where the engine honours per-request seeds.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from pathlib import Path
 
 from agent_spo.data.problems import Problem, load_problems
 from agent_spo.episode.log import EpisodeLog, append_row, open_for_append
+from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
 from agent_spo.evaluate.config import EvalConfig, dump_eval_config, sample_settings
 from agent_spo.evaluate.metrics import (
     avg_at_k,
@@ -57,12 +56,6 @@ class Progress:
     correct: int = 0
     dataset: str = ""
     per_dataset_s: dict[str, list[float]] = field(default_factory=dict)  # first start, last end
-
-
-def sample_seed(seed: int, dataset: str, problem_id: str, sample: int) -> int:
-    """A stable per-sample seed (< 2**40), independent of scheduling order."""
-    h = hashlib.sha256(f"{seed}\x1f{dataset}\x1f{problem_id}\x1f{sample}".encode())
-    return int(h.hexdigest()[:10], 16)
 
 
 def check_resume(cfg: EvalConfig, out_dir: Path) -> None:
@@ -125,12 +118,15 @@ async def generate(
     server already running); it is closed at the end like a built one.
     """
     from agent_spo import builders
-    from agent_spo.episode.runner import EpisodeDropped
 
     episodes = out_dir / "episodes.jsonl"
     done = finished_samples(episodes, warn=log)
-    jobs = [
-        (name, prob, s)
+    jobs = [  # each sample's seed depends on what it is, so a resume draws the same
+        EpisodeJob(
+            prob,
+            episode_seed(cfg.run.seed, name, prob.id, s),
+            {"dataset": name, "problem_id": prob.id, "sample": s},
+        )  # fmt: skip
         for name, problems in datasets
         for prob in problems
         for s in range(cfg.eval.n)
@@ -141,54 +137,41 @@ async def generate(
         log(f"resuming: {len(done)} samples already in {episodes}; {len(jobs)} to generate")
     if not jobs:
         return state
-    model_path = None
-    if engine is None:
-        model_path = builders.resolve_model_path(cfg.model, log=log)
-        engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
     elog, fixed = open_for_append(episodes)
     dlog = open(out_dir / "dropped.jsonl", "a", encoding="utf-8")
     if fixed:
         log(f"{episodes}: {fixed}")
+
+    def record(o: Outcome) -> None:
+        name = o.job.info["dataset"]
+        span = state.per_dataset_s[name]
+        if o.dropped is not None:
+            state.dropped += 1
+            append_row(dlog, json.dumps({**o.job.info, "source": o.dropped.source,
+                                         "reason": o.dropped.reason}))  # fmt: skip
+        else:
+            traj = o.trajectory
+            append_row(elog, traj.to_json()[:-1] + ', "eval": ' + json.dumps(o.job.info) + "}")
+            state.correct += int((traj.reward or 0) > 0)
+        span[1] = time.time()
+        state.done += 1
+        state.dataset = name
+        if progress is not None:
+            progress(state)
+
+    def start(job: EpisodeJob) -> None:
+        now = time.time()
+        state.per_dataset_s.setdefault(job.info["dataset"], [now, now])
+
     try:
-        async with builders.build_sandbox(cfg.sandbox) as sandbox:
-            runner = await builders.build_runner(cfg, engine, model_path, sandbox, verifier)
-
-            async def worker() -> None:
-                while True:
-                    try:
-                        name, prob, s = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    meta = {"dataset": name, "problem_id": prob.id, "sample": s}
-                    span = state.per_dataset_s.setdefault(name, [time.time(), time.time()])
-                    seed = sample_seed(cfg.run.seed, name, prob.id, s)
-                    try:
-                        traj = await runner.run(prob, seed=seed, info={"sample": s})
-                    except EpisodeDropped as e:
-                        state.dropped += 1
-                        append_row(
-                            dlog, json.dumps({**meta, "source": e.source, "reason": e.reason})
-                        )
-                    else:
-                        append_row(
-                            elog, traj.to_json()[:-1] + ', "eval": ' + json.dumps(meta) + "}"
-                        )
-                        state.correct += int((traj.reward or 0) > 0)
-                    span[1] = time.time()
-                    state.done += 1
-                    state.dataset = name
-                    if progress is not None:
-                        progress(state)
-
-            n_workers = max(1, min(cfg.rollout.workers, len(jobs)))
-            await asyncio.gather(*(worker() for _ in range(n_workers)))
+        async with builders.open_episode_runner(
+            cfg, log=log, verifier=verifier, engine=engine
+        ) as runner:
+            await play(runner, jobs, workers=cfg.rollout.workers, on_outcome=record,
+                       on_start=start)  # fmt: skip
     finally:
         elog.close()
         dlog.close()
-        await engine.close()
     return state
 
 

@@ -103,7 +103,8 @@ def _forward_logprobs(model, traj) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", ["hermes", "retool"])
 def test_episodes_run_end_to_end(engine, demo, sandbox, verifier, loop, fmt):
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     _, tok, model = demo
     toolbox = Toolbox([t for t in builtin_tools() if t.name == "python"])

@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 
-from sandboxes.bench import jail_footprint
 from sandboxes.local import Limits, LocalSandbox
 from sandboxes.remote import RemoteSandbox, SandboxServer
 
@@ -47,7 +46,7 @@ class SyncSandbox:
 
     def footprint(self):
         self.census()  # each runner answers only after its next spare exists: a settled count
-        return jail_footprint(self.local)
+        return self.local.footprint()
 
     def close(self):
         self.loop.run_until_complete(self.sb.close())

@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from tools.toolbox import Toolbox, builtin_tools
+from agent_spo.episode.toolbox import Toolbox
+
+from tools import builtin_tools
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "builtin_tools.json"
 

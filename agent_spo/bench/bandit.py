@@ -17,8 +17,9 @@ real code from ``agent_spo.algo``; only the model and the environment are toys.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -401,3 +402,52 @@ def plot_curves(results: list[BanditResult], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_bandit_bench(
+    cfg,
+    *,
+    algos: Sequence[str],
+    seeds: int,
+    prompts: int,
+    steps: int,
+    target: float,
+    out_dir: Path,
+    on_run: Callable[[BanditSettings], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, dict]:
+    """`agent-spo bench bandit`: every algorithm x seed; writes config.yaml, metrics.jsonl,
+    summary.json and curves.png to ``out_dir``; returns the summary (medians per algo).
+
+    Raises ValueError for an algorithm other than spo/grpo or settings the bandit cannot
+    run, before any work."""
+    import json
+
+    from agent_spo.config import write_resolved
+
+    bad = [a for a in algos if a not in ("spo", "grpo")]
+    if bad or not algos:
+        raise ValueError(f"--algos: got {bad or list(algos)}; allowed: spo, grpo")
+    plans = [
+        settings_from_config(cfg, algo=a, seed=seed, n_prompts=prompts, steps=steps)
+        for a in algos
+        for seed in range(seeds)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out_dir)
+    results = []
+    with (out_dir / "metrics.jsonl").open("w") as metrics:
+        for plan in plans:
+            if on_run is not None:
+                on_run(plan)
+
+            def log(row: dict, plan: BanditSettings = plan) -> None:
+                metrics.write(json.dumps({"algo": plan.algo, "seed": plan.seed, **row}) + "\n")
+                if on_step is not None:
+                    on_step()
+
+            results.append(run_bandit(plan, on_step=log))
+    summary = summarize(results, target)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(results, out_dir / "curves.png")
+    return summary

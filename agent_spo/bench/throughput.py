@@ -43,6 +43,7 @@ import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
@@ -674,3 +675,23 @@ def tables(report: dict) -> list:
                       f(p["grpo_first_batch_s"], 2), f(p["first_batch_speedup"], 2))  # fmt: skip
         out.append(t)
     return out
+
+
+def load_configs(
+    config: str | None, overrides: Sequence[str], grpo_config: str | None
+) -> tuple[TrainConfig, TrainConfig]:
+    """(SPO's, GRPO's) configs. GRPO's: ``grpo_config``; else configs/demo_grpo.yaml when
+    no config was named; else the SPO config with algo.name=grpo and a uniform sampler.
+    The overrides apply to both. Raises ConfigError (also when SPO's is not SPO)."""
+    from agent_spo.config import ConfigError, load_config
+
+    spo = load_config(config, overrides)
+    if spo.algo.name != "spo":
+        raise ConfigError("CONFIG must be an SPO config (algo.name=spo); give GRPO's with "
+                          "--grpo-config")  # fmt: skip
+    default_grpo = Path(__file__).resolve().parents[2] / "configs" / "demo_grpo.yaml"
+    if grpo_config is not None:
+        return spo, load_config(grpo_config, overrides)
+    if config is None and default_grpo.is_file():
+        return spo, load_config(default_grpo, overrides)
+    return spo, load_config(config, [*overrides, "algo.name=grpo", "algo.sampler.mode=uniform"])

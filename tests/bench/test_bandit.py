@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent_spo.bandit import BanditSettings, run_bandit, settings_from_config, steps_to_reach
+from agent_spo.bench.bandit import BanditSettings, run_bandit, settings_from_config, steps_to_reach
 from agent_spo.cli import EXIT_CONFIG, app
 from agent_spo.config import load_config
 

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from agent_spo.cli import app
 from sandboxes.local import Limits, LocalSandbox
 from sandboxes.result import ExecResult, infra_result
-from tools.toolbox import Toolbox, builtin_tools, render, truncate_middle
+from agent_spo.episode.toolbox import Toolbox, render, truncate_middle
+from tools import builtin_tools
 
 
 def test_truncate_middle_keeps_head_and_tail():

@@ -10,7 +10,6 @@ descriptors before and after (a leak shows as growth).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,35 +58,6 @@ async def _measure(
     }
 
 
-def jail_footprint(sb: LocalSandbox) -> dict:
-    """Processes and RSS inside the workers' jails, and this process's open fds."""
-    procs = rss_kb = 0
-    roots = {w.proc.pid for w in sb._workers if w.proc is not None}
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                ppid = int(f.read().split(b") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        procs += 1
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        rss_kb += int(line.split()[1])
-        except OSError:
-            pass
-        stack.extend(children.get(pid, []))
-    return {"processes": procs, "rss_mb": rss_kb / 1024, "fds": len(os.listdir("/proc/self/fd"))}
-
-
 async def run_bench(
     *,
     workers: int = 2,
@@ -97,7 +67,8 @@ async def run_bench(
     isolation: str = "bwrap",
     think_ms: float = 0.0,
 ) -> dict:
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     toolbox = Toolbox(builtin_tools())
     tool = toolbox.tools[SYMPY_TOOL[0]]
@@ -120,7 +91,7 @@ async def run_bench(
             for s in sessions:
                 await s.close()
         if soak:
-            before = jail_footprint(sb)
+            before = sb.footprint()
             session = await sb.open_session()
             for i in range(soak):
                 if i % 2:
@@ -128,6 +99,6 @@ async def run_bench(
                 else:
                     await sb.run(STATELESS)
             await session.close()
-            after = jail_footprint(sb)
+            after = sb.footprint()
             report["soak"] = {"calls": soak, "before": before, "after": after}
     return report

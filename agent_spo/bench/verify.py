@@ -231,3 +231,86 @@ def run_bench(
         for i, c in enumerate(cases)
     ]
     return report
+
+
+def default_inputs(
+    cases: Path | None, data: Path | None, mathverify_python: str | None
+) -> tuple[Path, Path | None, str | None]:
+    """The checkout's defaults: tests/verify/cases.jsonl, ../shared/data beside the
+    checkout when present, and .venv-mathverify/bin/python when it was installed."""
+    root = Path(__file__).resolve().parents[2]
+    cases = cases or root / "tests" / "verify" / "cases.jsonl"
+    if data is None and (root.parent / "shared" / "data").is_dir():
+        data = root.parent / "shared" / "data"
+    default_mv = root / ".venv-mathverify" / "bin" / "python"
+    if mathverify_python is None and default_mv.exists():
+        mathverify_python = str(default_mv)
+    return cases, data, mathverify_python
+
+
+def write_report(report: dict, out: Path) -> None:
+    """summary.json (the report without per-case rows) and per_case.jsonl under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in report.items() if k != "per_case"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out / "per_case.jsonl").open("w") as f:
+        for row in report["per_case"]:
+            f.write(json.dumps(row) + "\n")
+
+
+def tables(report: dict) -> list:
+    """Rich tables: the labelled set, accuracy per answer type, and throughput."""
+    from rich.table import Table
+
+    names = list(report["verifiers"])
+    workers = report["workers"]
+
+    def fmt(x, digits=1):
+        if x is None:
+            return "-"
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+    labelled = Table(title=f"labelled set: {report['n_cases']} cases, {workers} workers")
+    labelled.add_column("metric")
+    for n in names:
+        labelled.add_column(n, justify="right")
+    rows = [
+        ("accuracy", lambda e: fmt(e["labelled"]["all"]["accuracy"], 3)),
+        ("false positives", lambda e: fmt(e["labelled"]["all"]["fp"])),
+        ("false negatives", lambda e: fmt(e["labelled"]["all"]["fn"])),
+        ("timeouts", lambda e: fmt(e["labelled"]["all"]["timeouts"])),
+        ("median ms", lambda e: fmt(e["labelled"]["speed"]["median_ms"], 2)),
+        ("p99 ms", lambda e: fmt(e["labelled"]["speed"]["p99_ms"], 1)),
+        ("max ms", lambda e: fmt(e["labelled"]["speed"]["max_ms"], 1)),
+        ("checks/s", lambda e: fmt(e["labelled"]["speed"]["checks_per_s"], 0)),
+    ]
+    for label, get in rows:
+        labelled.add_row(label, *(get(report["verifiers"][n]) for n in names))
+
+    types = Table(title="per answer type: accuracy (FP/FN)")
+    types.add_column("answer type")
+    types.add_column("n", justify="right")
+    for n in names:
+        types.add_column(n, justify="right")
+    first = report["verifiers"][names[0]]["labelled"]["answer_type"]
+    for kind, row in first.items():
+        cells = []
+        for n in names:
+            r = report["verifiers"][n]["labelled"]["answer_type"][kind]
+            cells.append(f"{r['accuracy']:.2f} ({r['fp']}/{r['fn']})")
+        types.add_row(kind, str(row["n"]), *cells)
+
+    speed_table = Table(title=f"throughput ({workers} workers; latency measured inside the worker)")
+    speed_table.add_column("set")
+    speed_table.add_column("metric")
+    for n in names:
+        speed_table.add_column(n, justify="right")
+    for set_name in report["verifiers"][names[0]]["throughput"]:
+        for metric, digits in (("n", 0), ("median_ms", 3), ("p99_ms", 2), ("checks_per_s", 0),
+                               ("timeouts", 0)):  # fmt: skip
+            speed_table.add_row(
+                set_name, metric,
+                *(fmt(report["verifiers"][n]["throughput"][set_name][metric], digits)
+                  for n in names),
+            )  # fmt: skip
+    return [labelled, types, speed_table]

@@ -140,17 +140,3 @@ class Toolbox:
             name, args, truncate_middle(full, self.max_output_chars), full, result, fault
         )
 
-
-def builtin_tools() -> list[Tool]:
-    """The python interpreter and the sympy math tools."""
-    from tools import algebra, interpreter
-
-    return [
-        interpreter.python,
-        algebra.simplify,
-        algebra.factor,
-        algebra.expand,
-        algebra.solve,
-        algebra.integrate,
-        algebra.evaluate,
-    ]

@@ -12,15 +12,16 @@ import time
 
 import numpy as np
 import pytest
+from fakes import ScriptedEngine
 
-from agent_spo.bench_throughput import (
+from agent_spo.bench.throughput import (
     PAPER_GROUP_MAX_S,
     DelayedEngine,
     DelayModel,
     paper_times,
     simulate,
 )
-from agent_spo.engines.base import Generation, Sampling
+from agent_spo.engines.base import Sampling
 
 # ------------------------------------------------------------------ modelled times
 
@@ -110,21 +111,8 @@ def test_draws_are_capped_scaled_and_reproducible():
 # ------------------------------------------------------------------ the delay wrapper
 
 
-class _Instant:
-    """Answers every call at once with one token, at version 5."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, ...]] = []
-        self.version = 5
-        self.max_model_len = 64
-
-    async def generate(self, prompt_ids, sampling):
-        self.calls.append(tuple(prompt_ids))
-        return Generation((9,), (-0.1,), "stop", self.version)
-
-
 def test_first_turns_take_their_draw_in_call_order_and_later_turns_none():
-    inner = _Instant()
+    inner = ScriptedEngine(reply=lambda ids: (9,), version=5, max_model_len=64, logprob=-0.1)
     eng = DelayedEngine(inner, iter([0.3, 0.1, 0.2]), [[1, 2], [3, 4]])
     s = Sampling(max_tokens=4)
 
@@ -144,7 +132,7 @@ def test_first_turns_take_their_draw_in_call_order_and_later_turns_none():
     assert 0.3 <= a < 0.45 and 0.1 <= b < 0.25 and 0.2 <= d < 0.35
     assert c < 0.05  # a later turn (context = prompt + model tokens) is not held
     assert ga.policy_version == 5 and eng.version == 5 and eng.max_model_len == 64
-    assert len(inner.calls) == 4  # every call reaches the real engine at once
+    assert inner.calls == 4  # every call reaches the real engine at once
 
 
 # ------------------------------------------------------------------ the real pipeline
@@ -154,7 +142,7 @@ def test_first_turns_take_their_draw_in_call_order_and_later_turns_none():
 def parts():
     """The demo's prompts, renderer, tools, sandbox and verifier, alive for the module."""
     from agent_spo import builders
-    from agent_spo.bench_throughput import Parts
+    from agent_spo.bench.throughput import Parts
     from agent_spo.config import load_config
 
     cfg = load_config(None, [])
@@ -179,36 +167,26 @@ def parts():
             loop.close()
 
 
-class ScriptedAgent:
+def scripted_agent(tokenizer, first_turn_prompts) -> ScriptedEngine:
     """A real-protocol engine that costs nothing: a python call on the first turn, a
     boxed answer after the tool output. Its tokens are the demo tokenizer's, so the real
     learner trains on them."""
+    from agent_spo.demo.demonstrations import answer_text, call_text
 
-    def __init__(self, tokenizer, first_turn_prompts) -> None:
-        from agent_spo.demo.demonstrations import answer_text, call_text
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
 
-        self._call = tuple(tokenizer(call_text("hermes", "print(6 * 7)"),
-                                     add_special_tokens=False).input_ids)  # fmt: skip
-        self._answer = tuple(tokenizer(answer_text("42"), add_special_tokens=False).input_ids)
-        self._prompts = first_turn_prompts
-        self.version = 0
-        self.max_model_len = 4096
+    call = ids(call_text("hermes", "print(6 * 7)"))  # cut at its stop string, </tool_call>
+    answer = [*ids(answer_text("42")), tokenizer.eos_token_id]  # cut at the stop token
 
-    async def generate(self, prompt_ids, sampling: Sampling) -> Generation:
-        first = tuple(prompt_ids) in self._prompts
-        ids = self._call if first else self._answer + sampling.stop_token_ids[:1]
-        stop = "</tool_call>" if first else (sampling.stop_token_ids[:1] or (None,))[0]
-        return Generation(ids, tuple(-1.0 for _ in ids), "stop", self.version, stop)
+    def reply(prompt_ids):
+        return call if tuple(prompt_ids) in first_turn_prompts else answer
 
-    async def update_weights(self, weights, version: int) -> None:
-        self.version = version
-
-    async def close(self) -> None:
-        pass
+    return ScriptedEngine(reply=reply, tokenizer=tokenizer, logprob=-1.0)
 
 
 def _side_by_side(parts, name: str, scale: float, steps: int = 1):
-    from agent_spo.bench_throughput import run_mode
+    from agent_spo.bench.throughput import run_mode
 
     cfg, loop, p = parts
     out = {}
@@ -216,7 +194,7 @@ def _side_by_side(parts, name: str, scale: float, steps: int = 1):
         out[mode] = loop.run_until_complete(run_mode(
             p, cfg, mode, batch=24, workers=48, steps=steps, group_size=8, seed=0,
             delays=DelayModel(name, time_scale=scale).sequence(),
-            make_engine=lambda seed: ScriptedAgent(p.tokenizer, p.first_turn_prompts),
+            make_engine=lambda seed: scripted_agent(p.tokenizer, p.first_turn_prompts),
         ))  # fmt: skip
     return out["spo"], out["grpo"]
 

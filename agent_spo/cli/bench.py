@@ -1,0 +1,327 @@
+"""`agent-spo bench ...`: the benchmarks whose numbers the README quotes (the code is in
+:mod:`agent_spo.bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from agent_spo.cli.args import (
+    EXIT_FAILED,
+    ConfigArg,
+    OverridesArg,
+    cell,
+    fail,
+    load,
+    split_config,
+    stderr,
+    stdout,
+)
+
+app = typer.Typer(
+    help="Benchmarks that back changes to the algorithm and pipeline with numbers.",
+    no_args_is_help=True,
+)
+
+
+@app.command("bandit")
+def bench_bandit(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    prompts: Annotated[int, typer.Option(help="Prompts in the synthetic task set.", min=2)] = 256,
+    steps: Annotated[int, typer.Option(help="Training steps per run.", min=1)] = 150,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per algorithm (medians are reported).", min=1)
+    ] = 3,
+    algos: Annotated[
+        str, typer.Option(help="Comma-separated algorithms to run: spo, grpo.")
+    ] = "spo,grpo",
+    target: Annotated[
+        float, typer.Option(help="Report the steps needed to reach this true accuracy.")
+    ] = 0.5,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory. Default: <run.output_dir>/<run.name>."),
+    ] = None,
+) -> None:
+    """SPO vs GRPO on a synthetic Bernoulli bandit, with the real algorithm core (seconds).
+
+    Each prompt is answered correctly with probability sigmoid(difficulty + features·w +
+    bias); SPO (value tracker, prioritised sampler, global normalisation) and GRPO
+    (groups of G, uniform prompts) train the same policy with the same PPO-clip loss and
+    the same samples per step. Writes config.yaml, metrics.jsonl, summary.json and
+    curves.png. Without CONFIG, the defaults get bandit-sized learner settings
+    (lr 0.05, batch 64, 2 mini-batches, no weight decay); overrides such as
+    algo.rho.mode=constant or algo.baseline=false run the paper's ablations.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.table import Table
+
+    from agent_spo.bench.bandit import BANDIT_DEFAULT_OVERRIDES, run_bandit_bench
+
+    config, user = split_config(config, overrides)
+    cfg = load(config, [*BANDIT_DEFAULT_OVERRIDES, *user] if config is None else user)
+    out_dir = out if out is not None else Path(cfg.run.output_dir) / cfg.run.name
+    names = [a.strip() for a in algos.split(",") if a.strip()]
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=stderr) as bar:
+        task = bar.add_task("bandit", total=len(names) * seeds * steps)
+        try:
+            summary = run_bandit_bench(
+                cfg, algos=names, seeds=seeds, prompts=prompts, steps=steps, target=target,
+                out_dir=out_dir,
+                on_run=lambda plan: bar.update(task, description=f"{plan.algo} seed {plan.seed}"),
+                on_step=lambda: bar.advance(task),
+            )  # fmt: skip
+        except ValueError as e:
+            fail(str(e))
+    table = Table(title=f"bandit: {prompts} prompts, {steps} steps, batch "
+                  f"{cfg.learner.batch_size}, median of {seeds} seed(s)")  # fmt: skip
+    keys = dict.fromkeys(k for row in summary.values() for k in row if k != "final_accuracy_all")
+    table.add_column("metric")
+    for algo in summary:
+        table.add_column(algo.upper(), justify="right")
+    for k in keys:
+        table.add_row(k, *(cell(summary[a].get(k)) for a in summary))
+    stdout.print(table)
+    typer.echo(f"wrote {out_dir}/ (config.yaml, metrics.jsonl, summary.json, curves.png)")
+
+
+@app.command("learning")
+def bench_learning(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated run seeds.")] = "0,1,2",
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated: spo, grpo, no_baseline, no_init.")
+    ] = "spo,grpo,no_baseline,no_init",
+    out: Annotated[
+        Path, typer.Option(help="Benchmark directory (one run per variant and seed).")
+    ] = Path("runs/bench-learning"),
+) -> None:
+    """Demo SPO vs matched GRPO (same trajectories per step) and SPO's ablations, over seeds.
+
+    Every (variant, seed) is a full training run on the config (default: the demo);
+    reports the held-out accuracy curve and its final value (mean ± std over seeds), the
+    share of zero-advantage samples (GRPO: degenerate groups), the raw advantage
+    variance (vs the no-baseline ablation) and time. Finished runs are reused, so an
+    interrupted benchmark continues. Writes learning.json, learning.md, learning.png.
+    """
+    import asyncio
+
+    from rich.table import Table
+
+    from agent_spo.bench.learning import VARIANTS, _fmt, run_learning_bench
+
+    load(config, overrides)  # fail before any work on a bad config
+    config, overrides = split_config(config, overrides)
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        bad.append(f"--seeds {seeds!r}")
+    if bad or not names or not seed_list:
+        fail(f"bad --variants/--seeds: {bad or 'empty'}; variants are {', '.join(VARIANTS)}")
+    from agent_spo.config import ConfigError
+    from agent_spo.pipeline import AllEpisodesDropped
+    from agent_spo.train import UnsupportedConfig
+
+    try:
+        result = asyncio.run(
+            run_learning_bench(
+                config,
+                overrides,
+                out,
+                seeds=seed_list,
+                variants=names,
+                log=lambda m: stderr.print(m, soft_wrap=True),
+            )  # fmt: skip
+        )
+    except (UnsupportedConfig, ConfigError) as e:
+        fail(str(e))
+    except AllEpisodesDropped as e:
+        fail(f"{e}; rerun the same command to continue", EXIT_FAILED)
+    table = Table(title=f"learning benchmark, seeds {seed_list}")
+    for col in ("variant", "before", "final (mean ± std)", "zero-adv share", "adv var",
+                "trained", "train s"):  # fmt: skip
+        table.add_column(col)
+    for name, v in result["variants"].items():
+        table.add_row(name, f"{v['before_mean']:.3f}",
+                      f"{v['final_mean']:.3f} ± {v['final_std']:.3f}",
+                      _fmt(v['zero_adv_share']), f"{v['adv_raw_var']:.3f}",
+                      f"{v['trained_trajectories']:.0f}", f"{v['train_s']:.0f}")  # fmt: skip
+    stdout.print(table)
+    stderr.print(f"results: {out}/learning.md, learning.json, learning.png")
+
+
+@app.command("verify")
+def bench_verify(
+    cases: Annotated[
+        Path | None,
+        typer.Option(help="Labelled JSONL set. Default: tests/verify/cases.jsonl in the checkout."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Benchmark data folder (dapo_math_17k/, math500/) for the throughput sets. "
+            "Default: ../shared/data beside the checkout when present, else synthetic golds."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes, for both verifiers.", min=1)] = 2,
+    timeout: Annotated[
+        float, typer.Option(help="Our wall-clock limit per check, in seconds.", min=0.01)
+    ] = 2.0,
+    mathverify_python: Annotated[
+        str | None,
+        typer.Option(
+            help="Python of an environment with math-verify installed, run side by side. "
+            "Default: .venv-mathverify/bin/python in the checkout when present; '': ours only."
+        ),
+    ] = None,
+    mv_timeout: Annotated[
+        float,
+        typer.Option(help="math-verify's outer wall-clock limit per check (its own are 5+5 s)."),
+    ] = 10.0,
+    integer: Annotated[
+        int, typer.Option(help="Checks in the integer throughput set.", min=1)
+    ] = 2000,
+    latex: Annotated[int, typer.Option(help="Checks in the LaTeX throughput set.", min=1)] = 400,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/bench-verify"),
+) -> None:
+    """Accuracy and speed of the verifier, side by side with HuggingFace math-verify.
+
+    On the labelled set: accuracy, false positives, false negatives and timeouts, per
+    answer type and category. On throughput sets (integer AIME/DAPO-style answers in
+    long responses; MATH-500 LaTeX answers): median and p99 latency per check (inside
+    the worker) and checks per second with WORKERS processes. Writes summary.json and
+    per_case.jsonl.
+    """
+    from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+
+    from agent_spo.bench.verify import default_inputs, run_bench, tables, write_report
+
+    cases, data, mathverify_python = default_inputs(cases, data, mathverify_python)
+    if not cases.is_file():
+        fail(f"--cases: {cases} not found")
+    if mathverify_python is None:
+        stderr.print(Text("note: math-verify not found; running ours only (python -m venv "
+                          ".venv-mathverify && .venv-mathverify/bin/pip install "
+                          "'math-verify[antlr4_13_2]')", style="yellow"), soft_wrap=True)  # fmt: skip
+    with Progress(SpinnerColumn(), *Progress.get_default_columns()[:1], TimeElapsedColumn(),
+                  console=stderr) as bar:  # fmt: skip
+        task = bar.add_task("starting", total=None)
+        report = run_bench(
+            cases, data, workers, timeout, mathverify_python, mv_timeout, integer, latex,
+            on_stage=lambda name: bar.update(task, description=name),
+        )  # fmt: skip
+    write_report(report, out)
+    for table in tables(report):
+        stdout.print(table)
+    typer.echo(f"wrote {out}/ (summary.json, per_case.jsonl)")
+
+
+@app.command("throughput")
+def bench_throughput(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    grpo_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="GRPO's config. Default: configs/demo_grpo.yaml without CONFIG, else "
+            "CONFIG with algo.name=grpo and a uniform sampler. OVERRIDES apply to both."
+        ),
+    ] = None,
+    cases: Annotated[
+        str,
+        typer.Option(
+            help="Modelled episode-time distributions, comma-separated: paper, lognormal, "
+            "pareto, constant (the zero-variance control). '' skips part (b)."
+        ),
+    ] = "paper,lognormal,pareto,constant",
+    demo: Annotated[
+        bool, typer.Option(help="Part (a): both configs as they are, no added delay.")
+    ] = True,
+    steps: Annotated[int, typer.Option(help="Learner steps per modelled run.", min=1)] = 2,
+    repeats: Annotated[
+        int, typer.Option(help="Runs per mode and case (medians are reported).", min=1)
+    ] = 3,
+    demo_steps: Annotated[int, typer.Option(help="Learner steps per demo run.", min=1)] = 8,
+    demo_repeats: Annotated[int, typer.Option(help="Runs per mode on the demo.", min=1)] = 3,
+    batch: Annotated[int, typer.Option(help="B for the modelled cases (paper: 24).", min=1)] = 24,
+    workers: Annotated[
+        int, typer.Option(help="Episodes in flight for the modelled cases (paper: 48).", min=1)
+    ] = 48,
+    group_size: Annotated[int, typer.Option(help="GRPO's G for the modelled cases.", min=2)] = 8,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            help="Real seconds per modelled second (paper's 553 s -> 553 x this). The "
+            "pipeline's own time (about 2 s per cohort of 48 demo episodes on 2 busy cores) "
+            "adds to the stream's short times: 0.1 gives the paper's ratio within 1%.",
+            min=1e-6,
+        ),
+    ] = 0.02,
+    median: Annotated[
+        float, typer.Option(help="lognormal/pareto median and constant value, modelled s.")
+    ] = 100.0,
+    sigma: Annotated[float, typer.Option(help="lognormal: std of log time.", min=1e-6)] = 1.0,
+    alpha: Annotated[float, typer.Option(help="pareto: tail index.", min=1e-6)] = 1.5,
+    cap: Annotated[float, typer.Option(help="Longest modelled time, s.", min=1e-6)] = 600.0,
+    seed: Annotated[int, typer.Option(help="First seed; repeat r uses seed + r.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path(
+        "runs/bench-throughput.json"
+    ),
+) -> None:
+    """Trajectories/s into the learner and learner idle time, SPO's stream vs GRPO's
+    group barrier (spec §8), through the real pipeline.
+
+    (a) The real demo configs for a few steps each, nothing added. (b) The same engine,
+    runner, sandbox, verifier and learner, with each episode's first model turn returning
+    no sooner than a time drawn from a distribution (the paper's 6 x 8 example among
+    them), the same times for both modes, beside the timeline those times imply. Prints
+    tables and writes a JSON report to --out.
+    """
+    import asyncio
+    import json
+
+    from agent_spo.bench.throughput import (
+        DISTRIBUTIONS,
+        BenchSettings,
+        load_configs,
+        run_bench,
+        tables,
+    )
+    from agent_spo.config import ConfigError
+
+    config, user = split_config(config, overrides)
+    try:
+        spo_cfg, grpo_cfg = load_configs(
+            config, user, None if grpo_config is None else str(grpo_config)
+        )
+    except ConfigError as e:
+        fail(str(e))
+    names = tuple(c.strip() for c in cases.split(",") if c.strip())
+    bad = [c for c in names if c not in DISTRIBUTIONS]
+    if bad or batch % group_size:
+        what = (f"--cases: unknown {bad}; allowed: {', '.join(DISTRIBUTIONS)}" if bad
+                else f"--batch {batch} is not a multiple of --group-size {group_size}")  # fmt: skip
+        fail(what)
+    bench = BenchSettings(
+        cases=names, steps=steps, repeats=repeats, batch=batch, workers=workers,
+        group_size=group_size, time_scale=time_scale, sigma=sigma, alpha=alpha,
+        median_s=median, cap_s=cap, demo=demo, demo_steps=demo_steps,
+        demo_repeats=demo_repeats, seed=seed,
+    )  # fmt: skip
+    report = asyncio.run(run_bench(spo_cfg, grpo_cfg, bench, log=stderr.print))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for table in tables(report):
+        stdout.print(table)
+    for target, ok in report["targets"].items():
+        stdout.print(f"target {target}: {'met' if ok else 'NOT met'}")
+    typer.echo(f"wrote {out}")

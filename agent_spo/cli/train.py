@@ -1,0 +1,255 @@
+"""`agent-spo train`, `config`, `rollout`, `estimate-values` and `plot`: a training run and
+the commands around it, all reading the same training config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from agent_spo.cli.args import (
+    EXIT_FAILED,
+    ConfigArg,
+    OverridesArg,
+    bar_columns,
+    cell,
+    fail,
+    load,
+    stderr,
+    stdout,
+)
+from agent_spo.config import dump_config
+
+
+def config(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
+    """Print the fully resolved training config as YAML (defaults filled, overrides applied).
+
+    Validates exactly as `train` does: a bad key or value exits with code 2 and names it.
+
+    Example: `agent-spo config configs/demo.yaml algo.rho.mode=constant`
+    """
+    typer.echo(dump_config(load(config, overrides)), nl=False)
+
+
+def train(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Validate and print the resolved config; train nothing."),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue the run from its latest checkpoint."),
+    ] = False,
+) -> None:
+    """Train a policy with SPO (or GRPO for comparison) from a YAML config.
+
+    Runs the single-stream loop: sample a prompt, play a multi-turn episode with the
+    sandboxed Python tool, verify the answer, update the value tracker, and step the
+    learner on each batch of finished trajectories. Writes checkpoints, metrics, episode
+    logs and the resolved config under run.output_dir/run.name. The config is validated
+    before any work; a bad key exits with code 2.
+    """
+    cfg = load(config, overrides)
+    if dry_run:
+        stderr.print(Text("config ok", style="green"))
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    import asyncio
+
+    from rich.progress import Progress
+
+    from agent_spo.pipeline import AllEpisodesDropped
+    from agent_spo.train import RunExists, UnsupportedConfig, run_training
+    from agent_spo.values import ValuesFileError
+
+    with Progress(*bar_columns(), console=stderr) as bar:
+        task = bar.add_task("training", total=cfg.train.total_steps)
+        est = None
+        held_out = float("nan")
+
+        def on_estimate(s) -> None:
+            nonlocal est
+            if est is None:
+                est = bar.add_task("initial values", total=s.prompts_total)
+            bar.update(est, completed=s.prompts_done,
+                       description=f"initial values  mean v0 {s.mean_value:.2f}")  # fmt: skip
+
+        def on_metrics(m: dict) -> None:
+            nonlocal held_out
+            held_out = m.get("eval/accuracy", held_out)
+            eps = m["rollout/episodes"] / max(1e-9, m["perf/elapsed_s"])
+            bar.update(
+                task,
+                completed=m["step"],
+                description=f"{cfg.algo.name}  reward {m['reward/mean']:.2f}  "
+                f"held-out {held_out:.2f}  "
+                f"tool calls {m['tool/calls_per_episode']:.2f}  {eps:.1f} ep/s",
+            )
+
+        try:
+            summary = asyncio.run(
+                run_training(
+                    cfg,
+                    resume=resume,
+                    log=bar.console.print,
+                    on_metrics=on_metrics,
+                    on_estimate=on_estimate,
+                )  # fmt: skip
+            )
+        except (RunExists, UnsupportedConfig) as e:
+            fail(str(e))
+        except ValuesFileError as e:
+            fail(f"algo.init.values_path: {e}")
+        except AllEpisodesDropped as e:
+            fail(f"{e}; checkpoints written so far are kept: continue with --resume once "
+                 "fixed", EXIT_FAILED)  # fmt: skip
+    stderr.print(done_line(summary))
+
+
+def done_line(summary: dict) -> str:
+    """The one line a finished training run ends with: steps, held-out accuracy, where."""
+    held, before = summary.get("held_out", {}), summary.get("held_out_before", {})
+    if "accuracy" in held:
+        acc = f"{held['accuracy']:.3f}"
+        if "accuracy" in before:
+            acc = f"{before['accuracy']:.3f} -> {acc}"
+        acc = f"held-out accuracy {acc} over {held.get('episodes', 0)} episodes"
+    else:
+        acc = "no held-out evaluation"
+    return (
+        f"done: {summary['steps']} steps in {summary.get('train_s', 0):.0f} s; {acc}; "
+        f"run directory {summary['run_dir']}"
+        + (f"; curves {summary['plot']}" if "plot" in summary else "")
+    )
+
+
+def rollout(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Episodes to run.")] = 64,
+    split: Annotated[
+        str, typer.Option(help="Prompts to use: held_out (default) or train.")
+    ] = "held_out",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Episode log (JSON lines). Default: RUN_DIR/rollout.jsonl."),
+    ] = None,
+) -> None:
+    """Run N episodes with the current model and write the episode log (JSON lines).
+
+    Uses the config's model, engine, tool format, sandbox and verifier, cycling through
+    the chosen split's prompts in order. Prints accuracy, tool use, valid-call rate and
+    stop reasons, and writes them beside the log as .summary.json. The log is the input
+    of `agent-spo replay` and evaluation.
+
+    Example: `agent-spo rollout configs/demo.yaml --n 200 rollout.tool_format=retool`
+    """
+    import asyncio
+
+    from rich.progress import Progress
+
+    from agent_spo.rollout import EmptySplit, rollout_from_config
+
+    cfg = load(config, overrides)
+    if split not in ("held_out", "train"):
+        fail(f"--split must be held_out or train, got {split!r}")
+    out = out or Path(cfg.run.output_dir) / cfg.run.name / "rollout.jsonl"
+    with Progress(*bar_columns(), console=stderr, transient=True) as bar:
+        task = bar.add_task("episodes", total=n)
+
+        def progress(s) -> None:
+            bar.update(task, completed=s.episodes + s.dropped,
+                       description=f"episodes  acc {s.accuracy:.2f}  tool use "
+                       f"{s.used_tool / max(1, s.episodes):.2f}")  # fmt: skip
+
+        try:
+            summary = asyncio.run(
+                rollout_from_config(cfg, n, split, out, log=stderr.print, progress=progress)
+            )
+        except EmptySplit as e:
+            fail(str(e))
+    d = summary.to_dict()
+    table = Table(title="rollout", show_header=False)
+    for key in ("episodes", "dropped", "accuracy", "tool_use_rate", "valid_call_rate",
+                "tool_calls", "tool_faults", "stop_reasons", "episodes_per_s", "wall_s"):  # fmt: skip
+        table.add_row(key, cell(d[key]))
+    stdout.print(table)
+    stderr.print(f"episode log: {out}")
+
+
+def estimate_values(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    out: Annotated[Path, typer.Option(help="Where to write per-prompt success counts.")] = Path(
+        "values.jsonl"
+    ),
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted estimate in OUT (same config)."),
+    ] = False,
+) -> None:
+    """Estimate each prompt's initial success rate v0 for the value tracker (spec §1).
+
+    Samples algo.init.n0 episodes per prompt from the initial policy with the same tool
+    loop, verifies them, and writes per-prompt success counts; pass the file to training
+    as algo.init.values_path.
+    """
+    import asyncio
+
+    from rich.progress import Progress
+
+    from agent_spo.values import estimate_from_config
+
+    cfg = load(config, overrides)
+    if out.exists() and not resume:
+        fail(f"{out} exists: pass --resume to continue that estimate (made with the same "
+             "model and config), or choose another --out")  # fmt: skip
+    with Progress(*bar_columns(), console=stderr, transient=True) as bar:
+        task = bar.add_task("prompts", total=None)
+
+        def progress(s) -> None:
+            bar.update(task, completed=s.prompts_done, total=s.prompts_total,
+                       description=f"prompts  mean v0 {s.mean_value:.2f}")  # fmt: skip
+
+        state, summary = asyncio.run(
+            estimate_from_config(cfg, out, log=stderr.print, progress=progress)
+        )
+    stderr.print(
+        f"{summary['prompts']} prompts, {state.episodes} scored episodes in {state.wall_s:.0f} s "
+        f"({state.dropped} dropped, {state.unscored} unscored); mean v0 "
+        f"{summary.get('mean_value', 0):.3f}, always solved {summary.get('always_solved', 0):.2f},"
+        f" never solved {summary.get('never_solved', 0):.2f}\nvalues file: {out}  (train with "
+        f"algo.init.values_path={out})"
+    )
+
+
+def plot(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="One or more run directories (drawn on the same axes).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write. Default: FIRST_RUN/curves.png.")
+    ] = None,
+) -> None:
+    """Draw a run's curves (reward, held-out accuracy, tool use, baseline, drift, idle time)."""
+    from agent_spo.plot import plot_run
+
+    try:
+        path = plot_run(*run_dirs, out=out)
+    except FileNotFoundError as e:
+        fail(str(e))
+    stderr.print(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Put this module's commands on the root app."""
+    app.command()(config)
+    app.command()(train)
+    app.command()(rollout)
+    app.command("estimate-values")(estimate_values)
+    app.command()(plot)
