@@ -8,17 +8,26 @@ Heavy imports stay inside the functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from agent_spo.algo import PrioritizedSampler, ValueTracker
 from agent_spo.config import (
     AlgoConfig,
     DataConfig,
+    LearnerConfig,
+    LossConfig,
     ModelConfig,
     RolloutConfig,
     SandboxConfig,
+    TrainConfig,
     VerifierConfig,
 )
+
+if TYPE_CHECKING:
+    from agent_spo.learner import Learner
+    from agent_spo.pipeline import StreamSettings, TrainLoop
 
 
 def build_tracker(algo: AlgoConfig) -> ValueTracker:
@@ -51,6 +60,89 @@ def build_sampler(
         mode=mode,
         seed=seed,
     )
+
+
+def build_learner(
+    model_path: str,
+    tokenizer,
+    learner: LearnerConfig,
+    loss: LossConfig,
+    *,
+    mini_batches: int | None = None,
+) -> Learner:
+    """The learner on the best device: float32 master weights (AdamW on bf16 weights loses
+    small updates; the engine samples in model.dtype), the loss section's clip settings,
+    the precision and gradient checkpointing the learner section asks for.
+    ``mini_batches`` replaces learner.mini_batches (a benchmark with a smaller batch)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agent_spo.learner import Learner
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bf16 = learner.precision == "bfloat16" or (learner.precision == "auto" and device == "cuda")
+    checkpointing = learner.gradient_checkpointing == "on" or (
+        learner.gradient_checkpointing == "auto" and device == "cuda"
+    )
+    return Learner(
+        model,
+        lr=learner.lr,
+        betas=learner.betas,
+        weight_decay=learner.weight_decay,
+        grad_clip=learner.grad_clip,
+        mini_batches=learner.mini_batches if mini_batches is None else mini_batches,
+        micro_batch_tokens=learner.micro_batch_tokens,
+        eps_low=loss.eps_low,
+        eps_high=loss.eps_high,
+        dual_clip_c=loss.dual_clip_c,
+        pad_token_id=pad or 0,
+        logp_old=loss.logp_old,
+        log_ratio_clamp=loss.log_ratio_clamp,
+        compute_dtype=torch.bfloat16 if bf16 else None,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+def build_stream_settings(
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    first_step: int = 0,
+    batch_size: int | None = None,
+    total_steps: int | None = None,
+    workers: int | None = None,
+) -> StreamSettings:
+    """The loop's settings from the learner, algo and rollout sections; the keyword
+    arguments replace the config's batch size, steps and workers (benchmarks)."""
+    from agent_spo.pipeline import StreamSettings
+
+    L = cfg.learner
+    return StreamSettings(
+        batch_size=L.batch_size if batch_size is None else batch_size,
+        batch_tokens=L.batch_tokens,
+        total_steps=cfg.train.total_steps if total_steps is None else total_steps,
+        workers=cfg.rollout.workers if workers is None else workers,
+        max_staleness=L.max_staleness,
+        baseline=cfg.algo.baseline,
+        seed=seed,
+        first_step=first_step,
+        adv_eps=cfg.algo.adv_eps,
+        grpo_std_eps=cfg.algo.grpo.std_eps,
+    )
+
+
+def build_loop(name: str, *, group_size: int = 8) -> TrainLoop:
+    """The training loop for an algorithm: SPO's single stream, or GRPO's group barrier
+    with groups of ``group_size``; both are called with the same keyword arguments."""
+    from agent_spo.pipeline import train_grpo, train_spo
+
+    if name == "spo":
+        return train_spo
+    if name == "grpo":
+        return functools.partial(train_grpo, group_size=group_size)
+    raise ValueError(f"unknown algorithm {name!r}; choose spo or grpo")
 
 
 def build_sandbox(cfg: SandboxConfig):

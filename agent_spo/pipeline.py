@@ -28,8 +28,9 @@ import asyncio
 import inspect
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -110,6 +111,23 @@ class Finished:
     v_after: float | None = None  # SPO: the tracker's value after this reward
     group: int | None = None  # GRPO: the group's index in the batch
     adv: float | None = None  # the normalised advantage the learner used
+
+
+class TrainLoop(Protocol):
+    """:func:`train_spo` or :func:`train_grpo` (with its group size bound): one call."""
+
+    def __call__(
+        self,
+        *,
+        runner: EpisodeRunner,
+        problems: Mapping[str, Problem],
+        tracker: ValueTracker,
+        sampler: PrioritizedSampler,
+        learner: Learner,
+        engine: Any,
+        settings: StreamSettings,
+        on_step: Callable[[dict, list[Finished]], object] | None = None,
+    ) -> Awaitable[StreamState]: ...
 
 
 @dataclass
@@ -369,6 +387,7 @@ async def train_grpo(
     runner: EpisodeRunner,
     problems: Mapping[str, Problem],
     sampler: PrioritizedSampler,
+    tracker: ValueTracker | None = None,  # unused: GRPO's baseline is the group mean
     learner: Learner,
     engine,
     settings: StreamSettings,

@@ -1,6 +1,9 @@
 """A training run: builds the parts from a config, runs the loop, logs, checkpoints, resumes.
 
-The loop itself lives in :mod:`agent_spo.pipeline`; this module owns the run directory:
+:func:`setup` builds every part once into a frozen :class:`Run`; :func:`train` runs the
+loop (:mod:`agent_spo.pipeline`) and its side jobs (episode log, held-out evaluation,
+metrics, checkpoints), each a named function called after every learner step. This
+module owns the run directory:
 
     RUN_DIR/config.yaml        the resolved config
     RUN_DIR/metrics.jsonl      one line of namespaced metrics per learner step
@@ -16,15 +19,20 @@ checkpoint had seen, so no batch is counted twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 from agent_spo import builders
-from agent_spo.checkpoint import latest_checkpoint, restore, save_checkpoint
+from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, write_resolved
+from agent_spo.data.problems import Problem
 from agent_spo.metrics import MetricsLog, read_metrics
 
 
@@ -106,19 +114,33 @@ def _truncate_jsonl(path: Path, *, offset: int | None = None, max_step: int | No
     path.write_text("".join(x + "\n" for x in keep))
 
 
-async def run_training(
-    cfg: TrainConfig,
-    *,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    on_metrics: Callable[[dict], None] | None = None,
-    on_estimate: Callable | None = None,
-) -> dict:
-    """Train as the config says; returns the summary (also written to summary.json)."""
-    from transformers.utils import logging as hf_logging
+@dataclass(frozen=True)
+class Run:
+    """The built parts of one training run, made once by :func:`setup`."""
 
+    cfg: TrainConfig
+    dir: Path
+    ckpt: Checkpoint | None  # the checkpoint resumed from; None for a fresh run
+    first_step: int  # learner steps already done (resume)
+    problems: dict[str, Problem]  # training prompts by key
+    held_out: list[Problem]
+    engine: Any
+    tokenizer: Any
+    learner: Any  # agent_spo.learner.Learner
+    runner: Any  # EpisodeRunner at the rollout settings
+    eval_runner: Any  # EpisodeRunner at the evaluation settings
+    tracker: Any  # ValueTracker, with its offline prior
+    sampler: Any  # PrioritizedSampler
+    loop: Any  # pipeline.TrainLoop for cfg.algo.name
+    stream: Any  # pipeline.StreamSettings
+    values: dict | None  # where the tracker's prior came from, and its summary
+    log: Callable[[str], None]
+
+
+def preflight(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Checkpoint | None:
+    """Everything that can refuse the run, before any work; writes the resolved config.
+    Returns the checkpoint to resume from (None: a fresh run)."""
     _check_supported(cfg)
-    hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
@@ -128,37 +150,239 @@ async def run_training(
         raise RunExists(
             f"{run_dir} already holds a run; pass --resume to continue it, or set run.name"
         )
-    train, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
-    problems = {p.key: p for p in train}
+    train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
     in_flight = cfg.rollout.workers // (cfg.algo.grpo.group_size if cfg.algo.name == "grpo" else 1)
-    if in_flight > len(problems):
+    if in_flight > len(train):
         raise UnsupportedConfig(
             f"rollout.workers keeps {in_flight} prompts in flight but there are only "
-            f"{len(problems)} training prompts; lower rollout.workers"
+            f"{len(train)} training prompts; lower rollout.workers"
         )
     if cfg.algo.init.values_path is not None and cfg.algo.name == "spo" and ckpt is None:
         from agent_spo.values import load_values
 
-        load_values(cfg.algo.init.values_path, known=problems)  # a bad file fails before work
+        load_values(cfg.algo.init.values_path, known={p.key for p in train})  # fails before work
     if resume:
         _check_resume_config(cfg, run_dir / "config.yaml")
     write_resolved(cfg, run_dir)
+    return ckpt
+
+
+@contextlib.asynccontextmanager
+async def setup(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    on_estimate: Callable | None = None,
+) -> AsyncIterator[Run]:
+    """Check the config, then build the run: engine, learner, runner, tracker (with its
+    offline prior, estimated now if needed), sampler; restore them on resume. The engine,
+    sandbox and verifier are closed on exit."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from agent_spo.episode.runner import EpisodeRunner
+
+    ckpt = preflight(cfg, resume=resume, log=log)
+    hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
+    problems = {p.key: p for p in train_set}
     base_path = builders.resolve_model_path(cfg.model, log=log)
     model_path = str(ckpt.model_dir) if ckpt else base_path
-
-    threads_before = apply_torch_threads(cfg)
-    try:
-        engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
-        try:
-            return await _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems,
-                                held_out, log, on_metrics, on_estimate)  # fmt: skip
-        finally:
-            await engine.close()
-    finally:
+    first_step = ckpt.step if ckpt is not None else 0
+    async with contextlib.AsyncExitStack() as stack:
+        threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
-            import torch
+            stack.callback(_set_torch_threads, threads_before)
+        engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+        stack.push_async_callback(engine.close)
+        tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
+        learner = builders.build_learner(model_path, tokenizer, cfg.learner, cfg.loss)
+        verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
+        sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
+        toolbox = builders.build_toolbox(cfg.rollout)
+        renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
+        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
+        T = cfg.train
+        eval_settings = dataclasses.replace(
+            settings, temperature=T.eval_temperature, top_p=T.eval_top_p, top_k=T.eval_top_k
+        )
+        runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
+        eval_runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, eval_settings)
+        tracker = builders.build_tracker(cfg.algo)
+        values = None
+        if ckpt is not None:
+            sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
+            restore(ckpt, optimizer=learner.opt, tracker=tracker, sampler=sampler)
+            sampler.release_all()  # episodes in flight at the checkpoint are gone
+            learner.version = ckpt.state["learner_version"]
+            await engine.update_weights(learner.named_weights(), learner.version)
+            log(f"resumed from {ckpt.path.name} (step {first_step})")
+        else:
+            if cfg.algo.name == "spo" and cfg.algo.init.mode != "none":
+                values = await _init_values(cfg, runner, problems, tracker, run_dir, log,
+                                            on_estimate)  # fmt: skip
+            sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
+        yield Run(
+            cfg=cfg, dir=run_dir, ckpt=ckpt, first_step=first_step, problems=problems,
+            held_out=held_out, engine=engine, tokenizer=tokenizer, learner=learner,
+            runner=runner, eval_runner=eval_runner, tracker=tracker, sampler=sampler,
+            loop=builders.build_loop(cfg.algo.name, group_size=cfg.algo.grpo.group_size),
+            stream=builders.build_stream_settings(
+                cfg, seed=cfg.run.seed + first_step, first_step=first_step
+            ),
+            values=values, log=log,
+        )  # fmt: skip
 
-            torch.set_num_threads(threads_before)
+
+@dataclass
+class _Books:
+    """The side jobs' open files and running totals (the one mutable part of a run)."""
+
+    metrics: MetricsLog
+    episodes: TextIO
+    evaluator: _Evaluator
+    t_start: float
+    checkpoint_s: float = 0.0
+
+
+async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -> dict:
+    """Run the loop to train.total_steps; returns the summary (also in summary.json)."""
+    cfg = run.cfg
+    summary: dict = {"run_dir": str(run.dir), "algo": cfg.algo.name, "resumed_at": run.first_step}
+    if run.values is not None:
+        summary["values"] = run.values
+    metrics_path, episodes_path = run.dir / "metrics.jsonl", run.dir / "episodes.jsonl"
+    if run.ckpt is not None:  # cut the logs back to what the checkpoint had seen
+        _truncate_jsonl(episodes_path, offset=run.ckpt.state["episode_log_offset"])
+        _truncate_jsonl(metrics_path, max_step=run.first_step)
+    else:
+        for p in (metrics_path, episodes_path):
+            p.unlink(missing_ok=True)
+    evaluator = _Evaluator(cfg, run.eval_runner, run.held_out, run.dir)
+    if run.held_out and cfg.train.eval_every and run.first_step == 0:
+        summary["held_out_before"] = (await evaluator.run(0)).to_dict()
+    elif run.first_step > 0:
+        before = _step0_evaluation(metrics_path)
+        if before:
+            summary["held_out_before"] = before
+    books = _Books(
+        metrics=MetricsLog(run.dir, tensorboard=cfg.train.tensorboard),
+        episodes=open(episodes_path, "a", encoding="utf-8"),
+        evaluator=evaluator,
+        t_start=time.perf_counter(),
+    )
+    if evaluator.step == 0:  # evaluated before training in this process
+        books.metrics.write(evaluator.last_row)
+    try:
+        await run.loop(
+            runner=run.runner, problems=run.problems, tracker=run.tracker, sampler=run.sampler,
+            learner=run.learner, engine=run.engine, settings=run.stream,
+            on_step=functools.partial(_after_step, run, books, on_metrics),
+        )  # fmt: skip
+        summary["train_s"] = round(time.perf_counter() - books.t_start, 1)
+        summary["checkpoint_s"] = round(books.checkpoint_s, 1)
+        if run.held_out:
+            final = cfg.train.total_steps
+            if evaluator.step != final:
+                await evaluator.run(final)
+                books.metrics.write(evaluator.last_row)
+            summary["held_out"] = evaluator.summary.to_dict()
+    finally:
+        books.metrics.close()
+        books.episodes.close()
+    summary["steps"] = cfg.train.total_steps
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.train.plot:
+        _plot(run, summary)
+    return summary
+
+
+async def run_training(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    on_metrics: Callable[[dict], None] | None = None,
+    on_estimate: Callable | None = None,
+) -> dict:
+    """Train as the config says: :func:`setup`, then :func:`train`; returns the summary."""
+    async with setup(cfg, resume=resume, log=log, on_estimate=on_estimate) as run:
+        return await train(run, on_metrics=on_metrics)
+
+
+async def _after_step(run: Run, books: _Books, on_metrics, row: dict, batch) -> None:
+    """The side jobs after learner step ``row["step"]``, in order: episode log, held-out
+    evaluation, metrics, progress callback, checkpoint."""
+    step, cfg = row["step"], run.cfg
+    log_episodes(run, books.episodes, step, batch)
+    row["perf/elapsed_s"] = time.perf_counter() - books.t_start
+    every = cfg.train.eval_every
+    if run.held_out and ((every and step % every == 0) or step == cfg.train.total_steps):
+        await books.evaluator.run(step)
+        row.update(books.evaluator.last_row)
+    if step % cfg.train.log_every == 0 or step == cfg.train.total_steps or "eval/accuracy" in row:
+        books.metrics.write(row)
+    if on_metrics is not None:
+        on_metrics(row)
+    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
+        t_save = time.perf_counter()
+        await save(run, step, episode_log_offset=books.episodes.tell())
+        books.checkpoint_s += time.perf_counter() - t_save
+
+
+def log_episodes(run: Run, out: TextIO, step: int, batch) -> None:
+    """Append the step's trained trajectories, each with what the learner made of it."""
+    for b in batch:
+        rec = json.loads(b.traj.to_json())
+        rec["train"] = {"step": step, "v_hat": b.v_hat, "v_after": b.v_after, "adv": b.adv,
+                        "group": b.group, "lag": b.traj.staleness(run.learner.version - 1)}  # fmt: skip
+        out.write(json.dumps(rec) + "\n")
+    out.flush()
+
+
+async def save(run: Run, step: int, *, episode_log_offset: int) -> None:
+    """Checkpoint the run at ``step``.
+
+    Tracker and sampler are copied now: workers keep updating them while the files are
+    written. The weights and optimizer hold still, since the learner waits for this
+    step's side jobs, so the disk work runs in a thread and episodes keep flowing.
+    """
+    learner = run.learner
+    await asyncio.to_thread(
+        save_checkpoint, run.dir / "checkpoints", step=step, model=learner.model,
+        tokenizer=run.tokenizer, optimizer=learner.opt, tracker=run.tracker.state_dict(),
+        sampler=run.sampler.state_dict(), learner_version=learner.version,
+        episode_log_offset=episode_log_offset,
+    )  # fmt: skip
+
+
+def _step0_evaluation(metrics_path: Path) -> dict | None:
+    """A resumed run's before-training evaluation, from the kept metrics."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("step") == 0 and "eval/accuracy" in r]
+    if not rows:
+        return None
+    return {
+        "accuracy": rows[0]["eval/accuracy"],
+        "tool_use_rate": rows[0]["eval/tool_use_rate"],
+        "scored": rows[0]["eval/episodes"],
+    }
+
+
+def _plot(run: Run, summary: dict) -> None:
+    from agent_spo.plot import plot_run
+
+    try:
+        summary["plot"] = str(plot_run(run.dir))
+    except Exception as e:  # a plot must never cost the run its summary
+        run.log(f"warning: could not draw the curves: {e}")
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def torch_threads_for(cfg: TrainConfig) -> int | None:
@@ -186,171 +410,6 @@ def apply_torch_threads(cfg: TrainConfig) -> int | None:
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     return before
-
-
-async def _train(cfg, engine, model_path, ckpt, run_dir, ckpt_root, problems, held_out, log,
-                 on_metrics, on_estimate) -> dict:  # fmt: skip
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from agent_spo.episode.runner import EpisodeRunner
-    from agent_spo.learner import Learner
-    from agent_spo.pipeline import StreamSettings, train_grpo, train_spo
-
-    tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
-    # The learner keeps float32 weights (AdamW on bf16 weights loses small updates); the
-    # engine samples in model.dtype.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    L = cfg.learner
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    learner = Learner(
-        model, lr=L.lr, betas=L.betas, weight_decay=L.weight_decay, grad_clip=L.grad_clip,
-        mini_batches=L.mini_batches, micro_batch_tokens=L.micro_batch_tokens,
-        eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
-        dual_clip_c=cfg.loss.dual_clip_c, pad_token_id=pad or 0,
-        logp_old=cfg.loss.logp_old, log_ratio_clamp=cfg.loss.log_ratio_clamp,
-        compute_dtype=_compute_dtype(L.precision, device),
-        gradient_checkpointing=L.gradient_checkpointing == "on"
-        or (L.gradient_checkpointing == "auto" and device == "cuda"),
-    )  # fmt: skip
-    metrics_path, episodes_path = run_dir / "metrics.jsonl", run_dir / "episodes.jsonl"
-    first_step = ckpt.step if ckpt is not None else 0
-    if ckpt is not None:
-        _truncate_jsonl(episodes_path, offset=ckpt.state["episode_log_offset"])
-        _truncate_jsonl(metrics_path, max_step=first_step)
-    else:
-        for p in (metrics_path, episodes_path):
-            p.unlink(missing_ok=True)
-
-    toolbox = builders.build_toolbox(cfg.rollout)
-    renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-    settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
-    stream = StreamSettings(
-        batch_size=L.batch_size, batch_tokens=L.batch_tokens, total_steps=cfg.train.total_steps,
-        workers=cfg.rollout.workers, max_staleness=L.max_staleness,
-        baseline=cfg.algo.baseline, seed=cfg.run.seed + first_step, first_step=first_step,
-        adv_eps=cfg.algo.adv_eps, grpo_std_eps=cfg.algo.grpo.std_eps,
-    )  # fmt: skip
-    summary: dict = {"run_dir": str(run_dir), "algo": cfg.algo.name, "resumed_at": first_step}
-    with builders.build_verifier(cfg.verifier) as verifier:
-        async with builders.build_sandbox(cfg.sandbox) as sandbox:
-            runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
-            tracker = builders.build_tracker(cfg.algo)
-            if ckpt is not None:
-                sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
-                restore(ckpt, optimizer=learner.opt, tracker=tracker, sampler=sampler)
-                sampler.release_all()  # episodes in flight at the checkpoint are gone
-                learner.version = ckpt.state["learner_version"]
-                await engine.update_weights(learner.named_weights(), learner.version)
-                log(f"resumed from {ckpt.path.name} (step {first_step})")
-            else:
-                if cfg.algo.name == "spo" and cfg.algo.init.mode != "none":
-                    summary["values"] = await _init_values(
-                        cfg, runner, problems, tracker, run_dir, log, on_estimate
-                    )
-                sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
-            T = cfg.train
-            eval_settings = dataclasses.replace(
-                settings, temperature=T.eval_temperature, top_p=T.eval_top_p, top_k=T.eval_top_k
-            )
-            eval_runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, eval_settings)
-            evaluator = _Evaluator(cfg, eval_runner, held_out, run_dir)
-            if held_out and cfg.train.eval_every and first_step == 0:
-                summary["held_out_before"] = (await evaluator.run(0)).to_dict()
-            elif first_step > 0:  # resumed: the step-0 evaluation is in the kept metrics
-                before = [r for r in read_metrics(metrics_path)
-                          if r.get("step") == 0 and "eval/accuracy" in r]  # fmt: skip
-                if before:
-                    summary["held_out_before"] = {
-                        "accuracy": before[0]["eval/accuracy"],
-                        "tool_use_rate": before[0]["eval/tool_use_rate"],
-                        "scored": before[0]["eval/episodes"],
-                    }
-            metrics = MetricsLog(run_dir, tensorboard=cfg.train.tensorboard)
-            if evaluator.step == 0:  # evaluated before training in this process
-                metrics.write(evaluator.last_row)
-            elog = open(episodes_path, "a", encoding="utf-8")
-            t_start = time.perf_counter()
-            saving = {"s": 0.0}  # checkpoint writing, summed into the summary
-
-            async def on_step(row: dict, batch) -> None:
-                step = row["step"]
-                for b in batch:
-                    rec = json.loads(b.traj.to_json())
-                    rec["train"] = {"step": step, "v_hat": b.v_hat, "v_after": b.v_after,
-                                    "adv": b.adv, "group": b.group,
-                                    "lag": b.traj.staleness(learner.version - 1)}  # fmt: skip
-                    elog.write(json.dumps(rec) + "\n")
-                elog.flush()
-                row["perf/elapsed_s"] = time.perf_counter() - t_start
-                every = cfg.train.eval_every
-                if held_out and ((every and step % every == 0) or step == cfg.train.total_steps):
-                    await evaluator.run(step)
-                    row.update(evaluator.last_row)
-                if (
-                    step % cfg.train.log_every == 0
-                    or step == cfg.train.total_steps
-                    or ("eval/accuracy" in row)
-                ):
-                    metrics.write(row)
-                if on_metrics is not None:
-                    on_metrics(row)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
-                    # Tracker and sampler are copied now: workers keep updating them while
-                    # the files are written. The weights and optimizer hold still, since the
-                    # learner waits for this step's callback, so the disk work runs in a
-                    # thread and episodes keep flowing meanwhile.
-                    t_save = time.perf_counter()
-                    await asyncio.to_thread(
-                        save_checkpoint, ckpt_root, step=step, model=learner.model,
-                        tokenizer=tokenizer, optimizer=learner.opt,
-                        tracker=tracker.state_dict(), sampler=sampler.state_dict(),
-                        learner_version=learner.version, episode_log_offset=elog.tell(),
-                    )  # fmt: skip
-                    saving["s"] += time.perf_counter() - t_save
-
-            try:
-                if cfg.algo.name == "grpo":
-                    await train_grpo(
-                        runner=runner, problems=problems, sampler=sampler, learner=learner,
-                        engine=engine, settings=stream, group_size=cfg.algo.grpo.group_size,
-                        on_step=on_step,
-                    )  # fmt: skip
-                else:
-                    await train_spo(
-                        runner=runner, problems=problems, tracker=tracker, sampler=sampler,
-                        learner=learner, engine=engine, settings=stream, on_step=on_step,
-                    )  # fmt: skip
-                summary["train_s"] = round(time.perf_counter() - t_start, 1)
-                summary["checkpoint_s"] = round(saving["s"], 1)
-                if held_out:
-                    final = cfg.train.total_steps
-                    if evaluator.step != final:
-                        await evaluator.run(final)
-                        metrics.write(evaluator.last_row)
-                    summary["held_out"] = evaluator.summary.to_dict()
-            finally:
-                metrics.close()
-                elog.close()
-    summary["steps"] = cfg.train.total_steps
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.train.plot:
-        from agent_spo.plot import plot_run
-
-        try:
-            summary["plot"] = str(plot_run(run_dir))
-        except Exception as e:  # a plot must never cost the run its summary
-            log(f"warning: could not draw the curves: {e}")
-    return summary
-
-
-def _compute_dtype(precision: str, device: str):
-    import torch
-
-    if precision == "bfloat16" or (precision == "auto" and device == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate) -> dict:

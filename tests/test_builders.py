@@ -74,3 +74,56 @@ def test_toolbox_and_verifier():
     assert build_toolbox(cfg.rollout).max_output_chars == 64
     with build_verifier(cfg.verifier) as pool:
         assert pool.check("7", "\\boxed{7}").correct
+
+
+def test_learner_follows_the_learner_and_loss_sections():
+    # train and the throughput benchmark both build their learner here, so the
+    # precision and checkpointing settings cannot drift between them again
+    import torch
+
+    from agent_spo.builders import build_learner, resolve_model_path
+    from agent_spo.demo.build import ensure_demo_model
+
+    path = str(ensure_demo_model())
+    cfg = load_config(None, ["learner.precision=bfloat16", "learner.gradient_checkpointing=on",
+                             "learner.lr=0.002", "learner.mini_batches=4", "loss.eps_high=0.3"])  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    learner = build_learner(resolve_model_path(cfg.model), tok, cfg.learner, cfg.loss)
+    assert learner.compute_dtype == torch.bfloat16
+    assert learner.gradient_checkpointing is True
+    assert learner.opt.param_groups[0]["lr"] == 0.002
+    assert learner.mini_batches == 4 and learner.loss_kwargs["eps_high"] == 0.3
+    assert next(learner.model.parameters()).dtype == torch.float32  # master weights
+    small = build_learner(path, tok, cfg.learner, cfg.loss, mini_batches=1)
+    assert small.mini_batches == 1
+
+
+def test_stream_settings_and_loop_by_algorithm():
+    import functools
+
+    from agent_spo.builders import build_loop, build_stream_settings
+    from agent_spo.pipeline import train_grpo, train_spo
+
+    cfg = load_config(None, ["learner.batch_size=8", "learner.max_staleness=2",
+                             "algo.adv_eps=0.001", "train.total_steps=5"])  # fmt: skip
+    s = build_stream_settings(cfg, seed=7, first_step=2)
+    assert (s.batch_size, s.max_staleness, s.adv_eps, s.total_steps, s.seed, s.first_step) == (
+        8,
+        2,
+        0.001,
+        5,
+        7,
+        2,
+    )
+    s = build_stream_settings(cfg, seed=0, batch_size=24, total_steps=2, workers=48)
+    assert (s.batch_size, s.total_steps, s.workers) == (24, 2, 48)
+    assert build_loop("spo") is train_spo
+    grpo = build_loop("grpo", group_size=4)
+    assert isinstance(grpo, functools.partial) and grpo.func is train_grpo
+    assert grpo.keywords == {"group_size": 4}
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
+        build_loop("ppo")

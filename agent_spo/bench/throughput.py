@@ -367,13 +367,8 @@ async def run_mode(
 
     ``make_engine(seed)`` replaces the configured engine (tests use a scripted one).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from agent_spo import builders
     from agent_spo.episode.runner import EpisodeRunner
-    from agent_spo.learner import Learner
-    from agent_spo.pipeline import StreamSettings, train_grpo, train_spo
 
     async with contextlib.AsyncExitStack() as stack:
         sandbox = parts.sandbox
@@ -387,27 +382,17 @@ async def run_mode(
         wrapped = engine
         if delays is not None:
             wrapped = DelayedEngine(engine, delays, parts.first_turn_prompts)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(parts.model_path, dtype=torch.float32)
-        L, tok = cfg.learner, parts.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        learner = Learner(
-            model.to(device), lr=L.lr, betas=L.betas, weight_decay=L.weight_decay,
-            grad_clip=L.grad_clip, mini_batches=min(L.mini_batches, batch),
-            micro_batch_tokens=L.micro_batch_tokens, eps_low=cfg.loss.eps_low,
-            eps_high=cfg.loss.eps_high, dual_clip_c=cfg.loss.dual_clip_c,
-            pad_token_id=pad or 0, logp_old=cfg.loss.logp_old,
-            log_ratio_clamp=cfg.loss.log_ratio_clamp,
+        learner = builders.build_learner(
+            parts.model_path, parts.tokenizer, cfg.learner, cfg.loss,
+            mini_batches=min(cfg.learner.mini_batches, batch),
         )  # fmt: skip
         tracker = builders.build_tracker(cfg.algo)
         sampler = builders.build_sampler(cfg.algo, list(parts.problems), tracker, seed)
         runner = EpisodeRunner(wrapped, parts.renderer, parts.toolbox, sandbox,
                                parts.verifier, parts.episode_settings)  # fmt: skip
-        settings = StreamSettings(
-            batch_size=batch, batch_tokens=L.batch_tokens, total_steps=steps, workers=workers,
-            max_staleness=L.max_staleness, baseline=cfg.algo.baseline, seed=seed,
-            adv_eps=cfg.algo.adv_eps, grpo_std_eps=cfg.algo.grpo.std_eps,
-        )  # fmt: skip
+        settings = builders.build_stream_settings(
+            cfg, seed=seed, batch_size=batch, total_steps=steps, workers=workers
+        )
         rows: list[dict] = []
         trajs: list = []
         t0 = time.perf_counter()
@@ -418,16 +403,11 @@ async def run_mode(
             trajs.extend(batch_trajs)
             rows.append({**metrics, "t": time.perf_counter() - t0, "n": len(batch_trajs)})
 
-        if mode == "grpo":
-            state = await train_grpo(
-                runner=runner, problems=parts.problems, sampler=sampler, learner=learner,
-                engine=wrapped, settings=settings, group_size=group_size, on_step=on_step,
-            )  # fmt: skip
-        else:
-            state = await train_spo(
-                runner=runner, problems=parts.problems, tracker=tracker, sampler=sampler,
-                learner=learner, engine=wrapped, settings=settings, on_step=on_step,
-            )  # fmt: skip
+        loop = builders.build_loop(mode, group_size=group_size)
+        state = await loop(
+            runner=runner, problems=parts.problems, tracker=tracker, sampler=sampler,
+            learner=learner, engine=wrapped, settings=settings, on_step=on_step,
+        )  # fmt: skip
     return RunResult(
         mode=mode,
         steps=len(rows),
