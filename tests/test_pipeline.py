@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes import ScriptedEngine
 
 from agent_spo import builders
 from agent_spo.config import load_config
@@ -197,11 +198,6 @@ class _InstantLearner:
         return []
 
 
-class _NullEngine:
-    async def update_weights(self, weights, version):
-        pass
-
-
 def test_what_a_token_capped_batch_leaves_over_goes_stale_and_is_dropped():
     """max_staleness 0, 4 episodes sampled ahead per version, a cap of 10 tokens (one
     episode). Draw 0 finishes first and is the whole first batch. Draws 1-3 finish next,
@@ -224,7 +220,7 @@ def test_what_a_token_capped_batch_leaves_over_goes_stale_and_is_dropped():
         return await train_spo(
             runner=runner, problems=problems, tracker=ValueTracker(),
             sampler=PrioritizedSampler(list(problems), seed=0), learner=learner,
-            engine=_NullEngine(), settings=settings,
+            engine=ScriptedEngine(), settings=settings,  # takes weight pushes only
             on_step=lambda m, b: rows.append({**m, "draws": [x.draw for x in b]}),
         )  # fmt: skip
 

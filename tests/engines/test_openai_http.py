@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+from fakes import ScriptedEngine
 
 from agent_spo.engines.base import Engine, EngineError, Generation, Sampling
 from agent_spo.engines.hf import HFEngine
@@ -336,23 +337,9 @@ def test_vllm_shaped_answers_parse_and_a_retry_recovers():
     assert (g.token_ids, g.stop) == ((7, 8, 2), "</code>")
 
 
-class _FakeEngine:
-    tokenizer = None
-    max_model_len = 32
-    version = 0
-
-    async def generate(self, prompt_ids, sampling):
-        return Generation((1, 2), (-0.25, -0.5), "length", 0)
-
-    async def update_weights(self, weights, version):
-        pass
-
-    async def close(self):
-        pass
-
-
 def test_version_api_key_and_close():
-    with serve_in_thread(_FakeEngine(), api_key="sekret") as srv:
+    fake = ScriptedEngine(reply=lambda ids: (1, 2), max_model_len=32, logprob=(-0.25, -0.5))
+    with serve_in_thread(fake, api_key="sekret") as srv:
 
         async def main():
             async with _client(srv.url, api_key="wrong", model="agent-spo") as bad:

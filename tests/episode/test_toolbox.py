@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from agent_spo.cli import app
+from agent_spo.episode.toolbox import Toolbox, render, truncate_middle
 from sandboxes.local import Limits, LocalSandbox
 from sandboxes.result import ExecResult, infra_result
-from agent_spo.episode.toolbox import Toolbox, render, truncate_middle
 from tools import builtin_tools
 
 

@@ -1,8 +1,9 @@
 """`agent-spo eval`: configs, hand-computed metrics through the whole pipeline, resume.
 
-A keyed engine answers each problem from a fixed list (through the real runner, sandbox
-and verifier), so every metric of the run can be checked against numbers worked out by
-hand. The demo model runs against every shared benchmark in the slow test.
+A keyed engine (a ScriptedEngine from tests/fakes.py) answers each problem from a fixed
+list (through the real runner, sandbox and verifier), so every metric of the run can be
+checked against numbers worked out by hand. The demo model runs against every shared
+benchmark in the slow test.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakes import ScriptedEngine
 
 from agent_spo.config import ConfigError
-from agent_spo.engines.base import Generation, Sampling
 from agent_spo.episode.log import EpisodeLog
 from agent_spo.evaluate.command import model_dir_of
 from agent_spo.evaluate.config import EvalConfig, load_eval_config
@@ -36,32 +37,16 @@ def demo_tokenizer():
     return AutoTokenizer.from_pretrained(ensure_demo_model(log=lambda m: None))
 
 
-class KeyedEngine:
+def keyed_engine(tokenizer, answers: dict[str, list[str]]) -> ScriptedEngine:
     """Answers each problem with the next text from its list (found in the prompt)."""
+    left = {k: list(v) for k, v in answers.items()}
 
-    def __init__(self, tokenizer, answers: dict[str, list[str]]):
-        self.tokenizer = tokenizer
-        self.answers = {k: list(v) for k, v in answers.items()}
-        self.calls = 0
-        self.version = 0
+    def reply(prompt_ids):
+        prompt = tokenizer.decode(prompt_ids)
+        key = next(k for k in left if k in prompt)
+        return left[key].pop(0) + "<|im_end|>"
 
-    @property
-    def max_model_len(self) -> int:
-        return 2048
-
-    async def generate(self, prompt_ids, sampling: Sampling) -> Generation:
-        self.calls += 1
-        prompt = self.tokenizer.decode(prompt_ids)
-        key = next(k for k in self.answers if k in prompt)
-        text = self.answers[key].pop(0) + "<|im_end|>"
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return Generation(tuple(ids), tuple(-0.1 for _ in ids), "stop", self.version)
-
-    async def update_weights(self, weights, version):  # pragma: no cover - unused
-        self.version = version
-
-    async def close(self) -> None:
-        pass
+    return ScriptedEngine(reply=reply, tokenizer=tokenizer, max_model_len=2048, logprob=-0.1)
 
 
 def boxed(x: str) -> str:
@@ -193,7 +178,7 @@ def _datasets(tmp_path: Path):
 
 def test_metrics_through_the_real_runner_match_hand_computed_numbers(tmp_path, demo_tokenizer):
     cfg = _config(tmp_path, _datasets(tmp_path), n=4, k=[1, 2, 4])
-    engine = KeyedEngine(demo_tokenizer, _answers(P1, P2, P3, P4))
+    engine = keyed_engine(demo_tokenizer, _answers(P1, P2, P3, P4))
     results, out = asyncio.run(run_eval(cfg, engine=engine, log=lambda m: None))
     toy, easy = results["datasets"]["toy"], results["datasets"]["easy"]
     for key, value in EXPECTED.items():
@@ -218,7 +203,7 @@ def test_metrics_through_the_real_runner_match_hand_computed_numbers(tmp_path, d
 
 def test_an_interrupted_eval_resumes_without_regenerating(tmp_path, demo_tokenizer):
     cfg = _config(tmp_path, _datasets(tmp_path)[:1], n=4, k=[1, 4])
-    engine = KeyedEngine(demo_tokenizer, _answers(P1, P2, P3))
+    engine = keyed_engine(demo_tokenizer, _answers(P1, P2, P3))
     first, out = asyncio.run(run_eval(cfg, engine=engine, log=lambda m: None))
     log = out / "episodes.jsonl"
     lines = log.read_text().splitlines()
@@ -227,7 +212,7 @@ def test_an_interrupted_eval_resumes_without_regenerating(tmp_path, demo_tokeniz
     kept = {
         (json.loads(x)["eval"]["problem_id"], json.loads(x)["eval"]["sample"]) for x in lines[:7]
     }
-    engine2 = KeyedEngine(demo_tokenizer, _answers(P1, P2, P3))
+    engine2 = keyed_engine(demo_tokenizer, _answers(P1, P2, P3))
     messages: list[str] = []
     second, _ = asyncio.run(run_eval(cfg, engine=engine2, log=messages.append))
     assert engine2.calls == 5 and second["generated"] == 5  # 12 - 7, the torn one included
@@ -236,7 +221,7 @@ def test_an_interrupted_eval_resumes_without_regenerating(tmp_path, demo_tokeniz
     assert len(after) == 12 and len({(e["problem_id"], e["sample"]) for e in after}) == 12
     assert kept <= {(e["problem_id"], e["sample"]) for e in after}
     # a third run has nothing left to sample, and scores the same log the same way
-    engine3 = KeyedEngine(demo_tokenizer, {})
+    engine3 = keyed_engine(demo_tokenizer, {})
     third, _ = asyncio.run(run_eval(cfg, engine=engine3, log=lambda m: None))
     assert engine3.calls == 0 and third["generated"] == 0
     a, b = third["datasets"]["toy"], second["datasets"]["toy"]
@@ -246,12 +231,13 @@ def test_an_interrupted_eval_resumes_without_regenerating(tmp_path, demo_tokeniz
 
 def test_a_resume_with_other_sampling_settings_is_refused(tmp_path, demo_tokenizer):
     cfg = _config(tmp_path, _datasets(tmp_path)[1:], n=2)
-    asyncio.run(run_eval(cfg, engine=KeyedEngine(demo_tokenizer, _answers(P4)), log=lambda m: None))
+    first = keyed_engine(demo_tokenizer, _answers(P4))
+    asyncio.run(run_eval(cfg, engine=first, log=lambda m: None))
     hotter = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"temperature": 1.0})})
     with pytest.raises(EvalMismatch, match=r"rollout.temperature: 0.6 -> 1.0"):
-        asyncio.run(run_eval(hotter, engine=KeyedEngine(demo_tokenizer, {}), log=lambda m: None))
+        asyncio.run(run_eval(hotter, engine=keyed_engine(demo_tokenizer, {}), log=lambda m: None))
     more = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"n": 4, "k": None})})
-    engine = KeyedEngine(demo_tokenizer, _answers(P4))
+    engine = keyed_engine(demo_tokenizer, _answers(P4))
     res, _ = asyncio.run(run_eval(more, engine=engine, log=lambda m: None))
     assert engine.calls == 2 and res["datasets"]["easy"]["samples"] == 4  # only the new two
 

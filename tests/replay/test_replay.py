@@ -1,9 +1,10 @@
 """`agent-spo replay` on a real episode log: list, filters, detail, tokens, re-run, HTML.
 
-The log is made by `eval` with a scripted engine (real runner, sandbox and verifier):
-a correct episode with a tool call, one whose code raises, and one whose tool output is
-capped for the model and that ends without an answer. A training-style copy adds the
-`train` object the trainer writes. The HTML page is opened in a real headless Chromium.
+The log is made by `eval` with a scripted engine (tests/fakes.py) and the real runner,
+sandbox and verifier: a correct episode with a tool call, one whose code raises, and one
+whose tool output is capped for the model and that ends without an answer. A
+training-style copy adds the `train` object the trainer writes. The HTML page is opened
+in a real headless Chromium.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fakes import ScriptedEngine
 from typer.testing import CliRunner
 
 from agent_spo.cli import app
 from agent_spo.demo.demonstrations import call_text
-from agent_spo.engines.base import Generation, Sampling
 from agent_spo.evaluate.config import EvalConfig
 from agent_spo.evaluate.run import run_eval
 
@@ -37,26 +38,17 @@ PROBLEMS = [("add", "What is two plus three?", "5"), ("div", "What is one over z
             ("long", "Print many x.", "3")]  # fmt: skip
 
 
-class TurnEngine:
+def turn_engine(tokenizer) -> ScriptedEngine:
     """Plays each problem's script; the turn is the number of tool results seen so far."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.version = 2
-
-    @property
-    def max_model_len(self) -> int:
-        return 2048
-
-    async def generate(self, prompt_ids, sampling: Sampling) -> Generation:
-        text = self.tokenizer.decode(prompt_ids)
+    def reply(prompt_ids):
+        text = tokenizer.decode(prompt_ids)
         script = next(v for k, v in SCRIPTS.items() if k in text)
-        turn = script[text.count("<tool_response>")] + "<|im_end|>"
-        ids = self.tokenizer(turn, add_special_tokens=False).input_ids
-        return Generation(tuple(ids), tuple(-0.2 for _ in ids), "stop", self.version)
+        return script[text.count("<tool_response>")] + "<|im_end|>"
 
-    async def close(self) -> None:
-        pass
+    return ScriptedEngine(
+        reply=reply, tokenizer=tokenizer, version=2, max_model_len=2048, logprob=-0.2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +69,7 @@ def logs(tmp_path_factory):
         "eval": {"datasets": [{"path": str(data)}], "n": 1},
     })  # fmt: skip
     tok = AutoTokenizer.from_pretrained(ensure_demo_model(log=lambda m: None))
-    _, out = asyncio.run(run_eval(cfg, engine=TurnEngine(tok), log=lambda m: None))
+    _, out = asyncio.run(run_eval(cfg, engine=turn_engine(tok), log=lambda m: None))
     rows = sorted((json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()),
                   key=lambda r: r["prompt_id"])  # add, div, long  # fmt: skip
     (out / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 from agent_spo.episode.toolbox import Toolbox
-
 from tools import builtin_tools
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "builtin_tools.json"
