@@ -3,8 +3,12 @@
 Must never import torch or the trainer (`agent_spo`); the trainer depends on this package,
 never the reverse. Importing the package is cheap (the runner imports it inside the jail);
 backends load on first use.
+
+What the code did comes back as an :class:`ExecResult`; a backend's own failures raise
+:class:`SandboxError` (`sandboxes.errors`); any other exception out of a backend is a bug.
 """
 
+from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
 from sandboxes.result import INFRA_STATUSES, STATUSES, ExecResult, Status
 
 __all__ = [
@@ -14,6 +18,8 @@ __all__ = [
     "Limits",
     "LocalSandbox",
     "LocalSession",
+    "SandboxClosed",
+    "SandboxError",
     "SandboxUnavailable",
     "Status",
 ]
@@ -24,8 +30,4 @@ def __getattr__(name: str):
         from sandboxes import local
 
         return getattr(local, name)
-    if name == "SandboxUnavailable":
-        from sandboxes.jail import SandboxUnavailable
-
-        return SandboxUnavailable
     raise AttributeError(name)

@@ -22,7 +22,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from sandboxes.jail import BOOTSTRAP, ENV, PKG_ROOT, SandboxUnavailable
+from sandboxes.errors import SandboxUnavailable
+from sandboxes.jail import BOOTSTRAP, ENV, PKG_ROOT
 from sandboxes.local import Limits, LocalSandbox, _Worker
 
 DEFAULT_IMAGE = "agent-spo-sandbox:latest"
@@ -32,6 +33,14 @@ DEFAULT_IMAGE = "agent-spo-sandbox:latest"
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 _FRAME = struct.Struct(">BxxxI")
 STDOUT, STDERR = 1, 2
+
+
+def docker_errors() -> tuple[type[BaseException], ...]:
+    """What the Docker SDK raises when the engine fails: its own errors, and requests' and
+    the socket's (both OSError). Anything else from it is a bug, and is not caught."""
+    from docker.errors import DockerException
+
+    return (DockerException, OSError)
 
 
 class FrameDemuxer:
@@ -111,15 +120,21 @@ class _DockerWorker(_Worker):
 
     async def _spawn(self) -> None:
         name = f"agent-spo-sandbox-{id(self):x}-{self.generation}"
-        self.container = await asyncio.to_thread(
-            self.client.containers.run, **container_kwargs(self.spec, name)
-        )
-        attached = await asyncio.to_thread(
-            self.container.attach_socket,
-            params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1},
-        )
-        self._sock = getattr(attached, "_sock", attached)
-        self._sock.setblocking(False)
+        try:
+            self.container = await asyncio.to_thread(
+                self.client.containers.run, **container_kwargs(self.spec, name)
+            )
+            attached = await asyncio.to_thread(
+                self.container.attach_socket,
+                params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1},
+            )
+            self._sock = getattr(attached, "_sock", attached)
+            self._sock.setblocking(False)
+        except docker_errors() as e:
+            await self.kill()
+            raise SandboxUnavailable(
+                f"sandbox container {self.index} could not be started: {type(e).__name__}: {e}"
+            ) from e
         self._demux = FrameDemuxer()
         self._stdout = bytearray()
 
@@ -152,7 +167,7 @@ class _DockerWorker(_Worker):
         if container is not None:
             try:
                 await asyncio.to_thread(container.kill)
-            except Exception:  # noqa: BLE001 - already gone / auto-removed
+            except docker_errors():  # already gone / auto-removed
                 pass
         self.container = None
 
@@ -182,12 +197,17 @@ class DockerSandbox(LocalSandbox):
         client = await asyncio.to_thread(connect)
         try:
             await asyncio.to_thread(client.images.get, self.spec.image)
-        except Exception as e:  # noqa: BLE001 - docker.errors.ImageNotFound and friends
+        except docker_errors() as e:  # docker.errors.ImageNotFound and friends
             raise SandboxUnavailable(
                 f"docker image {self.spec.image!r} is missing ({e}); build it with "
                 "`docker build -f sandboxes/Dockerfile -t agent-spo-sandbox .`"
             ) from None
-        await asyncio.to_thread(reap_orphans, client)
+        try:
+            await asyncio.to_thread(reap_orphans, client)
+        except docker_errors() as e:
+            raise SandboxUnavailable(
+                f"could not list this host's sandbox containers: {type(e).__name__}: {e}"
+            ) from e
         workers = []
         for i in range(self._n):
             w = _DockerWorker(
@@ -209,7 +229,7 @@ def reap_orphans(client) -> int:
             try:
                 c.kill()
                 killed += 1
-            except Exception:  # noqa: BLE001 - already gone
+            except docker_errors():  # already gone
                 pass
     return killed
 
@@ -218,9 +238,11 @@ def connect():
     """A docker client that answers a ping, or SandboxUnavailable saying why not."""
     try:
         import docker
-
+    except ImportError as e:
+        raise SandboxUnavailable(f"the docker SDK is not installed: {e}") from None
+    try:
         client = docker.from_env(timeout=10)
         client.ping()
         return client
-    except Exception as e:  # noqa: BLE001 - DockerException, connection errors, ...
+    except docker_errors() as e:  # DockerException, requests' connection errors, ...
         raise SandboxUnavailable(f"no Docker engine answers: {type(e).__name__}: {e}") from None

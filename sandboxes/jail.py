@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandboxes.errors import SandboxUnavailable
+
 JAIL_UID = 65534
 PKG_ROOT = "/sbx"  # where the runner's packages appear inside the jail
 
@@ -37,10 +39,6 @@ ENV = {
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
-
-
-class SandboxUnavailable(RuntimeError):
-    """Isolation cannot be set up on this host; the message says what is missing."""
 
 
 def bwrap_binary() -> str:

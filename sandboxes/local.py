@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
 import tempfile
 import time
 import uuid
@@ -35,13 +36,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sandboxes import cgroup
-from sandboxes.jail import (
-    JailSpec,
-    SandboxUnavailable,
-    bwrap_command,
-    probe_bwrap,
-    unisolated_command,
-)
+from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
+from sandboxes.jail import JailSpec, bwrap_command, probe_bwrap, unisolated_command
 from sandboxes.result import ExecResult, infra_result
 
 log = logging.getLogger(__name__)
@@ -86,7 +82,8 @@ class Limits:
 
 
 class _WorkerFailed(Exception):
-    pass
+    """The channel to one worker broke; never leaves this module (the pool restarts the
+    worker and answers with a typed result, or raises a SandboxError)."""
 
 
 @dataclass
@@ -114,16 +111,22 @@ class _Worker:
         group = self.cgroup = cgroup.create(
             f"agent-spo-{os.getpid()}-{self.index}-{self.generation}", self.pids_max
         )
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            cwd=self.cwd,
-            start_new_session=True,  # its own process group: one kill takes the whole jail
-            preexec_fn=(lambda: cgroup.join_self(group)) if group is not None else None,
-        )
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # its own process group: one kill takes the whole jail
+                preexec_fn=(lambda: cgroup.join_self(group)) if group is not None else None,
+            )
+        except (OSError, subprocess.SubprocessError) as e:  # no fds, no memory, no binary
+            cgroup.remove(group)
+            raise SandboxUnavailable(
+                f"sandbox worker {self.index} could not be started: {type(e).__name__}: {e}"
+            ) from e
         self._drain = asyncio.create_task(self._drain_stderr(self.proc))
 
     def _alive(self) -> bool:
@@ -165,11 +168,14 @@ class _Worker:
             head = await asyncio.wait_for(self._recv_exact(_HDR.size), timeout)
             (n,) = _HDR.unpack(head)
             data = await asyncio.wait_for(self._recv_exact(n), timeout)
-            return json.loads(data)
+            reply = json.loads(data)
         except TimeoutError:
             raise _WorkerFailed(f"no answer within {timeout:.1f} s") from None
-        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError, ValueError) as e:
+        except (asyncio.IncompleteReadError, OSError, ValueError) as e:  # pipes, sockets, JSON
             raise _WorkerFailed(f"worker channel broke: {type(e).__name__}: {e}") from None
+        if not isinstance(reply, dict):
+            raise _WorkerFailed(f"worker sent a {type(reply).__name__}, not a message")
+        return reply
 
     async def request(self, msg: dict, timeout: float) -> dict:
         msg = {**msg, "id": next(self._ids)}
@@ -429,7 +435,7 @@ class LocalSandbox:
         worker.sessions = 0
         try:
             await worker.start()
-        except SandboxUnavailable as e:
+        except SandboxError as e:
             log.error("sandbox worker %d failed to restart: %s", worker.index, e)
 
     # ---------------------------------------------------------------- scheduling
@@ -461,9 +467,44 @@ class LocalSandbox:
         async with self._free:
             self._free.notify(1)
 
+    def footprint(self) -> dict:
+        """Processes and RSS inside the workers' jails, and this process's open fds (a leak
+        shows as growth between two readings)."""
+        procs = rss_kb = 0
+        roots = {w.proc.pid for w in self._workers if w.proc is not None}
+        children: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().split(b") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+        stack = list(roots)
+        while stack:
+            pid = stack.pop()
+            procs += 1
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            rss_kb += int(line.split()[1])
+            except OSError:
+                pass
+            stack.extend(children.get(pid, []))
+        return {
+            "processes": procs,
+            "rss_mb": rss_kb / 1024,
+            "fds": len(os.listdir("/proc/self/fd")),
+        }
+
     def _check_started(self) -> None:
         if not self.started:
-            raise RuntimeError("the sandbox is not started: use `async with` or `await start()`")
+            raise SandboxClosed(
+                "the sandbox is not started (or was closed): use `async with` or `await start()`"
+            )
 
 
 class LocalSession:
@@ -496,7 +537,9 @@ class LocalSession:
                 self._worker.index,
             )
         if self.closed:
-            raise RuntimeError("session is closed")
+            raise SandboxClosed("the session is closed")
+        if not sb.started:
+            raise SandboxClosed("the sandbox holding this session is closed")
         if self.lost or self._worker.generation != self._gen:
             return self._lost_result()
         if (bad := _check_code(code)) is not None:

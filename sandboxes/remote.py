@@ -14,7 +14,10 @@ guards every route. The client (`RemoteSandbox`) bounds its in-flight calls with
 semaphore, gives every request a deadline (the call's timeout + a queue budget +
 grace), and retries only transport failures of *stateless* calls, with backoff; a
 session call is never retried (it is not idempotent) and a transport failure loses the
-session explicitly.
+session explicitly. A failure around one call comes back as a result with an
+infrastructure status; anything else the client cannot do (open a session, read the
+server's health, run before `start()` or after `close()`) raises a
+:class:`~sandboxes.errors.SandboxError`, never an httpx or OS error.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
 from sandboxes.result import ExecResult, infra_result
 
 log = logging.getLogger(__name__)
@@ -234,6 +238,8 @@ class SandboxServer:
                     status, payload = server.handle(method, self.path, body)
                 except ValueError as e:
                     status, payload = 400, {"error": str(e)}
+                except SandboxError as e:  # the backend's own failure: no traceback to log
+                    status, payload = 503, {"error": f"{type(e).__name__}: {e}"}
                 except Exception as e:  # noqa: BLE001 - report, keep serving
                     log.exception("sandbox server error")
                     status = 500
@@ -310,12 +316,30 @@ class RemoteSandbox:
         await self.close()
 
     async def health(self) -> dict:
-        r = await self._client.get("/v1/health", timeout=self.grace_s + 30)
-        r.raise_for_status()
-        return r.json()
+        import httpx
+
+        self._check_started()
+        try:
+            r = await self._client.get("/v1/health", timeout=self.grace_s + 30)
+            r.raise_for_status()
+            health = r.json()
+        except (httpx.HTTPError, OSError) as e:
+            raise SandboxError(f"sandbox server health: {type(e).__name__}: {e}") from e
+        except ValueError as e:
+            raise SandboxError(f"sandbox server health: malformed reply: {e}") from e
+        if not isinstance(health, dict):
+            raise SandboxError(f"sandbox server health: a {type(health).__name__}, not an object")
+        return health
 
     async def census(self) -> dict:
         return (await self.health()).get("census", {"sessions": 0, "strays": []})
+
+    def _check_started(self) -> None:
+        if not self.started:
+            raise SandboxClosed(
+                "the remote sandbox is not started (or was closed): use `async with` or "
+                "`await start()`"
+            )
 
     def _deadline(self, timeout_s: float | None) -> float:
         t = self.default_timeout_s if timeout_s is None else timeout_s
@@ -324,13 +348,14 @@ class RemoteSandbox:
     async def _post(self, path: str, payload: dict, deadline: float, *, retry: bool):
         import httpx
 
+        self._check_started()
         attempts = self.retries + 1 if retry else 1
         last = ""
         async with self._limit:
             for attempt in range(attempts):
                 try:
                     r = await self._client.post(path, json=payload, timeout=deadline)
-                except (httpx.TransportError, httpx.TimeoutException) as e:
+                except (httpx.HTTPError, OSError) as e:  # transport, timeout, decoding
                     last = f"{type(e).__name__}: {e}"
                     if attempt + 1 < attempts:
                         await asyncio.sleep(self.backoff_s * 2**attempt)
@@ -352,10 +377,15 @@ class RemoteSandbox:
     async def open_session(self) -> RemoteSession:
         r, err = await self._post("/v1/sessions", {}, self.grace_s + 30, retry=True)
         if r is None or r.status_code != 200:
-            from sandboxes.jail import SandboxUnavailable
-
-            raise SandboxUnavailable(f"could not open a remote session: {err or r.text[:200]}")
-        return RemoteSession(self, r.json()["session"])
+            why = err or f"HTTP {r.status_code}: {r.text[:200]}"
+            raise SandboxUnavailable(f"could not open a remote session: {why}")
+        try:
+            sid = r.json()["session"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise SandboxError(f"could not open a remote session: malformed reply: {e}") from e
+        if not isinstance(sid, str):
+            raise SandboxError(f"could not open a remote session: session id {sid!r}")
+        return RemoteSession(self, sid)
 
     def _result(self, r, err: str | None, wall_s: float, lost_status: str) -> ExecResult:
         if r is None:
@@ -376,6 +406,8 @@ class RemoteSandbox:
             return infra_result(status, detail, self.backend, wall_s=wall_s)
         try:
             data = r.json()
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not an object")
             data["backend"] = f"{self.backend}/{data.get('backend', '')}"
             return ExecResult.from_dict(data)
         except (ValueError, TypeError) as e:
@@ -392,7 +424,7 @@ class RemoteSession:
 
     async def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
         if self.closed:
-            raise RuntimeError("session is closed")
+            raise SandboxClosed("the session is closed")
         if self.lost:
             return infra_result("session_lost", "an earlier call lost this session", "remote")
         t0 = time.monotonic()
@@ -411,11 +443,13 @@ class RemoteSession:
         if self.closed:
             return
         self.closed = True
+        if not self._c.started:
+            return  # the client is closed: the server's TTL reaps the session
         import httpx
 
         try:
             await self._c._client.delete(f"/v1/sessions/{self.id}", timeout=self._c.grace_s)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass  # the server's TTL reaps it
 
     async def __aenter__(self) -> RemoteSession:

@@ -46,11 +46,11 @@ def local_sandbox(workers: int, timeout: float, memory_mb: int, unisolated: bool
 
 
 def run_async(coro):
-    from sandboxes.jail import SandboxUnavailable
+    from sandboxes import SandboxError
 
     try:
         return asyncio.run(coro)
-    except SandboxUnavailable as e:
+    except SandboxError as e:
         fail(f"{e}", EXIT_SANDBOX)
 
 
@@ -214,7 +214,7 @@ def sandbox_serve(
     loopback unless --host says otherwise; a non-loopback address without --token is
     refused.
     """
-    from sandboxes.jail import SandboxUnavailable
+    from sandboxes import SandboxError
     from sandboxes.remote import SandboxServer
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
@@ -231,7 +231,7 @@ def sandbox_serve(
     )
     try:
         server.start()
-    except SandboxUnavailable as e:
+    except SandboxError as e:
         fail(f"{e}", EXIT_SANDBOX)
     stderr.print(f"serving {workers} sandbox worker(s) on {server.url} (Ctrl-C to stop)")
     print(server.url, flush=True)

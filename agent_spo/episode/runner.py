@@ -18,7 +18,13 @@ Faults are handled by whose they are (DESIGN §4). A call the model wrote badly,
 that raised or timed out, goes back to the model as an observation and is counted in
 the trajectory's tool calls. A sandbox or engine failure raises :class:`EpisodeDropped`
 (after ``retries`` fresh attempts): the episode is dropped and counted, never scored.
-The sandbox session is opened at the first call and closed on every path.
+Such a failure is one the infrastructure names (STYLE rule 23): a result with an
+infrastructure status, a :class:`~sandboxes.errors.SandboxError` or an
+:class:`~agent_spo.engines.base.EngineError`. Any other exception (a TypeError in the
+toolbox, a sandbox client's bug) is a bug, not a drop: it propagates on the first
+attempt with its traceback and stops the run. The sandbox session is opened at the
+first call and closed on every path; a close that fails with a SandboxError is counted
+(``sandbox/close_failed``), not raised.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from agent_spo.engines.base import Engine, EngineError, Sampling
 from agent_spo.episode.render import ChatRenderer
 from agent_spo.episode.trajectory import Segment, ToolCallRecord, Trajectory
 from agent_spo.verify.verdict import Verdict
+from sandboxes.errors import SandboxError
 
 
 class EpisodeDropped(RuntimeError):
@@ -195,7 +202,7 @@ class EpisodeRunner:
             if session is not None:
                 try:
                     await session.close()
-                except Exception:  # a dead session is already gone
+                except SandboxError:  # a dead session is already gone
                     self.counters["sandbox/close_failed"] += 1
         if not segments:  # the deadline passed before the first turn finished
             raise EpisodeDropped(
@@ -245,7 +252,7 @@ class EpisodeRunner:
     async def _open_session(self):
         try:
             return await self.sandbox.open_session()
-        except Exception as e:
+        except SandboxError as e:
             raise EpisodeDropped("sandbox", f"could not open a session: {e}") from e
 
     async def _call_tool(self, call, session) -> ToolCallRecord:
@@ -260,7 +267,7 @@ class EpisodeRunner:
                 session=session,
                 timeout_s=self.settings.tool_timeout_s,
             )
-        except Exception as e:
+        except SandboxError as e:
             raise EpisodeDropped("sandbox", f"{type(e).__name__}: {e}") from e
         if res.fault == "infrastructure":
             raise EpisodeDropped("sandbox", res.full_output)

@@ -1,8 +1,8 @@
 """The episode runner with a scripted engine and a real sandbox and verifier.
 
-The scripted engine replays texts (tokenised canonically) with the same stop semantics as
-the real engines; it records every context it was given, so the tests can check that
-each turn's context is exactly the previous one plus appended tokens.
+The scripted engine (tests/fakes.py) replays texts (tokenised canonically) with the same
+stop semantics as the real engines; it records every context it was given, so the tests
+can check that each turn's context is exactly the previous one plus appended tokens.
 """
 
 from __future__ import annotations
@@ -11,64 +11,18 @@ import asyncio
 import json
 
 import pytest
+from fakes import ScriptedEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_spo.data.problems import Problem
 from agent_spo.demo.demonstrations import call_text
-from agent_spo.engines.base import EngineError, Generation, Sampling, find_stop
 from agent_spo.episode.formats import get_format
 from agent_spo.episode.render import ChatRenderer
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner, EpisodeSettings
 
 SCHEMAS = [{"type": "function", "function": {"name": "python", "parameters": {}}}]
 PROBLEM = Problem("p1", "What is 123 multiplied by 456?", "56088", "synthetic:product:level0")
-
-
-class ScriptedEngine:
-    """Returns the next scripted text each turn, cut like a real engine would cut it."""
-
-    def __init__(self, tokenizer, script, *, max_model_len=4096, fail_at=None):
-        self.tokenizer = tokenizer
-        self.script = list(script)
-        self.contexts: list[list[int]] = []
-        self._max = max_model_len
-        self.fail_at = fail_at
-        self.version = 3
-
-    @property
-    def max_model_len(self):
-        return self._max
-
-    async def generate(self, prompt_ids, sampling: Sampling) -> Generation:
-        if self.fail_at is not None and len(self.contexts) in self.fail_at:
-            self.contexts.append(list(prompt_ids))
-            raise EngineError("scripted engine failure")
-        self.contexts.append(list(prompt_ids))
-        text = self.script.pop(0) if self.script else "no more script"
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        out, reason, stop = [], "length", None
-        for t in ids:
-            out.append(t)
-            if t in sampling.stop_token_ids:
-                reason, stop = "stop", t
-                break
-            hit = find_stop(self.tokenizer.decode(out), sampling.stop)
-            if hit:
-                reason, stop = "stop", hit
-                break
-            if len(out) >= sampling.max_tokens:
-                break
-        else:
-            reason = "length" if len(out) >= sampling.max_tokens else "stop"
-        out = out[: sampling.max_tokens]
-        return Generation(tuple(out), tuple(-0.5 for _ in out), reason, self.version, stop)
-
-    async def update_weights(self, weights, version):  # pragma: no cover - unused
-        self.version = version
-
-    async def close(self):
-        pass
 
 
 def call(code: str, fmt: str = "hermes") -> str:
@@ -97,10 +51,11 @@ def verifier():
 
 
 def _run(sandbox, verifier, tok, script, *, fmt="hermes", settings_=None, **eng):
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     box, loop = sandbox
-    engine = ScriptedEngine(tok, script, **eng)
+    engine = ScriptedEngine(script, tokenizer=tok, version=3, **eng)
     renderer = ChatRenderer(tok, get_format(fmt), tools=SCHEMAS, enable_thinking=False)
     runner = EpisodeRunner(
         engine, renderer, Toolbox(builtin_tools()), box, verifier, settings_ or EpisodeSettings()
@@ -197,7 +152,8 @@ def test_engine_failure_is_retried_then_dropped(sandbox, verifier, chat_tokenize
 
 
 def test_sandbox_failure_drops_and_the_session_is_closed(sandbox, verifier, chat_tokenizer):
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     box, loop = sandbox
     closed = []
@@ -218,7 +174,7 @@ def test_sandbox_failure_drops_and_the_session_is_closed(sandbox, verifier, chat
         async def run(self, code, timeout_s=None):
             return await box.run(code, timeout_s=timeout_s)
 
-    engine = ScriptedEngine(chat_tokenizer, [call("print(1)")] * 5)
+    engine = ScriptedEngine([call("print(1)")] * 5, tokenizer=chat_tokenizer, version=3)
     renderer = ChatRenderer(chat_tokenizer, get_format("hermes"), tools=SCHEMAS)
     runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), Box(), verifier,
                            EpisodeSettings(retries=1))  # fmt: skip
@@ -227,6 +183,128 @@ def test_sandbox_failure_drops_and_the_session_is_closed(sandbox, verifier, chat
     assert e.value.source == "sandbox"
     assert closed == [True, True]  # one session per attempt, each closed
     assert runner.counters["dropped/sandbox"] == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runner(tok, sandbox_, verifier, script, **settings_):
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
+
+    engine = ScriptedEngine(script, tokenizer=tok, version=3)
+    renderer = ChatRenderer(tok, get_format("hermes"), tools=SCHEMAS)
+    runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), sandbox_, verifier,
+                           EpisodeSettings(**settings_))  # fmt: skip
+    return runner, engine
+
+
+@pytest.mark.parametrize("backend", ["remote_unreachable", "local_not_started"])
+def test_a_sandbox_that_cannot_open_a_session_drops_and_counts(
+    sandbox, verifier, chat_tokenizer, backend
+):
+    """Real backends failing in their own way (SandboxError): dropped, counted, retried."""
+    from sandboxes.errors import SandboxError
+    from sandboxes.local import LocalSandbox
+    from sandboxes.remote import RemoteSandbox
+
+    _, loop = sandbox
+    if backend == "remote_unreachable":  # nothing listens on the port: connection refused
+        box = RemoteSandbox(f"http://127.0.0.1:{_free_port()}", retries=0)
+        loop.run_until_complete(box.start())
+    else:
+        box = LocalSandbox(workers=1)  # never started
+    runner, engine = _runner(chat_tokenizer, box, verifier, [call("print(1)")] * 3, retries=1)
+    try:
+        with pytest.raises(EpisodeDropped) as e:
+            loop.run_until_complete(runner.run(PROBLEM))
+    finally:
+        loop.run_until_complete(box.close())
+    assert e.value.source == "sandbox" and "could not open a session" in e.value.reason
+    assert isinstance(e.value.__cause__, SandboxError)
+    assert runner.counters["dropped/sandbox"] == 2 and runner.counters["retried"] == 1
+    assert len(engine.contexts) == 2  # one model turn per attempt, then the open failed
+
+
+@pytest.mark.parametrize("where", ["open_session", "session.run", "toolbox"])
+def test_a_bug_on_the_sandbox_path_propagates_and_is_not_a_drop(
+    sandbox, verifier, chat_tokenizer, where
+):
+    """A TypeError is a bug, not infrastructure (STYLE rule 23): it stops the run on the
+    first attempt with its traceback; nothing is retried or counted as dropped."""
+    from agent_spo.episode.toolbox import Toolbox
+
+    box, loop = sandbox
+    closed = []
+
+    class OldSession:  # a session written against an old interface: no timeout_s
+        async def run(self, code):
+            raise AssertionError("never reached: the call itself is the TypeError")
+
+        async def close(self):
+            closed.append(True)
+
+    class Box:
+        async def open_session(self):
+            if where == "open_session":
+                return await box.open_session(timeout_s=5)  # no such argument
+            if where == "session.run":
+                return OldSession()
+            return await box.open_session()
+
+        async def run(self, code, timeout_s=None):
+            return await box.run(code, timeout_s=timeout_s)
+
+    class BuggyToolbox(Toolbox):
+        async def call(self, name, arguments, **kw):
+            return await super().call(name, arguments, **kw) + 1  # a result is not a number
+
+    runner, engine = _runner(chat_tokenizer, Box(), verifier, [call("print(1)")] * 3, retries=2)
+    if where == "toolbox":
+        from tools import builtin_tools
+
+        runner.toolbox = BuggyToolbox(builtin_tools())
+    with pytest.raises(TypeError):
+        loop.run_until_complete(runner.run(PROBLEM))
+    assert len(engine.contexts) == 1  # the first attempt only
+    assert not any(k.startswith(("dropped/", "retried", "episodes")) for k in runner.counters)
+    if where == "session.run":
+        assert closed == [True]  # the session is closed on the way out all the same
+    assert loop.run_until_complete(box.census())["sessions"] == 0  # no session leaked
+
+
+def test_a_session_that_fails_to_close_is_counted_not_raised(sandbox, verifier, chat_tokenizer):
+    from sandboxes.errors import SandboxError
+
+    box, loop = sandbox
+
+    class Unclosable:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def run(self, code, timeout_s=None):
+            return await self.inner.run(code, timeout_s=timeout_s)
+
+        async def close(self):
+            await self.inner.close()
+            raise SandboxError("the session's worker died while closing it")
+
+    class Box:
+        async def open_session(self):
+            return Unclosable(await box.open_session())
+
+        async def run(self, code, timeout_s=None):
+            return await box.run(code, timeout_s=timeout_s)
+
+    script = [call("print(123 * 456)"), "The answer is \\boxed{56088}.<|im_end|>"]
+    runner, _ = _runner(chat_tokenizer, Box(), verifier, script)
+    traj = loop.run_until_complete(runner.run(PROBLEM))
+    assert traj.reward == 1.0 and runner.counters["sandbox/close_failed"] == 1
 
 
 tool_output = st.text(alphabet="0123456789abc \n<>/", min_size=0, max_size=400)
@@ -285,16 +363,12 @@ def test_a_prompt_over_the_context_limit_is_dropped_without_retry(
 
 
 def test_the_deadline_keeps_the_episode_but_does_not_score_it(sandbox, verifier, chat_tokenizer):
-    class Slow(ScriptedEngine):
-        async def generate(self, prompt_ids, sampling):
-            if len(self.contexts) == 1:
-                await asyncio.sleep(0.5)
-            return await super().generate(prompt_ids, sampling)
-
-    from tools.toolbox import Toolbox, builtin_tools
+    from agent_spo.episode.toolbox import Toolbox
+    from tools import builtin_tools
 
     box, loop = sandbox
-    engine = Slow(chat_tokenizer, [call("print(1)"), "The answer is \\boxed{56088}.<|im_end|>"])
+    script = [call("print(1)"), "The answer is \\boxed{56088}.<|im_end|>"]
+    engine = ScriptedEngine(script, tokenizer=chat_tokenizer, version=3, delays={1: 0.5})
     renderer = ChatRenderer(chat_tokenizer, get_format("hermes"), tools=SCHEMAS)
     runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), box, verifier,
                            EpisodeSettings(deadline_s=0.3))  # fmt: skip
@@ -302,8 +376,7 @@ def test_the_deadline_keeps_the_episode_but_does_not_score_it(sandbox, verifier,
     assert traj.stop_reason == "deadline" and traj.reward is None
     assert len(traj.tool_calls) == 1  # what happened before the deadline is kept
     # nothing finished at all: dropped, and not retried (it would only time out again)
-    engine = Slow(chat_tokenizer, ["never"] * 3)
-    engine.contexts.append([])  # make the first call the slow one
+    engine = ScriptedEngine(["never"] * 3, tokenizer=chat_tokenizer, version=3, delays={0: 0.5})
     runner = EpisodeRunner(engine, renderer, Toolbox(builtin_tools()), box, verifier,
                            EpisodeSettings(deadline_s=0.2, retries=2))  # fmt: skip
     with pytest.raises(EpisodeDropped) as e:
