@@ -375,7 +375,7 @@ def _plot(run: Run, summary: dict) -> None:
 
     try:
         summary["plot"] = str(plot_run(run.dir))
-    except Exception as e:  # a plot must never cost the run its summary
+    except Exception as e:  # noqa: BLE001 - a plot must never cost the run its summary
         run.log(f"warning: could not draw the curves: {e}")
 
 

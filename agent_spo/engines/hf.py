@@ -181,7 +181,8 @@ class HFEngine:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - _loop already
+                # handed its failure to every waiting request as an EngineError
                 pass
             self._task = None
         for r in self._waiting:

@@ -139,4 +139,3 @@ class Toolbox:
         return ToolCallResult(
             name, args, truncate_middle(full, self.max_output_chars), full, result, fault
         )
-

@@ -64,10 +64,11 @@ def check_resume(cfg: EvalConfig, out_dir: Path) -> None:
     if not saved.exists():
         return
     import yaml
+    from pydantic import ValidationError
 
     try:
         old = EvalConfig.model_validate(yaml.safe_load(saved.read_text(encoding="utf-8")))
-    except Exception as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError) as e:
         raise EvalMismatch(
             f"{saved} is not a readable eval config ({e}); use another run.name"
         ) from None

@@ -213,9 +213,9 @@ def clean_answer(text: str) -> str:
         text = _strip_trailing_spacing(text).rstrip(" ;:,")
         if text.endswith(".") and not text.endswith(".."):
             text = text[:-1].rstrip()
-        if text.startswith("**") or text.startswith("__"):
+        if text.startswith(("**", "__")):
             text = text[2:]
-        if text.endswith("**") or text.endswith("__"):
+        if text.endswith(("**", "__")):
             text = text[:-2]
         if text == before:
             break

@@ -370,7 +370,7 @@ def _latex(text: str) -> sympy.Basic:
         return latex2sympy(
             text, normalization_config=_LATEX_CONFIG, conversion_config=_CONVERSION_CONFIG
         )
-    except Exception as e:  # the parser raises bare Exceptions with a caret diagram
+    except Exception as e:  # noqa: BLE001 - the parser raises bare Exceptions
         first = str(e).strip().split("\n", 1)[0] or type(e).__name__
         raise Unparseable(f"LaTeX parser: {first}") from None
 

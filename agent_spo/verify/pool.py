@@ -132,8 +132,8 @@ def _shutdown(workers: list[_Worker]) -> None:
     for w in list(workers):
         try:
             w.stop()
-        except Exception:
-            pass
+        except Exception:  # noqa: BLE001 - one worker that fails to stop must not keep
+            pass  # the others running
     workers.clear()
 
 
