@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from agent_spo import builders
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_checkpoint
-from agent_spo.config import TrainConfig, write_resolved
+from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.metrics import MetricsLog, read_metrics
 
@@ -42,22 +42,6 @@ class RunExists(RuntimeError):
 
 class UnsupportedConfig(ValueError):
     """A config value this trainer does not run yet, or cannot run as given; names the key."""
-
-
-def _check_supported(cfg: TrainConfig) -> None:
-    """Refuse, before any work, settings that would otherwise be ignored or crash later."""
-    problems = []
-    if cfg.rollout.engine == "openai_http":
-        problems.append("rollout.engine=openai_http cannot receive the learner's weights; "
-                        "train with hf or vllm")  # fmt: skip
-    if cfg.algo.rho.mode == "kl_exact":
-        problems.append("algo.rho.mode=kl_exact (per-prompt measured drift) is not built "
-                        "into training yet; use kl_version or constant")  # fmt: skip
-    for key in ("kl_coef", "entropy_coef"):
-        if getattr(cfg.loss, key) != 0:
-            problems.append(f"loss.{key}: the learner has no reference/entropy term yet; use 0")
-    if problems:
-        raise UnsupportedConfig("; ".join(problems))
 
 
 # Keys a resumed run may change: how long it runs and what it writes, not what it learns.
@@ -140,7 +124,9 @@ class Run:
 def preflight(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Checkpoint | None:
     """Everything that can refuse the run, before any work; writes the resolved config.
     Returns the checkpoint to resume from (None: a fresh run)."""
-    _check_supported(cfg)
+    train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
+    if problems := check_trainable(cfg, train_prompts=len(train)):
+        raise UnsupportedConfig("; ".join(problems))
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
@@ -149,13 +135,6 @@ def preflight(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     if not resume and any((run_dir / f).exists() for f in ("metrics.jsonl", "values.jsonl")):
         raise RunExists(
             f"{run_dir} already holds a run; pass --resume to continue it, or set run.name"
-        )
-    train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
-    in_flight = cfg.rollout.workers // (cfg.algo.grpo.group_size if cfg.algo.name == "grpo" else 1)
-    if in_flight > len(train):
-        raise UnsupportedConfig(
-            f"rollout.workers keeps {in_flight} prompts in flight but there are only "
-            f"{len(train)} training prompts; lower rollout.workers"
         )
     if cfg.algo.init.values_path is not None and cfg.algo.name == "spo" and ckpt is None:
         from agent_spo.values import load_values

@@ -27,7 +27,9 @@ from agent_spo.config import dump_config
 def config(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
     """Print the fully resolved training config as YAML (defaults filled, overrides applied).
 
-    Validates exactly as `train` does: a bad key or value exits with code 2 and names it.
+    Validates the schema (a bad key or value exits with code 2 and names it); `train
+    --dry-run` also checks what only training refuses (e.g. an engine that cannot take
+    the learner's weights).
 
     Example: `agent-spo config configs/demo.yaml algo.rho.mode=constant`
     """
@@ -56,6 +58,16 @@ def train(
     """
     cfg = load(config, overrides)
     if dry_run:
+        from agent_spo.builders import build_datasets
+        from agent_spo.config import check_trainable
+        from agent_spo.data.problems import DatasetError
+
+        try:
+            train_prompts = len(build_datasets(cfg.data, cfg.run.seed)[0])
+        except DatasetError as e:
+            fail(f"data.train: {e}")
+        if problems := check_trainable(cfg, train_prompts):
+            fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))
         typer.echo(dump_config(cfg), nl=False)
         return

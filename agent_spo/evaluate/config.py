@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agent_spo.config import (
     ConfigError,
@@ -21,9 +20,10 @@ from agent_spo.config import (
     RolloutConfig,
     RunConfig,
     SandboxConfig,
+    Section,
     VerifierConfig,
-    _Loader,
-    _Section,
+    dump_config,
+    load_yaml_config,
 )
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the project root (holds configs/)
@@ -46,7 +46,7 @@ class EvalRolloutConfig(RolloutConfig):
     """Top-k sampling; -1 = off, else >= 1. Source: spec §7 (20)."""
 
 
-class EvalDataset(_Section):
+class EvalDataset(Section):
     path: str
     """A .jsonl or .parquet file with fields id, problem, answer. A relative path is
     taken from the working directory, else from the project root, so
@@ -67,7 +67,7 @@ class EvalDataset(_Section):
         return CHECKOUT / p if (CHECKOUT / p).exists() else p
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     datasets: list[EvalDataset] = Field(min_length=1)
     """Benchmarks to score, each scored on its own and then averaged unweighted."""
 
@@ -117,7 +117,7 @@ class EvalSection(_Section):
         return [*out, self.n]
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """A whole evaluation; the YAML file's top level."""
 
     run: EvalRunConfig = EvalRunConfig()
@@ -163,62 +163,17 @@ def sample_settings(cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
-def _set(raw: dict, text: str) -> str | None:
-    if "=" not in text:
-        return f"override '{text}' has no '='; expected the form key.path=value"
-    keys, value = text.split("=", 1)
-    path = keys.strip().split(".")
-    node = raw
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            return f"override '{text}': '{part}' holds {child!r}, not a mapping"
-        node = child
-    try:
-        node[path[-1]] = yaml.load(value, Loader=_Loader)  # safe: a SafeLoader subclass
-    except yaml.YAMLError:
-        node[path[-1]] = value
-    return None
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{loc}'"
-    if err["type"] == "missing":
-        return f"{loc}: required"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f", got {got!r}"
-    msg = str(err.get("ctx", {}).get("error", err["msg"]))
-    return f"{loc}: {msg}{shown}" if loc else msg
-
-
 def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
-    """Read an eval YAML, apply `key.path=value` overrides, validate; ConfigError names keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file not found: {p}"], str(p))
-    try:
-        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{p}: not valid YAML: {e}"], str(p)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{p}: the top level must be a mapping of sections"], str(p))
-    problems = [m for m in (_set(raw, o) for o in overrides) if m]
-    try:
-        cfg = EvalConfig.model_validate(raw)
-    except ValidationError as e:
-        problems += [_describe(dict(err)) for err in e.errors()]
-        raise ConfigError(problems, str(p)) from None
-    if problems:
-        raise ConfigError(problems, str(p))
+    """Read an eval YAML, apply `key.path=value` overrides, validate; ConfigError names keys
+    (and the file line or override each came from), as for the training config."""
+    cfg = load_yaml_config(EvalConfig, path, overrides)
     missing = [f"eval.datasets: {d.label}: file not found: {d.path}"
                for d in cfg.eval.datasets if not d.resolved().is_file()]  # fmt: skip
     if missing:
-        raise ConfigError(missing, str(p))
+        raise ConfigError(missing, str(path))
     return cfg
 
 
 def dump_eval_config(cfg: EvalConfig) -> str:
     """The resolved config as YAML (what `config.yaml` in the output directory holds)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return dump_config(cfg)

@@ -1,47 +1,48 @@
-"""Run configuration: pydantic models mirroring the YAML one to one.
+"""The run configuration schema: pydantic models mirroring the YAML one to one.
 
 Every field is documented (meaning, unit, range, source); defaults live only here. The
 defaults are the embedded CPU demo: the spec's value wherever the spec gives one, and a
 small CPU value where the paper's is GPU-scale (the paper's value is in the docstring and
 in `configs/qwen3_8b_spo.yaml`).
 
-`load_config` reads YAML, applies dotted `key.path=value` overrides to the raw mapping,
-then validates. Every problem is reported at once, one line each, naming the full dotted
-key and what is allowed. Config never enters a component: builders turn sections into
-constructor arguments.
+Validation rejects what no command can honour, naming the key. What only training
+cannot honour (an engine that cannot take new weights, a tracker mode only the bandit
+benchmark implements) stays valid here, for `rollout`, `eval` and `bench bandit`, and is
+listed by `check_trainable`. Reading YAML and overrides lives in `loader.py`. Config
+never enters a component: builders turn sections into constructor arguments.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-import types
-import typing
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
-    "ConfigError",
+    "AlgoConfig",
+    "DataConfig",
+    "GrpoConfig",
+    "InitConfig",
+    "LearnerConfig",
+    "LossConfig",
+    "ModelConfig",
+    "RhoConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SamplerConfig",
+    "SandboxConfig",
+    "Section",
     "TrainConfig",
-    "dump_config",
-    "load_config",
-    "write_resolved",
+    "TrainLoopConfig",
+    "VerifierConfig",
+    "check_trainable",
 ]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys rejected, assignment validated, and
+    each field's docstring kept as its description."""
+
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, use_attribute_docstrings=True
     )
@@ -52,7 +53,7 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "demo"
     """Run name; the run directory is `<output_dir>/<name>`. Free text."""
 
@@ -64,7 +65,7 @@ class RunConfig(_Section):
     """Seed for every RNG the run owns (sampler, engine sampling, model init). Any integer."""
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str | None = None
     """Policy model: a HuggingFace-format directory (config, weights, tokenizer).
     None = the project's built-in tiny demo model (made by `agent-spo demo-model`).
@@ -74,7 +75,7 @@ class ModelConfig(_Section):
     """Learner weight dtype. float32 for the CPU demo; bfloat16 on GPUs."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str = "synthetic"
     """Training prompts: a .jsonl/.parquet path with fields id/problem/answer, or a
     built-in set name ('synthetic' = the embedded tool-use task set)."""
@@ -90,12 +91,12 @@ class DataConfig(_Section):
     (stable under reordering). In [0, 1)."""
 
 
-class RhoConfig(_Section):
+class RhoConfig(Section):
     mode: Literal["kl_version", "kl_exact", "constant"] = "kl_version"
     """How the tracker's discount rho(x) is set. kl_version: D(x) = sum of per-step
     policy drift since x's last visit (streaming default); kl_exact: mean |logp_then −
-    logp_now| over x's previous trajectory (reference); constant: rho = `constant`
-    (ablation). Source: spec §1."""
+    logp_now| over x's previous trajectory (reference; `bench bandit` only so far, `train`
+    refuses it); constant: rho = `constant` (ablation). Source: spec §1."""
 
     rho_min: float = Field(0.875, gt=0, le=1)
     """Lower clip of rho = 2^(−D/d_half); sets the prior strength N0 = 1/(1 − rho_min).
@@ -120,7 +121,7 @@ class RhoConfig(_Section):
         return self
 
 
-class InitConfig(_Section):
+class InitConfig(Section):
     mode: Literal["paper", "smoothed", "none"] = "paper"
     """Tracker initialisation from n0 offline samples with s successes. paper: v0 = s/n0;
     smoothed: v0 = (s + 0.5)/(n0 + 1) (reference); none: alpha = beta = 0.5 (ablation
@@ -135,7 +136,7 @@ class InitConfig(_Section):
     Demo: 4 (800 prompts x 4 episodes, ~3 min on 2 cores). Source: spec §1 (paper 8)."""
 
 
-class SamplerConfig(_Section):
+class SamplerConfig(Section):
     mode: Literal["prioritized", "uniform"] = "prioritized"
     """Prompt sampling. prioritized: probability ∝ sqrt(v_hat·(1 − v_hat)) + eps, divided
     by n_eff^gamma; uniform: GRPO's. Source: spec §4."""
@@ -149,7 +150,7 @@ class SamplerConfig(_Section):
     Source: spec §4."""
 
 
-class GrpoConfig(_Section):
+class GrpoConfig(Section):
     group_size: int = Field(8, ge=2)
     """G, responses per prompt when algo.name = grpo. >= 2. Source: spec §5 (paper 8)."""
 
@@ -158,7 +159,7 @@ class GrpoConfig(_Section):
     Source: spec §5."""
 
 
-class AlgoConfig(_Section):
+class AlgoConfig(Section):
     name: Literal["spo", "grpo"] = "spo"
     """spo: single stream, tracker baseline, no groups. grpo: G samples per prompt behind
     a group barrier, for matched comparisons (spec §5)."""
@@ -183,7 +184,7 @@ class AlgoConfig(_Section):
     """GRPO settings, used only when name = grpo (spec §5)."""
 
 
-class LossConfig(_Section):
+class LossConfig(Section):
     eps_low: float = Field(0.2, ge=0, lt=1)
     """PPO clip below: ratio clipped at 1 − eps_low. In [0, 1). Source: spec §3 (0.2)."""
 
@@ -199,18 +200,39 @@ class LossConfig(_Section):
     """logp_new − logp_old is clamped to ±this before exp. > 0. Source: spec §3 (20)."""
 
     kl_coef: float = Field(0.0, ge=0)
-    """Weight of a KL penalty to the initial policy. >= 0; 0 = off (spec §3 default)."""
+    """Weight of a KL penalty to the initial policy. Only 0 (off, the spec §3 default):
+    the learner keeps no reference policy yet, so any other value is rejected."""
 
     entropy_coef: float = Field(0.0, ge=0)
-    """Weight of an entropy bonus. >= 0; 0 = off (spec §3 default)."""
+    """Weight of an entropy bonus. Only 0 (off, the spec §3 default): the learner computes
+    no per-token entropy yet, so any other value is rejected."""
 
     logp_old: Literal["behaviour", "recompute"] = "behaviour"
     """Source of logp_old in the ratio. behaviour: the engine's sampling log-probs
     (streaming default, corrects staleness); recompute: a learner forward pass before the
     update (reference). Source: spec §3."""
 
+    # `algo.loss.ppo_clip_loss` has both terms, but neither the learner nor the bandit
+    # benchmark feeds it a reference policy or entropies: a non-zero weight would be
+    # silently ignored, so it fails validation instead.
+    @field_validator("kl_coef")
+    @classmethod
+    def _kl_off(cls, coef: float) -> float:
+        if coef != 0:
+            raise ValueError(
+                f"got {coef:g}, but the learner has no KL-to-reference term yet; use 0"
+            )
+        return coef
 
-class LearnerConfig(_Section):
+    @field_validator("entropy_coef")
+    @classmethod
+    def _entropy_off(cls, coef: float) -> float:
+        if coef != 0:
+            raise ValueError(f"got {coef:g}, but the learner has no entropy term yet; use 0")
+        return coef
+
+
+class LearnerConfig(Section):
     lr: float = Field(3e-4, gt=0)
     """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 3e-4. Paper: 1e-6 for
     Qwen3-8B (spec §3)."""
@@ -273,10 +295,11 @@ class LearnerConfig(_Section):
         return self
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     engine: Literal["hf", "vllm", "openai_http"] = "hf"
     """Generation engine. hf: transformers with request batching (light default);
-    vllm: in-process vLLM; openai_http: an OpenAI-compatible server over HTTP."""
+    vllm: in-process vLLM; openai_http: an OpenAI-compatible server over HTTP (rollout,
+    estimate-values and eval; `train` refuses it: it cannot take the learner's weights)."""
 
     workers: int = Field(32, ge=1)
     """Episodes in flight at once (async workers). >= 1. Demo: 32."""
@@ -345,7 +368,7 @@ class RolloutConfig(_Section):
     @field_validator("tools")
     @classmethod
     def _known_tools(cls, tools: list[str]) -> list[str]:
-        from tools.toolbox import builtin_tools
+        from tools import builtin_tools
 
         known = [t.name for t in builtin_tools()]
         unknown = [t for t in tools if t not in known]
@@ -371,7 +394,7 @@ class RolloutConfig(_Section):
         return top_k
 
 
-class SandboxConfig(_Section):
+class SandboxConfig(Section):
     backend: Literal["local", "docker", "remote"] = "local"
     """Where tool code runs. local: isolated processes on this host (default);
     docker: containers via the docker SDK; remote: an `agent-spo sandbox serve` server."""
@@ -395,7 +418,7 @@ class SandboxConfig(_Section):
         return self
 
 
-class VerifierConfig(_Section):
+class VerifierConfig(Section):
     timeout_s: float = Field(5.0, gt=0)
     """Wall-clock limit per verification (sympy can hang), seconds. > 0."""
 
@@ -403,7 +426,7 @@ class VerifierConfig(_Section):
     """Killable verifier worker processes. >= 1."""
 
 
-class TrainLoopConfig(_Section):
+class TrainLoopConfig(Section):
     total_steps: int = Field(60, ge=1)
     """Training batches to run (each = mini_batches optimizer steps). >= 1. Demo: 60."""
 
@@ -452,7 +475,7 @@ class TrainLoopConfig(_Section):
     """Write RUN_DIR/curves.png at the end (also: `agent-spo plot RUN_DIR`)."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """A whole training run; the YAML file's top level."""
 
     run: RunConfig = RunConfig()
@@ -501,327 +524,30 @@ class TrainConfig(_Section):
         return self
 
 
-# ---------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------
+def check_trainable(cfg: TrainConfig, train_prompts: int | None = None) -> list[str]:
+    """What `train` refuses in a valid config, one line each naming the key; [] = trainable.
 
-
-class ConfigError(Exception):
-    """A config could not be loaded; `problems` holds one human-readable line each."""
-
-    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
-        self.problems = list(problems)
-        n = len(self.problems)
-        head = f"{n} problem{'s' if n > 1 else ''} in {source}:"
-        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` as a float (YAML 1.2), not as a string."""
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    ch: [r for r in resolvers if r[0] != _FLOAT_TAG]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[0-9][0-9_]*[eE][-+]?[0-9]+)
-              |[-+]?\.(?:inf|Inf|INF)
-              |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-Loc = tuple[str, ...]
-
-
-def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[str]]:
-    """Parse YAML text; return (data, line of each mapping key by dotted path, problems)."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        return None, {}, [f"{source}: not valid YAML{where}: {problem}"]
-    finally:
-        loader.dispose()
-
-    lines: dict[Loc, int] = {}
-    problems: list[str] = []
-
-    def walk(n: yaml.Node, loc: Loc) -> None:
-        if not isinstance(n, yaml.MappingNode):
-            return
-        for key_node, value_node in n.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue
-            sub = (*loc, str(key_node.value))
-            line = key_node.start_mark.line + 1
-            if sub in lines:
-                problems.append(
-                    f"duplicate key '{'.'.join(sub)}' ({source} lines {lines[sub]} and {line})"
-                )
-            lines[sub] = line
-            walk(value_node, sub)
-
-    if node is not None:
-        walk(node, ())
-    return data, lines, problems
-
-
-def _read_file(path: Path) -> tuple[dict[str, Any], dict[Loc, int], list[str]]:
-    source = str(path)
-    if not path.exists():
-        return {}, {}, [f"config file not found: {source}"]
-    if not path.is_file():
-        return {}, {}, [f"config path is not a file: {source}"]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return {}, {}, [f"cannot read {source}: {e}"]
-    data, lines, problems = _parse_yaml(text, source)
-    if problems and data is None:
-        return {}, {}, problems
-    if data is None:
-        data = {}  # an empty file means "all defaults"
-    if not isinstance(data, dict):
-        problems.append(
-            f"{source}: top level must be a mapping of sections "
-            f"({', '.join(TrainConfig.model_fields)}), got {type(data).__name__}"
-        )
-        return {}, {}, problems
-    return data, lines, problems
-
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    """`X | None` -> (X, True); anything else -> (annotation, False)."""
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
-            return args[0], True
-    return annotation, False
-
-
-def _section_type(info: FieldInfo) -> type[_Section] | None:
-    inner, _ = _unwrap_optional(info.annotation)
-    return inner if isinstance(inner, type) and issubclass(inner, _Section) else None
-
-
-def _key(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _unknown_key(model: type[_Section], loc: Loc) -> str:
-    allowed = sorted(model.model_fields)
-    parent = f" under '{'.'.join(loc[:-1])}'" if len(loc) > 1 else " at the top level"
-    close = difflib.get_close_matches(loc[-1], allowed, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown key '{'.'.join(loc)}'; allowed keys{parent}: {', '.join(allowed)}{hint}"
-
-
-def _apply_override(raw: dict[str, Any], text: str) -> list[str]:
-    """Set one `a.b.c=value` override in the raw mapping; return problems (if any)."""
-    if "=" not in text:
-        return [f"override '{text}' has no '='; expected the form key.path=value"]
-    path_text, value_text = text.split("=", 1)
-    loc: Loc = tuple(path_text.strip().split("."))
-    if not all(loc):
-        return [f"override '{text}': bad key path '{path_text}'; expected the form key.path=value"]
-
-    # Walk the models alongside the raw mapping so a typo fails here, with a suggestion.
-    model: type[_Section] = TrainConfig
-    node: dict[str, Any] = raw
-    for i, part in enumerate(loc):
-        here = loc[: i + 1]
-        if part not in model.model_fields:
-            return [_unknown_key(model, here)]
-        info = model.model_fields[part]
-        if i == len(loc) - 1:
-            node[part] = _parse_value(value_text, info)
-            return []
-        section = _section_type(info)
-        if section is None:
-            return [
-                f"override '{text}': '{'.'.join(here)}' is a value, not a section; "
-                f"cannot set '{loc[i + 1]}' inside it"
-            ]
-        model = section
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            return [
-                f"override '{text}': '{'.'.join(here)}' holds {child!r}, not a mapping; "
-                f"cannot set '{loc[i + 1]}' inside it"
-            ]
-        node = child
-    return []
-
-
-def _parse_value(text: str, info: FieldInfo) -> Any:
-    """Parse an override value as YAML; a string field keeps the text as written."""
-    try:
-        value = yaml.load(text, Loader=_Loader)  # safe: _Loader subclasses SafeLoader
-    except yaml.YAMLError:
-        return text  # let validation say what was expected
-    inner, _ = _unwrap_optional(info.annotation)
-    if inner is str and value is not None and not isinstance(value, str):
-        return text.strip()  # `run.name=123` is the string '123'
-    return value
-
-
-def _lookup(raw: Any, loc: Sequence[Any]) -> Any:
-    for part in loc:
-        if isinstance(raw, dict) and part in raw:
-            raw = raw[part]
-        elif isinstance(raw, list | tuple) and isinstance(part, int) and part < len(raw):
-            raw = raw[part]
-        else:
-            return None
-    return raw
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _expected(info: FieldInfo) -> str:
-    """Plain-words description of what a field accepts, e.g. 'a number > 0 or null'."""
-    inner, optional = _unwrap_optional(info.annotation)
-    if typing.get_origin(inner) is Literal:
-        what = "one of " + ", ".join(repr(v) for v in typing.get_args(inner))
-    elif inner is bool:
-        what = "true or false"
-    elif inner is int:
-        what = "an integer"
-    elif inner is float:
-        what = "a number"
-    elif inner is str:
-        what = "a string"
-    elif typing.get_origin(inner) is tuple:
-        what = f"a list of {len(typing.get_args(inner))} numbers"
-    elif isinstance(inner, type) and issubclass(inner, _Section):
-        what = "a mapping with keys " + ", ".join(inner.model_fields)
-    else:
-        what = str(inner)
-    bounds = [
-        f"{sym} {getattr(m, attr):g}"
-        for m in info.metadata
-        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-        if getattr(m, attr, None) is not None
-    ]
-    if bounds:
-        what += " " + " and ".join(bounds)
-    return what + (" or null" if optional else "")
-
-
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    """Turn one pydantic error into a line naming the dotted key and what is allowed."""
-    loc = tuple(err["loc"])
-    # Find the deepest model field on the path; deeper parts are list indices.
-    model: type[_Section] | None = TrainConfig
-    field_loc: list[str] = []
-    info: FieldInfo | None = None
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            break
-        info = model.model_fields[part]
-        field_loc.append(part)
-        model = _section_type(info)
-
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = model if len(field_loc) == len(loc) - 1 and model is not None else None
-        if parent is not None:
-            return _unknown_key(parent, tuple(str(p) for p in loc))
-        return f"unknown key '{_key(loc)}'"
-    if kind in ("value_error", "assertion_error"):
-        msg = str(err.get("ctx", {}).get("error", err["msg"]))
-        if model is not None and len(field_loc) == len(loc):
-            # A section-level rule: spell its field names as full dotted keys.
-            prefix = ".".join(field_loc) + "." if field_loc else ""
-            names = "|".join(sorted(model.model_fields, key=len, reverse=True))
-            return re.sub(rf"(?<![\w.'])({names})(?![\w'])", lambda m: prefix + m[1], msg)
-        return f"{_key(loc)}: {msg}"
-    if info is None:
-        return f"{_key(loc)}: {err['msg']}, got {_short(err.get('input'))}"
-
-    key = ".".join(field_loc)
-    got = _lookup(raw, field_loc) if len(field_loc) < len(loc) else err.get("input")
-    inner, _ = _unwrap_optional(info.annotation)
-    if kind == "literal_error" and typing.get_origin(inner) is Literal:
-        allowed = ", ".join(repr(v) for v in typing.get_args(inner))
-        return f"{key}: got {_short(got)}; allowed values: {allowed}"
-    return f"{key}: expected {_expected(info)}, got {_short(got)}"
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config (None = all defaults), apply `key.path=value` overrides, validate.
-
-    Raises ConfigError listing every problem, one line each, with its dotted key.
+    These settings are valid for other commands (`rollout` and `estimate-values` sample
+    from an HTTP server, `bench bandit` runs kl_exact), so they are not schema errors.
+    `train_prompts`, the size of the training split once built, adds the check that the
+    workers do not keep more prompts in flight than there are.
     """
-    source = "defaults" if path is None else str(path)
-    if overrides:
-        source += f" + {len(overrides)} override{'s' if len(overrides) > 1 else ''}"
-    raw: dict[str, Any] = {}
-    lines: dict[Loc, int] = {}
-    problems: list[str] = []
-    if path is not None:
-        raw, lines, problems = _read_file(Path(path))
-        if problems and not raw:
-            raise ConfigError(problems, source)
-
-    overridden: list[tuple[Loc, str]] = []
-    for text in overrides:
-        found = _apply_override(raw, text)
-        problems += found
-        if not found:
-            overridden.append((tuple(text.split("=", 1)[0].strip().split(".")), text))
-
-    def origin(loc: Loc) -> str:
-        for o_loc, text in reversed(overridden):
-            if loc[: len(o_loc)] == o_loc or (loc and o_loc[: len(loc)] == loc):
-                return f" (from override '{text}')"
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in lines:
-                return f" ({path} line {lines[loc[:n]]})"
-        return ""
-
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        for err in e.errors():
-            line = _describe(dict(err), raw) + origin(tuple(str(p) for p in err["loc"]))
-            if line not in problems:
-                problems.append(line)
-        raise ConfigError(problems, source) from None
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    """The fully resolved config as YAML, keys in model order."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def write_resolved(cfg: TrainConfig, run_dir: str | Path) -> Path:
-    """Write `run_dir/config.yaml` (all defaults filled); `load_config` of it gives `cfg`."""
-    out = Path(run_dir) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Resolved config written by agent-spo; rerun with: agent-spo train <this file>\n"
-    out.write_text(header + dump_config(cfg), encoding="utf-8")
-    return out
+    problems = []
+    if cfg.rollout.engine == "openai_http":
+        problems.append(
+            "rollout.engine: 'openai_http' cannot receive the learner's weights; "
+            "train with 'hf' or 'vllm'"
+        )
+    if cfg.algo.rho.mode == "kl_exact":
+        problems.append(
+            "algo.rho.mode: 'kl_exact' (per-prompt measured drift) is not built into "
+            "training yet; use 'kl_version' or 'constant'"
+        )
+    group = cfg.algo.grpo.group_size if cfg.algo.name == "grpo" else 1
+    in_flight = cfg.rollout.workers // group
+    if train_prompts is not None and in_flight > train_prompts:
+        problems.append(
+            f"rollout.workers keeps {in_flight} prompts in flight but there are only "
+            f"{train_prompts} training prompts; lower rollout.workers"
+        )
+    return problems

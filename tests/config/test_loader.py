@@ -1,13 +1,21 @@
-"""Config loading: defaults, shipped YAMLs, overrides, round trip, and error messages."""
+"""Config loading: overrides, round trip, error messages, and the loader's public API."""
 
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import Field
 
-from agent_spo.config import ConfigError, TrainConfig, load_config, write_resolved
+from agent_spo.config import (
+    ConfigError,
+    Section,
+    TrainConfig,
+    load_config,
+    load_yaml_config,
+    write_resolved,
+)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ROOT = CONFIGS.parent
 
 
 def _error(path=None, overrides=()) -> str:
@@ -20,86 +28,6 @@ def _yaml(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "c.yaml"
     p.write_text(text)
     return p
-
-
-def _sections(model: type[BaseModel]):
-    yield model
-    for info in model.model_fields.values():
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            yield from _sections(info.annotation)
-
-
-# --- defaults and shipped files --------------------------------------------------------
-
-
-def test_defaults_validate_and_match_spec():
-    cfg = load_config(None)
-    assert cfg == TrainConfig()
-    assert cfg.algo.name == "spo"
-    assert (cfg.algo.rho.rho_min, cfg.algo.rho.rho_max, cfg.algo.rho.d_half) == (0.875, 0.96, 0.06)
-    assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.dual_clip_c) == (0.2, 0.28, 10.0)
-    assert cfg.algo.sampler.eps == 0.05 and cfg.algo.init.n0 == 4  # demo size; paper 8 (qwen3_8b)
-    assert cfg.learner.betas == (0.9, 0.999)
-
-
-def test_every_field_is_documented_and_sections_forbid_extras():
-    for model in _sections(TrainConfig):
-        assert model.model_config.get("extra") == "forbid", model.__name__
-        for name, info in model.model_fields.items():
-            assert info.description, f"{model.__name__}.{name} has no description"
-
-
-@pytest.mark.parametrize(
-    "name", ["demo.yaml", "demo_grpo.yaml", "qwen3_8b_spo.yaml", "qwen3_8b_grpo.yaml"]
-)
-def test_shipped_configs_load(name):
-    cfg = load_config(CONFIGS / name)
-    assert isinstance(cfg, TrainConfig)
-
-
-def test_demo_yaml_equals_defaults():
-    # `agent-spo train` with no config promises to run the demo.
-    assert load_config(CONFIGS / "demo.yaml") == TrainConfig()
-
-
-def test_grpo_demo_matches_spo_demo_budget():
-    spo = load_config(CONFIGS / "demo.yaml")
-    grpo = load_config(CONFIGS / "demo_grpo.yaml")
-    assert grpo.algo.name == "grpo" and grpo.algo.sampler.mode == "uniform"
-    assert grpo.learner.batch_size == spo.learner.batch_size  # 8 prompts x 4 = 32 x 1
-    assert grpo.learner.batch_size % grpo.algo.grpo.group_size == 0
-
-
-def test_paper_config_values():
-    cfg = load_config(CONFIGS / "qwen3_8b_spo.yaml")
-    assert cfg.learner.batch_size == 2048 and cfg.learner.mini_batches == 8
-    assert cfg.learner.lr == 1e-6
-    assert (
-        cfg.rollout.max_response_tokens == 16384 and cfg.rollout.max_turns == 9
-    )  # 8 tool calls + the answer turn
-    assert cfg.rollout.engine == "vllm" and cfg.rollout.tool_format == "retool"
-    assert cfg.rollout.temperature == 1.0
-    assert cfg.algo.name == "spo" and cfg.algo.init.mode == "paper" and cfg.algo.init.n0 == 8
-    assert (cfg.algo.rho.rho_min, cfg.algo.rho.rho_max, cfg.algo.rho.d_half) == (0.875, 0.96, 0.06)
-    assert (cfg.loss.eps_low, cfg.loss.eps_high) == (0.2, 0.28)
-    assert cfg.algo.sampler.mode == "prioritized" and cfg.algo.sampler.eps == 0.05
-
-
-def test_held_out_evaluation_samples_as_the_paper_evaluates():
-    t = TrainConfig().train  # spec §7: T 0.6, top_p 0.95, top_k 20
-    assert (t.eval_temperature, t.eval_top_p, t.eval_top_k) == (0.6, 0.95, 20)
-
-
-def test_paper_grpo_config_is_matched_to_spo():
-    """Spec §5: the same everything except the algorithm: 256 prompts x 8 vs 2048 x 1."""
-    spo = load_config(CONFIGS / "qwen3_8b_spo.yaml")
-    grpo = load_config(CONFIGS / "qwen3_8b_grpo.yaml")
-    assert grpo.algo.name == "grpo" and grpo.algo.grpo.group_size == 8
-    assert grpo.algo.sampler.mode == "uniform"
-    assert grpo.learner.batch_size // grpo.algo.grpo.group_size == 256
-    for section in ("model", "data", "loss", "learner", "rollout", "sandbox", "verifier"):
-        assert getattr(grpo, section) == getattr(spo, section), section
-    assert grpo.train.model_dump() == spo.train.model_dump()
 
 
 # --- overrides --------------------------------------------------------------------------
@@ -138,6 +66,17 @@ def test_override_value_types():
 def test_yaml_file_reads_exponent_without_dot_as_float(tmp_path):
     cfg = load_config(_yaml(tmp_path, "learner:\n  lr: 3e-5\n"))
     assert type(cfg.learner.lr) is float and cfg.learner.lr == 3e-5
+
+
+def test_on_and_off_are_words_for_choices_and_booleans_for_flags(tmp_path):
+    # YAML 1.1 would read `on` as true and fail the 'auto'/'on'/'off' choice.
+    cfg = load_config(None, ["learner.gradient_checkpointing=on", "algo.baseline=no"])
+    assert cfg.learner.gradient_checkpointing == "on" and cfg.algo.baseline is False
+    path = _yaml(
+        tmp_path, "learner:\n  gradient_checkpointing: off\nrollout:\n  prefix_cache: off\n"
+    )
+    cfg = load_config(path)
+    assert cfg.learner.gradient_checkpointing == "off" and cfg.rollout.prefix_cache is False
 
 
 def test_overrides_apply_on_top_of_file(tmp_path):
@@ -219,16 +158,6 @@ def test_out_of_range(tmp_path):
     assert load_config(None, []).learner.batch_tokens is None  # by count, as the paper
 
 
-def test_rho_min_above_rho_max():
-    msg = _error(None, ["algo.rho.rho_min=0.99"])
-    assert "algo.rho.rho_min (0.99) must be <= algo.rho.rho_max (0.96)" in msg
-
-
-def test_cross_section_rule_names_both_keys():
-    msg = _error(None, ["algo.name=grpo", "algo.grpo.group_size=5"])
-    assert "learner.batch_size" in msg and "algo.grpo.group_size" in msg
-
-
 def test_override_without_equals():
     msg = _error(None, ["learner.lr"])
     assert "override 'learner.lr' has no '='" in msg and "key.path=value" in msg
@@ -291,7 +220,97 @@ def test_all_errors_reported_together(tmp_path):
     assert len(msg.splitlines()) == 1 + 5  # a header, then one line per problem
 
 
-def test_assignment_is_validated():
-    cfg = TrainConfig()
-    with pytest.raises(ValueError):
-        cfg.learner.lr = -1.0
+# --- any schema: load_yaml_config ------------------------------------------------------
+
+
+class _Item(Section):
+    path: str
+    """A file."""
+
+    weight: float = Field(1.0, gt=0)
+    """A weight. > 0."""
+
+
+class _Part(Section):
+    items: list[_Item] = Field(min_length=1)
+    """Items, at least one."""
+
+    n: int = Field(2, ge=1)
+    """A count. >= 1."""
+
+
+class _Top(Section):
+    part: _Part
+    """A required section."""
+
+
+def test_load_yaml_config_validates_any_section_schema(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("part:\n  items:\n    - path: a\n")
+    cfg = load_yaml_config(_Top, path, ["part.n=3"])
+    assert isinstance(cfg, _Top) and cfg.part.n == 3 and cfg.part.items[0].path == "a"
+
+
+def test_load_yaml_config_names_keys_in_lists_with_their_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("part:\n  items:\n    - path: a\n      wieght: 2\n    - weight: 0\n    - 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml_config(_Top, path, ["part.nn=1"])
+    problems = info.value.problems
+    assert problems[0] == (
+        "unknown key 'part.nn'; allowed keys under 'part': items, n (did you mean 'n'?)"
+    )
+    assert (
+        "unknown key 'part.items[0].wieght'; allowed keys under 'part.items[0]': path, weight "
+        f"(did you mean 'weight'?) ({path} line 4)"
+    ) in problems
+    assert f"part.items[1].path: required; expected a string ({path} line 5)" in problems
+    assert f"part.items[1].weight: expected a number > 0, got 0 ({path} line 5)" in problems
+    assert f"part.items[2]: expected a mapping with keys path, weight, got 5 ({path} line 6)" in (
+        problems
+    )
+    assert len(problems) == 5
+
+
+def test_load_yaml_config_reports_a_missing_required_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_yaml_config(_Top, path)
+    assert info.value.problems == ["part: required; expected a mapping with keys items, n"]
+    with pytest.raises(ConfigError) as info:
+        load_yaml_config(_Top, None, ["part.n=1"])
+    assert info.value.problems == [
+        "part.items: required; expected a list of mappings with keys path, weight (at least 1 item)"
+    ]  # not blamed on the override, which set another key
+
+
+def test_eval_config_errors_name_the_file_line(tmp_path):
+    from agent_spo.evaluate.config import load_eval_config
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": 1, "problem": "p", "answer": "1"}\n')
+    path = tmp_path / "e.yaml"
+    path.write_text(f"eval:\n  datasets:\n    - path: {data}\n  n: 0\nrollout:\n  tmp: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_eval_config(path, ["eval.k=[1]"])
+    problems = info.value.problems
+    assert f"eval.n: expected an integer >= 1, got 0 ({path} line 4)" in problems
+    (unknown,) = [p for p in problems if p.startswith("unknown key 'rollout.tmp'")]
+    assert "allowed keys under 'rollout': " in unknown and unknown.endswith(f"({path} line 6)")
+    assert len(problems) == 2
+
+
+def test_no_module_imports_private_names_from_the_config_package():
+    import ast
+
+    bad = []
+    for py in sorted((ROOT / "agent_spo").rglob("*.py")):
+        if "config" in py.relative_to(ROOT / "agent_spo").parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "agent_spo.config"
+            ):
+                bad += [f"{py.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert bad == []
