@@ -2,7 +2,8 @@
 
 Components never see config objects; these functions turn one section into plain
 constructor arguments, so every component can also be built in a test without a config.
-Heavy imports stay inside the functions.
+Heavy imports (torch, transformers) stay inside the functions, so `train --dry-run`
+and `--help` never load them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from agent_spo.algo import PrioritizedSampler, ValueTracker
 from agent_spo.config import (
     AlgoConfig,
     DataConfig,
@@ -26,12 +26,15 @@ from agent_spo.config import (
 )
 
 if TYPE_CHECKING:
+    from agent_spo.algo import PrioritizedSampler, ValueTracker
     from agent_spo.learner import Learner
     from agent_spo.pipeline import StreamSettings, TrainLoop
 
 
 def build_tracker(algo: AlgoConfig) -> ValueTracker:
     """The value tracker for `algo.rho`; priors come later from offline values, if any."""
+    from agent_spo.algo import ValueTracker
+
     r = algo.rho
     return ValueTracker(
         rho_mode=r.mode,
@@ -49,6 +52,8 @@ def build_sampler(
 
     GRPO samples uniformly (spec §5) whatever `algo.sampler.mode` says.
     """
+    from agent_spo.algo import PrioritizedSampler
+
     v_hat, n_eff = tracker.values(prompt_keys)
     mode = "uniform" if algo.name == "grpo" else algo.sampler.mode
     return PrioritizedSampler(
