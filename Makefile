@@ -51,6 +51,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format .
@@ -97,4 +98,4 @@ bench-throughput: setup
 	$(BIN)/agent-spo bench throughput --out runs/bench-throughput.json
 
 clean:
-	rm -rf $(VENV) .venv-mathverify build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-mathverify build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

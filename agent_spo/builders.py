@@ -85,7 +85,10 @@ def build_learner(
     from agent_spo.learner import Learner
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types it
+    # as the unbound function (self first)
+    model = model.to(device)  # type: ignore[arg-type]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bf16 = learner.precision == "bfloat16" or (learner.precision == "auto" and device == "cuda")
     checkpointing = learner.gradient_checkpointing == "on" or (
@@ -155,6 +158,7 @@ def build_sandbox(cfg: SandboxConfig):
     if cfg.backend == "remote":
         from sandboxes.remote import RemoteSandbox
 
+        assert cfg.url is not None  # SandboxConfig requires it for the remote backend
         return RemoteSandbox(cfg.url, default_timeout_s=cfg.timeout_s)
     from sandboxes.local import Limits
 
@@ -225,10 +229,14 @@ def build_engine(model_path: str, model: ModelConfig, rollout: RolloutConfig, se
     if rollout.engine == "vllm":
         from agent_spo.engines.vllm import VLLMEngine
 
-        kwargs = {} if rollout.max_model_len is None else {"max_model_len": rollout.max_model_len}
-        return VLLMEngine(model_path, dtype=model.dtype, seed=seed, **kwargs)
+        if rollout.max_model_len is None:  # the engine's default
+            return VLLMEngine(model_path, dtype=model.dtype, seed=seed)
+        return VLLMEngine(
+            model_path, dtype=model.dtype, seed=seed, max_model_len=rollout.max_model_len
+        )
     from agent_spo.engines.openai_http import OpenAIHTTPEngine
 
+    assert rollout.url is not None  # RolloutConfig requires it for the openai_http engine
     return OpenAIHTTPEngine(rollout.url, max_model_len=rollout.max_model_len)
 
 

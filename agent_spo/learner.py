@@ -17,12 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 
 from agent_spo.algo.loss import ppo_clip_loss
 from agent_spo.episode.trajectory import Trajectory
+
+
+class _ClipKwargs(TypedDict):
+    """The keyword arguments of ppo_clip_loss the learner fixes at construction."""
+
+    eps_low: float
+    eps_high: float
+    dual_clip_c: float | None
+    log_ratio_clamp: float
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class Learner:
         self.grad_clip = grad_clip
         self.mini_batches = mini_batches
         self.micro_batch_tokens = micro_batch_tokens
-        self.loss_kwargs = {
+        self.loss_kwargs: _ClipKwargs = {
             "eps_low": eps_low,
             "eps_high": eps_high,
             "dual_clip_c": dual_clip_c,

@@ -504,9 +504,10 @@ async def _next(queue: asyncio.Queue, tasks: list[asyncio.Task]):
         if get in done:
             return get.result()
         for t in done:
-            if t.exception() is not None:
+            exc = t.exception()
+            if exc is not None:
                 get.cancel()
-                raise t.exception()
+                raise exc
         tasks = [t for t in tasks if not t.done()]
         if not tasks:
             get.cancel()

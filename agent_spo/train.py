@@ -27,13 +27,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent_spo import builders
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.metrics import MetricsLog, read_metrics
+
+if TYPE_CHECKING:
+    from agent_spo.rollout import RolloutSummary
 
 
 class RunExists(RuntimeError):
@@ -267,6 +270,7 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
             if evaluator.step != final:
                 await evaluator.run(final)
                 books.metrics.write(evaluator.last_row)
+            assert evaluator.summary is not None  # set with evaluator.step by run()
             summary["held_out"] = evaluator.summary.to_dict()
     finally:
         books.metrics.close()
@@ -428,7 +432,7 @@ class _Evaluator:
         self.cfg, self.runner, self.held_out = cfg, runner, held_out
         self.dir = run_dir / "eval"
         self.step: int | None = None
-        self.summary = None
+        self.summary: RolloutSummary | None = None
         self.last_row: dict = {}
 
     async def run(self, step: int):

@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from sandboxes.errors import SandboxUnavailable
 from sandboxes.jail import BOOTSTRAP, ENV, PKG_ROOT
@@ -111,10 +112,10 @@ def container_kwargs(spec: ContainerSpec, name: str) -> dict:
 class _DockerWorker(_Worker):
     """A pool worker whose runner lives in a container reached through the attach socket."""
 
-    client: object = None
+    client: Any = None  # docker.DockerClient (the SDK has no type hints)
     spec: ContainerSpec = ContainerSpec()
-    container: object = None
-    _sock: object = None
+    container: Any = None  # docker.models.containers.Container
+    _sock: socket.socket | None = None
     _demux: FrameDemuxer | None = None
     _stdout: bytearray | None = None
 
@@ -128,8 +129,8 @@ class _DockerWorker(_Worker):
                 self.container.attach_socket,
                 params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1},
             )
-            self._sock = getattr(attached, "_sock", attached)
-            self._sock.setblocking(False)
+            self._sock = sock = getattr(attached, "_sock", attached)
+            sock.setblocking(False)
         except docker_errors() as e:
             await self.kill()
             raise SandboxUnavailable(
@@ -142,9 +143,12 @@ class _DockerWorker(_Worker):
         return self._sock is not None
 
     async def _send(self, data: bytes) -> None:
+        assert self._sock is not None  # callers check _alive()
         await asyncio.get_running_loop().sock_sendall(self._sock, data)
 
     async def _recv_exact(self, n: int) -> bytes:
+        # set by _spawn; callers check _alive()
+        assert self._sock is not None and self._demux is not None and self._stdout is not None
         loop = asyncio.get_running_loop()
         while len(self._stdout) < n:
             chunk = await loop.sock_recv(self._sock, 65536)
@@ -208,7 +212,7 @@ class DockerSandbox(LocalSandbox):
             raise SandboxUnavailable(
                 f"could not list this host's sandbox containers: {type(e).__name__}: {e}"
             ) from e
-        workers = []
+        workers: list[_Worker] = []
         for i in range(self._n):
             w = _DockerWorker(
                 i, [], None, None, self._hello, stderr_tail=collections.deque(maxlen=50)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 
 _SYS_CREATE_RULESET = 444  # the same number on every Linux architecture
 _SYS_ADD_RULE = 445
@@ -60,7 +61,7 @@ def _fs_rights(version: int) -> int:
     return rights
 
 
-def restrict_self(writable: list[str], readable: list[str] = ("/",)) -> int:
+def restrict_self(writable: Sequence[str], readable: Sequence[str] = ("/",)) -> int:
     """Enter a new Landlock domain; returns the ABI used (0: nothing was enforced)."""
     version = abi()
     if version <= 0:

@@ -33,7 +33,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from sandboxes import cgroup
 from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
@@ -101,7 +102,7 @@ class _Worker:
     restarts: int = 0
     sessions: int = 0
     pids_max: int = 512
-    cgroup: object = None
+    cgroup: Path | None = None
     dirty: bool = False
     _ids: itertools.count = field(default_factory=itertools.count)
     _drain: asyncio.Task | None = None
@@ -133,11 +134,15 @@ class _Worker:
         return self.proc is not None and self.proc.returncode is None
 
     async def _send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        await self.proc.stdin.drain()
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None  # callers check _alive(); piped
+        proc.stdin.write(data)
+        await proc.stdin.drain()
 
     async def _recv_exact(self, n: int) -> bytes:
-        return await self.proc.stdout.readexactly(n)
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None  # callers check _alive(); piped
+        return await proc.stdout.readexactly(n)
 
     async def start(self) -> None:
         await self._spawn()
@@ -250,7 +255,7 @@ class LocalSandbox:
         self._reaper: asyncio.Task | None = None
         self._n = workers
         self._spec = JailSpec(tmp_mb=tmp_mb, packages=tuple(packages))
-        self._hello = {
+        self._hello: dict[str, Any] = {
             "op": "hello",
             "config": {
                 "limits": limits.wire(landlock),
@@ -290,6 +295,7 @@ class LocalSandbox:
         return self
 
     async def _reap_idle_sessions(self) -> None:
+        assert self.session_ttl_s is not None  # the reaper is started only with a TTL
         while True:
             await asyncio.sleep(min(30.0, self.session_ttl_s / 4))
             now = time.monotonic()

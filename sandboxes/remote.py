@@ -29,10 +29,13 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
-from sandboxes.result import ExecResult, infra_result
+from sandboxes.result import ExecResult, Status, infra_result
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ class SandboxServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]
+        # an AF_INET server: (host, port); typeshed also allows a Unix socket's path
+        return cast(tuple[str, int], self.httpd.server_address[:2])
 
     @property
     def url(self) -> str:
@@ -293,7 +297,7 @@ class RemoteSandbox:
         self.retries = retries
         self.backoff_s = backoff_s
         self._limit = asyncio.Semaphore(max_in_flight)
-        self._client = None
+        self._client: httpx.AsyncClient | None = None
         self.started = False
 
     async def start(self) -> RemoteSandbox:
@@ -318,9 +322,9 @@ class RemoteSandbox:
     async def health(self) -> dict:
         import httpx
 
-        self._check_started()
+        client = self._check_started()
         try:
-            r = await self._client.get("/v1/health", timeout=self.grace_s + 30)
+            r = await client.get("/v1/health", timeout=self.grace_s + 30)
             r.raise_for_status()
             health = r.json()
         except (httpx.HTTPError, OSError) as e:
@@ -334,12 +338,14 @@ class RemoteSandbox:
     async def census(self) -> dict:
         return (await self.health()).get("census", {"sessions": 0, "strays": []})
 
-    def _check_started(self) -> None:
-        if not self.started:
+    def _check_started(self) -> httpx.AsyncClient:
+        """The HTTP client, which exists while the sandbox is started."""
+        if not self.started or self._client is None:
             raise SandboxClosed(
                 "the remote sandbox is not started (or was closed): use `async with` or "
                 "`await start()`"
             )
+        return self._client
 
     def _deadline(self, timeout_s: float | None) -> float:
         t = self.default_timeout_s if timeout_s is None else timeout_s
@@ -348,13 +354,13 @@ class RemoteSandbox:
     async def _post(self, path: str, payload: dict, deadline: float, *, retry: bool):
         import httpx
 
-        self._check_started()
+        client = self._check_started()
         attempts = self.retries + 1 if retry else 1
         last = ""
         async with self._limit:
             for attempt in range(attempts):
                 try:
-                    r = await self._client.post(path, json=payload, timeout=deadline)
+                    r = await client.post(path, json=payload, timeout=deadline)
                 except (httpx.HTTPError, OSError) as e:  # transport, timeout, decoding
                     last = f"{type(e).__name__}: {e}"
                     if attempt + 1 < attempts:
@@ -387,13 +393,13 @@ class RemoteSandbox:
             raise SandboxError(f"could not open a remote session: session id {sid!r}")
         return RemoteSession(self, sid)
 
-    def _result(self, r, err: str | None, wall_s: float, lost_status: str) -> ExecResult:
+    def _result(self, r, err: str | None, wall_s: float, lost_status: Status) -> ExecResult:
         if r is None:
             return infra_result(
                 lost_status, f"sandbox server unreachable: {err}", self.backend, wall_s=wall_s
             )
         if r.status_code != 200:
-            status = "error" if r.status_code == 400 else lost_status
+            status: Status = "error" if r.status_code == 400 else lost_status
             detail = f"HTTP {r.status_code}: {r.text[:300]}"
             if status == "error":
                 return ExecResult(
@@ -443,12 +449,13 @@ class RemoteSession:
         if self.closed:
             return
         self.closed = True
-        if not self._c.started:
+        client = self._c._client
+        if not self._c.started or client is None:
             return  # the client is closed: the server's TTL reaps the session
         import httpx
 
         try:
-            await self._c._client.delete(f"/v1/sessions/{self.id}", timeout=self._c.grace_s)
+            await client.delete(f"/v1/sessions/{self.id}", timeout=self._c.grace_s)
         except (httpx.HTTPError, OSError):
             pass  # the server's TTL reaps it
 

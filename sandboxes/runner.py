@@ -40,6 +40,8 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Sequence
+from typing import Any
 
 _HDR = struct.Struct(">I")
 _MAX_MSG = 64 << 20
@@ -89,8 +91,10 @@ def run_cell(code: str, g: dict) -> dict:
     try:
         tree = ast.parse(code, _CELL, "exec")
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+        final = tree.body[-1] if tree.body else None
+        if isinstance(final, ast.Expr):
+            tree.body.pop()
+            last = ast.Expression(final.value)
         body = compile(tree, _CELL, "exec")
         tail = compile(last, _CELL, "eval") if last is not None else None
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
@@ -243,7 +247,7 @@ def _executor_main(sock: socket.socket, workdir: str, limits: dict, persistent: 
         _ensure_backup(sock)
 
 
-_backup = {"pid": None, "pipe": None}
+_backup: dict[str, int | None] = {"pid": None, "pipe": None}
 
 
 def _ensure_backup(sock: socket.socket) -> None:
@@ -306,7 +310,7 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _send(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+def _send(sock: socket.socket, obj: dict, fds: Sequence[int] = ()) -> None:
     body = json.dumps(obj).encode()
     socket.send_fds(sock, [_HDR.pack(len(body)) + body], list(fds))
 
@@ -492,6 +496,7 @@ class Zygote:
     def run_stateless(self, code: str, timeout: float) -> dict:
         if self.spare is None or not _alive(self.spare[0]):
             self._make_spare()
+        assert self.spare is not None  # _make_spare() sets it
         pid, sock, workdir = self.spare
         self.spare = None
         t0 = time.monotonic()
@@ -724,14 +729,14 @@ class Zygote:
             # off the critical path (the reply is already out): learn the session's next
             # backup, sweep what the cell left behind, and fork the next spare
             if op == "srun":
-                s = self.sessions.get(req.get("session"))
+                s = self.sessions.get(req["session"]) if "session" in req else None
                 if s is not None and not s["lost"]:
                     self._await_announcement(s)
                 self.sweep()
             if op in ("run", "srun") and self.spare is None:
                 self._make_spare()
 
-    def _handle(self, op: str, req: dict) -> dict:
+    def _handle(self, op: str | None, req: dict) -> dict:
         if op == "run":
             reply = self.run_stateless(req["code"], float(req["timeout"]))
         elif op == "open":
@@ -888,6 +893,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def _cpu_of(pid: int) -> float:
     fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
     try:
         return (int(fields[11]) + int(fields[12])) / _TICK
     except (TypeError, IndexError, ValueError):
@@ -970,7 +977,12 @@ def main() -> None:
             exec(compile(code, "<warmup>", "exec"), _fresh_globals())
         except Exception as e:  # noqa: BLE001 - report, keep serving
             failed.append(f"warmup: {type(e).__name__}: {e}")
-    caps = {"pid": os.getpid(), "preload_failed": failed, "landlock_abi": 0, "seccomp": False}
+    caps: dict[str, Any] = {
+        "pid": os.getpid(),
+        "preload_failed": failed,
+        "landlock_abi": 0,
+        "seccomp": False,
+    }
     if cfg["limits"].get("landlock"):
         from sandboxes import landlock
 

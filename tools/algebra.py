@@ -112,6 +112,7 @@ def integrate(
         raise ValueError("give both lower and upper for a definite integral, or neither")
     if lower is None:
         return str(sympy.integrate(f, x))
+    assert upper is not None  # both or neither, checked above
     return str(sympy.integrate(f, (x, _parse(lower), _parse(upper))))
 
 

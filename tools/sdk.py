@@ -74,7 +74,9 @@ class Tool:
             try:
                 arguments = json.loads(text, parse_constant=_reject_constant)
             except (ValueError, RecursionError) as e:
-                where = f" ({e.msg} at position {e.pos})" if hasattr(e, "msg") else ""
+                where = (
+                    f" ({e.msg} at position {e.pos})" if isinstance(e, json.JSONDecodeError) else ""
+                )
                 raise ToolArgumentError(
                     f"{self.name}: arguments are not valid JSON{where}; "
                     f"expected an object like {self._example()}"
@@ -243,7 +245,7 @@ def _check(value: Any, prop: dict, where: str) -> Any:
                 continue
         kinds = " or ".join(o.get("type", "?") for o in prop["anyOf"])
         raise ToolArgumentError(f"{where} must be {kinds}, got {_show(value)}")
-    kind = prop.get("type")
+    kind: Any = prop.get("type")  # a JSON schema value
     ok = {
         "string": isinstance(value, str),
         "boolean": isinstance(value, bool),

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ class BanditTask:
 
 class BanditPolicy(torch.nn.Module):
     """logit(x) = c_x + f_x . w + b_x; the answer token is "correct" with sigmoid(logit)."""
+
+    c: torch.Tensor  # buffers, registered in __init__
+    f: torch.Tensor
 
     def __init__(self, task: BanditTask):
         super().__init__()
@@ -278,7 +281,7 @@ BANDIT_DEFAULT_OVERRIDES = (
 
 
 def settings_from_config(
-    cfg, *, algo: str, seed: int, n_prompts: int, steps: int
+    cfg, *, algo: Literal["spo", "grpo"], seed: int, n_prompts: int, steps: int
 ) -> BanditSettings:
     """Builder: the run config's algorithm, loss and learner sections as plain arguments."""
     a, loss, lr = cfg.algo, cfg.loss, cfg.learner
@@ -428,9 +431,10 @@ def run_bandit_bench(
     bad = [a for a in algos if a not in ("spo", "grpo")]
     if bad or not algos:
         raise ValueError(f"--algos: got {bad or list(algos)}; allowed: spo, grpo")
+    checked = cast(Sequence[Literal["spo", "grpo"]], algos)  # every name checked just above
     plans = [
         settings_from_config(cfg, algo=a, seed=seed, n_prompts=prompts, steps=steps)
-        for a in algos
+        for a in checked
         for seed in range(seeds)
     ]
     out_dir.mkdir(parents=True, exist_ok=True)

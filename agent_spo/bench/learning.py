@@ -72,7 +72,11 @@ async def run_learning_bench(
             # learning setting is refused by the resume check, naming the key
             resume = (run_dir / "config.yaml").exists()
             log(f"{run_dir.name}: training{' (resumed)' if resume else ''}")
-            await run_training(cfg, resume=resume, log=lambda m, n=run_dir.name: log(f"  {n}: {m}"))
+
+            def run_log(m: str, n: str = run_dir.name) -> None:
+                log(f"  {n}: {m}")
+
+            await run_training(cfg, resume=resume, log=run_log)
     result = summarize(out, seeds, variants)
     (out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "learning.md").write_text(to_markdown(result))

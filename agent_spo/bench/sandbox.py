@@ -13,6 +13,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 
 from sandboxes.local import LocalSandbox
 
@@ -64,7 +65,7 @@ async def run_bench(
     calls: int = 300,
     concurrency: Sequence[int] = (1, 2, 4),
     soak: int = 0,
-    isolation: str = "bwrap",
+    isolation: Literal["bwrap", "none"] = "bwrap",
     think_ms: float = 0.0,
 ) -> dict:
     from agent_spo.episode.toolbox import Toolbox
@@ -80,7 +81,7 @@ async def run_bench(
             await sb.run(sympy_code)
         for c in concurrency:
             sessions = [await sb.open_session() for _ in range(c)]
-            cases = {
+            cases: dict[str, Callable[..., Awaitable[object]]] = {
                 "stateless": lambda cid: sb.run(STATELESS),
                 "session": lambda cid, s=sessions: s[cid].run(SESSION),
                 "sympy_tool": lambda cid: sb.run(sympy_code),

@@ -41,7 +41,7 @@ import heapq
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     import torch
 
     from agent_spo.config import TrainConfig
+    from agent_spo.episode.render import ChatRenderer
+    from agent_spo.episode.runner import EpisodeSettings
+    from agent_spo.episode.toolbox import Toolbox
 
 PAPER_GROUP_MAX_S = (553.0, 519.0, 495.0, 486.0, 130.0, 133.0)  # spec §8, in paper order
 PAPER_GROUP_SIZE = 8
@@ -336,10 +339,10 @@ class Parts:
     """What both modes share: model, tokenizer, prompts, tools, sandbox and verifier."""
 
     model_path: str
-    tokenizer: object
-    renderer: object
-    toolbox: object
-    episode_settings: object
+    tokenizer: Any
+    renderer: ChatRenderer
+    toolbox: Toolbox
+    episode_settings: EpisodeSettings
     problems: dict
     sandbox: object | None  # None: each run opens its own from its config (no leftovers)
     verifier: object
@@ -460,7 +463,11 @@ def _ratios(spo: dict, grpo: dict) -> dict:
 
 
 async def _side_by_side(
-    run: Callable[[str, int], object], repeats: int, seed: int, log: Callable[[str], None], what
+    run: Callable[[str, int], Awaitable[RunResult]],
+    repeats: int,
+    seed: int,
+    log: Callable[[str], None],
+    what,
 ) -> dict:
     """SPO and GRPO alternately (machine drift hits both alike), medians and ratios."""
     runs: dict[str, list[RunResult]] = {"spo": [], "grpo": []}

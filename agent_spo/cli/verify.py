@@ -54,6 +54,7 @@ def verify(
     if (file is None) == (gold is None or response is None) or (file and (gold or response)):
         fail("give GOLD and RESPONSE, or --file CASES.jsonl (not both)")
     if file is None:
+        assert gold is not None and response is not None  # checked above
         with VerifierPool(workers=1, timeout_s=timeout) as pool:
             v = pool.check(gold, response)
         if as_json:

@@ -141,11 +141,14 @@ def _parquet_rows(p: Path) -> Iterator[tuple[int, dict]]:
             yield lineno, {k: v for k, v in row.items() if v is not None}
 
 
-def split(problems: Sequence[Problem], held_out: float, salt: str = "") -> tuple[list, list]:
+def split(
+    problems: Sequence[Problem], held_out: float, salt: str = ""
+) -> tuple[list[Problem], list[Problem]]:
     """Deterministic train / held-out split by content key (stable under reordering)."""
     if not 0.0 <= held_out < 1.0:
         raise ValueError(f"held_out must lie in [0, 1), got {held_out}")
-    train, test = [], []
+    train: list[Problem] = []
+    test: list[Problem] = []
     for prob in problems:
         h = int(hashlib.sha256((salt + prob.key).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (test if h < held_out else train).append(prob)

@@ -27,12 +27,12 @@ def tiny_qwen3_config(
         num_key_value_heads=max(1, heads // 2),
         head_dim=hidden // heads,
         max_position_embeddings=max_positions,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",
     )  # fmt: skip
 
 

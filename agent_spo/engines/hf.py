@@ -30,10 +30,27 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
-from agent_spo.engines.base import EngineError, Generation, Sampling, find_stop
+from agent_spo.engines.base import EngineError, FinishReason, Generation, Sampling, find_stop
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+
+class _KVLayer(Protocol):
+    """One attention layer of a DynamicCache: keys and values, [B, heads, T, dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _kv_layers(cache: DynamicCache) -> list[_KVLayer]:
+    # transformers types a layer's tensors as Optional (None before the first update) and
+    # allows linear-attention layers without them; every layer here is a filled KV layer
+    return cast("list[_KVLayer]", cache.layers)
 
 
 @dataclass
@@ -139,6 +156,7 @@ class HFEngine:
             window=longest + 4 if longest else 0,
         )
         self._waiting.append(req)
+        assert self._wake is not None  # made by _ensure_loop()
         self._wake.set()
         return await req.future
 
@@ -165,6 +183,7 @@ class HFEngine:
                     f"the engine's model expects {tuple(target.shape)}"
                 )
             staged.append((target, tensor))
+        assert self._weights_lock is not None  # made by _ensure_loop()
         async with self._weights_lock:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -206,6 +225,8 @@ class HFEngine:
     async def _loop(self) -> None:
         batch = _Batch(self)
         admit: list[_Request] = []
+        # made by _ensure_loop() before it starts this task, and not replaced while it runs
+        assert self._wake is not None and self._weights_lock is not None
         try:
             while True:
                 if not batch.rows and not self._waiting:
@@ -244,7 +265,8 @@ class _Batch:
     def __init__(self, engine: HFEngine) -> None:
         self.e = engine
         self.rows: list[_Request] = []
-        self.cache = None  # DynamicCache, [B, heads, T, dim] per layer
+        # all three are set while there are rows, None when there are none
+        self.cache: DynamicCache | None = None  # [B, heads, T, dim] per layer
         self.mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self.next_logits: torch.Tensor | None = None  # [B, V] for the next token
 
@@ -252,12 +274,14 @@ class _Batch:
     def step(self, admit: list[_Request]) -> list[tuple[_Request, Generation]]:
         live = [i for i, r in enumerate(self.rows) if not r.future.done()]
         if len(live) < len(self.rows):  # callers that gave up (cancelled) free their rows
+            assert self.next_logits is not None  # there are rows
             self.next_logits = self.next_logits[live] if live else None
             self._select(live)
         if admit:
             self._prefill(admit)
         if not self.rows:
             return []
+        assert self.next_logits is not None  # there are rows
         tokens, logps = self._sample(self.next_logits)
         finished: list[tuple[_Request, Generation]] = []
         keep: list[int] = []
@@ -280,7 +304,8 @@ class _Batch:
         return finished
 
     def _finish(self, r: _Request, tok: int) -> Generation | None:
-        reason, stop = None, None
+        reason: FinishReason | None = None
+        stop: int | str | None = None
         if tok in r.stop_ids:
             reason, stop = "stop", tok
         elif r.window:
@@ -337,12 +362,13 @@ class _Batch:
         use: list[_Request] = []
         rest: list[_Request] = []
         for r in admit:
-            cached = n and len(r.prompt) > n and shared.matches(r.prompt)
+            cached = shared is not None and n and len(r.prompt) > n and shared.matches(r.prompt)
             (use if cached else rest).append(r)
         for group, after_prefix in ((use, True), (rest, False)):
             if not group:
                 continue
             if after_prefix:
+                assert shared is not None  # only prompts that match it are in `use`
                 ids, mask, cache = self._after_prefix(group, shared)
             else:
                 (ids, mask), cache = self._left_padded(group), None
@@ -388,6 +414,8 @@ class _Batch:
     def _merge(self, admit, cache, mask, logits) -> None:
         from transformers import DynamicCache
 
+        # merged into existing rows only
+        assert self.cache is not None and self.mask is not None and self.next_logits is not None
         t_old, t_new = self.mask.shape[1], mask.shape[1]
         t = max(t_old, t_new)
 
@@ -399,7 +427,7 @@ class _Batch:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         merged = DynamicCache()
-        for li, (a, b) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
+        for li, (a, b) in enumerate(zip(_kv_layers(self.cache), cache.layers, strict=True)):
             k = torch.cat([lpad(a.keys, t, 2), lpad(b.keys, t, 2)], dim=0)
             v = torch.cat([lpad(a.values, t, 2), lpad(b.values, t, 2)], dim=0)
             merged.update(k, v, li)
@@ -413,6 +441,7 @@ class _Batch:
         if not keep:
             self.cache = self.mask = self.next_logits = None
             return
+        assert self.cache is not None and self.mask is not None  # rows are kept
         idx = torch.tensor(keep, dtype=torch.long)
         self.cache.batch_select_indices(idx.to(self.e.device))
         self.mask = self.mask[idx]
@@ -420,11 +449,12 @@ class _Batch:
         first = int((self.mask.cumsum(1) > 0).float().argmax(1).min()) if self.mask.numel() else 0
         if first > 0:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
+            for layer in _kv_layers(self.cache):
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
 
     def _decode(self, tokens: torch.Tensor) -> None:
+        assert self.mask is not None  # there are rows
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
         self.next_logits, self.cache = self._forward(tokens[:, None], self.mask, self.cache)
 

@@ -133,6 +133,7 @@ class OpenAIHTTPEngine:
         """Given, or read from ``GET /v1/models`` (blocking, once; ``await start()`` avoids it)."""
         if self._max_model_len is None:
             self._apply_models(self._get_models_sync())
+        assert self._max_model_len is not None  # _apply_models sets it or raises
         return self._max_model_len
 
     async def start(self) -> OpenAIHTTPEngine:
@@ -147,6 +148,7 @@ class OpenAIHTTPEngine:
         if not prompt:
             raise ValueError("empty prompt")
         await self._ensure_info()
+        assert self._max_model_len is not None  # _ensure_info sets it or raises
         room = self._max_model_len - len(prompt)
         if room < 1:
             raise ValueError(
@@ -260,6 +262,7 @@ class OpenAIHTTPEngine:
         if self.model is not None and self._max_model_len is not None:
             return
         self._http()
+        assert self._info_lock is not None  # created with the client by _http()
         async with self._info_lock:
             if self.model is None or self._max_model_len is None:
                 self._apply_models(await self._call("GET", "/v1/models", None, parse=_json))

@@ -119,6 +119,7 @@ class CompletionServer:
     async def serve_forever(self) -> None:
         if self._server is None:
             await self.start()
+        assert self._server is not None  # start() bound it
         await self._server.serve_forever()
 
     async def stop(self) -> None:
@@ -135,6 +136,7 @@ class CompletionServer:
     # ------------------------------------------------------------------ HTTP/1.1
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
+        assert task is not None  # asyncio runs each connection's handler as a task
         self._conns.add(task)
         try:
             while True:
@@ -203,7 +205,8 @@ class CompletionServer:
 
     async def _read_body(self, headers: dict[str, str], reader) -> bytes:
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts, total = [], 0
+            parts: list[bytes] = []
+            total = 0
             while True:
                 size_line = await reader.readline()
                 try:
@@ -403,7 +406,9 @@ class CompletionServer:
         logprobs = None
         if req.get("logprobs") is not None:
             tokens = [
-                f"token_id:{t}" if as_ids else tok.decode([t], skip_special_tokens=False)
+                f"token_id:{t}"
+                if as_ids or tok is None  # as_ids already covers tok is None
+                else tok.decode([t], skip_special_tokens=False)
                 for t in ids
             ]
             offsets, pos = [], 0

@@ -79,6 +79,7 @@ from agent_spo.engines.base import EngineError, FinishReason, Generation, Sampli
 
 if TYPE_CHECKING:
     import torch
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,14 @@ class VLLMEngine:
         kwargs.update(engine_kwargs or {})
 
         t0 = time.perf_counter()
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self._llm: AsyncLLM | None = llm  # None once closed
         self.startup_s = time.perf_counter() - t0
-        model_config = self._llm.model_config
+        model_config = llm.model_config
         self._max_model_len = int(model_config.max_model_len)
         self._tied = bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
         # EOS: the tokenizer's, plus the model config's (as HFEngine does)
-        eos = self._llm.get_tokenizer().eos_token_id
+        eos = llm.get_tokenizer().eos_token_id
         cfg_eos = getattr(model_config.hf_text_config, "eos_token_id", None)
         cfg_eos = cfg_eos if isinstance(cfg_eos, list) else [] if cfg_eos is None else [cfg_eos]
         self._eos_ids: tuple[int, ...] = tuple(
@@ -279,8 +281,10 @@ class VLLMEngine:
         version = self._version
         request_id = f"agent-spo-{next(self._ids)}"
         final = None
+        llm = self._llm
+        assert llm is not None  # not closed: checked above, with no await since
         try:
-            async for out in self._llm.generate(
+            async for out in llm.generate(
                 TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id
             ):
                 final = out
@@ -334,14 +338,15 @@ class VLLMEngine:
                 for name, t in weights
                 if not (self._tied and name == "lm_head.weight")
             ]
+            llm = self._llm
+            if llm is None:  # closed while this update waited for the lock
+                raise EngineError("vLLM engine is closed")
             try:
-                await self._llm.pause_generation(mode="keep", clear_cache=True)
+                await llm.pause_generation(mode="keep", clear_cache=True)
                 try:
-                    results = await self._llm.collective_rpc(
-                        "agent_spo_reload_weights", args=(batch,)
-                    )
+                    results = await llm.collective_rpc("agent_spo_reload_weights", args=(batch,))
                 finally:
-                    await self._llm.resume_generation()
+                    await llm.resume_generation()
             except Exception as e:
                 raise EngineError(f"vLLM weight update failed: {type(e).__name__}: {e}") from e
             self.last_update_s = time.perf_counter() - t0
@@ -353,6 +358,7 @@ class VLLMEngine:
             return
         self._closed = True
         llm, self._llm = self._llm, None
+        assert llm is not None  # set until the first close()
         llm.shutdown()
         # Drop the last reference now: AsyncLLM.__del__ shuts down again, which fails if it
         # only runs at interpreter exit (after vLLM's modules are torn down).

@@ -88,7 +88,7 @@ class HermesFormat:
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as e:
-            where = f" ({e.msg} at position {e.pos})" if hasattr(e, "msg") else ""
+            where = f" ({e.msg} at position {e.pos})" if isinstance(e, json.JSONDecodeError) else ""
             return ParsedCall("", None, raw, f"the tool call is not valid JSON{where}; {_EXPECTED}")
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return ParsedCall("", None, raw, f"the tool call has no tool name; {_EXPECTED}")

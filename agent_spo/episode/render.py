@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent_spo.episode.formats import ToolFormat
-from agent_spo.episode.trajectory import Segment
+from agent_spo.episode.trajectory import Segment, SegmentKind
 
 _TURN = "\u2063turn\u2063"  # invisible separators: never part of a template's own text
 _OUT = "\u2063out\u2063"
@@ -109,9 +109,9 @@ class ChatRenderer:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         lo, hi = len(self._pre), len(self._pre) + len(output)
         segments: list[Segment] = []
-        kinds_ids: list[tuple[str, int]] = []
+        kinds_ids: list[tuple[SegmentKind, int]] = []
         for tid, (a, b) in zip(enc.input_ids, enc.offset_mapping, strict=True):
-            kind = "tool" if (a < hi and b > lo) else "template"
+            kind: SegmentKind = "tool" if (a < hi and b > lo) else "template"
             kinds_ids.append((kind, tid))
         for kind, tid in kinds_ids:
             if segments and segments[-1].kind == kind:

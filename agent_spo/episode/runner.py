@@ -224,9 +224,9 @@ class EpisodeRunner:
         timings["total_s"] = time.perf_counter() - t_start
         return Trajectory(
             prompt_id=problem.id,
-            prompt_token_ids=prompt,
-            segments=segments,
-            tool_calls=calls,
+            prompt_token_ids=tuple(prompt),
+            segments=tuple(segments),
+            tool_calls=tuple(calls),
             answer=verdict.prediction,
             verdict=verdict.status,
             reward=verdict.reward,

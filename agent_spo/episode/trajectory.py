@@ -141,7 +141,10 @@ class Trajectory:
 
     @property
     def policy_versions(self) -> tuple[int, ...]:
-        return tuple(s.policy_version for s in self.segments if s.trainable)
+        # a model segment always has its version (checked in Segment.__post_init__)
+        return tuple(
+            s.policy_version for s in self.segments if s.trainable and s.policy_version is not None
+        )
 
     def context_before(self, k: int) -> tuple[int, ...]:
         """The exact context the engine saw before segment k was appended."""
@@ -180,8 +183,8 @@ class Trajectory:
         return cls(
             prompt_id=d["prompt_id"],
             prompt_token_ids=d["prompt_token_ids"],
-            segments=[Segment(**s) for s in d["segments"]],
-            tool_calls=[ToolCallRecord(**c) for c in d["tool_calls"]],
+            segments=tuple(Segment(**s) for s in d["segments"]),
+            tool_calls=tuple(ToolCallRecord(**c) for c in d["tool_calls"]),
             answer=d["answer"],
             verdict=d["verdict"],
             reward=d["reward"],

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent_spo.data.problems import Problem, load_problems
 from agent_spo.episode.log import EpisodeLog, append_row, open_for_append
@@ -152,6 +153,7 @@ async def generate(
                                          "reason": o.dropped.reason}))  # fmt: skip
         else:
             traj = o.trajectory
+            assert traj is not None  # an outcome has its trajectory or why it was dropped
             append_row(elog, traj.to_json()[:-1] + ', "eval": ' + json.dumps(o.job.info) + "}")
             state.correct += int((traj.reward or 0) > 0)
         span[1] = time.time()
@@ -222,7 +224,7 @@ def score(
             no_answer += sum(a is None for a in answers)
             c = sum(r > 0 for r in rewards)
             clusters = cluster_answers(answers, rewards, same)
-            row = {
+            row: dict[str, Any] = {
                 "id": prob.id,
                 "correct": c,
                 "answers": len({x for x in clusters if x is not None}),

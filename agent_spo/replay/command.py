@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from agent_spo.episode.log import EpisodeLog, EpisodeLogError
+from agent_spo.episode.log import EpisodeLog, EpisodeLogError, EpisodeSummary
 from agent_spo.replay.episode import Filters, episode_view, summary_dict
 
 LOG_NAMES = ("episodes.jsonl", "rollout.jsonl", "held_out.jsonl")
@@ -76,9 +76,10 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def select(log: EpisodeLog, filters: Filters, limit: int) -> tuple[list, int]:
+def select(log: EpisodeLog, filters: Filters, limit: int) -> tuple[list[EpisodeSummary], int]:
     """The first `limit` matching summaries and the number of matches, in one pass."""
-    shown, total = [], 0
+    shown: list[EpisodeSummary] = []
+    total = 0
     for s in log.summaries():
         if filters.match(s):
             total += 1

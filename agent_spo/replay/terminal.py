@@ -64,7 +64,7 @@ def list_table(rows: Sequence[dict], title: str) -> Table:
         table.add_column("lag", justify="right")
     table.add_column("s", justify="right")
     for r in rows:
-        cells = [str(r["index"]), _short(r["prompt_id"], 28)]
+        cells: list[str | Text] = [str(r["index"]), _short(r["prompt_id"], 28)]
         if has_eval:
             cells.append(f"{r['dataset']} / {r['sample']}" if r["dataset"] else "-")
         if has_train:
@@ -130,7 +130,7 @@ def detail(view: EpisodeView, *, tokens: bool = False) -> Group:
     head.add_row("answer", view.answer or "-")
     head.add_row(
         "verdict",
-        Text.assemble((view.verdict or "-", VERDICT_STYLE.get(view.verdict, "")),
+        Text.assemble((view.verdict or "-", VERDICT_STYLE.get(view.verdict or "", "")),
                       f"  {view.reason or ''}", f"  reward {_num(view.reward, 1)}"),
     )  # fmt: skip
     head.add_row("stop", view.stop_reason or "-")

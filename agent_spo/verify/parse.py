@@ -457,7 +457,7 @@ def _parse_relation(pieces: list[str], seps: list[str]) -> Answer:
             pieces, ops = pieces[: k + 1], ops[:k]
     if any(not p.strip() for p in pieces):
         raise Unparseable("relation with an empty side")
-    parts = []
+    parts: list[Scalar | Seq | SetValue] = []
     for p in pieces:
         value = parse_answer(p)
         if not isinstance(value, Scalar):

@@ -86,7 +86,7 @@ def _worker_main(conn, memory_mb: int | None) -> None:
         conn.send(check(gold, response))
 
 
-def _context() -> mp.context.BaseContext:
+def _context() -> mp.context.ForkServerContext | mp.context.SpawnContext:
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
@@ -95,7 +95,9 @@ def _context() -> mp.context.BaseContext:
 
 
 class _Worker:
-    def __init__(self, ctx: mp.context.BaseContext, memory_mb: int | None) -> None:
+    def __init__(
+        self, ctx: mp.context.ForkServerContext | mp.context.SpawnContext, memory_mb: int | None
+    ) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
             target=_worker_main, args=(child, memory_mb), daemon=True, name="agent-spo-verifier"
