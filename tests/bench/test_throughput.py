@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fakes import ScriptedEngine
 
-from agent_spo.bench.throughput import (
+from agent_spo.bench.stragglers import (
     PAPER_GROUP_MAX_S,
     DelayedEngine,
     DelayModel,

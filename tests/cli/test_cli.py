@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from agent_spo.cli import EXIT_CONFIG, app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 runner = CliRunner()
 
