@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent_spo.config import (
@@ -138,6 +140,8 @@ def build_stream_settings(
         first_step=first_step,
         adv_eps=cfg.algo.adv_eps,
         grpo_std_eps=cfg.algo.grpo.std_eps,
+        max_drop_share=cfg.train.max_drop_share,
+        drop_window=cfg.train.drop_window,
     )
 
 
@@ -154,12 +158,16 @@ def build_loop(name: str, *, group_size: int = 8) -> TrainLoop:
 
 
 def build_sandbox(cfg: SandboxConfig):
-    """LocalSandbox, DockerSandbox or RemoteSandbox (not started: `async with` it)."""
+    """LocalSandbox, DockerSandbox or RemoteSandbox (not started: `async with` it).
+
+    The remote server's bearer token comes from the environment variable that
+    sandbox.token_env names, so it never lands in a run's config.yaml."""
     if cfg.backend == "remote":
         from sandboxes.remote import RemoteSandbox
 
         assert cfg.url is not None  # SandboxConfig requires it for the remote backend
-        return RemoteSandbox(cfg.url, default_timeout_s=cfg.timeout_s)
+        token = os.environ.get(cfg.token_env) or None
+        return RemoteSandbox(cfg.url, token=token, default_timeout_s=cfg.timeout_s)
     from sandboxes.local import Limits
 
     limits = Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
@@ -170,6 +178,29 @@ def build_sandbox(cfg: SandboxConfig):
     from sandboxes.local import LocalSandbox
 
     return LocalSandbox(workers=cfg.pool_size, limits=limits)
+
+
+SMOKE_CODE = "print(6 * 7)"
+
+
+async def check_sandbox(sandbox) -> None:
+    """Refuse to start on a sandbox that cannot run code: a remote server must answer its
+    health check with these credentials, and every backend must run one line of Python
+    and print the answer. Raises SandboxUnavailable, naming the cause."""
+    from sandboxes.errors import SandboxError, SandboxUnavailable
+
+    where = getattr(sandbox, "url", None) or getattr(sandbox, "backend", "sandbox")
+    if hasattr(sandbox, "health"):
+        try:
+            await sandbox.health()
+        except SandboxError as e:
+            raise SandboxUnavailable(f"sandbox at {where} failed its health check: {e}") from e
+    result = await sandbox.run(SMOKE_CODE, timeout_s=30)
+    if result.status != "ok" or result.stdout.strip() != "42":
+        detail = result.exc_message or result.stderr.strip()[-300:] or result.stdout[-300:]
+        raise SandboxUnavailable(
+            f"sandbox at {where} could not run {SMOKE_CODE!r}: {result.status}: {detail}"
+        )
 
 
 def build_verifier(cfg: VerifierConfig):
@@ -204,10 +235,48 @@ def build_datasets(data: DataConfig, seed: int):
     return split(problems, data.held_out)
 
 
-def resolve_model_path(model: ModelConfig, log=print) -> str:
-    """The policy's model directory; None means the embedded demo model (built if missing)."""
+def check_model_path(model: ModelConfig, rollout: RolloutConfig | None = None) -> list[str]:
+    """What is wrong with model.path, one line naming the key; [] = usable.
+
+    model.path must be a local model directory: nothing here downloads from a model hub
+    (a name like ``org/model`` that is not a directory is refused at once). The
+    openai_http engine only needs the tokenizer's files from it."""
+    if model.path is None:
+        return []
+    p = Path(model.path).expanduser()
+    hint = ""
+    if not p.exists() and not model.path.startswith(("/", ".", "~")) and model.path.count("/") == 1:
+        hint = (
+            "; it looks like a model hub name, and agent-spo never downloads: fetch it first "
+            f"(e.g. `huggingface-cli download {model.path} --local-dir DIR`) and set "
+            "model.path=DIR"
+        )
+    if not p.exists():
+        return [f"model.path: {model.path} does not exist{hint}"]
+    if not p.is_dir():
+        return [f"model.path: {model.path} is not a directory (expected a model directory)"]
+    tokenizer_only = rollout is not None and rollout.engine == "openai_http"
+    needs = ["tokenizer_config.json"] if tokenizer_only else ["config.json"]
+    missing = [f for f in needs if not (p / f).is_file()]
+    if missing:
+        return [
+            f"model.path: {model.path} has no {', '.join(missing)}; expected a HuggingFace-"
+            "format model directory (config.json, weights, tokenizer files)"
+        ]
+    return []
+
+
+class ModelPathError(ValueError):
+    """model.path is not a usable local model directory; the message names the key."""
+
+
+def resolve_model_path(model: ModelConfig, log=print, rollout: RolloutConfig | None = None) -> str:
+    """The policy's model directory; None means the embedded demo model (built if missing).
+    Raises ModelPathError for a path that is not a model directory (see check_model_path)."""
     if model.path is not None:
-        return model.path
+        if problems := check_model_path(model, rollout):
+            raise ModelPathError("; ".join(problems))
+        return str(Path(model.path).expanduser())
     from agent_spo.demo.build import ensure_demo_model
 
     return str(ensure_demo_model(log=log))
@@ -301,10 +370,11 @@ async def open_episode_runner(
     async with contextlib.AsyncExitStack() as stack:
         model_path = None
         if engine is None:
-            model_path = resolve_model_path(cfg.model, log=log)
+            model_path = resolve_model_path(cfg.model, log=log, rollout=cfg.rollout)
             engine = build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
         stack.push_async_callback(engine.close)
         if verifier is None:
             verifier = stack.enter_context(build_verifier(cfg.verifier))
         sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox))
+        await check_sandbox(sandbox)
         yield await build_runner(cfg, engine, model_path, sandbox, verifier)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,21 +65,54 @@ class StreamSettings:
     # (dropped, or unscored): a broken sandbox, engine or verifier must not leave the
     # learner waiting forever. None = max(200, 2 x workers).
     max_consecutive_drops: int | None = None
+    # ... or as soon as more than this share of the last `drop_window` episodes was
+    # dropped by the infrastructure: a sandbox that fails every tool call while episodes
+    # that never call it still train would otherwise teach the policy to avoid the tool.
+    max_drop_share: float = 0.2
+    drop_window: int = 200
 
 
 class AllEpisodesDropped(RuntimeError):
-    """Every recent episode was dropped or unscored; training stops."""
+    """Too many recent episodes were dropped or unscored; training stops."""
 
 
 class _DropWatch:
-    def __init__(self, limit: int) -> None:
+    """Stops the run (AllEpisodesDropped) on ``limit`` untrainable episodes in a row, or
+    when the dropped share of the last ``window`` episodes exceeds ``max_share``."""
+
+    def __init__(self, limit: int, max_share: float = 1.0, window: int = 200) -> None:
         self.limit, self.run, self.last = limit, 0, ""
+        self.max_share = max_share
+        self.recent: deque[bool] = deque(maxlen=window)  # True = dropped
+        self.causes: Counter[str] = Counter()
 
     def dropped(self, e: EpisodeDropped) -> None:
-        self._miss(f"{e.source}: {e.reason}")
+        why = f"{e.source}: {e.reason}"
+        self.causes[why[:160]] += 1
+        self._window(True, why)
+        self._miss(why)
 
     def unscored(self, traj: Trajectory) -> None:
+        self._window(False, "")
         self._miss(f"unscored ({traj.stop_reason})")
+
+    def ok(self) -> None:
+        self._window(False, "")
+        self.run = 0
+
+    def _window(self, dropped: bool, why: str) -> None:
+        self.recent.append(dropped)
+        if len(self.recent) < (self.recent.maxlen or 0):
+            return
+        share = sum(self.recent) / len(self.recent)
+        if share > self.max_share:
+            cause, n = self.causes.most_common(1)[0] if self.causes else (why, 0)
+            raise AllEpisodesDropped(
+                f"{share:.0%} of the last {len(self.recent)} episodes were dropped (limit "
+                f"train.max_drop_share={self.max_share:g}); most common cause ({n}x): "
+                f"{cause}; check the sandbox and engine (agent-spo sandbox run, agent-spo "
+                "rollout)"
+            )
 
     def _miss(self, why: str) -> None:
         self.run += 1
@@ -91,13 +124,14 @@ class _DropWatch:
                 "agent-spo rollout) and rollout.episode_timeout_s"
             )
 
-    def ok(self) -> None:
-        self.run = 0
-
 
 def _watch(settings: StreamSettings) -> _DropWatch:
     limit = settings.max_consecutive_drops
-    return _DropWatch(limit if limit is not None else max(200, 2 * settings.workers))
+    return _DropWatch(
+        limit if limit is not None else max(200, 2 * settings.workers),
+        settings.max_drop_share,
+        settings.drop_window,
+    )
 
 
 @dataclass

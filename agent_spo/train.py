@@ -10,10 +10,14 @@ module owns the run directory:
     RUN_DIR/episodes.jsonl     every trained trajectory, with step, baseline and lag
     RUN_DIR/checkpoints/       atomic checkpoints (agent_spo.checkpoint)
     RUN_DIR/summary.json       final numbers, with held-out accuracy before and after
+    RUN_DIR/.lock              held by the training process (agent_spo.rundir)
 
+Nothing is written before the config, the data files and the model directory have been
+checked. A run directory has one owner at a time: a second trainer on it fails at once.
 ``resume=True`` continues from the latest checkpoint: model, optimizer, tracker, sampler
 RNG and step come back; the metrics and episode logs are cut back to what that
-checkpoint had seen, so no batch is counted twice.
+checkpoint had seen, so no batch is counted twice. A resume with nothing to do (no run
+there, or a run already at train.total_steps) is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_ch
 from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.metrics import MetricsLog, read_metrics
+from agent_spo.rundir import lock_run_dir
 
 if TYPE_CHECKING:
     from agent_spo.rollout import RolloutSummary
@@ -41,6 +46,10 @@ if TYPE_CHECKING:
 
 class RunExists(RuntimeError):
     """The run directory already holds a run and neither resume nor a new name was given."""
+
+
+class NothingToResume(RuntimeError):
+    """--resume found no run to continue, or a run with no steps left to train."""
 
 
 class UnsupportedConfig(ValueError):
@@ -124,24 +133,59 @@ class Run:
     log: Callable[[str], None]
 
 
-def preflight(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Checkpoint | None:
-    """Everything that can refuse the run, before any work; writes the resolved config.
-    Returns the checkpoint to resume from (None: a fresh run)."""
+def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
+    """Everything about the config and its inputs that can refuse the run, before the run
+    directory is touched: the data files, train-only settings, the model directory, and
+    for --resume a run to continue. Raises DatasetError, UnsupportedConfig or
+    NothingToResume."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise NothingToResume(
+            f"--resume: there is no run at {run_dir} (no config.yaml); start a new run "
+            "without --resume"
+        )
     train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
-    if problems := check_trainable(cfg, train_prompts=len(train)):
+    problems = check_trainable(cfg, train_prompts=len(train)) + builders.check_model_path(
+        cfg.model, cfg.rollout
+    )
+    if problems:
         raise UnsupportedConfig("; ".join(problems))
+
+
+def claim_run_dir(
+    cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]
+) -> Checkpoint | None:
+    """Decide, with the run directory locked, whether this is a fresh run or a resume, and
+    refuse what has nothing to do; writes the resolved config. Returns the checkpoint to
+    resume from (None: a fresh run)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
+    total = cfg.train.total_steps
+    if ckpt is not None and ckpt.step >= total:
+        more = f"resume with train.total_steps above {ckpt.step} to train further"
+        if ckpt.step == total:
+            raise NothingToResume(
+                f"--resume: the run at {run_dir} is finished (its last checkpoint is step "
+                f"{ckpt.step} = train.total_steps); {more}"
+            )
+        raise NothingToResume(
+            f"--resume: the latest checkpoint, step {ckpt.step}, is past train.total_steps="
+            f"{total}; {more}, or evaluate it with `agent-spo eval`"
+        )
     if resume and ckpt is None:
-        log(f"no checkpoint under {ckpt_root}; starting from scratch")
-    if not resume and any((run_dir / f).exists() for f in ("metrics.jsonl", "values.jsonl")):
+        log(f"no checkpoint under {ckpt_root} yet; starting the run from scratch")
+    if not resume and (
+        any((run_dir / f).exists() for f in ("metrics.jsonl", "values.jsonl"))
+        or latest_checkpoint(ckpt_root) is not None
+    ):
         raise RunExists(
             f"{run_dir} already holds a run; pass --resume to continue it, or set run.name"
         )
     if cfg.algo.init.values_path is not None and cfg.algo.name == "spo" and ckpt is None:
         from agent_spo.values import load_values
 
+        train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
         load_values(cfg.algo.init.values_path, known={p.key for p in train})  # fails before work
     if resume:
         _check_resume_config(cfg, run_dir / "config.yaml")
@@ -165,15 +209,21 @@ async def setup(
 
     from agent_spo.episode.runner import EpisodeRunner
 
-    ckpt = preflight(cfg, resume=resume, log=log)
-    hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
+    check_inputs(cfg, resume=resume)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
-    problems = {p.key: p for p in train_set}
-    base_path = builders.resolve_model_path(cfg.model, log=log)
-    model_path = str(ckpt.model_dir) if ckpt else base_path
-    first_step = ckpt.step if ckpt is not None else 0
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(lock_run_dir(run_dir))  # held until train() has finished
+        # a sandbox that cannot run code (server down, wrong token) refuses the run before
+        # anything is written or loaded
+        sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
+        await builders.check_sandbox(sandbox)
+        ckpt = claim_run_dir(cfg, resume=resume, log=log)
+        hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
+        train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
+        problems = {p.key: p for p in train_set}
+        base_path = builders.resolve_model_path(cfg.model, log=log)
+        model_path = str(ckpt.model_dir) if ckpt else base_path
+        first_step = ckpt.step if ckpt is not None else 0
         threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
             stack.callback(_set_torch_threads, threads_before)
@@ -182,7 +232,6 @@ async def setup(
         tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
         learner = builders.build_learner(model_path, tokenizer, cfg.learner, cfg.loss)
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
-        sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
         settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
@@ -243,7 +292,7 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
         for p in (metrics_path, episodes_path):
             p.unlink(missing_ok=True)
     evaluator = _Evaluator(cfg, run.eval_runner, run.held_out, run.dir)
-    if run.held_out and cfg.train.eval_every and run.first_step == 0:
+    if _evaluating(run) and run.first_step == 0:
         summary["held_out_before"] = (await evaluator.run(0)).to_dict()
     elif run.first_step > 0:
         before = _step0_evaluation(metrics_path)
@@ -265,7 +314,7 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
         )  # fmt: skip
         summary["train_s"] = round(time.perf_counter() - books.t_start, 1)
         summary["checkpoint_s"] = round(books.checkpoint_s, 1)
-        if run.held_out:
+        if _evaluating(run):
             final = cfg.train.total_steps
             if evaluator.step != final:
                 await evaluator.run(final)
@@ -302,7 +351,7 @@ async def _after_step(run: Run, books: _Books, on_metrics, row: dict, batch) -> 
     log_episodes(run, books.episodes, step, batch)
     row["perf/elapsed_s"] = time.perf_counter() - books.t_start
     every = cfg.train.eval_every
-    if run.held_out and ((every and step % every == 0) or step == cfg.train.total_steps):
+    if _evaluating(run) and (step % every == 0 or step == cfg.train.total_steps):
         await books.evaluator.run(step)
         row.update(books.evaluator.last_row)
     if step % cfg.train.log_every == 0 or step == cfg.train.total_steps or "eval/accuracy" in row:
@@ -313,6 +362,11 @@ async def _after_step(run: Run, books: _Books, on_metrics, row: dict, batch) -> 
         t_save = time.perf_counter()
         await save(run, step, episode_log_offset=books.episodes.tell())
         books.checkpoint_s += time.perf_counter() - t_save
+
+
+def _evaluating(run: Run) -> bool:
+    """Whether the run scores a held-out split (train.eval_every = 0 turns it off)."""
+    return bool(run.held_out) and run.cfg.train.eval_every > 0
 
 
 def log_episodes(run: Run, out: TextIO, step: int, batch) -> None:

@@ -82,6 +82,13 @@ def package_dir(name: str) -> str:
         raise SandboxUnavailable(
             f"package {name!r} (to expose inside the sandbox) is not installed"
         )
+    if spec.origin is None:  # a namespace package: some directory on sys.path shadows it
+        where = ", ".join(spec.submodule_search_locations)
+        raise SandboxUnavailable(
+            f"package {name!r} (to expose inside the sandbox) resolves to the plain "
+            f"directory {where}, not the installed package; remove that directory from "
+            "sys.path (or import the package first)"
+        )
     return str(Path(list(spec.submodule_search_locations)[0]).resolve())
 
 

@@ -8,6 +8,7 @@ instant. Exit codes are in :mod:`agent_spo.cli.args`.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -16,6 +17,11 @@ from agent_spo.cli import bench, demo, eval, replay, sandbox, tools, train, veri
 from agent_spo.cli.args import EXIT_CONFIG, EXIT_FAILED, EXIT_SANDBOX
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_SANDBOX", "app"]
+
+# Nothing here downloads: model.path is a local directory (checked before a run starts),
+# so the HuggingFace libraries never need to reach a hub. Set before they are imported;
+# HF_HUB_OFFLINE=0 in the environment turns it back on.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = typer.Typer(
     name="agent-spo",

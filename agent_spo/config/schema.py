@@ -411,6 +411,11 @@ class SandboxConfig(Section):
     url: str | None = None
     """Base URL of the sandbox server; required when backend = remote."""
 
+    token_env: str = "AGENT_SPO_SANDBOX_TOKEN"
+    """Environment variable holding the remote server's bearer token (the one `agent-spo
+    sandbox serve --token` requires), so the secret never lands in config.yaml. Unset or
+    empty = no token."""
+
     @model_validator(mode="after")
     def _check(self) -> SandboxConfig:
         if self.backend == "remote" and not self.url:
@@ -434,13 +439,22 @@ class TrainLoopConfig(Section):
     """Save a checkpoint (policy, optimizer, tracker, sampler RNG) every this many
     steps, and at the end. >= 1."""
 
+    max_drop_share: float = Field(0.2, gt=0, le=1)
+    """Stop with the cause when more than this share of the last drop_window episodes was
+    dropped by the infrastructure (sandbox, engine); what was checkpointed is kept. In
+    (0, 1]; 1 = only the N-in-a-row stop."""
+
+    drop_window: int = Field(200, ge=1)
+    """Episodes the max_drop_share rule looks back over (it applies once that many have
+    finished). >= 1."""
+
     log_every: int = Field(1, ge=1)
     """Write metrics every this many steps. >= 1."""
 
     eval_every: int = Field(20, ge=0)
-    """Score the held-out prompts (one episode each, fixed seeds) before training and
-    every this many steps; the curve goes to metrics.jsonl as eval/*. 0 = only at the
-    end. The final evaluation always runs when there is a held-out split."""
+    """Score the held-out prompts (one episode each, fixed seeds) before training, every
+    this many steps and at the end; the curve goes to metrics.jsonl as eval/*. 0 = never
+    (no held-out evaluation at all)."""
 
     eval_temperature: float = Field(0.6, ge=0)
     """Sampling temperature of the held-out evaluation. >= 0. Source: the paper's

@@ -65,9 +65,11 @@ def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
     if model is not None:
         model_cfg = model_cfg.model_copy(update={"path": model})
         source += f"; model {model}"
-    return Context(
-        builders.resolve_model_path(model_cfg, log=log_fn), rollout, sandbox, verifier, source
-    )
+    try:
+        model_path = builders.resolve_model_path(model_cfg, log=log_fn)
+    except builders.ModelPathError as e:
+        raise ReplayError(str(e)) from None
+    return Context(model_path, rollout, sandbox, verifier, source)
 
 
 def _tokenizer(path: str):
