@@ -3,6 +3,10 @@
 The log is JSON lines, one trajectory per line (``Trajectory.to_json``), appended and
 flushed as each episode finishes, so an interrupted run keeps every finished episode.
 It is the input of replay and evaluation.
+
+A dropped episode (the engine or sandbox failed) is counted by cause in the summary
+(``drop_causes``); a run where more than half of the episodes dropped has failed
+(:meth:`RolloutSummary.failure`), though its log and summary are still written.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent_spo.data.problems import Problem
-from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
-from agent_spo.episode.runner import EpisodeRunner
+from agent_spo.episode.pool import (
+    EpisodeJob,
+    Outcome,
+    drop_cause,
+    episode_seed,
+    job_failure,
+    play,
+)
+from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -28,6 +39,7 @@ if TYPE_CHECKING:
 class RolloutSummary:
     episodes: int = 0
     dropped: int = 0
+    drop_causes: Counter = field(default_factory=Counter)  # drop_cause -> episodes
     correct: int = 0
     scored: int = 0
     tool_calls: int = 0
@@ -50,6 +62,14 @@ class RolloutSummary:
             if c.fault:
                 self.tool_faults[c.fault] += 1
 
+    def drop(self, e: EpisodeDropped) -> None:
+        self.dropped += 1
+        self.drop_causes[drop_cause(e)] += 1
+
+    def failure(self) -> str | None:
+        """Why the rollout failed (more than half of its episodes dropped), else None."""
+        return job_failure(self.drop_causes, self.episodes + self.dropped)
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.scored if self.scored else 0.0
@@ -65,6 +85,7 @@ class RolloutSummary:
         return {
             "episodes": self.episodes,
             "dropped": self.dropped,
+            "drop_causes": dict(self.drop_causes.most_common()),
             "scored": self.scored,
             "accuracy": round(self.accuracy, 4),
             "tool_use_rate": round(self.used_tool / max(1, self.episodes), 4),
@@ -99,9 +120,10 @@ async def run_rollout(
     with open(out, "w", encoding="utf-8") as log:  # one log per run, like its summary
 
         def record(o: Outcome) -> None:
-            if o.trajectory is None:
-                summary.dropped += 1
+            if o.dropped is not None:
+                summary.drop(o.dropped)
             else:
+                assert o.trajectory is not None  # an outcome has its trajectory or its drop
                 log.write(o.trajectory.to_json() + "\n")
                 log.flush()
                 summary.add(o.trajectory)

@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent_spo.data.problems import Problem
-from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
+from agent_spo.episode.pool import (
+    EpisodeJob,
+    Outcome,
+    drop_cause,
+    episode_seed,
+    job_failure,
+    play,
+)
 from agent_spo.episode.runner import EpisodeRunner
 
 if TYPE_CHECKING:
@@ -45,8 +53,13 @@ class EstimateProgress:
     episodes: int = 0
     correct: float = 0.0
     dropped: int = 0
+    drop_causes: Counter = field(default_factory=Counter)  # drop_cause -> episodes
     unscored: int = 0
     wall_s: float = 0.0
+
+    def failure(self) -> str | None:
+        """Why this session failed (more than half of its episodes dropped), else None."""
+        return job_failure(self.drop_causes, self.episodes + self.unscored + self.dropped)
 
     @property
     def mean_value(self) -> float:
@@ -58,6 +71,7 @@ class EstimateProgress:
             "episodes": self.episodes,
             "mean_value": round(self.mean_value, 4),
             "dropped": self.dropped,
+            "drop_causes": dict(self.drop_causes.most_common()),
             "unscored": self.unscored,
             "wall_s": round(self.wall_s, 1),
         }
@@ -137,10 +151,12 @@ async def estimate_values(
 
         def record(o: Outcome) -> None:
             key = o.job.problem.key
-            if o.trajectory is None:
+            if o.dropped is not None:
                 dropped[key] += 1
                 state.dropped += 1
+                state.drop_causes[drop_cause(o.dropped)] += 1
             else:
+                assert o.trajectory is not None  # an outcome has its trajectory or its drop
                 reward = o.trajectory.reward
                 pending[key].append(reward)
                 if reward is None:

@@ -35,6 +35,12 @@ connection, a timeout, a 5xx/429 or a malformed response is retried ``retries`` 
 exponential backoff; a 4xx (a prompt over the server's context, an unknown model) fails at
 once with the server's message. A prompt that leaves no room under ``max_model_len`` is a
 ``ValueError`` before any request, as with the other engines.
+
+A request that runs out of retries without any answer (refused, reset, timed out) marks
+the server down: from then on requests fail at once ("unreachable"), except one single try
+every ``down_probe_s``, and the first answer marks it up again. So when the server dies,
+the requests in flight spend one round of retries and the rest of a rollout drains in
+moments instead of each episode retrying its own way through the backoff.
 """
 
 from __future__ import annotations
@@ -77,8 +83,9 @@ class OpenAIHTTPEngine:
     read from ``/v1/models`` unless given (then prompts that leave no room are rejected
     locally and ``max_tokens`` is clamped to the room left, as the other engines do).
     ``timeout_s`` bounds each attempt; ``retries`` is how many times a transient failure
-    is retried. One pooled ``httpx.AsyncClient`` (``max_connections``) serves all concurrent
-    requests of an event loop.
+    is retried; ``down_probe_s`` is how often a server marked down (see the module
+    docstring) is tried again. One pooled ``httpx.AsyncClient`` (``max_connections``)
+    serves all concurrent requests of an event loop.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class OpenAIHTTPEngine:
         retries: int = 3,
         backoff_s: float = 0.5,
         max_backoff_s: float = 10.0,
+        down_probe_s: float = 5.0,
         max_connections: int = 512,
         version: int = 0,
         extra_body: dict[str, Any] | None = None,
@@ -107,6 +115,7 @@ class OpenAIHTTPEngine:
         self.retries = max(0, int(retries))
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.down_probe_s = float(down_probe_s)
         self.max_connections = int(max_connections)
         self.extra_body = dict(extra_body or {})
         self._headers = {"User-Agent": "agent-spo"}
@@ -118,6 +127,9 @@ class OpenAIHTTPEngine:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._info_lock: asyncio.Lock | None = None
         self._closed = False
+        self._down: str | None = None  # why the server is marked down (no answer), if it is
+        self._down_since = 0.0  # time.monotonic() when it was marked down
+        self._probe_at = 0.0  # time.monotonic() from which one request may try it again
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -236,22 +248,39 @@ class OpenAIHTTPEngine:
     async def _call(self, method: str, path: str, body: Any, *, parse):
         url = self.base_url + path
         attempts = self.retries + 1
-        reason = ""
+        if self._down is not None:  # marked down: fail at once, but for a try now and then
+            if time.monotonic() < self._probe_at:
+                raise EngineError(f"{method} {url}: {self._unreachable()}")
+            self._probe_at = time.monotonic() + self.down_probe_s
+            attempts = 1
+        reason, answered = "", False
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt))
+                if self._down is not None:  # another request ran out of retries meanwhile
+                    raise EngineError(f"{method} {url}: {self._unreachable()}")
             if self._closed:
                 raise EngineError(f"{method} {url}: the engine is closed")
             try:
                 resp = await self._http().request(method, url, json=body)
+            except httpx.TransportError as e:
+                reason, answered = f"{type(e).__name__}: {e or 'no detail'}", False
+                continue
+            except httpx.HTTPError as e:  # e.g. a malformed URL: no point retrying
+                raise EngineError(f"{method} {url} failed: {type(e).__name__}: {e}") from e
+            self._down, answered = None, True
+            try:
                 return _check(resp, url, parse)
             except _Retry as e:
                 reason = str(e)
-            except httpx.TransportError as e:
-                reason = f"{type(e).__name__}: {e or 'no detail'}"
-            except httpx.HTTPError as e:  # e.g. a malformed URL: no point retrying
-                raise EngineError(f"{method} {url} failed: {type(e).__name__}: {e}") from e
+        if not answered and self._down is None:
+            now = time.monotonic()
+            self._down, self._down_since, self._probe_at = reason, now, now + self.down_probe_s
         raise EngineError(f"{method} {url} failed after {attempts} attempt(s): {reason}")
+
+    def _unreachable(self) -> str:
+        ago = time.monotonic() - self._down_since
+        return f"the server is unreachable ({self._down}; no answer for {ago:.0f} s)"
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))

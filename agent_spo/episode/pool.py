@@ -10,12 +10,17 @@ share one seed rule and one crash policy:
 - **Crashes.** An infrastructure failure (:class:`EpisodeDropped`) is an outcome: it is
   handed to ``on_outcome`` and the pool goes on. Anything else is a bug: it cancels the
   other workers and propagates with its traceback.
+- **Drops.** The callers count drops by :func:`drop_cause` (a short bucket, so a summary
+  holds a small table of causes, not a line per episode) and fail the job by one rule,
+  :func:`job_failure`: more than half of its episodes dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +52,29 @@ class Outcome:
     job: EpisodeJob
     trajectory: Trajectory | None
     dropped: EpisodeDropped | None = None
+
+
+_URL_OR_NUMBER = re.compile(r"\S+://\S+|(?<!HTTP )\b\d+(?:\.\d+)?\b")
+_MAX_CAUSE = 160
+
+
+def drop_cause(e: EpisodeDropped) -> str:
+    """A drop's bucket: ``source: reason``, on one line, numbers as N (URLs and HTTP status
+    codes kept), at most 160 characters; drops that differ only in counts share one."""
+    first = e.reason.strip().splitlines()[0] if e.reason.strip() else "no reason given"
+    reason = _URL_OR_NUMBER.sub(lambda m: m[0] if "://" in m[0] else "N", first)
+    cause = f"{e.source}: {reason}"
+    return cause if len(cause) <= _MAX_CAUSE else cause[: _MAX_CAUSE - 3] + "..."
+
+
+def job_failure(drop_causes: Counter[str], played: int) -> str | None:
+    """Why a job of ``played`` episodes failed, naming its main cause, when more than half
+    of them dropped (``drop_causes``: counts by :func:`drop_cause`); else None."""
+    dropped = sum(drop_causes.values())
+    if 2 * dropped <= played:
+        return None
+    cause, count = drop_causes.most_common(1)[0]
+    return f"{dropped} of {played} episodes dropped; main cause ({count}): {cause}"
 
 
 async def play(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from agent_spo.data.problems import Problem, load_problems
 from agent_spo.episode.log import EpisodeLog, append_row, open_for_append
-from agent_spo.episode.pool import EpisodeJob, Outcome, episode_seed, play
+from agent_spo.episode.pool import EpisodeJob, Outcome, drop_cause, episode_seed, play
 from agent_spo.evaluate.config import EvalConfig, dump_eval_config, sample_settings
 from agent_spo.evaluate.metrics import (
     avg_at_k,
@@ -54,6 +55,7 @@ class Progress:
     total: int = 0  # samples to generate in this session
     done: int = 0
     dropped: int = 0
+    drop_causes: Counter = field(default_factory=Counter)  # drop_cause -> samples
     correct: int = 0
     dataset: str = ""
     per_dataset_s: dict[str, list[float]] = field(default_factory=dict)  # first start, last end
@@ -149,6 +151,7 @@ async def generate(
         span = state.per_dataset_s[name]
         if o.dropped is not None:
             state.dropped += 1
+            state.drop_causes[drop_cause(o.dropped)] += 1
             append_row(dlog, json.dumps({**o.job.info, "source": o.dropped.source,
                                          "reason": o.dropped.reason}))  # fmt: skip
         else:
@@ -316,6 +319,7 @@ async def run_eval(
         results = score(cfg, out_dir, datasets, verifier=verifier, log=log, wall=wall)
     results["generated"] = state.done - state.dropped
     results["dropped_now"] = state.dropped
+    results["drop_causes"] = dict(state.drop_causes.most_common())
     results["generate_s"] = round(gen_s, 2)
     results["score_s"] = round(time.perf_counter() - t0 - gen_s, 2)
     results["model"] = cfg.model.path or "demo"
