@@ -10,7 +10,8 @@ Server (`agent-spo sandbox serve`, loopback by default):
     DELETE /v1/sessions/{id}
 
 Sessions idle for longer than `session_ttl_s` are closed. An optional bearer token
-guards every route. The client (`RemoteSandbox`) bounds its in-flight calls with a
+guards every route. A call's `timeout_s` over the server's own per-call limit
+(`max_timeout_s`, `sandbox serve --timeout`) is clamped to it. The client (`RemoteSandbox`) bounds its in-flight calls with a
 semaphore, gives every request a deadline (the call's timeout + a queue budget +
 grace), and retries only transport failures of *stateless* calls, with backoff; a
 session call is never retried (it is not idempotent) and a transport failure loses the
@@ -26,6 +27,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,11 +42,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY = 8 << 20
+MAX_TIMEOUT_S = 3600.0  # the most any call may ask for, on any server
 
 
 # ----------------------------------------------------------------------------- server
 class SandboxServer:
-    """Serve a started backend (e.g. LocalSandbox) over HTTP from a background thread."""
+    """Serve a started backend (e.g. LocalSandbox) over HTTP from a background thread.
+
+    The stdlib threaded server: one thread per connection (at most `max_connections`;
+    more wait in a listen backlog of `backlog`), each handing its request to one asyncio
+    loop that runs the backend. `max_timeout_s` caps every call: a client's larger
+    `timeout_s` is clamped to it (a call that names none gets the backend's default;
+    `agent-spo sandbox serve --timeout` sets both). A client that hangs up before its
+    reply is a debug line, not a traceback.
+    """
 
     def __init__(
         self,
@@ -54,19 +65,29 @@ class SandboxServer:
         port: int = 8000,
         token: str | None = None,
         session_ttl_s: float = 900.0,
+        max_timeout_s: float = MAX_TIMEOUT_S,
+        backlog: int = 1024,
+        max_connections: int = 1024,
+        idle_timeout_s: float = 120.0,
     ) -> None:
+        if not 0 < max_timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(
+                f"max_timeout_s must be in (0, {MAX_TIMEOUT_S:g}], got {max_timeout_s}"
+            )
         self.backend = backend
         self.token = token
         self.session_ttl_s = session_ttl_s
+        self.max_timeout_s = max_timeout_s
+        # touched only on the event loop (requests and the reaper), so no lock
         self.sessions: dict[str, tuple[Any, float]] = {}
         self._busy: set[str] = set()  # sessions with a call in flight are never reaped
-        self._lock = threading.Lock()
+        self._reaper: asyncio.Task | None = None
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self.loop.run_forever, daemon=True, name="sandbox-server-loop"
         )
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        handler = self._handler_class(idle_timeout_s)
+        self.httpd = _ThreadedHTTPServer((host, port), handler, backlog, max_connections)
         self._http_thread: threading.Thread | None = None
 
     @property
@@ -80,15 +101,15 @@ class SandboxServer:
         return f"http://{host}:{port}"
 
     def start(self) -> SandboxServer:
-        """Start the backend (if needed), the event loop and the HTTP thread."""
+        """Start the event loop, the backend (if needed), the session reaper and the HTTP thread."""
         self._loop_thread.start()
         if not getattr(self.backend, "started", True):
             self.call(self.backend.start())
+        self.call(self._start_reaper())
         self._http_thread = threading.Thread(
             target=self.httpd.serve_forever, daemon=True, name="sandbox-server-http"
         )
         self._http_thread.start()
-        self.call(self._reaper_start())
         return self
 
     def serve_forever(self) -> None:
@@ -104,39 +125,51 @@ class SandboxServer:
             self.stop()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        """Stop accepting, cancel the session reaper, close the backend, end the loop."""
+        self.httpd.stopping.set()
+        if self._http_thread is not None:  # shutdown() waits for serve_forever to return
+            self.httpd.shutdown()
         self.httpd.server_close()
+        if not self._loop_thread.is_alive():
+            return
         try:
+            self.call(self._stop_reaper(), timeout=10)
             self.call(self.backend.close(), timeout=30)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._loop_thread.join(timeout=5)
 
     def call(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from another thread and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    async def _reaper_start(self) -> None:
-        async def reap() -> None:
-            while True:
-                await asyncio.sleep(min(30.0, self.session_ttl_s / 2))
-                now = time.monotonic()
-                with self._lock:
-                    expired = [
-                        sid
-                        for sid, (_, t) in self.sessions.items()
-                        if now - t > self.session_ttl_s and sid not in self._busy
-                    ]
-                    dropped = [self.sessions.pop(sid)[0] for sid in expired]
-                for s in dropped:
-                    try:
-                        await s.close()
-                    except Exception:  # noqa: BLE001 - keep reaping the others
-                        log.exception("closing an expired sandbox session failed")
+    async def _start_reaper(self) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="sandbox-server-reaper")
 
-        self._reaper = asyncio.ensure_future(reap())
+    async def _stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
 
-    # -- request handling (runs in the HTTP threads)
-    def handle(self, method: str, path: str, body: dict | None) -> tuple[int, Any]:
+    async def _reap(self) -> None:
+        """Close sessions idle for longer than `session_ttl_s` (never one mid-call)."""
+        while True:
+            await asyncio.sleep(min(30.0, self.session_ttl_s / 2))
+            now = time.monotonic()
+            expired = [
+                sid
+                for sid, (_, t) in self.sessions.items()
+                if now - t > self.session_ttl_s and sid not in self._busy
+            ]
+            for session in [self.sessions.pop(sid)[0] for sid in expired]:
+                try:
+                    await session.close()
+                except Exception:  # noqa: BLE001 - keep reaping the others
+                    log.exception("closing an expired sandbox session failed")
+
+    # -- request handling: on the event loop, while the request's HTTP thread waits
+    async def handle(self, method: str, path: str, body: dict | None) -> tuple[int, Any]:
+        """Route one request to the backend: (HTTP status, JSON payload)."""
         parts = [p for p in path.split("?")[0].split("/") if p]
         if parts[:1] != ["v1"]:
             return 404, {"error": f"no route {path}"}
@@ -148,32 +181,25 @@ class SandboxServer:
                 "capabilities": getattr(self.backend, "capabilities", {}),
             }
             if hasattr(self.backend, "census"):
-                health["census"] = self.call(self.backend.census(), timeout=30)
+                health["census"] = await asyncio.wait_for(self.backend.census(), 30)
             return 200, health
         if method == "POST" and route == ["run"]:
-            code, timeout = _call_args(body)
-            return 200, self.call(self.backend.run(code, timeout_s=timeout)).to_dict()
+            code, timeout = self._call_args(body)
+            return 200, (await self.backend.run(code, timeout_s=timeout)).to_dict()
         if method == "POST" and route == ["run_batch"]:
             calls = (body or {}).get("calls")
             if not isinstance(calls, list):
                 return 400, {"error": "expected {'calls': [...]}"}
-            args = [_call_args(c) for c in calls]
-
-            async def batch():
-                return await asyncio.gather(*(self.backend.run(c, timeout_s=t) for c, t in args))
-
-            return 200, [r.to_dict() for r in self.call(batch())]
+            args = [self._call_args(c) for c in calls]
+            results = await asyncio.gather(*(self.backend.run(c, timeout_s=t) for c, t in args))
+            return 200, [r.to_dict() for r in results]
         if method == "POST" and route == ["sessions"]:
-            session = self.call(self.backend.open_session())
-            with self._lock:
-                self.sessions[session.id] = (session, time.monotonic())
+            session = await self.backend.open_session()
+            self.sessions[session.id] = (session, time.monotonic())
             return 200, {"session": session.id}
         if len(route) >= 2 and route[0] == "sessions":
             sid = route[1]
-            with self._lock:
-                entry = self.sessions.get(sid)
-                if entry is not None:
-                    self.sessions[sid] = (entry[0], time.monotonic())
+            entry = self.sessions.get(sid)
             if entry is None:
                 if method == "DELETE":
                     return 200, {"status": "ok"}
@@ -181,25 +207,23 @@ class SandboxServer:
                     "session_lost", f"no session {sid!r} on this server", "remote"
                 ).to_dict()
             session = entry[0]
+            self.sessions[sid] = (session, time.monotonic())
             if method == "POST" and route[2:] == ["run"]:
-                code, timeout = _call_args(body)
-                with self._lock:
-                    self._busy.add(sid)
+                code, timeout = self._call_args(body)
+                self._busy.add(sid)
                 try:
-                    return 200, self.call(session.run(code, timeout_s=timeout)).to_dict()
+                    return 200, (await session.run(code, timeout_s=timeout)).to_dict()
                 finally:
-                    with self._lock:
-                        self._busy.discard(sid)
-                        if sid in self.sessions:
-                            self.sessions[sid] = (session, time.monotonic())
+                    self._busy.discard(sid)
+                    if sid in self.sessions:
+                        self.sessions[sid] = (session, time.monotonic())
             if method == "DELETE" and len(route) == 2:
-                with self._lock:
-                    self.sessions.pop(sid, None)
-                self.call(session.close())
+                self.sessions.pop(sid, None)
+                await session.close()
                 return 200, {"status": "ok"}
         return 404, {"error": f"no route {method} {path}"}
 
-    def _handler_class(self):
+    def _handler_class(self, idle_timeout_s: float) -> type[BaseHTTPRequestHandler]:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -207,17 +231,28 @@ class SandboxServer:
             # headers and body go out as separate writes: without TCP_NODELAY, Nagle plus
             # the client's delayed ACK add ~40 ms to every call
             disable_nagle_algorithm = True
+            # the socket's timeout: an idle keep-alive connection is closed after this, so it
+            # cannot hold a thread forever (httpx itself drops idle connections after 5 s)
+            timeout = idle_timeout_s
 
             def log_message(self, fmt, *args):  # quiet; the trainer has its own logs
                 log.debug("sandbox server: " + fmt, *args)
 
             def _reply(self, status: int, payload: Any) -> None:
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except ConnectionError as e:  # reset or broken pipe: nobody left to tell
+                    log.debug(
+                        "sandbox server: client %s went away before its reply (%r)",
+                        self.client_address,
+                        e,
+                    )
+                    self.close_connection = True
 
             def _serve(self, method: str) -> None:
                 if server.token is not None:
@@ -239,7 +274,7 @@ class SandboxServer:
                     except ValueError:
                         return self._reply(400, {"error": "body is not JSON"})
                 try:
-                    status, payload = server.handle(method, self.path, body)
+                    status, payload = server.call(server.handle(method, self.path, body))
                 except ValueError as e:
                     status, payload = 400, {"error": str(e)}
                 except SandboxError as e:  # the backend's own failure: no traceback to log
@@ -261,14 +296,58 @@ class SandboxServer:
 
         return Handler
 
+    def _call_args(self, body: dict | None) -> tuple[str, float | None]:
+        """The call's code and timeout; a timeout over this server's limit is clamped to it."""
+        if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+            raise ValueError("expected a JSON object with a string 'code'")
+        timeout = body.get("timeout_s")
+        if timeout is None:
+            return body["code"], None
+        if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT_S):
+            raise ValueError(f"timeout_s must be a number in (0, {MAX_TIMEOUT_S:g}]")
+        return body["code"], min(float(timeout), self.max_timeout_s)
 
-def _call_args(body: dict | None) -> tuple[str, float | None]:
-    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
-        raise ValueError("expected a JSON object with a string 'code'")
-    timeout = body.get("timeout_s")
-    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout <= 3600):
-        raise ValueError("timeout_s must be a number in (0, 3600]")
-    return body["code"], timeout
+
+class _ThreadedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep listen backlog and a bound on its threads.
+
+    The stdlib's backlog of 5 overflowed under one client's 64 calls in flight: the
+    kernel dropped connections and the client lost session calls to ReadError.
+    Connections over `max_connections` wait in the backlog for a free thread. (The
+    kernel caps the backlog at net.core.somaxconn: 4096 by default since Linux 5.4.)
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, backlog: int, max_connections: int) -> None:
+        self.request_queue_size = backlog  # server_activate() listens with it
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.stopping = threading.Event()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if self.stopping.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread took the slot
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):  # reset or broken pipe: the client hung up
+            log.debug("sandbox server: client %s went away (%r)", client_address, exc)
+            return
+        log.exception("sandbox server: error serving %s", client_address)
 
 
 # ----------------------------------------------------------------------------- client
@@ -296,6 +375,7 @@ class RemoteSandbox:
         self.grace_s = grace_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_in_flight = max_in_flight
         self._limit = asyncio.Semaphore(max_in_flight)
         self._client: httpx.AsyncClient | None = None
         self.started = False
@@ -304,7 +384,12 @@ class RemoteSandbox:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=None)
+        # the semaphore bounds the calls; keep a connection alive per call in flight, so a
+        # burst reuses them instead of opening (and the server accepting) a new one each
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.max_in_flight)
+        self._client = httpx.AsyncClient(
+            base_url=self.url, headers=headers, timeout=None, limits=limits
+        )
         self.started = True
         return self
 

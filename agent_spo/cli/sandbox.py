@@ -195,7 +195,16 @@ def sandbox_serve(
     ),
     port: Annotated[int, typer.Option(help="TCP port (0: pick a free one).", min=0)] = 8000,
     workers: Workers = 2,
-    timeout: Timeout = 10.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Wall-clock limit per call, seconds; also the most a client may ask for "
+            "(a larger timeout_s is clamped to it).",
+            min=0.001,
+            max=3600,
+        ),
+    ] = 10.0,
     memory_mb: MemoryMb = 1024,
     token: Annotated[
         str | None,
@@ -212,7 +221,7 @@ def sandbox_serve(
 
     Clients use `RemoteSandbox(url)` (sandbox.backend=remote, sandbox.url=...). Binds to
     loopback unless --host says otherwise; a non-loopback address without --token is
-    refused.
+    refused. --timeout caps every call: a client asking for more gets --timeout.
     """
     from sandboxes import SandboxError
     from sandboxes.remote import SandboxServer
@@ -228,6 +237,7 @@ def sandbox_serve(
         port=port,
         token=token,
         session_ttl_s=session_ttl,
+        max_timeout_s=timeout,
     )
     try:
         server.start()
