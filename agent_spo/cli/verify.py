@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +11,19 @@ import typer
 from rich.text import Text
 
 from agent_spo.cli.args import fail, stderr, stdout
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    """Lone surrogates (from malformed input; UTF-8 cannot encode them) as \\uXXXX."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _json_line(record: dict) -> str:
+    """One line of JSON that is valid UTF-8: other non-ASCII text stays as it is, and a
+    lone surrogate becomes a \\uXXXX escape, which json.loads reads back unchanged."""
+    return _escape_surrogates(json.dumps(record, ensure_ascii=False))
 
 
 def verify(
@@ -47,8 +62,6 @@ def verify(
     Examples: `agent-spo verify '\\frac{1}{2}' 'so the answer is \\boxed{0.5}'`;
     `agent-spo verify --file cases.jsonl --json`
     """
-    import json
-
     from agent_spo.verify import VerifierPool
 
     if (file is None) == (gold is None or response is None) or (file and (gold or response)):
@@ -58,10 +71,12 @@ def verify(
         with VerifierPool(workers=1, timeout_s=timeout) as pool:
             v = pool.check(gold, response)
         if as_json:
-            typer.echo(json.dumps(v.as_dict(), ensure_ascii=False))
+            typer.echo(_json_line(v.as_dict()))
             return
         style = {"correct": "green", "timeout": "yellow"}.get(v.status, "red")
-        stdout.print(Text(v.status, style=f"bold {style}"), Text(f"  {v.reason}"))
+        stdout.print(
+            Text(v.status, style=f"bold {style}"), Text(f"  {_escape_surrogates(v.reason)}")
+        )
         for label, value in (
             ("extracted", v.prediction),
             ("found by", v.how),
@@ -70,7 +85,7 @@ def verify(
             ("reward", v.reward if v.reward is not None else "not scorable"),
             ("time", f"{v.elapsed_s * 1000:.1f} ms"),
         ):
-            typer.echo(f"{label:>11}: {value}")
+            typer.echo(_escape_surrogates(f"{label:>11}: {value}"))
         return
 
     from agent_spo.verify.cases import CasesFileError, check_file
@@ -83,7 +98,7 @@ def verify(
         name = row.get("id", i)
         if as_json:
             extra = {"label": row["label"]} if "label" in row else {}
-            typer.echo(json.dumps({"id": name, **extra, **v.as_dict()}, ensure_ascii=False))
+            typer.echo(_json_line({"id": name, **extra, **v.as_dict()}))
         else:
-            typer.echo(f"{name}\t{v.status}\t{v.reason}")
+            typer.echo(_escape_surrogates(f"{name}\t{v.status}\t{v.reason}"))
     stderr.print(f"{len(report.verdicts)} checks: {report.summary()}", soft_wrap=True)

@@ -23,6 +23,7 @@ import sympy
 from latex2sympy2_extended import NormalizationConfig, latex2sympy
 from latex2sympy2_extended.latex2sympy2 import ConversionConfig
 
+from agent_spo.verify.calculus import OPERATORS, evaluate_operator, remnants
 from agent_spo.verify.normalize import MATH_WORDS, text_key
 
 MAX_CHARS = 1500  # longest answer we parse; longer ones are only compared as text
@@ -323,8 +324,8 @@ def _log2_bound(e: sympy.Basic, memo: dict) -> float:
     elif isinstance(e, (sympy.factorial, sympy.gamma, sympy.factorial2, sympy.subfactorial)):
         nb = _log2_bound(e.args[0], memo)
         out = math.inf if nb > 24 else 2.0**nb * (nb + 1)
-    elif isinstance(e, (sympy.Integral, sympy.Sum, sympy.Product, sympy.Limit, sympy.Derivative)):
-        out = math.inf  # never evaluated: compared by structure
+    elif isinstance(e, OPERATORS):
+        out = math.inf  # never by doit(): bounded_eval hands them to calculus.py
     elif e.args:
         out = max(_log2_bound(a, memo) for a in e.args) + 1
     else:
@@ -337,6 +338,7 @@ def bounded_eval(e: sympy.Basic) -> tuple[sympy.Basic, bool]:
     """Evaluate every sub-tree whose value fits in MAX_BITS; the rest stays as written.
 
     Returns (value, opaque) where opaque says that some part was left unevaluated.
+    Integrals, sums, limits, ... are evaluated by calculus.py once their arguments are.
     """
     memo: dict = {}
 
@@ -346,7 +348,14 @@ def bounded_eval(e: sympy.Basic) -> tuple[sympy.Basic, bool]:
         if not node.args:
             return node, True
         done = [go(a) for a in node.args]
-        return node.func(*[d[0] for d in done], evaluate=False), True
+        args, opaque = [d[0] for d in done], any(d[1] for d in done)
+        if isinstance(node, OPERATORS) and not opaque:
+            return evaluate_operator(node.func(*args), _log2_bound, MAX_BITS)
+        with sympy.evaluate(False):  # not evaluate=False: Integral, Limit, ... refuse it
+            rebuilt = node.func(*args)
+        if opaque or _log2_bound(rebuilt, remnants(rebuilt)) > MAX_BITS:
+            return rebuilt, True
+        return node.func(*args), False  # small now that its arguments are known
 
     return go(e)
 
