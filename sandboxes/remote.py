@@ -410,7 +410,11 @@ class RemoteSandbox:
         client = self._check_started()
         try:
             r = await client.get("/v1/health", timeout=self.grace_s + 30)
-            r.raise_for_status()
+            if r.status_code != 200:
+                hint = " (set the token: sandbox.token_env)" if r.status_code == 401 else ""
+                raise SandboxError(
+                    f"sandbox server health: HTTP {r.status_code}: {r.text[:200]}{hint}"
+                )
             health = r.json()
         except (httpx.HTTPError, OSError) as e:
             raise SandboxError(f"sandbox server health: {type(e).__name__}: {e}") from e

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from agent_spo.cli import bench, demo, eval, replay, sandbox, tools, train, verify
-from agent_spo.cli.args import EXIT_CONFIG, EXIT_FAILED, EXIT_SANDBOX
+from agent_spo.cli.args import EXIT_CONFIG, EXIT_FAILED, EXIT_SANDBOX, guard_commands
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_SANDBOX", "app"]
 
@@ -62,3 +62,4 @@ app.command("demo-model")(demo.demo_model)
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(tools.app, name="tools")
 app.add_typer(bench.app, name="bench")
+guard_commands(app)

@@ -6,6 +6,7 @@ bad usage (named key, before any work); 4 the sandbox failed or is unavailable.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -27,6 +28,38 @@ def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
     """Print ``error: message`` in red on stderr and exit with ``code``."""
     stderr.print(Text(f"error: {message}", style="red"), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def guard_commands(app: typer.Typer) -> None:
+    """Wrap every command of ``app`` (and of its sub-apps) so that what a command meets
+    on its way in exits with one line and its code rather than a traceback: a bad input
+    file (a data file, a model directory) exits 2 like a bad config key; an engine that
+    never answered exits 1; a sandbox that cannot start or answer exits 4. (Once
+    episodes run, engine and sandbox failures are counted drops, not exceptions.)"""
+    from agent_spo.builders import ModelPathError
+    from agent_spo.data.problems import DatasetError
+    from agent_spo.engines.base import EngineError
+    from sandboxes.errors import SandboxError
+
+    def guard(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (DatasetError, ModelPathError) as e:
+                fail(str(e))
+            except EngineError as e:
+                fail(f"the engine is unavailable: {e}", EXIT_FAILED)
+            except SandboxError as e:
+                fail(f"sandbox: {e}", EXIT_SANDBOX)
+
+        return guarded
+
+    for info in app.registered_commands:
+        info.callback = guard(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            guard_commands(group.typer_instance)
 
 
 def split_config(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:

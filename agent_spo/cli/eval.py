@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from agent_spo.cli.args import OverridesArg, fail, stderr
+from agent_spo.cli.args import EXIT_FAILED, OverridesArg, fail, stderr
 
 
 def evaluate(
@@ -43,9 +43,11 @@ def evaluate(
     Example: `agent-spo eval configs/eval/paper.yaml --samples 4 --problems 5`
     """
     import asyncio
+    from collections import Counter
 
     from agent_spo.config import ConfigError
     from agent_spo.data.problems import DatasetError
+    from agent_spo.episode.pool import job_failure
     from agent_spo.evaluate.command import build_config, print_results, progress_bar
     from agent_spo.evaluate.run import EvalMismatch, run_eval
 
@@ -70,3 +72,6 @@ def evaluate(
         f"{results['dropped_now']} dropped; wrote {out_dir}/ (results.json, results.md, "
         "episodes.jsonl)"
     )
+    played = results["generated"] + results["dropped_now"]
+    if why := job_failure(Counter(results["drop_causes"]), played):
+        fail(f"{why} (results in {out_dir}; run again to retry the dropped samples)", EXIT_FAILED)

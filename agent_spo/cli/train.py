@@ -12,6 +12,7 @@ from rich.text import Text
 
 from agent_spo.cli.args import (
     EXIT_FAILED,
+    EXIT_SANDBOX,
     ConfigArg,
     OverridesArg,
     bar_columns,
@@ -57,16 +58,19 @@ def train(
     before any work; a bad key exits with code 2.
     """
     cfg = load(config, overrides)
+    from agent_spo.data.problems import DatasetError
+
     if dry_run:
-        from agent_spo.builders import build_datasets
+        from agent_spo.builders import build_datasets, check_model_path
         from agent_spo.config import check_trainable
-        from agent_spo.data.problems import DatasetError
 
         try:
             train_prompts = len(build_datasets(cfg.data, cfg.run.seed)[0])
         except DatasetError as e:
             fail(f"data.train: {e}")
-        if problems := check_trainable(cfg, train_prompts):
+        if problems := check_trainable(cfg, train_prompts) + check_model_path(
+            cfg.model, cfg.rollout
+        ):
             fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))
         typer.echo(dump_config(cfg), nl=False)
@@ -76,8 +80,10 @@ def train(
     from rich.progress import Progress
 
     from agent_spo.pipeline import AllEpisodesDropped
-    from agent_spo.train import RunExists, UnsupportedConfig, run_training
+    from agent_spo.rundir import RunLocked
+    from agent_spo.train import NothingToResume, RunExists, UnsupportedConfig, run_training
     from agent_spo.values import ValuesFileError
+    from sandboxes.errors import SandboxError
 
     with Progress(*bar_columns(), console=stderr) as bar:
         task = bar.add_task("training", total=cfg.train.total_steps)
@@ -113,10 +119,16 @@ def train(
                     on_estimate=on_estimate,
                 )  # fmt: skip
             )
-        except (RunExists, UnsupportedConfig) as e:
+        except (RunExists, UnsupportedConfig, NothingToResume) as e:
             fail(str(e))
+        except DatasetError as e:
+            fail(f"data.train: {e}")
         except ValuesFileError as e:
             fail(f"algo.init.values_path: {e}")
+        except RunLocked as e:
+            fail(str(e), EXIT_FAILED)
+        except SandboxError as e:
+            fail(f"sandbox: {e}; nothing was trained", EXIT_SANDBOX)
         except AllEpisodesDropped as e:
             fail(f"{e}; checkpoints written so far are kept: continue with --resume once "
                  "fixed", EXIT_FAILED)  # fmt: skip
@@ -187,11 +199,14 @@ def rollout(
             fail(str(e))
     d = summary.to_dict()
     table = Table(title="rollout", show_header=False)
-    for key in ("episodes", "dropped", "accuracy", "tool_use_rate", "valid_call_rate",
-                "tool_calls", "tool_faults", "stop_reasons", "episodes_per_s", "wall_s"):  # fmt: skip
+    for key in ("episodes", "dropped", "drop_causes", "accuracy", "tool_use_rate",
+                "valid_call_rate", "tool_calls", "tool_faults", "stop_reasons", "episodes_per_s",
+                "wall_s"):  # fmt: skip
         table.add_row(key, cell(d[key]))
     stdout.print(table)
     stderr.print(f"episode log: {out}")
+    if why := summary.failure():
+        fail(f"{why} (log and summary written beside {out})", EXIT_FAILED)
 
 
 def estimate_values(
@@ -238,6 +253,8 @@ def estimate_values(
         f" never solved {summary.get('never_solved', 0):.2f}\nvalues file: {out}  (train with "
         f"algo.init.values_path={out})"
     )
+    if why := state.failure():
+        fail(f"{why} (rows so far kept in {out}; continue with --resume)", EXIT_FAILED)
 
 
 def plot(

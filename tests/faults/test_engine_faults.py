@@ -268,3 +268,15 @@ def test_a_job_fails_when_more_than_half_its_episodes_dropped():
     why = job_failure(causes, played=11)
     assert why == "6 of 11 episodes dropped; main cause (5): engine: down"
     assert job_failure(Counter(), played=0) is None
+
+
+def test_estimate_values_with_a_dead_engine_exits_1_in_one_line(tmp_path, model_dir):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    args = ["estimate-values", f"rollout.url={url}", "rollout.engine=openai_http",
+            f"model.path={model_dir}", "data.synthetic_tasks=10", "algo.init.n0=1",
+            "--out", str(tmp_path / "v.jsonl")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert not isinstance(result.exception, EngineError), "a traceback, not a message"
+    assert result.exit_code == EXIT_FAILED
+    (line,) = _error_lines(result)
+    assert "engine is unavailable" in line and url.removesuffix("/v1") in line

@@ -66,3 +66,12 @@ def test_bad_model_path_is_refused_at_once_before_the_run_dir(tmp_path, case, dr
     assert "Traceback" not in result.output
     assert wall < 20  # no hub lookups (they took ~50 s against an unreachable hub)
     assert not (tmp_path / "runs" / "r").exists()  # no config.yaml to break a later --resume
+
+
+@pytest.mark.parametrize("command", ["rollout", "estimate-values"])
+def test_other_commands_refuse_bad_inputs_the_same_way(tmp_path, command):
+    for override, message in [(f"data.train={tmp_path / 'nope.jsonl'}", "not found"),
+                              (f"model.path={tmp_path / 'nope'}", "model.path")]:  # fmt: skip
+        result = CliRunner().invoke(app, [command, override, f"run.output_dir={tmp_path}"])
+        assert result.exit_code == EXIT_CONFIG, result.output
+        assert message in result.output and "Traceback" not in result.output

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SMALL, kill, train_argv, wait_for
+from faultkit import SMALL, kill, train_argv, wait_for
 from typer.testing import CliRunner
 
 from agent_spo.cli import EXIT_CONFIG, EXIT_FAILED, app

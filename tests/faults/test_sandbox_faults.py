@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import SMALL, free_port, kill, train_argv, wait_for
+from faultkit import SMALL, free_port, kill, train_argv, wait_for
 from typer.testing import CliRunner
 
 from agent_spo.cli import EXIT_FAILED, EXIT_SANDBOX, app
@@ -37,9 +37,7 @@ def test_no_server_refuses_the_run(tmp_path):
     assert _nothing_trained(tmp_path / "r")
 
 
-def test_wrong_or_missing_token_refuses_the_run_and_the_right_one_trains(
-    tmp_path, served_sandbox
-):
+def test_wrong_or_missing_token_refuses_the_run_and_the_right_one_trains(tmp_path, served_sandbox):
     server = served_sandbox(token="s3cret")
     for token in ("", "wrong"):
         result = _train(tmp_path, server.url, env={"AGENT_SPO_SANDBOX_TOKEN": token})
