@@ -186,19 +186,20 @@ SMOKE_CODE = "print(6 * 7)"
 async def check_sandbox(sandbox) -> None:
     """Refuse to start on a sandbox that cannot run code: a remote server must answer its
     health check with these credentials, and every backend must run one line of Python
-    and print the answer. Raises SandboxUnavailable, naming the cause."""
-    from sandboxes.errors import SandboxError, SandboxUnavailable
+    and print the answer. Raises SandboxCheckFailed (a SandboxUnavailable), naming the
+    cause."""
+    from sandboxes.errors import SandboxCheckFailed, SandboxError
 
     where = getattr(sandbox, "url", None) or getattr(sandbox, "backend", "sandbox")
     if hasattr(sandbox, "health"):
         try:
             await sandbox.health()
         except SandboxError as e:
-            raise SandboxUnavailable(f"sandbox at {where} failed its health check: {e}") from e
+            raise SandboxCheckFailed(f"sandbox at {where} failed its health check: {e}") from e
     result = await sandbox.run(SMOKE_CODE, timeout_s=30)
     if result.status != "ok" or result.stdout.strip() != "42":
         detail = result.exc_message or result.stderr.strip()[-300:] or result.stdout[-300:]
-        raise SandboxUnavailable(
+        raise SandboxCheckFailed(
             f"sandbox at {where} could not run {SMOKE_CODE!r}: {result.status}: {detail}"
         )
 
@@ -256,12 +257,17 @@ def check_model_path(model: ModelConfig, rollout: RolloutConfig | None = None) -
     if not p.is_dir():
         return [f"model.path: {model.path} is not a directory (expected a model directory)"]
     tokenizer_only = rollout is not None and rollout.engine == "openai_http"
-    needs = ["tokenizer_config.json"] if tokenizer_only else ["config.json"]
-    missing = [f for f in needs if not (p / f).is_file()]
+    missing = [] if tokenizer_only else [f for f in ("config.json",) if not (p / f).is_file()]
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        missing.append("tokenizer.json or tokenizer_config.json")
+    if not tokenizer_only and not any(
+        next(p.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.index.json")
+    ):
+        missing.append("weights (*.safetensors or *.bin)")
     if missing:
         return [
-            f"model.path: {model.path} has no {', '.join(missing)}; expected a HuggingFace-"
-            "format model directory (config.json, weights, tokenizer files)"
+            f"model.path: {model.path} has no {'; no '.join(missing)}; expected a "
+            "HuggingFace-format model directory (config.json, weights, tokenizer files)"
         ]
     return []
 
@@ -368,6 +374,8 @@ async def open_episode_runner(
     a given engine is closed on exit like a built one).
     """
     async with contextlib.AsyncExitStack() as stack:
+        sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox))
+        await check_sandbox(sandbox)  # before the model loads: it can take minutes
         model_path = None
         if engine is None:
             model_path = resolve_model_path(cfg.model, log=log, rollout=cfg.rollout)
@@ -375,6 +383,4 @@ async def open_episode_runner(
         stack.push_async_callback(engine.close)
         if verifier is None:
             verifier = stack.enter_context(build_verifier(cfg.verifier))
-        sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox))
-        await check_sandbox(sandbox)
         yield await build_runner(cfg, engine, model_path, sandbox, verifier)

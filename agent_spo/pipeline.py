@@ -43,6 +43,7 @@ from agent_spo.algo.advantages import (
     spo_advantages,
 )
 from agent_spo.data.problems import Problem
+from agent_spo.episode.pool import drop_cause
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
 from agent_spo.learner import Learner
@@ -78,39 +79,41 @@ class AllEpisodesDropped(RuntimeError):
 
 class _DropWatch:
     """Stops the run (AllEpisodesDropped) on ``limit`` untrainable episodes in a row, or
-    when the dropped share of the last ``window`` episodes exceeds ``max_share``."""
+    when the share of the last ``window`` episodes that the infrastructure (sandbox,
+    engine) dropped exceeds ``max_share``. Other drops (a prompt too long for the
+    context, a deadline) are the data's or the settings' doing and count as kept."""
+
+    INFRASTRUCTURE = ("sandbox", "engine")
 
     def __init__(self, limit: int, max_share: float = 1.0, window: int = 200) -> None:
         self.limit, self.run, self.last = limit, 0, ""
         self.max_share = max_share
-        self.recent: deque[bool] = deque(maxlen=window)  # True = dropped
-        self.causes: Counter[str] = Counter()
+        self.recent: deque[str | None] = deque(maxlen=window)  # drop cause, or None
 
     def dropped(self, e: EpisodeDropped) -> None:
-        why = f"{e.source}: {e.reason}"
-        self.causes[why[:160]] += 1
-        self._window(True, why)
-        self._miss(why)
+        self._window(drop_cause(e) if e.source in self.INFRASTRUCTURE else None)
+        self._miss(f"{e.source}: {e.reason}")
 
     def unscored(self, traj: Trajectory) -> None:
-        self._window(False, "")
+        self._window(None)
         self._miss(f"unscored ({traj.stop_reason})")
 
     def ok(self) -> None:
-        self._window(False, "")
+        self._window(None)
         self.run = 0
 
-    def _window(self, dropped: bool, why: str) -> None:
-        self.recent.append(dropped)
+    def _window(self, cause: str | None) -> None:
+        self.recent.append(cause)
         if len(self.recent) < (self.recent.maxlen or 0):
             return
-        share = sum(self.recent) / len(self.recent)
+        causes = Counter(c for c in self.recent if c is not None)
+        share = sum(causes.values()) / len(self.recent)
         if share > self.max_share:
-            cause, n = self.causes.most_common(1)[0] if self.causes else (why, 0)
+            top, n = causes.most_common(1)[0]
             raise AllEpisodesDropped(
                 f"{share:.0%} of the last {len(self.recent)} episodes were dropped (limit "
                 f"train.max_drop_share={self.max_share:g}); most common cause ({n}x): "
-                f"{cause}; check the sandbox and engine (agent-spo sandbox run, agent-spo "
+                f"{top}; check the sandbox and engine (agent-spo sandbox run, agent-spo "
                 "rollout)"
             )
 

@@ -9,8 +9,12 @@ its process dies, however it dies (SIGKILL included), so a crashed run never lea
 stale lock behind. Everything that decides "does a run exist here?" runs under the lock,
 which makes that check and the files that answer it one atomic step.
 
-``flock`` is local to one machine: on a network file system shared by several hosts it
-may not exclude a process on another host.
+The lock belongs to the open file, which a bare ``fork()`` would share with the child
+(an engine process, a worker), so a child could keep holding it after the trainer was
+killed. Children forked while a lock is held close their copy at once
+(``os.register_at_fork``); a file system that cannot lock at all is an error
+(:class:`RunDirUnlockable`). ``flock`` is local to one machine: on a network file
+system shared by several hosts it may not exclude a process on another host.
 """
 
 from __future__ import annotations
@@ -27,6 +31,22 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 
+_held: set[int] = set()  # this process's lock fds, closed in forked children
+
+
+def _close_in_child() -> None:
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+class RunDirUnlockable(RuntimeError):
+    """The run directory's file system cannot take the lock."""
+
 
 class RunLocked(RuntimeError):
     """Another live process owns the run directory."""
@@ -35,6 +55,8 @@ class RunLocked(RuntimeError):
         self.run_dir, self.holder = run_dir, holder
         pid = holder.get("pid", "unknown")
         who = f"pid {pid}"
+        if isinstance(pid, int) and holder.get("host") == socket.gethostname() and not _alive(pid):
+            who += " (gone: a process it started still holds the lock; stop that process)"
         if holder.get("host") and holder.get("host") != socket.gethostname():
             who += f" on {holder['host']}"
         if holder.get("command"):
@@ -45,6 +67,16 @@ class RunLocked(RuntimeError):
             f"{run_dir} is in use by another trainer: {who}{when}. Wait for it to finish or "
             "stop it, or give this run another name (run.name=...)"
         )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_holder(run_dir: Path) -> dict:
@@ -68,6 +100,12 @@ def lock_run_dir(run_dir: Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunLocked(run_dir, read_holder(run_dir)) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: some network and FUSE file systems
+            raise RunDirUnlockable(
+                f"cannot lock {run_dir / LOCK_NAME} ({e.strerror or e}); put run.output_dir "
+                "on a local file system"
+            ) from None
+        _held.add(fd)
         me = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -78,7 +116,23 @@ def lock_run_dir(run_dir: Path) -> Iterator[Path]:
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         yield run_dir
     finally:
+        _held.discard(fd)
         os.close(fd)  # releases the lock; the file stays (its holder line is stale, harmless)
 
 
-__all__ = ["LOCK_NAME", "RunLocked", "lock_run_dir", "read_holder"]
+def check_unlocked(run_dir: Path) -> None:
+    """Raise RunLocked if a live process owns ``run_dir`` now (creates nothing)."""
+    if not (run_dir / LOCK_NAME).exists():
+        return
+    with lock_run_dir(run_dir):
+        pass
+
+
+__all__ = [
+    "LOCK_NAME",
+    "RunDirUnlockable",
+    "RunLocked",
+    "check_unlocked",
+    "lock_run_dir",
+    "read_holder",
+]

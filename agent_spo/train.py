@@ -38,7 +38,7 @@ from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_ch
 from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.metrics import MetricsLog, read_metrics
-from agent_spo.rundir import lock_run_dir
+from agent_spo.rundir import check_unlocked, lock_run_dir
 
 if TYPE_CHECKING:
     from agent_spo.rollout import RolloutSummary
@@ -56,8 +56,9 @@ class UnsupportedConfig(ValueError):
     """A config value this trainer does not run yet, or cannot run as given; names the key."""
 
 
-# Keys a resumed run may change: how long it runs and what it writes, not what it learns.
-_RESUMABLE_CHANGES = ("run.output_dir", "train.", "rollout.workers", "sandbox.pool_size")
+# Keys a resumed run may change: how long it runs, what it writes and where its tool code
+# runs (the sandbox's address, token, pool), not what it learns.
+_RESUMABLE_CHANGES = ("run.output_dir", "train.", "rollout.workers", "sandbox.")
 
 
 def _check_resume_config(cfg: TrainConfig, saved: Path) -> None:
@@ -140,6 +141,7 @@ def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
     NothingToResume."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if resume and not (run_dir / "config.yaml").is_file():
+        check_unlocked(run_dir)  # a run still starting up has no config.yaml yet
         raise NothingToResume(
             f"--resume: there is no run at {run_dir} (no config.yaml); start a new run "
             "without --resume"
@@ -156,8 +158,8 @@ def claim_run_dir(
     cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]
 ) -> Checkpoint | None:
     """Decide, with the run directory locked, whether this is a fresh run or a resume, and
-    refuse what has nothing to do; writes the resolved config. Returns the checkpoint to
-    resume from (None: a fresh run)."""
+    refuse what has nothing to do; writes nothing. Returns the checkpoint to resume from
+    (None: a fresh run)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     ckpt_root = run_dir / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
@@ -189,7 +191,6 @@ def claim_run_dir(
         load_values(cfg.algo.init.values_path, known={p.key for p in train})  # fails before work
     if resume:
         _check_resume_config(cfg, run_dir / "config.yaml")
-    write_resolved(cfg, run_dir)
     return ckpt
 
 
@@ -213,11 +214,12 @@ async def setup(
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(lock_run_dir(run_dir))  # held until train() has finished
+        ckpt = claim_run_dir(cfg, resume=resume, log=log)
         # a sandbox that cannot run code (server down, wrong token) refuses the run before
         # anything is written or loaded
         sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
         await builders.check_sandbox(sandbox)
-        ckpt = claim_run_dir(cfg, resume=resume, log=log)
+        write_resolved(cfg, run_dir)
         hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
         train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
         problems = {p.key: p for p in train_set}
@@ -465,10 +467,14 @@ async def _init_values(cfg, runner, problems, tracker, run_dir, log, on_estimate
             runner, list(problems.values()), init.n0, path, workers=cfg.rollout.workers,
             seed=cfg.run.seed + 3, progress=on_estimate,
         )  # fmt: skip
-        values = load_values(path, known=problems)
-        source = str(path)
         log(f"initial values: {state.episodes} scored episodes in {state.wall_s:.0f} s, "
             f"{state.dropped} dropped, {state.unscored} unscored")  # fmt: skip
+        if why := state.failure():  # a prior from the survivors alone would be biased
+            from agent_spo.pipeline import AllEpisodesDropped
+
+            raise AllEpisodesDropped(f"initial value estimate: {why}")
+        values = load_values(path, known=problems)
+        source = str(path)
     tracker.init_from_scores(values, form=init.mode)
     out = {"source": source, **value_summary(values)}
     if len(values) < len(problems):
@@ -497,6 +503,10 @@ class _Evaluator:
             self.runner, self.held_out, len(self.held_out), self.dir / f"step_{step:06d}.jsonl",
             workers=self.cfg.rollout.workers, seed=self.cfg.run.seed + 7,
         )  # fmt: skip
+        if why := self.summary.failure():  # accuracy over the survivors would mislead
+            from agent_spo.pipeline import AllEpisodesDropped
+
+            raise AllEpisodesDropped(f"held-out evaluation at step {step}: {why}")
         self.step = step
         d = self.summary.to_dict()
         self.last_row = {

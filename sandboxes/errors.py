@@ -23,8 +23,13 @@ class SandboxUnavailable(SandboxError):
     the message says what is missing."""
 
 
+class SandboxCheckFailed(SandboxUnavailable):
+    """The sandbox failed the check a job runs before it starts (health, one smoke call):
+    nothing ran on it yet."""
+
+
 class SandboxClosed(SandboxError):
     """The sandbox is not started or already closed, or the session was closed."""
 
 
-__all__ = ["SandboxClosed", "SandboxError", "SandboxUnavailable"]
+__all__ = ["SandboxCheckFailed", "SandboxClosed", "SandboxError", "SandboxUnavailable"]

@@ -80,10 +80,10 @@ def train(
     from rich.progress import Progress
 
     from agent_spo.pipeline import AllEpisodesDropped
-    from agent_spo.rundir import RunLocked
+    from agent_spo.rundir import RunDirUnlockable, RunLocked
     from agent_spo.train import NothingToResume, RunExists, UnsupportedConfig, run_training
     from agent_spo.values import ValuesFileError
-    from sandboxes.errors import SandboxError
+    from sandboxes.errors import SandboxCheckFailed
 
     with Progress(*bar_columns(), console=stderr) as bar:
         task = bar.add_task("training", total=cfg.train.total_steps)
@@ -119,7 +119,7 @@ def train(
                     on_estimate=on_estimate,
                 )  # fmt: skip
             )
-        except (RunExists, UnsupportedConfig, NothingToResume) as e:
+        except (RunExists, UnsupportedConfig, NothingToResume, RunDirUnlockable) as e:
             fail(str(e))
         except DatasetError as e:
             fail(f"data.train: {e}")
@@ -127,7 +127,7 @@ def train(
             fail(f"algo.init.values_path: {e}")
         except RunLocked as e:
             fail(str(e), EXIT_FAILED)
-        except SandboxError as e:
+        except SandboxCheckFailed as e:
             fail(f"sandbox: {e}; nothing was trained", EXIT_SANDBOX)
         except AllEpisodesDropped as e:
             fail(f"{e}; checkpoints written so far are kept: continue with --resume once "

@@ -36,8 +36,9 @@ exponential backoff; a 4xx (a prompt over the server's context, an unknown model
 once with the server's message. A prompt that leaves no room under ``max_model_len`` is a
 ``ValueError`` before any request, as with the other engines.
 
-A request that runs out of retries without any answer (refused, reset, timed out) marks
-the server down: from then on requests fail at once ("unreachable"), except one single try
+A request that runs out of retries because no connection could be made (refused, or the
+connect timed out) marks the server down; a read timeout or a broken reply does not (the
+server is alive, only slow or failing, and other requests may still get through). Down: from then on requests fail at once ("unreachable"), except one single try
 every ``down_probe_s``, and the first answer marks it up again. So when the server dies,
 the requests in flight spend one round of retries and the rest of a rollout drains in
 moments instead of each episode retrying its own way through the backoff.
@@ -253,7 +254,7 @@ class OpenAIHTTPEngine:
                 raise EngineError(f"{method} {url}: {self._unreachable()}")
             self._probe_at = time.monotonic() + self.down_probe_s
             attempts = 1
-        reason, answered = "", False
+        reason, answered, unreachable = "", False, False
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt))
@@ -265,6 +266,9 @@ class OpenAIHTTPEngine:
                 resp = await self._http().request(method, url, json=body)
             except httpx.TransportError as e:
                 reason, answered = f"{type(e).__name__}: {e or 'no detail'}", False
+                # no connection at all; a read timeout or a broken reply is a live but
+                # slow or failing server, which must not fail everyone else's requests
+                unreachable = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
                 continue
             except httpx.HTTPError as e:  # e.g. a malformed URL: no point retrying
                 raise EngineError(f"{method} {url} failed: {type(e).__name__}: {e}") from e
@@ -273,7 +277,7 @@ class OpenAIHTTPEngine:
                 return _check(resp, url, parse)
             except _Retry as e:
                 reason = str(e)
-        if not answered and self._down is None:
+        if not answered and unreachable and self._down is None:
             now = time.monotonic()
             self._down, self._down_since, self._probe_at = reason, now, now + self.down_probe_s
         raise EngineError(f"{method} {url} failed after {attempts} attempt(s): {reason}")

@@ -38,6 +38,15 @@ _OTHER_CHOICE = re.compile(
 )
 _BARE_LETTER_WORD = re.compile(r"[A-J]\s+[a-z]")  # `A total of 5`, `I think it is B`
 MAX_ANSWER_CHARS = 4000  # longer answers are not normalised (parse.MAX_CHARS is 1500)
+# An integral, sum, product, limit or derivative (LaTeX or Unicode). A final answer that
+# still holds one restates a computation, often the question's own: evaluating it would
+# pay a policy for copying the problem into \boxed{}, so it counts only where the gold
+# is written that way too.
+_OPERATOR = re.compile(
+    r"\\(?:i{1,3}nt|oint|sum|prod|lim|partial)(?![a-zA-Z])"
+    r"|\\frac\s*\{\s*d\s*[a-zA-Z]?\s*(?:\^\s*\S+?)?\s*\}\s*\{\s*d\s*[a-zA-Z]"
+    r"|[∫∬∭∮∑∏∂]"
+)
 _HASH = re.compile(r"####\s*(.+)\s*$", re.S)
 
 
@@ -103,6 +112,9 @@ def _check(gold: str, response: str) -> Verdict:
         return _verdict(False, "the extracted answer is empty", ext, pred, g, None, "no_answer")
     if juxtaposed_numbers(p_norm) and p_norm != g_norm:
         return _verdict(False, f"numbers side by side: {p_norm}", ext, pred, g, None)
+    if _OPERATOR.search(pred) and not _OPERATOR.search(gold):
+        why = "the answer is not a final value: it still holds an integral, sum, limit, ..."
+        return _verdict(False, why, ext, pred, g, None)
     g_unit, p_unit = gold_unit(gold), answer_unit(pred)
     if _units_differ(g_unit, p_unit):
         return _verdict(False, f"different units: {p_unit} vs {g_unit}", ext, pred, g, None)

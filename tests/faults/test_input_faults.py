@@ -46,6 +46,9 @@ def _model_dirs(tmp_path):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     (no_config / "tokenizer_config.json").write_text("{}")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
     a_file = tmp_path / "weights.bin"
     a_file.write_text("")
     return {
@@ -53,11 +56,12 @@ def _model_dirs(tmp_path):
         "hub_name": ("Qwen/Qwen3-8B", "never downloads"),
         "a_file": (str(a_file), "not a directory"),
         "no_config": (str(no_config), "has no config.json"),
+        "no_weights": (str(no_weights), "no tokenizer.json or tokenizer_config.json; no weights"),
     }
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["train", "dry-run"])
-@pytest.mark.parametrize("case", ["missing", "hub_name", "a_file", "no_config"])
+@pytest.mark.parametrize("case", ["missing", "hub_name", "a_file", "no_config", "no_weights"])
 def test_bad_model_path_is_refused_at_once_before_the_run_dir(tmp_path, case, dry_run):
     path, message = _model_dirs(tmp_path)[case]
     result, wall = _invoke(tmp_path, f"model.path={path}", dry_run=dry_run)

@@ -50,6 +50,41 @@ def test_lock_is_freed_when_its_holder_is_killed(tmp_path):
         pass
 
 
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    # an engine or worker process forked (not exec'd) while the lock is held shares the
+    # locked file; it must not keep the run locked once the trainer is gone
+    run = tmp_path / "r"
+    code = (
+        "import os, sys, time\nfrom agent_spo.rundir import lock_run_dir\n"
+        f"with lock_run_dir({str(run)!r}):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n        print('child', flush=True)\n        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    print(child, flush=True)\n    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = {parent.stdout.readline().strip() for _ in range(2)}  # both sides are past fork
+    assert "" not in lines, parent.communicate()
+    (child,) = (int(x) for x in lines if x != "child")
+    try:
+        parent.kill()  # the parent alone: its forked child lives on
+        parent.wait(timeout=10)
+        with lock_run_dir(run):
+            pass
+    finally:
+        os.kill(child, 9)
+
+
+def test_resume_of_a_run_still_starting_names_its_owner(tmp_path):
+    run = tmp_path / "starting"
+    with lock_run_dir(run):  # an owner that has not written config.yaml yet
+        result = _train(tmp_path, "starting", "train.total_steps=1", "--resume")
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert f"pid {os.getpid()}" in result.output
+
+
 @pytest.mark.slow
 def test_a_second_trainer_on_a_live_run_fails_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "live"

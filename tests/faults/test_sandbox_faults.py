@@ -70,7 +70,7 @@ def test_server_killed_mid_run_stops_training_with_the_cause(tmp_path, served_sa
     finally:
         kill(trainer)
     assert trainer.returncode == EXIT_FAILED, out
-    assert "dropped" in out and "sandbox" in out and "--resume" in out
+    assert "train.max_drop_share" in out and "sandbox" in out and "--resume" in out
     assert stopped_s < 120
     assert (run / "checkpoints" / "latest").exists()  # what was done is kept
 
@@ -87,6 +87,27 @@ def test_drop_share_stops_even_when_kept_episodes_reset_the_run_of_drops():
         for _ in range(100):
             watch.dropped(_dropped())
             watch.ok()
+
+
+def test_drop_share_counts_only_infrastructure_drops():
+    # prompts too long for the context are the data's doing: drawn, dropped, drawn again
+    watch = _DropWatch(limit=200, max_share=0.2, window=20)
+    for _ in range(100):
+        watch.dropped(EpisodeDropped("prompt", "the prompt leaves no room to generate"))
+        watch.ok()
+
+
+def test_drop_share_names_the_most_common_cause_within_the_window():
+    watch = _DropWatch(limit=200, max_share=0.5, window=10)
+    for _ in range(10):  # earlier: engine drops among kept episodes
+        watch.dropped(EpisodeDropped("engine", "ReadTimeout"))
+        watch.ok()
+        watch.ok()
+    # 60% dropped at the 4th sandbox drop: 4 of them and 2 engine drops in the window
+    # (over the whole run the engine's 10 would have been named)
+    with pytest.raises(AllEpisodesDropped, match=r"\(4x\): sandbox: session_lost"):
+        for _ in range(10):
+            watch.dropped(_dropped())
 
 
 def test_drop_share_tolerates_a_share_at_the_limit():

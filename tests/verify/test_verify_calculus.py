@@ -10,7 +10,6 @@ CLOSED_FORMS = [
     # (gold, response, label); the value in the comment is worked by hand
     ("\\int_0^1 x^2\\,dx", "1/3", True),  # [x^3/3] from 0 to 1 = 1/3
     ("\\int_0^1 x^2\\,dx", "1/2", False),
-    ("1/3", "\\boxed{\\int_{0}^{1} t^{2}\\, dt}", True),  # the operator in the answer
     ("\\sum_{k=1}^{10} k", "55", True),  # 10 * 11 / 2 = 55
     ("\\sum_{k=1}^{10} k", "56", False),
     ("\\lim_{x\\to 0} \\frac{\\sin x}{x}", "1", True),
@@ -43,6 +42,22 @@ def test_operators_evaluate_and_compare(pool, gold, response, label):
 def test_unevaluated_forms(pool, gold, response, label):
     v = pool.check(gold, response)
     assert v.status == ("correct" if label else "incorrect"), v.reason
+
+
+@pytest.mark.parametrize(
+    "gold,response",
+    [
+        ("\\frac{1}{3}", "\\boxed{\\int_{0}^{1} t^{2}\\, dt}"),  # equal in value: 1/3
+        ("2", "\\boxed{\\lim_{x\\to 0}\\frac{\\sin 2x}{x}}"),  # equal in value: 2
+        ("55", "The total is $\\boxed{\\sum_{k=1}^{10} k}$."),
+        ("\\frac{\\pi^2}{6}", "\\boxed{\\sum_{n=1}^{\\infty} \\frac{1}{n^2}}"),
+        ("3x^2", "\\boxed{\\frac{d}{dx} x^3}"),
+    ],
+)
+def test_an_operator_left_in_the_answer_is_not_a_final_value(pool, gold, response):
+    # a policy that boxes the question's own integral must not be paid for it
+    v = pool.check(gold, response)
+    assert v.status == "incorrect" and "not a final value" in v.reason, v.reason
 
 
 @pytest.mark.parametrize(
