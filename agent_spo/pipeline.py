@@ -107,12 +107,12 @@ class _DropWatch:
         if len(self.recent) < (self.recent.maxlen or 0):
             return
         causes = Counter(c for c in self.recent if c is not None)
-        share = sum(causes.values()) / len(self.recent)
-        if share > self.max_share:
+        dropped = sum(causes.values())
+        if dropped > self.max_share * len(self.recent):
             top, n = causes.most_common(1)[0]
             raise AllEpisodesDropped(
-                f"{share:.0%} of the last {len(self.recent)} episodes were dropped (limit "
-                f"train.max_drop_share={self.max_share:g}); most common cause ({n}x): "
+                f"{dropped} of the last {len(self.recent)} episodes were dropped, over the "
+                f"limit train.max_drop_share={self.max_share:g}; most common cause ({n}x): "
                 f"{top}; check the sandbox and engine (agent-spo sandbox run, agent-spo "
                 "rollout)"
             )
