@@ -112,6 +112,7 @@ def build_learner(
         log_ratio_clamp=loss.log_ratio_clamp,
         compute_dtype=torch.bfloat16 if bf16 else None,
         gradient_checkpointing=checkpointing,
+        logprob_chunk=learner.logprob_chunk,
     )
 
 

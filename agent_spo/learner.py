@@ -9,7 +9,10 @@ One ``step(trajectories, adv)`` consumes one training batch:
 * ``logp_old`` is the engine's behaviour log-probs (default: off-policy corrected by the
   PPO ratio), or the learner's own recomputation before the update (reference option);
 * after the update the learner measures its drift d_s = mean |logp_after − logp_before|
-  over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1).
+  over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1);
+* log-probs never hold the positions × vocabulary logits: the model's body gives hidden
+  states and only the rows that score response tokens go through the LM head, in chunks
+  of ``logprob_chunk`` positions (:mod:`agent_spo.logprobs`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from agent_spo.algo.loss import ppo_clip_loss
 from agent_spo.episode.trajectory import Trajectory
+from agent_spo.logprobs import chunked_logprobs, head_matches, split_head
 
 
 class _ClipKwargs(TypedDict):
@@ -72,6 +76,7 @@ class Learner:
         share_prefix: bool = True,
         compute_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
+        logprob_chunk: int | None = 1024,
     ) -> None:
         self.model = model.train()
         self.device = next(model.parameters()).device
@@ -104,6 +109,12 @@ class Learner:
             share_prefix = False
         self.gradient_checkpointing = gradient_checkpointing
         self.share_prefix = share_prefix  # run the batch's common opening tokens once
+        # the body and the LM head, when head(body(x)) is the model's own logits; None =
+        # full logits (logprob_chunk=None, or a model that scales or caps its logits)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 8)
+        lean = logprob_chunk is not None and head_matches(model, vocab)
+        self._lean = split_head(model) if lean else None
+        self.logprob_chunk = logprob_chunk or 0
         self.version = 0
 
     # ------------------------------------------------------------------ log-probs
@@ -145,6 +156,7 @@ class Learner:
             target[b, : len(resp)] = torch.tensor(resp)
             mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
         kwargs: dict = {"use_cache": False}
+        index, target = index.to(self.device), target.to(self.device)
         with torch.autocast(
             self.device.type, dtype=self.compute_dtype or torch.float32,
             enabled=self.compute_dtype is not None,
@@ -156,12 +168,26 @@ class Learner:
                 pos = torch.arange(shared, shared + n, device=self.device)
                 kwargs = {"past_key_values": cache, "position_ids": pos[None].expand(len(trajs), n),
                           "use_cache": True}  # fmt: skip
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kwargs
-            ).logits  # [B, n, V]
-        rows = logits.gather(1, index.to(self.device)[..., None].expand(-1, -1, logits.shape[-1]))
-        logp = torch.log_softmax(rows.float(), dim=-1)  # [B, R, V]
-        return logp.gather(2, target.to(self.device)[..., None]).squeeze(2), mask.to(self.device)
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": att.to(self.device)}
+            if self._lean is not None:
+                body, lm_head = self._lean
+                hidden = body(**inputs, **kwargs).last_hidden_state  # [B, n, H]
+                rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+                present = torch.zeros_like(mask, dtype=torch.bool)  # real response positions
+                for b, t in enumerate(trajs):
+                    present[b, : len(t.response_token_ids)] = True
+                present = present.to(self.device)
+                picked = chunked_logprobs(
+                    rows[present], lm_head, target[present], self.logprob_chunk
+                )
+                logp = torch.zeros(target.shape, dtype=picked.dtype, device=self.device)
+                logp = logp.masked_scatter(present, picked)
+                return logp, mask.to(self.device)
+            logits = self.model(**inputs, **kwargs).logits  # [B, n, V]
+        rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> fp32
+        logp = torch.log_softmax(rows, dim=-1)  # [B, R, V]
+        return logp.gather(2, target[..., None]).squeeze(2), mask.to(self.device)
 
     @staticmethod
     def _shared_prefix_len(trajs: Sequence[Trajectory], minimum: int = 16) -> int:
@@ -196,7 +222,7 @@ class Learner:
         if self.logp_old_mode == "recompute":
             old = before
         else:
-            old = [torch.tensor(t.logprobs) for t in trajs]
+            old = [torch.tensor(t.logprobs, dtype=torch.float64) for t in trajs]  # exact floats
         k = min(self.mini_batches, len(trajs))
         bounds = [round(j * len(trajs) / k) for j in range(k + 1)]
         totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "norm": 0.0}

@@ -275,6 +275,12 @@ class LearnerConfig(Section):
     """Tokens per forward/backward pass; gradients accumulate across micro-batches with
     the step's token count as normaliser. >= 1. Memory knob only."""
 
+    logprob_chunk: int | None = Field(1024, ge=1)
+    """Response positions whose logits exist at once: the LM head and log-softmax run
+    over the positions that score response tokens only, this many at a time, so the
+    positions x vocabulary logits are never held. >= 1; None = the model's full logits.
+    Memory knob only (equal log-probs)."""
+
     max_staleness: int = Field(4, ge=0)
     """Most policy versions a generated segment may lag the learner; older trajectories
     are dropped and counted. >= 0 (0 = strictly on-policy)."""

@@ -1,0 +1,232 @@
+"""The GPU device check: the learner and the transformers engine on one real accelerator.
+
+``scripts/device_check.sh`` runs this on a lent GPU machine (its own torch and
+transformers, the project's source on PYTHONPATH, no vLLM there) and writes one JSON
+report. It measures, on a Qwen3-1.7B-shaped model with random weights and the full
+151,936-token vocabulary:
+
+* **learner step**: bf16 autocast over float32 master weights, gradient checkpointing,
+  chunked log-probs, sequences of ``seq_tokens`` tokens: trainable tokens/s, peak GPU
+  memory, and model-FLOPs utilisation counted as 6 × parameters × trainable tokens per
+  second against the chip's dense bf16 peak (the step's extra log-prob passes for the
+  drift and its recomputation are real work that this count leaves out);
+* **log-prob agreement**: the same tokens scored under bf16 autocast and in float32;
+* **engine**: the transformers engine generating for many concurrent requests in bf16
+  (tokens/s), and the time to push the learner's weights into it.
+
+``--tiny`` runs every part on a model small enough for a CPU, so the suite checks that
+the script works end to end; its numbers mean nothing.
+
+    python -m agent_spo.bench.device --out report.json [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak of the chips this check meets, FLOP/s (vendor figures, no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+QWEN3_1_7B = {
+    "vocab_size": 151936, "hidden": 2048, "intermediate": 6144, "layers": 28, "heads": 16,
+    "kv_heads": 8, "head_dim": 128,
+}  # fmt: skip
+TINY = {"vocab_size": 2048, "hidden": 64, "intermediate": 128, "layers": 2, "heads": 4,
+        "kv_heads": 2, "head_dim": 16}  # fmt: skip
+
+
+def qwen3(shape: dict, device: str, seed: int = 0):
+    """A randomly initialised Qwen3 of this shape, float32, built on ``device``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"], max_position_embeddings=40960, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=2, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Qwen3ForCausalLM(cfg).float()
+
+
+def _trajectories(n: int, tokens: int, vocab: int, seed: int):
+    """n trajectories of ``tokens`` tokens: a 1/8 prompt, then one model turn."""
+    from agent_spo.episode.trajectory import Segment, Trajectory
+
+    rng = random.Random(seed)
+    prompt = max(1, tokens // 8)
+    out = []
+    for i in range(n):
+        resp = tuple(rng.randrange(3, vocab) for _ in range(tokens - prompt))
+        ids = tuple(rng.randrange(3, vocab) for _ in range(prompt))
+        seg = Segment("model", resp, (-1.0,) * len(resp), 0)
+        out.append(Trajectory(f"p{i}", ids, (seg,)))
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def learner_step(model, device: str, *, seqs: int, seq_tokens: int, steps: int) -> dict:
+    """Timed learner steps (after one warm-up) in bf16 autocast with checkpointing."""
+    from agent_spo.learner import Learner
+
+    learner = Learner(
+        model, lr=1e-6, compute_dtype=torch.bfloat16, gradient_checkpointing=True,
+        micro_batch_tokens=seq_tokens, logprob_chunk=1024, logp_old="recompute",
+    )  # fmt: skip
+    trajs = _trajectories(seqs, seq_tokens, model.config.vocab_size, seed=1)
+    adv = [1.0 if i % 2 else -1.0 for i in range(seqs)]
+    learner.step(trajs, adv)  # warm-up: kernels, allocator
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        stats = learner.step(trajs, adv)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    params = sum(p.numel() for p in model.parameters())
+    tokens_per_s = stats.n_tokens / step_s
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return {
+        "params": params,
+        "sequences": seqs,
+        "seq_tokens": seq_tokens,
+        "trainable_tokens": stats.n_tokens,
+        "step_s_median": round(step_s, 3),
+        "step_s_all": [round(t, 3) for t in times],
+        "tokens_per_s": round(tokens_per_s, 1),
+        "peak_memory_gb": _peak_gb(device),
+        "mfu": round(6 * params * tokens_per_s / peak, 4) if peak else None,
+        "loss": stats.loss,
+        "drift": stats.drift,
+    }
+
+
+def logprob_agreement(model, *, tokens: int) -> dict:
+    """|logp_bf16 − logp_fp32| over one sequence's response tokens."""
+    from agent_spo.learner import Learner
+
+    trajs = _trajectories(1, tokens, model.config.vocab_size, seed=2)
+    bf16 = Learner(model, compute_dtype=torch.bfloat16).token_logprobs(trajs)[0]
+    fp32 = Learner(model, compute_dtype=None).token_logprobs(trajs)[0]
+    diff = (bf16 - fp32).abs()
+    return {
+        "tokens": int(diff.numel()),
+        "mean_abs": float(diff.mean()),
+        "max_abs": float(diff.max()),
+        "p99_abs": float(diff.quantile(0.99)),
+        "prob_mean_abs": float((bf16.exp() - fp32.exp()).abs().mean()),
+    }
+
+
+async def _generate(engine, *, requests: int, prompt: int, new: int, vocab: int) -> dict:
+    from agent_spo.engines.base import Sampling
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt)] for _ in range(requests)]
+    sampling = Sampling(max_tokens=new, temperature=1.0, seed=0)
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(engine.generate(p, sampling) for p in prompts))
+    wall = time.perf_counter() - t0
+    generated = sum(len(o.token_ids) for o in outs)
+    return {"requests": requests, "prompt_tokens": prompt, "generated_tokens": generated,
+            "wall_s": round(wall, 2), "tokens_per_s": round(generated / wall, 1)}  # fmt: skip
+
+
+def engine_check(model, device: str, *, requests: int, prompt: int, new: int) -> dict:
+    """The transformers engine in bf16 on a copy of the model; then a weight push."""
+    from agent_spo.demo.tokenizer import train_tokenizer
+    from agent_spo.engines.hf import HFEngine
+
+    tok = train_tokenizer([f"{i} + {i} = {2 * i}" for i in range(200)], vocab_size=300)
+    served = copy.deepcopy(model).to(torch.bfloat16)
+    engine = HFEngine(served, tok, device=device, max_batch=requests, prefix_cache=False)
+
+    async def run() -> dict:
+        try:
+            gen = await _generate(engine, requests=requests, prompt=prompt, new=new,
+                                  vocab=model.config.vocab_size)  # fmt: skip
+            _sync(device)
+            t0 = time.perf_counter()
+            weights = ((n, p.detach()) for n, p in model.state_dict().items())
+            await engine.update_weights(weights, version=1)
+            _sync(device)
+            gen["weight_push_s"] = round(time.perf_counter() - t0, 3)
+            return gen
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def run_device_check(*, tiny: bool = False, seq_tokens: int | None = None) -> dict:
+    """Every part of the check; a failing part is reported as its error, not raised."""
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "shape": "tiny" if tiny else "qwen3-1.7b",
+    }
+    seq = seq_tokens or (256 if tiny else 8192)
+    t0 = time.perf_counter()
+    model = qwen3(TINY if tiny else QWEN3_1_7B, device)
+    report["build_s"] = round(time.perf_counter() - t0, 1)
+    parts = {
+        "learner": lambda: learner_step(model, device, seqs=2, seq_tokens=seq, steps=3),
+        "logprob_agreement": lambda: logprob_agreement(model, tokens=min(seq, 2048)),
+        "engine": lambda: engine_check(model, device, requests=4 if tiny else 64,
+                                       prompt=32 if tiny else 512, new=8 if tiny else 256),
+    }  # fmt: skip
+    for name, part in parts.items():
+        t0 = time.perf_counter()
+        try:
+            report[name] = part()
+        except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
+            report[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        report[name]["part_s"] = round(time.perf_counter() - t0, 1)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({name: report[name]}), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON report to write.")
+    parser.add_argument("--tiny", action="store_true", help="A CPU-sized model (a smoke test).")
+    parser.add_argument("--seq-tokens", type=int, default=None, help="Tokens per sequence.")
+    args = parser.parse_args(argv)
+    report = run_device_check(tiny=args.tiny, seq_tokens=args.seq_tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

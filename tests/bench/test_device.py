@@ -1,0 +1,61 @@
+"""The GPU device check runs end to end here on a CPU-sized model (`--tiny`): every part
+reports, none errors, and the shell entry point works as a lent machine would run it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent_spo.bench.device import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device") / "report.json"
+    main(["--tiny", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_every_part_reports_without_error(report):
+    for part in ("learner", "logprob_agreement", "engine"):
+        assert "error" not in report[part], report[part]
+    assert report["shape"] == "tiny" and report["device"] == "cpu"
+
+
+def test_learner_numbers_are_measured(report):
+    learner = report["learner"]
+    assert learner["trainable_tokens"] == 2 * (256 - 256 // 8)  # two sequences' responses
+    assert learner["tokens_per_s"] > 0 and len(learner["step_s_all"]) == 3
+    assert math.isfinite(learner["loss"]) and learner["drift"] >= 0
+    assert learner["peak_memory_gb"] is None and learner["mfu"] is None  # no GPU here
+
+
+def test_bf16_log_probs_are_close_to_float32(report):
+    agree = report["logprob_agreement"]
+    assert agree["tokens"] == 256 - 256 // 8
+    assert 0 < agree["mean_abs"] < 0.1 and agree["max_abs"] < 1.0
+
+
+def test_engine_generates_and_takes_the_learners_weights(report):
+    engine = report["engine"]
+    assert 0 < engine["generated_tokens"] <= 4 * 8  # 4 requests of at most 8 new tokens
+    assert engine["tokens_per_s"] > 0 and engine["weight_push_s"] >= 0
+
+
+@pytest.mark.slow
+def test_the_shell_script_writes_the_report_under_out(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run([str(ROOT / "scripts" / "device_check.sh"), "--tiny"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "device.json").read_text())
+    assert set(report) >= {"learner", "logprob_agreement", "engine"}
+    assert '"learner"' in done.stdout  # one line per part as it finishes

@@ -1,0 +1,101 @@
+"""Chunked log-probs: equal to the model's full logits, gradients included, and the
+largest vocabulary-sized tensor grows with the chunk, never with the positions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_learner import _model, _trajectories, tok  # noqa: F401 - tok is a fixture
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from agent_spo.learner import Learner
+from agent_spo.logprobs import chunked_logprobs, head_matches, split_head
+
+
+def test_chunks_equal_one_full_log_softmax():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True).double()
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (37,))
+    full = torch.log_softmax(head(hidden), -1).gather(-1, target[:, None]).squeeze(-1)
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    for chunk in (1, 5, 37, 100):
+        mine = chunked_logprobs(hidden, head, target, chunk)
+        assert torch.allclose(mine, full, atol=1e-12)
+        (g,) = torch.autograd.grad(mine.sum(), hidden)
+        assert torch.allclose(g, g_full, atol=1e-12)
+
+
+def test_lean_and_full_learners_give_equal_log_probs_and_updates(tok):  # noqa: F811
+    base = _model(tok, torch.float64)
+    lean = Learner(copy.deepcopy(base), lr=1e-2, logprob_chunk=7, mini_batches=2)
+    full = Learner(copy.deepcopy(base), lr=1e-2, logprob_chunk=None, mini_batches=2)
+    assert lean._lean is not None and full._lean is None
+    trajs = _trajectories(full, 6, len(tok), seed=3)
+    for a, b in zip(lean.token_logprobs(trajs), full.token_logprobs(trajs), strict=True):
+        assert (a - b).abs().max() < 1e-10
+    adv = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0]
+    sa, sb = lean.step(trajs, adv), full.step(trajs, adv)
+    assert abs(sa.loss - sb.loss) < 1e-10 and abs(sa.drift - sb.drift) < 1e-10
+    for (n, pa), (_, pb) in zip(lean.model.named_parameters(), full.model.named_parameters(),
+                                strict=True):  # fmt: skip
+        assert torch.allclose(pa, pb, atol=1e-10), n
+
+
+class _VocabTensors(TorchDispatchMode):
+    """Records the largest tensor whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_peak_vocab_tensor_follows_the_chunk_not_the_positions(tok, chunk):  # noqa: F811
+    model = _model(tok)
+    vocab = model.config.vocab_size
+    lean = Learner(copy.deepcopy(model), logprob_chunk=chunk)
+    full = Learner(copy.deepcopy(model), logprob_chunk=None)
+    trajs = _trajectories(full, 12, len(tok), seed=5)
+    positions = sum(len(t.response_token_ids) for t in trajs)
+    assert positions > 4 * chunk
+    seen = {}
+    for name, learner in (("lean", lean), ("full", full)):
+        learner.model.zero_grad()
+        with _VocabTensors(vocab) as probe:
+            logp, mask = learner._forward(trajs)
+            (logp * mask).sum().backward()  # the backward recomputes chunk by chunk
+        seen[name] = probe.largest
+    weight = vocab * model.config.hidden_size  # the LM head itself is vocabulary-sized
+    assert seen["lean"] <= max(chunk * vocab, weight)
+    assert seen["full"] >= positions * vocab  # every position's logits at once
+
+
+def test_a_model_whose_logits_are_not_head_of_body_falls_back(tok):  # noqa: F811
+    model = _model(tok)
+    assert head_matches(model, model.config.vocab_size) and split_head(model) is not None
+
+    class Scaled(torch.nn.Module):  # logits x 2, as some models scale theirs
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+            self.base_model = inner.base_model
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = out.logits * 2
+            return out
+
+    assert not head_matches(Scaled(model), model.config.vocab_size)
