@@ -111,8 +111,9 @@ class Learner:
         self.share_prefix = share_prefix  # run the batch's common opening tokens once
         # the body and the LM head, when head(body(x)) is the model's own logits; None =
         # full logits (logprob_chunk=None, or a model that scales or caps its logits)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", 8)
-        lean = logprob_chunk is not None and head_matches(model, vocab)
+        if logprob_chunk is not None and logprob_chunk < 1:
+            raise ValueError(f"logprob_chunk must be >= 1 or None, got {logprob_chunk}")
+        lean = logprob_chunk is not None and head_matches(model)
         self._lean = split_head(model) if lean else None
         self.logprob_chunk = logprob_chunk or 0
         self.version = 0
@@ -163,7 +164,8 @@ class Learner:
         ):  # fmt: skip
             if shared:
                 head = torch.tensor([trajs[0].token_ids[:shared]], device=self.device)
-                cache = self.model(input_ids=head, use_cache=True).past_key_values
+                prefix_model = self._lean[0] if self._lean is not None else self.model
+                cache = prefix_model(input_ids=head, use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(trajs))
                 pos = torch.arange(shared, shared + n, device=self.device)
                 kwargs = {"past_key_values": cache, "position_ids": pos[None].expand(len(trajs), n),
@@ -173,15 +175,16 @@ class Learner:
                 body, lm_head = self._lean
                 hidden = body(**inputs, **kwargs).last_hidden_state  # [B, n, H]
                 rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-                present = torch.zeros_like(mask, dtype=torch.bool)  # real response positions
-                for b, t in enumerate(trajs):
-                    present[b, : len(t.response_token_ids)] = True
-                present = present.to(self.device)
+                flat = torch.tensor(  # (row, position) of every real response token
+                    [b * r + i for b, t in enumerate(trajs) for i in range(len(t.response_token_ids))],
+                    device=self.device,
+                )  # fmt: skip
                 picked = chunked_logprobs(
-                    rows[present], lm_head, target[present], self.logprob_chunk
-                )
-                logp = torch.zeros(target.shape, dtype=picked.dtype, device=self.device)
-                logp = logp.masked_scatter(present, picked)
+                    rows.reshape(-1, rows.shape[-1]).index_select(0, flat), lm_head,
+                    target.reshape(-1).index_select(0, flat), self.logprob_chunk,
+                )  # fmt: skip
+                logp = torch.zeros(len(trajs) * r, dtype=picked.dtype, device=self.device)
+                logp = logp.index_copy(0, flat, picked).view(len(trajs), r)
                 return logp, mask.to(self.device)
             logits = self.model(**inputs, **kwargs).logits  # [B, n, V]
         rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))

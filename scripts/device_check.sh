@@ -3,12 +3,17 @@
 #
 # That machine has its own torch and transformers (no vLLM, no network), so the project's
 # source runs from this checkout through PYTHONPATH, nothing is installed. The report goes
-# to $OUT/device.json (or ./device-report.json without $OUT), one JSON line per part to
-# stdout as it finishes. Well inside 8 minutes on one H100/H200. Extra arguments go to the
-# check, e.g. `scripts/device_check.sh --seq-tokens 4096`; on a CPU, `--tiny`.
+# to $OUT/device.json (./device-report.json without $OUT), rewritten after every part, and
+# one JSON line per part goes to stdout as it finishes. About 3 minutes on one H100/H200;
+# cut off after 7. Extra arguments go to the check, e.g. `--seq-tokens 4096`, or `--tiny`
+# on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-.}/device.json"
-[ -n "${OUT:-}" ] || out="device-report.json"
+py="${PYTHON:-python3}"
+out="${OUT:+$OUT/device.json}"
+out="${out:-device-report.json}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m agent_spo.bench.device --out "$out" "$@"
+# fail in seconds, not minutes, when the interpreter lacks what the check needs
+"$py" -c 'import torch, transformers, tokenizers, numpy; import agent_spo.learner, agent_spo.engines.hf; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+exec timeout 420 "$py" -m agent_spo.bench.device --out "$out" "$@"

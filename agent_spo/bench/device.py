@@ -7,10 +7,15 @@ report. It measures, on a Qwen3-1.7B-shaped model with random weights and the fu
 
 * **learner step**: bf16 autocast over float32 master weights, gradient checkpointing,
   chunked log-probs, sequences of ``seq_tokens`` tokens: trainable tokens/s, peak GPU
-  memory, and model-FLOPs utilisation counted as 6 × parameters × trainable tokens per
-  second against the chip's dense bf16 peak (the step's extra log-prob passes for the
-  drift and its recomputation are real work that this count leaves out);
-* **log-prob agreement**: the same tokens scored under bf16 autocast and in float32;
+  memory, the time of one no-grad log-prob pass (the step runs two, for the drift), and
+  model-FLOPs utilisation of the update: (6 × parameters + 6 × layers × width × length)
+  FLOPs per forwarded token (weights, and causal attention) over the step's time less
+  its two log-prob passes, against the chip's dense bf16 peak;
+* **chunked vs full log-probs** under bf16 autocast: the largest log-prob difference and
+  the relative difference of the gradients, so a silent fall-back or a precision loss in
+  the chunked path shows;
+* **log-prob agreement**: the same tokens scored under bf16 autocast and in float32
+  (random weights: logits spread little, so real models disagree more);
 * **engine**: the transformers engine generating for many concurrent requests in bf16
   (tokens/s), and the time to push the learner's weights into it.
 
@@ -25,16 +30,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import json
-import platform
 import random
 import time
 from pathlib import Path
 
 import torch
 
-# Dense bf16 peak of the chips this check meets, FLOP/s (vendor figures, no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak, FLOP/s (vendor figures, no sparsity), by name and streaming-processor
+# count: an H100 SXM has 132 SMs, the PCIe card 114.
+PEAK_BF16 = {("H200", 132): 989e12, ("H100", 132): 989e12, ("H100", 114): 756e12,
+             ("A100", 108): 312e12}  # fmt: skip
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return next((v for (chip, n), v in PEAK_BF16.items() if chip in name and n == sms), None)
+
 
 QWEN3_1_7B = {
     "vocab_size": 151936, "hidden": 2048, "intermediate": 6144, "layers": 28, "heads": 16,
@@ -104,24 +120,55 @@ def learner_step(model, device: str, *, seqs: int, seq_tokens: int, steps: int) 
         stats = learner.step(trajs, adv)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    learner.token_logprobs(trajs)
+    _sync(device)
+    logprob_s = time.perf_counter() - t0
     step_s = sorted(times)[len(times) // 2]
+    update_s = max(1e-9, step_s - 2 * logprob_s)  # the step also runs "before" and "after"
+    cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    tokens_per_s = stats.n_tokens / step_s
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    per_token = 6 * params + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq_tokens
+    peak = peak_flops(device)
     return {
         "params": params,
+        "lean_logprobs": learner._lean is not None,
+        "attention": getattr(cfg, "_attn_implementation", None),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "sequences": seqs,
         "seq_tokens": seq_tokens,
         "trainable_tokens": stats.n_tokens,
         "step_s_median": round(step_s, 3),
         "step_s_all": [round(t, 3) for t in times],
-        "tokens_per_s": round(tokens_per_s, 1),
+        "logprob_pass_s": round(logprob_s, 3),
+        "tokens_per_s": round(stats.n_tokens / step_s, 1),
         "peak_memory_gb": _peak_gb(device),
-        "mfu": round(6 * params * tokens_per_s / peak, 4) if peak else None,
+        "update_mfu": round(per_token * seqs * seq_tokens / update_s / peak, 4) if peak else None,
         "loss": stats.loss,
         "drift": stats.drift,
     }
+
+
+def chunked_vs_full(model, *, tokens: int) -> dict:
+    """Log-probs and gradients of the chunked path against the full logits, bf16 autocast."""
+    from agent_spo.learner import Learner
+
+    trajs = _trajectories(2, tokens, model.config.vocab_size, seed=4)
+    out: dict = {}
+    for name, chunk in (("chunked", 1024), ("full", None)):
+        learner = Learner(model, compute_dtype=torch.bfloat16, logprob_chunk=chunk)
+        out[f"{name}_lean"] = learner._lean is not None
+        model.zero_grad(set_to_none=True)
+        logp, mask = learner._forward(trajs)
+        (logp * mask).sum().backward()
+        out[name] = (logp.detach()[mask.bool()].float().cpu(),
+                     torch.cat([p.grad.flatten().float() for p in model.parameters()
+                                if p.grad is not None]))  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    (lp_a, g_a), (lp_b, g_b) = out.pop("chunked"), out.pop("full")
+    out["logprob_max_abs"] = float((lp_a - lp_b).abs().max())
+    out["grad_rel_diff"] = float((g_a - g_b).norm() / g_b.norm())
+    return out
 
 
 def logprob_agreement(model, *, tokens: int) -> dict:
@@ -159,6 +206,7 @@ def engine_check(model, device: str, *, requests: int, prompt: int, new: int) ->
     """The transformers engine in bf16 on a copy of the model; then a weight push."""
     from agent_spo.demo.tokenizer import train_tokenizer
     from agent_spo.engines.hf import HFEngine
+    from agent_spo.learner import Learner
 
     tok = train_tokenizer([f"{i} + {i} = {2 * i}" for i in range(200)], vocab_size=300)
     served = copy.deepcopy(model).to(torch.bfloat16)
@@ -170,10 +218,11 @@ def engine_check(model, device: str, *, requests: int, prompt: int, new: int) ->
                                   vocab=model.config.vocab_size)  # fmt: skip
             _sync(device)
             t0 = time.perf_counter()
-            weights = ((n, p.detach()) for n, p in model.state_dict().items())
+            weights = Learner(model, logprob_chunk=None).named_weights()  # as training
             await engine.update_weights(weights, version=1)
             _sync(device)
             gen["weight_push_s"] = round(time.perf_counter() - t0, 3)
+            gen["stats"] = dict(engine.stats)
             return gen
         finally:
             await engine.close()
@@ -181,8 +230,11 @@ def engine_check(model, device: str, *, requests: int, prompt: int, new: int) ->
     return asyncio.run(run())
 
 
-def run_device_check(*, tiny: bool = False, seq_tokens: int | None = None) -> dict:
-    """Every part of the check; a failing part is reported as its error, not raised."""
+def run_device_check(
+    *, tiny: bool = False, seq_tokens: int | None = None, out: Path | None = None
+) -> dict:
+    """Every part of the check; a failing part is reported as its error, not raised. With
+    ``out``, the report is rewritten after every part (a run cut short keeps what it did)."""
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,6 +251,7 @@ def run_device_check(*, tiny: bool = False, seq_tokens: int | None = None) -> di
     report["build_s"] = round(time.perf_counter() - t0, 1)
     parts = {
         "learner": lambda: learner_step(model, device, seqs=2, seq_tokens=seq, steps=3),
+        "chunked_vs_full": lambda: chunked_vs_full(model, tokens=min(seq, 2048)),
         "logprob_agreement": lambda: logprob_agreement(model, tokens=min(seq, 2048)),
         "engine": lambda: engine_check(model, device, requests=4 if tiny else 64,
                                        prompt=32 if tiny else 512, new=8 if tiny else 256),
@@ -210,9 +263,13 @@ def run_device_check(*, tiny: bool = False, seq_tokens: int | None = None) -> di
         except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
             report[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         report[name]["part_s"] = round(time.perf_counter() - t0, 1)
+        gc.collect()  # the part's learner and its optimizer state
         if device == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps({name: report[name]}), flush=True)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -222,10 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="A CPU-sized model (a smoke test).")
     parser.add_argument("--seq-tokens", type=int, default=None, help="Tokens per sequence.")
     args = parser.parse_args(argv)
-    report = run_device_check(tiny=args.tiny, seq_tokens=args.seq_tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return run_device_check(tiny=args.tiny, seq_tokens=args.seq_tokens, out=args.out)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,8 @@ class _Batch:
             position_ids=pos.to(self.e.device),
             past_key_values=cache,
             use_cache=True,
-        )
+            logits_to_keep=1,  # only the next token's logits: a prefill of P tokens would
+        )  # otherwise build [B, P, vocabulary] logits (10 GB for 64 x 512 x 151,936 in bf16)
         return out.logits[:, -1, :].float().cpu(), out.past_key_values
 
     def _prefill(self, admit: list[_Request]) -> None:
@@ -509,7 +510,8 @@ class _SharedPrefix:
 
     def keys_values(self, model, version: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._kv is None or self._version != version:
-            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True)
+            ids = torch.tensor([self.ids], device=device)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # keys, values only
             self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             self._version = version
         return self._kv

@@ -25,7 +25,7 @@ def report(tmp_path_factory):
 
 
 def test_every_part_reports_without_error(report):
-    for part in ("learner", "logprob_agreement", "engine"):
+    for part in ("learner", "chunked_vs_full", "logprob_agreement", "engine"):
         assert "error" not in report[part], report[part]
     assert report["shape"] == "tiny" and report["device"] == "cpu"
 
@@ -35,7 +35,15 @@ def test_learner_numbers_are_measured(report):
     assert learner["trainable_tokens"] == 2 * (256 - 256 // 8)  # two sequences' responses
     assert learner["tokens_per_s"] > 0 and len(learner["step_s_all"]) == 3
     assert math.isfinite(learner["loss"]) and learner["drift"] >= 0
-    assert learner["peak_memory_gb"] is None and learner["mfu"] is None  # no GPU here
+    assert learner["lean_logprobs"] and learner["gradient_checkpointing"]
+    assert 0 < learner["logprob_pass_s"] < learner["step_s_median"]
+    assert learner["peak_memory_gb"] is None and learner["update_mfu"] is None  # no GPU here
+
+
+def test_chunked_and_full_log_probs_agree_under_bf16(report):
+    part = report["chunked_vs_full"]
+    assert part["chunked_lean"] and not part["full_lean"]
+    assert part["logprob_max_abs"] < 0.1 and part["grad_rel_diff"] < 0.05
 
 
 def test_bf16_log_probs_are_close_to_float32(report):
