@@ -76,11 +76,13 @@ def build_learner(
     loss: LossConfig,
     *,
     mini_batches: int | None = None,
+    probe_tokens: int | None = None,
 ) -> Learner:
     """The learner on the best device: float32 master weights (AdamW on bf16 weights loses
     small updates; the engine samples in model.dtype), the loss section's clip settings,
     the precision and gradient checkpointing the learner section asks for.
-    ``mini_batches`` replaces learner.mini_batches (a benchmark with a smaller batch)."""
+    ``mini_batches`` replaces learner.mini_batches (a benchmark with a smaller batch);
+    ``probe_tokens`` is algo.rho.probe_tokens (the drift's probe)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +115,7 @@ def build_learner(
         compute_dtype=torch.bfloat16 if bf16 else None,
         gradient_checkpointing=checkpointing,
         logprob_chunk=learner.logprob_chunk,
+        probe_tokens=probe_tokens,
     )
 
 

@@ -9,7 +9,11 @@ One ``step(trajectories, adv)`` consumes one training batch:
 * ``logp_old`` is the engine's behaviour log-probs (default: off-policy corrected by the
   PPO ratio), or the learner's own recomputation before the update (reference option);
 * after the update the learner measures its drift d_s = mean |logp_after − logp_before|
-  over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1);
+  over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1).
+  With ``probe_tokens`` it is measured on a probe: whole trajectories drawn in a seeded
+  order until they hold that many trainable tokens, scored before and after the update,
+  instead of two extra passes over the whole batch (with ``logp_old="recompute"`` the
+  "before" pass covers the whole batch anyway and the probe saves only the "after" one);
 * log-probs never hold the positions × vocabulary logits: the model's body gives hidden
   states and only the rows that score response tokens go through the LM head, in chunks
   of ``logprob_chunk`` positions (:mod:`agent_spo.logprobs`).
@@ -17,6 +21,7 @@ One ``step(trajectories, adv)`` consumes one training batch:
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -77,6 +82,7 @@ class Learner:
         compute_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
         logprob_chunk: int | None = 1024,
+        probe_tokens: int | None = None,
     ) -> None:
         self.model = model.train()
         self.device = next(model.parameters()).device
@@ -116,6 +122,9 @@ class Learner:
         lean = logprob_chunk is not None and head_matches(model)
         self._lean = split_head(model) if lean else None
         self.logprob_chunk = logprob_chunk or 0
+        if probe_tokens is not None and probe_tokens < 1:
+            raise ValueError(f"probe_tokens must be >= 1 or None, got {probe_tokens}")
+        self.probe_tokens = probe_tokens  # None: the drift over the whole batch
         self.version = 0
 
     # ------------------------------------------------------------------ log-probs
@@ -221,11 +230,13 @@ class Learner:
         if len(trajs) != len(adv) or not trajs:
             raise ValueError(f"need one advantage per trajectory, got {len(trajs)} and {len(adv)}")
         t0 = time.perf_counter()
-        before = self.token_logprobs(trajs)
+        probe = self._probe(trajs)
         if self.logp_old_mode == "recompute":
-            old = before
+            full = self.token_logprobs(trajs)
+            old, before = full, [full[i] for i in probe]
         else:
             old = [torch.tensor(t.logprobs, dtype=torch.float64) for t in trajs]  # exact floats
+            before = self.token_logprobs([trajs[i] for i in probe])
         k = min(self.mini_batches, len(trajs))
         bounds = [round(j * len(trajs) / k) for j in range(k + 1)]
         totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "norm": 0.0}
@@ -258,8 +269,8 @@ class Learner:
             n_tokens += int(normalizer)
         self.opt.zero_grad(set_to_none=True)
         self.version += 1
-        after = self.token_logprobs(trajs)
-        masks = [torch.tensor(t.loss_mask, dtype=torch.bool) for t in trajs]
+        after = self.token_logprobs([trajs[i] for i in probe])
+        masks = [torch.tensor(trajs[i].loss_mask, dtype=torch.bool) for i in probe]
         diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
         return StepStats(
             loss=totals["loss"] / k,
@@ -273,6 +284,22 @@ class Learner:
             optimizer_steps=k,
             step_s=time.perf_counter() - t0,
         )
+
+    def _probe(self, trajs: Sequence[Trajectory]) -> list[int]:
+        """Indices of the trajectories the drift is measured on: all of them, or whole
+        trajectories in a seeded order (new each version) until they hold probe_tokens
+        trainable tokens."""
+        if self.probe_tokens is None:
+            return list(range(len(trajs)))
+        order = list(range(len(trajs)))
+        random.Random(self.version).shuffle(order)
+        chosen, tokens = [], 0
+        for i in order:
+            if tokens >= self.probe_tokens:
+                break
+            chosen.append(i)
+            tokens += sum(trajs[i].loss_mask)
+        return sorted(chosen)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Detached weights to push into an engine (tied copies listed once)."""

@@ -232,7 +232,9 @@ async def setup(
         engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
         stack.push_async_callback(engine.close)
         tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
-        learner = builders.build_learner(model_path, tokenizer, cfg.learner, cfg.loss)
+        learner = builders.build_learner(
+            model_path, tokenizer, cfg.learner, cfg.loss, probe_tokens=cfg.algo.rho.probe_tokens
+        )
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)

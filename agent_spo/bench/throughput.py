@@ -166,6 +166,7 @@ async def run_mode(
         learner = builders.build_learner(
             parts.model_path, parts.tokenizer, cfg.learner, cfg.loss,
             mini_batches=min(cfg.learner.mini_batches, batch),
+            probe_tokens=cfg.algo.rho.probe_tokens,
         )  # fmt: skip
         tracker = builders.build_tracker(cfg.algo)
         sampler = builders.build_sampler(cfg.algo, list(parts.problems), tracker, seed)

@@ -325,3 +325,77 @@ def bench_throughput(
     for target, ok in report["targets"].items():
         stdout.print(f"target {target}: {'met' if ok else 'NOT met'}")
     typer.echo(f"wrote {out}")
+
+
+@app.command("learner")
+def bench_learner(
+    episodes: Annotated[
+        Path, typer.Option(help="A training run's episodes.jsonl: the batches to replay.")
+    ],
+    probes: Annotated[
+        str, typer.Option(help="Probe sizes (trainable tokens) to compare with the whole batch.")
+    ] = "64,128,256",
+    batches: Annotated[int, typer.Option(help="Batches to time (after one warm-up).", min=1)] = 8,
+    model: Annotated[
+        str | None, typer.Option(help="Model directory. Default: the demo model.")
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(help="torch threads (the demo's learner uses 1 on 2 cores).", min=1)
+    ] = 1,
+    out: Annotated[Path | None, typer.Option(help="Write the report (JSON) here.")] = None,
+) -> None:
+    """What measuring the drift on a probe (algo.rho.probe_tokens) saves, and how close
+    its d_s is to the whole batch's.
+
+    Replays the logged batches (trajectories and advantages) through one learner per
+    setting, side by side, from the same weights: the updates are identical, so each
+    step's d_s is compared at the same weights. Prints the median step time, its ratio to
+    the whole-batch measurement, and the drift's relative error.
+    """
+    import json
+
+    import torch
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from agent_spo.bench.learner import run_learner_bench
+    from agent_spo.builders import resolve_model_path
+    from agent_spo.cli.args import bar_columns
+    from agent_spo.config import ModelConfig
+
+    try:
+        sizes = [int(x) for x in probes.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--probes: expected comma-separated token counts, got {probes!r}")
+    if any(n < 1 for n in sizes):
+        fail(f"--probes: every size must be >= 1, got {probes!r}")
+    if not episodes.is_file():
+        fail(f"--episodes: {episodes} not found")
+    torch.set_num_threads(threads)
+    model_path = resolve_model_path(ModelConfig(path=model), log=stderr.print)
+    with Progress(*bar_columns(), console=stderr, transient=True) as bar:
+        task = bar.add_task("batches", total=batches + 1)
+        try:
+            report = run_learner_bench(
+                episodes, model_path=model_path, probes=[None, *sizes], batches=batches,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+        except ValueError as e:
+            fail(str(e))
+    table = Table(title=f"learner: {report['batches']} batches of "
+                  f"{report['trajectories_per_batch']} trajectories, "
+                  f"{report['trainable_tokens_per_batch']} trainable tokens, "
+                  f"{report['torch_threads']} thread(s)")  # fmt: skip
+    for col in ("drift measured on", "step s (median)", "vs whole batch", "mean d_s",
+                "d_s rel. error (median / max)"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in report["rows"]:
+        who = "whole batch" if r["probe_tokens"] is None else f"probe {r['probe_tokens']} tokens"
+        err = ("-" if r["probe_tokens"] is None else
+               f"{r['drift_rel_error_median']:.3f} / {r['drift_rel_error_max']:.3f}")  # fmt: skip
+        table.add_row(who, f"{r['step_s_median']:.3f}", f"{r['vs_full']:.2f}",
+                      f"{r['drift_mean']:.4f}", err)  # fmt: skip
+    stdout.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")

@@ -114,6 +114,12 @@ class RhoConfig(Section):
     """rho used when mode = constant; equilibrium window 1/(1 − rho) (8 at 0.875).
     In (0, 1]. Source: spec §1."""
 
+    probe_tokens: int | None = Field(None, ge=1)
+    """Measure the per-step drift d_s on a probe of the batch: whole trajectories, drawn
+    in a seeded order, until they hold this many trainable tokens, scored before and
+    after the update. Saves two no-grad passes over the rest of the batch (logp_old =
+    behaviour). >= 1; None = the whole batch."""
+
     @model_validator(mode="after")
     def _min_le_max(self) -> RhoConfig:
         if self.rho_min > self.rho_max:

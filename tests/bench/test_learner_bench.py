@@ -1,0 +1,70 @@
+"""`agent-spo bench learner`: replays logged batches through one learner per probe setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_spo.bench.learner import logged_batches, run_learner_bench
+from agent_spo.cli import EXIT_CONFIG, app
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A tiny model directory and an episode log of 4 steps x 6 trained trajectories."""
+    import random
+
+    from agent_spo.demo.model import random_model, save_model_dir
+    from agent_spo.demo.tokenizer import train_tokenizer
+    from agent_spo.episode.trajectory import Segment, Trajectory
+
+    tmp = tmp_path_factory.mktemp("bench_learner")
+    tok = train_tokenizer([f"{i} times {i + 3} is {i * (i + 3)}" for i in range(200)],
+                          vocab_size=300)  # fmt: skip
+    model_dir = save_model_dir(random_model(tok, seed=0, hidden=32, layers=1, heads=2), tok,
+                               tmp / "model")  # fmt: skip
+    rng = random.Random(0)
+    lines = []
+    for step in range(1, 5):
+        for j in range(6):
+            resp = [rng.randrange(3, 300) for _ in range(rng.randint(4, 12))]
+            t = Trajectory(f"p{j}", [rng.randrange(3, 300) for _ in range(10)],
+                           [Segment("model", resp, [-5.0] * len(resp), step - 1)])  # fmt: skip
+            rec = json.loads(t.to_json())
+            rec["train"] = {"step": step, "adv": 1.0 if j % 2 else -1.0}
+            lines.append(json.dumps(rec))
+    log = tmp / "episodes.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    return model_dir, log
+
+
+def test_logged_batches_come_back_by_step_with_their_advantages(logged):
+    _, log = logged
+    batches = logged_batches(log, limit=3)
+    assert [len(t) for t, _ in batches] == [6, 6, 6]
+    assert batches[0][1] == [-1.0, 1.0] * 3
+
+
+def test_every_probe_setting_is_timed_against_the_whole_batch(logged):
+    model_dir, log = logged
+    report = run_learner_bench(log, model_path=str(model_dir), probes=(None, 8, 10_000),
+                               batches=3)  # fmt: skip
+    rows = {r["probe_tokens"]: r for r in report["rows"]}
+    assert report["batches"] == 3 and rows[None]["vs_full"] == 1.0
+    assert rows[None]["drift_rel_error_median"] == 0.0  # compared with itself
+    assert rows[10_000]["drift_rel_error_max"] == 0.0  # a probe over the batch is the batch
+    assert rows[8]["step_s_median"] > 0 and rows[8]["drift_mean"] > 0
+
+
+def test_cli_refuses_bad_probe_sizes_and_a_log_without_training(tmp_path, logged):
+    model_dir, log = logged
+    bad = CliRunner().invoke(app, ["bench", "learner", "--episodes", str(log), "--probes", "x"])
+    assert bad.exit_code == EXIT_CONFIG and "--probes" in bad.output
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    result = CliRunner().invoke(
+        app, ["bench", "learner", "--episodes", str(empty), "--model", str(model_dir)]
+    )
+    assert result.exit_code == EXIT_CONFIG and "no trained trajectories" in result.output
