@@ -113,7 +113,10 @@ def test_write_resolved_round_trip(tmp_path):
 def test_unknown_yaml_key(tmp_path):
     msg = _error(_yaml(tmp_path, "algo:\n  rho:\n    mdoe: constant\n"))
     assert "unknown key 'algo.rho.mdoe'" in msg
-    assert "allowed keys under 'algo.rho': constant, d_half, mode, probe_tokens, rho_max, rho_min" in msg
+    assert (
+        "allowed keys under 'algo.rho': constant, d_half, mode, probe_tokens, rho_max, rho_min"
+        in msg
+    )
     assert "did you mean 'mode'?" in msg
     assert "line 3" in msg
 
