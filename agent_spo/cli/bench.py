@@ -396,6 +396,9 @@ def bench_learner(
         table.add_row(who, f"{r['step_s_median']:.3f}", f"{r['vs_full']:.2f}",
                       f"{r['drift_mean']:.4f}", err)  # fmt: skip
     stdout.print(table)
+    stdout.print(f"plain PyTorch loop (one padded pass, backward, AdamW; no drift passes): "
+                 f"{report['plain_loop_step_s_median']:.3f} s per step, "
+                 f"{report['plain_loop_vs_full']:.2f} x the whole-batch learner step")  # fmt: skip
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -56,6 +56,25 @@ def test_every_probe_setting_is_timed_against_the_whole_batch(logged):
     assert rows[None]["drift_rel_error_median"] == 0.0  # compared with itself
     assert rows[10_000]["drift_rel_error_max"] == 0.0  # a probe over the batch is the batch
     assert rows[8]["step_s_median"] > 0 and rows[8]["drift_mean"] > 0
+    assert report["plain_loop_step_s_median"] > 0 and report["plain_loop_vs_full"] > 0
+
+
+def test_plain_loop_raises_the_likelihood_of_positively_advantaged_tokens(logged):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agent_spo.bench.learner import PlainLoop
+    from agent_spo.learner import Learner
+
+    model_dir, log = logged
+    trajs, _ = logged_batches(log, limit=1)[0]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    scorer = Learner(model)
+    before = scorer.token_logprobs(trajs[:1])[0].sum()
+    loop = PlainLoop(model, lr=1e-2, pad=0)
+    for _ in range(3):
+        loop.step(trajs[:1], [1.0])
+    assert scorer.token_logprobs(trajs[:1])[0].sum() > before  # the loss's sign and shift
 
 
 def test_cli_refuses_bad_probe_sizes_and_a_log_without_training(tmp_path, logged):
