@@ -30,6 +30,17 @@ def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
     raise typer.Exit(code)
 
 
+def positive_ints(text: str, option: str, example: str) -> list[int]:
+    """A comma-separated list of integers >= 1 from an option; exits 2 naming it."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        fail(f"{option}: got {text!r}; expected integers >= 1 separated by commas, e.g. {example}")
+    return values
+
+
 def guard_commands(app: typer.Typer) -> None:
     """Wrap every command of ``app`` (and of its sub-apps) so that what a command meets
     on its way in exits with one line and its code rather than a traceback: a bad input

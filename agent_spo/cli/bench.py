@@ -360,15 +360,10 @@ def bench_learner(
 
     from agent_spo.bench.learner import run_learner_bench
     from agent_spo.builders import resolve_model_path
-    from agent_spo.cli.args import bar_columns
+    from agent_spo.cli.args import bar_columns, positive_ints
     from agent_spo.config import ModelConfig
 
-    try:
-        sizes = [int(x) for x in probes.split(",") if x.strip()]
-    except ValueError:
-        fail(f"--probes: expected comma-separated token counts, got {probes!r}")
-    if any(n < 1 for n in sizes):
-        fail(f"--probes: every size must be >= 1, got {probes!r}")
+    sizes = positive_ints(probes, "--probes", "64,128,256")
     if not episodes.is_file():
         fail(f"--episodes: {episodes} not found")
     torch.set_num_threads(threads)

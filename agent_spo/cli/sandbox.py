@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agent_spo.cli.args import EXIT_FAILED, EXIT_SANDBOX, fail, stderr, stdout
+from agent_spo.cli.args import EXIT_FAILED, EXIT_SANDBOX, fail, positive_ints, stderr, stdout
 
 app = typer.Typer(
     help="Run sandboxes: the processes where the agent's tool calls execute.",
@@ -142,12 +142,7 @@ def sandbox_bench(
     """
     from agent_spo.bench.sandbox import run_bench
 
-    try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        fail(f"--concurrency: got {concurrency!r}; expected e.g. 1,2,4")
+    levels = positive_ints(concurrency, "--concurrency", "1,2,4")
     report = run_async(
         run_bench(
             workers=workers,
