@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
@@ -83,12 +84,15 @@ class Learner:
         gradient_checkpointing: bool = False,
         logprob_chunk: int | None = 1024,
         probe_tokens: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        cpu_offload: bool = False,
     ) -> None:
         self.model = model.train()
         self.device = next(model.parameters()).device
-        self.opt = torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
-        )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+        self.rank, self.world_size = rank, world_size
         self.grad_clip = grad_clip
         self.mini_batches = mini_batches
         self.micro_batch_tokens = micro_batch_tokens
@@ -114,14 +118,26 @@ class Learner:
             )
             share_prefix = False
         self.gradient_checkpointing = gradient_checkpointing
-        self.share_prefix = share_prefix  # run the batch's common opening tokens once
-        # the body and the LM head, when head(body(x)) is the model's own logits; None =
-        # full logits (logprob_chunk=None, or a model that scales or caps its logits)
+        # the LM head runs over response positions only, in chunks, when head(body(x)) is
+        # the model's own logits; else full logits (logprob_chunk=None, or a model that
+        # scales or caps its logits)
         if logprob_chunk is not None and logprob_chunk < 1:
             raise ValueError(f"logprob_chunk must be >= 1 or None, got {logprob_chunk}")
         lean = logprob_chunk is not None and head_matches(model)
-        self._lean = split_head(model) if lean else None
-        self.logprob_chunk = logprob_chunk or 0
+        if world_size > 1:
+            # FSDP ranks must run the same collectives: a shared-opening pass on one rank's
+            # micro-batch and not on another's would not match (see _plan)
+            share_prefix = False
+        self.share_prefix = share_prefix
+        self._scorer = _Scorer(model, lean=lean, chunk=logprob_chunk or 0)
+        self._sharded = world_size > 1 or cpu_offload
+        if self._sharded:
+            from agent_spo.dist.fsdp import shard
+
+            shard(self._scorer, model, bf16=compute_dtype == torch.bfloat16, cpu_offload=cpu_offload)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
+        )
         if probe_tokens is not None and probe_tokens < 1:
             raise ValueError(f"probe_tokens must be >= 1 or None, got {probe_tokens}")
         self.probe_tokens = probe_tokens  # None: the drift over the whole batch
@@ -141,6 +157,11 @@ class Learner:
             longest = max(longest, n)
         if group:
             yield group
+
+    @property
+    def lean(self) -> bool:
+        """Whether log-probs skip the positions × vocabulary logits (see the module doc)."""
+        return self._scorer.lean
 
     def _forward(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
         """Response log-probs [B, R] (R = longest response) and the loss mask [B, R].
@@ -165,41 +186,20 @@ class Learner:
             index[b, : len(resp)] = torch.arange(p - 1 - shared, p - 1 - shared + len(resp))
             target[b, : len(resp)] = torch.tensor(resp)
             mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
-        kwargs: dict = {"use_cache": False}
-        index, target = index.to(self.device), target.to(self.device)
+        flat = torch.tensor(  # (row, position) of every real response token
+            [b * r + i for b, t in enumerate(trajs) for i in range(len(t.response_token_ids))]
+        )  # fmt: skip
+        head = torch.tensor([trajs[0].token_ids[:shared]]) if shared else None
+        dev = self.device
         with torch.autocast(
-            self.device.type, dtype=self.compute_dtype or torch.float32,
+            dev.type, dtype=self.compute_dtype or torch.float32,
             enabled=self.compute_dtype is not None,
         ):  # fmt: skip
-            if shared:
-                head = torch.tensor([trajs[0].token_ids[:shared]], device=self.device)
-                prefix_model = self._lean[0] if self._lean is not None else self.model
-                cache = prefix_model(input_ids=head, use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(trajs))
-                pos = torch.arange(shared, shared + n, device=self.device)
-                kwargs = {"past_key_values": cache, "position_ids": pos[None].expand(len(trajs), n),
-                          "use_cache": True}  # fmt: skip
-            inputs = {"input_ids": ids.to(self.device), "attention_mask": att.to(self.device)}
-            if self._lean is not None:
-                body, lm_head = self._lean
-                hidden = body(**inputs, **kwargs).last_hidden_state  # [B, n, H]
-                rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-                flat = torch.tensor(  # (row, position) of every real response token
-                    [b * r + i for b, t in enumerate(trajs) for i in range(len(t.response_token_ids))],
-                    device=self.device,
-                )  # fmt: skip
-                picked = chunked_logprobs(
-                    rows.reshape(-1, rows.shape[-1]).index_select(0, flat), lm_head,
-                    target.reshape(-1).index_select(0, flat), self.logprob_chunk,
-                )  # fmt: skip
-                logp = torch.zeros(len(trajs) * r, dtype=picked.dtype, device=self.device)
-                logp = logp.index_copy(0, flat, picked).view(len(trajs), r)
-                return logp, mask.to(self.device)
-            logits = self.model(**inputs, **kwargs).logits  # [B, n, V]
-        rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> fp32
-        logp = torch.log_softmax(rows, dim=-1)  # [B, R, V]
-        return logp.gather(2, target[..., None]).squeeze(2), mask.to(self.device)
+            logp = self._scorer(
+                ids.to(dev), att.to(dev), index.to(dev), target.to(dev), flat.to(dev),
+                None if head is None else head.to(dev),
+            )  # fmt: skip
+        return logp, mask.to(dev)
 
     @staticmethod
     def _shared_prefix_len(trajs: Sequence[Trajectory], minimum: int = 16) -> int:
@@ -212,21 +212,69 @@ class Learner:
             k += 1
         return k if k >= minimum and len(trajs) > 1 else 0
 
+    # ------------------------------------------------------------------ ranks
+    def _shares(self, trajs: Sequence[Trajectory]) -> list[list[int]]:
+        """Every rank's indices of ``trajs``: whole trajectories, longest first, each to
+        the rank with the fewest tokens so far. Every rank computes the same split, so
+        nothing about it is communicated."""
+        if self.world_size == 1:
+            return [list(range(len(trajs)))]
+        load = [0] * self.world_size
+        shares: list[list[int]] = [[] for _ in range(self.world_size)]
+        for i in sorted(range(len(trajs)), key=lambda i: (-len(trajs[i].token_ids), i)):
+            r = min(range(self.world_size), key=lambda r: (load[r], r))
+            load[r] += len(trajs[i].token_ids)
+            shares[r].append(i)
+        return [sorted(share) for share in shares]
+
+    def _plan(self, trajs: Sequence[Trajectory]) -> list[list[int] | None]:
+        """This rank's micro-batches of ``trajs`` (indices), padded with None to the most
+        any rank has: sharded layers gather and reduce in every pass, so every rank must
+        run as many passes (a padding pass contributes a zero gradient)."""
+        plans = [
+            [[share[g] for g in group] for group in self._micro_batches([trajs[i] for i in share])]
+            for share in self._shares(trajs)
+        ]
+        mine: list[list[int] | None] = list(plans[self.rank])
+        return mine + [None] * (max(map(len, plans)) - len(mine))
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
     @torch.no_grad()
     def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]:
         """The current policy's log-prob of every response token, per trajectory (CPU),
-        in eval mode (no dropout noise in logp_old or the drift)."""
+        in eval mode (no dropout noise in logp_old or the drift). Every rank scores its
+        share and every rank returns the whole list."""
         self.model.eval()
-        out: list[torch.Tensor] = [torch.empty(0)] * len(trajs)
-        for group in self._micro_batches(trajs):
+        out: dict[int, torch.Tensor] = {}
+        for group in self._plan(trajs):
+            if group is None:  # a padding pass, to match the other ranks' passes
+                self._forward(trajs[:1])
+                continue
             logp, _ = self._forward([trajs[i] for i in group])
             for row, i in enumerate(group):
                 out[i] = logp[row, : len(trajs[i].response_token_ids)].cpu()
-        return out
+        self._reshard()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            shares: list = [None] * self.world_size
+            dist.all_gather_object(shares, out)
+            out = {i: lp for share in shares for i, lp in share.items()}
+        return [out[i] for i in range(len(trajs))]
 
     # ------------------------------------------------------------------ the update
     def step(self, trajs: Sequence[Trajectory], adv: Sequence[float]) -> StepStats:
-        """One batch: mini-batch optimizer steps over micro-batches; returns stats."""
+        """One batch: mini-batch optimizer steps over micro-batches; returns stats.
+        With several ranks every rank calls it with the same batch and gets the same
+        stats; each rank computes its share of every mini-batch."""
         if len(trajs) != len(adv) or not trajs:
             raise ValueError(f"need one advantage per trajectory, got {len(trajs)} and {len(adv)}")
         t0 = time.perf_counter()
@@ -239,17 +287,22 @@ class Learner:
             before = self.token_logprobs([trajs[i] for i in probe])
         k = min(self.mini_batches, len(trajs))
         bounds = [round(j * len(trajs) / k) for j in range(k + 1)]
-        totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "norm": 0.0}
+        totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0}
+        norms = 0.0
         n_tokens = 0
         self.model.train()
         for j in range(k):
             idx = list(range(bounds[j], bounds[j + 1]))
             mini = [trajs[i] for i in idx]
-            normalizer = float(sum(sum(t.loss_mask) for t in mini))
+            normalizer = float(sum(sum(t.loss_mask) for t in mini))  # over every rank's share
             if normalizer == 0:
                 continue
             self.opt.zero_grad(set_to_none=True)
-            for group in self._micro_batches(mini):
+            for group in self._plan(mini):
+                if group is None:  # a padding pass: matches the other ranks, adds nothing
+                    logp, _ = self._forward(mini[:1])
+                    (logp.sum() * 0.0).backward()
+                    continue
                 sub = [mini[g] for g in group]
                 logp, mask = self._forward(sub)  # [b, R]
                 lo = torch.zeros_like(logp)
@@ -263,8 +316,7 @@ class Learner:
                 totals["pg_loss"] += st.pg_loss
                 totals["clip"] += st.clip_frac * st.n_tokens
                 totals["kl"] += st.approx_kl * st.n_tokens
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            totals["norm"] += float(norm)
+            norms += self._clip_grad()
             self.opt.step()
             n_tokens += int(normalizer)
         self.opt.zero_grad(set_to_none=True)
@@ -272,18 +324,26 @@ class Learner:
         after = self.token_logprobs([trajs[i] for i in probe])
         masks = [torch.tensor(trajs[i].loss_mask, dtype=torch.bool) for i in probe]
         diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
+        loss_sum, pg_sum, clip_sum, kl_sum = self._all_sum(list(totals.values()))
         return StepStats(
-            loss=totals["loss"] / k,
-            pg_loss=totals["pg_loss"] / k,
-            clip_frac=totals["clip"] / max(1, n_tokens),
-            approx_kl=totals["kl"] / max(1, n_tokens),
-            grad_norm=totals["norm"] / k,
+            loss=loss_sum / k,
+            pg_loss=pg_sum / k,
+            clip_frac=clip_sum / max(1, n_tokens),
+            approx_kl=kl_sum / max(1, n_tokens),
+            grad_norm=norms / k,
             drift=float(diff.mean()) if diff.numel() else 0.0,
             n_tokens=n_tokens,
             n_trajectories=len(trajs),
             optimizer_steps=k,
             step_s=time.perf_counter() - t0,
         )
+
+    def _clip_grad(self) -> float:
+        """Clip the gradient's global norm to grad_clip; the norm before clipping (over
+        every rank's shard)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        full = getattr(norm, "full_tensor", None)  # a sharded norm: reduce it
+        return float(full() if full is not None else norm)
 
     def _probe(self, trajs: Sequence[Trajectory]) -> list[int]:
         """Indices of the trajectories the drift is measured on: all of them, or whole
@@ -301,11 +361,128 @@ class Learner:
             tokens += sum(trajs[i].loss_mask)
         return sorted(chosen)
 
+    def _reshard(self) -> None:
+        """Free the gathered weights a no-grad pass leaves behind (FSDP keeps the root's
+        gathered after a forward, for a backward that a no-grad pass never runs)."""
+        if self._sharded:
+            from agent_spo.dist.fsdp import reshard
+
+            reshard(self._scorer)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_state(self, path, tokenizer=None) -> None:
+        """Write the weights and the optimizer state under ``path/state`` with
+        torch.distributed.checkpoint (every rank writes its own shards; any world size can
+        read them back) and, from rank 0, ``path/model``: the config and tokenizer, plus the
+        full weights in Hugging Face form when the learner is one process."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        path = Path(path)
+        self._reshard()
+        state = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.opt),
+        }
+        dcp.save(state, checkpoint_id=str(path / "state"), no_dist=not self._sharded)
+        if self.rank == 0:
+            if self._sharded:
+                self.model.config.save_pretrained(str(path / "model"))
+            else:
+                self.model.save_pretrained(str(path / "model"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(path / "model"))
+
+    def load_state(self, path) -> None:
+        """Read what :meth:`save_state` wrote (at any world size) into the weights and the
+        optimizer."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        self._reshard()
+        state = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.opt),
+        }
+        dcp.load(state, checkpoint_id=str(Path(path) / "state"), no_dist=not self._sharded)
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.opt, state["optim"])
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Detached weights to push into an engine (tied copies listed once)."""
-        seen: set[int] = set()
-        for name, p in self.model.state_dict().items():
-            if p.data_ptr() in seen:
-                continue
-            seen.add(p.data_ptr())
-            yield name, p.detach()
+        """Detached full weights to push into an engine, one tensor at a time (tied copies
+        listed once). Sharded weights are gathered from every rank: every rank must
+        iterate to the end."""
+        self._reshard()
+        named = [*self.model.named_parameters(), *_persistent_buffers(self.model)]
+        for name, p in named:
+            full = getattr(p, "full_tensor", None)  # a shard: gather the whole tensor
+            if full is None:
+                yield name, p.detach()
+            else:  # wait for the gather now: a pending one outlives its buffers (crashes)
+                yield name, _waited(full().detach())
+
+class _Scorer(torch.nn.Module):
+    """The policy as one module whose forward returns response-token log-probs.
+
+    Everything a log-prob pass touches (the shared-opening pass, the body, the chunked
+    head) runs inside this one forward, so a sharded root (FSDP) gathers the embedding,
+    the final norm and the LM head once for the whole pass and again for its backward.
+    """
+
+    def __init__(self, model, *, lean: bool, chunk: int) -> None:
+        super().__init__()
+        self.model = model
+        self.lean = lean  # head over response rows only, chunk rows at a time
+        self.chunk = chunk
+
+    def forward(self, ids, att, index, target, flat, head_ids=None) -> torch.Tensor:
+        """Log-probs [B, R] of ``target`` at logits rows ``index`` (zeros past each row's
+        response); ``flat`` lists the real (row, position) pairs as ``row * R + i``;
+        ``head_ids`` [1, S] is an opening shared by every row (run once) or None."""
+        b, n = ids.shape
+        r = index.shape[1]
+        parts = split_head(self.model) if self.lean else None
+        kwargs: dict = {"use_cache": False}
+        if head_ids is not None:
+            prefix_model = parts[0] if parts is not None else self.model
+            cache = prefix_model(input_ids=head_ids, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(b)
+            shared = head_ids.shape[1]
+            pos = torch.arange(shared, shared + n, device=ids.device)
+            kwargs = {"past_key_values": cache, "position_ids": pos[None].expand(b, n),
+                      "use_cache": True}  # fmt: skip
+        if parts is not None:
+            body, lm_head = parts
+            hidden = body(input_ids=ids, attention_mask=att, **kwargs).last_hidden_state
+            rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            picked = chunked_logprobs(
+                rows.reshape(-1, rows.shape[-1]).index_select(0, flat), lm_head,
+                target.reshape(-1).index_select(0, flat), self.chunk,
+            )  # fmt: skip
+            logp = torch.zeros(b * r, dtype=picked.dtype, device=ids.device)
+            # a fresh tensor, not a view: a sharded root hooks its backward on the output
+            return logp.index_copy(0, flat, picked).view(b, r).clone()
+        logits = self.model(input_ids=ids, attention_mask=att, **kwargs).logits  # [B, n, V]
+        rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> fp32
+        return torch.log_softmax(rows, dim=-1).gather(2, target[..., None]).squeeze(2).clone()
+
+
+def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a state dict holds (not the non-persistent ones, e.g. rotary tables)."""
+    keys = set(model.state_dict().keys())
+    return [(n, b) for n, b in model.named_buffers() if n in keys]
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a collective's result (which may still be in flight)."""
+    wait = getattr(t, "wait", None)  # an AsyncCollectiveTensor
+    return wait() if callable(wait) else t

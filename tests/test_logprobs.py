@@ -55,7 +55,7 @@ def test_lean_and_full_learners_give_equal_log_probs_and_updates(tok):  # noqa: 
     base = _model(tok, torch.float64)
     lean = Learner(copy.deepcopy(base), lr=1e-2, logprob_chunk=7, mini_batches=2)
     full = Learner(copy.deepcopy(base), lr=1e-2, logprob_chunk=None, mini_batches=2)
-    assert lean._lean is not None and full._lean is None
+    assert lean.lean and not full.lean
     trajs = _trajectories(full, 6, len(tok), seed=3)
     for a, b in zip(lean.token_logprobs(trajs), full.token_logprobs(trajs), strict=True):
         assert (a - b).abs().max() < 1e-10

@@ -132,7 +132,7 @@ def learner_step(model, device: str, *, seqs: int, seq_tokens: int, steps: int) 
     peak = peak_flops(device)
     return {
         "params": params,
-        "lean_logprobs": learner._lean is not None,
+        "lean_logprobs": learner.lean,
         "attention": getattr(cfg, "_attn_implementation", None),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "sequences": seqs,
@@ -157,7 +157,7 @@ def chunked_vs_full(model, *, tokens: int) -> dict:
     out: dict = {}
     for name, chunk in (("chunked", 1024), ("full", None)):
         learner = Learner(model, compute_dtype=torch.bfloat16, logprob_chunk=chunk)
-        out[f"{name}_lean"] = learner._lean is not None
+        out[f"{name}_lean"] = learner.lean
         model.zero_grad(set_to_none=True)
         logp, mask = learner._forward(trajs)
         (logp * mask).sum().backward()

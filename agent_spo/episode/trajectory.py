@@ -115,6 +115,15 @@ class Trajectory:
         if self.reward is not None and not math.isfinite(self.reward):
             raise TrajectoryError(f"reward must be finite or None, got {self.reward!r}")
 
+    def __getstate__(self) -> dict:  # a mappingproxy does not pickle
+        return {**self.__dict__, "timings": dict(self.timings), "info": dict(self.info)}
+
+    def __setstate__(self, state: dict) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "timings", MappingProxyType(dict(self.timings)))
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
     # ------------------------------------------------------------------ token views
     @property
     def response_token_ids(self) -> tuple[int, ...]:
