@@ -1,0 +1,25 @@
+"""Learner factories the rank processes of the tests import (``tests.dist.ranks:NAME``)."""
+
+from __future__ import annotations
+
+
+def tiny_learner(*, rank: int, world_size: int, seed: int = 0, dtype: str = "float32", **kw):
+    import torch
+
+    from agent_spo.demo.tokenizer import train_tokenizer
+    from agent_spo.learner import Learner
+
+    from agent_spo.demo.model import random_model
+
+    tok = train_tokenizer(
+        [f"What is {i} times {i + 7}? {i * (i + 7)}" for i in range(300)], vocab_size=400
+    )
+    model = random_model(tok, seed=seed, hidden=32, layers=2, heads=2).to(getattr(torch, dtype))
+    return Learner(model, rank=rank, world_size=world_size, **kw)
+
+
+def broken_learner(*, rank: int, world_size: int):
+    """A factory that fails on the ranks other than 0 (a rank that cannot start)."""
+    if rank > 0:
+        raise SystemExit(3)
+    return tiny_learner(rank=rank, world_size=world_size)

@@ -1,0 +1,137 @@
+"""The learner on two gloo ranks (real processes) against the one-process learner: the same
+updates, log-probs and stats; sharded checkpoints read back at either world size; a rank
+that dies, hangs or cannot start fails the call with a clear error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+
+import pytest
+import torch
+from test_learner import _trajectories
+
+from agent_spo.dist.driver import LearnerGroup, RankFailed, RankSpec
+from tests.dist.ranks import tiny_learner
+
+FACTORY = "tests.dist.ranks:tiny_learner"
+ADV = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1.5, -1.5, 0.25, -0.25, 1.0, -1.0]
+# several mini-batches, micro-batches of a few rows, 12 trajectories of uneven length
+SETTINGS = {"lr": 1e-2, "mini_batches": 2, "micro_batch_tokens": 40}
+
+
+def _start(world: int = 2, timeout_s: float = 60, factory: str = FACTORY, **kw) -> LearnerGroup:
+    return LearnerGroup.start(RankSpec(factory, kw, world_size=world, timeout_s=timeout_s))
+
+
+def _max_diff(a, b) -> list[float]:
+    theirs = dict(b.named_weights())
+    return [float((p - theirs[n]).abs().max()) for n, p in a.named_weights()]
+
+
+@pytest.fixture
+def float64_pair():
+    """A one-process learner and a two-rank one from the same float64 weights."""
+    kw = {**SETTINGS, "dtype": "float64"}
+    group = _start(**kw)
+    yield tiny_learner(rank=0, world_size=1, **kw), group
+    group.close()
+
+
+def test_two_ranks_score_and_train_like_one_process(float64_pair):
+    single, group = float64_pair
+    trajs = _trajectories(single, 12, 400, seed=3)
+    for a, b in zip(single.token_logprobs(trajs), group.token_logprobs(trajs), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    shares = group.learner._shares(trajs)
+    assert sorted(shares[0] + shares[1]) == list(range(12))
+    for batch, adv in ((trajs, ADV), (trajs[:3], ADV[:3]), (trajs, ADV)):
+        # a 3-trajectory batch in 2 mini-batches: one rank holds nothing of the first
+        a, b = single.step(batch, adv), group.step(batch, adv)
+        assert abs(a.loss - b.loss) < 1e-12 and abs(a.drift - b.drift) < 1e-12
+        assert abs(a.grad_norm - b.grad_norm) < 1e-10
+        assert a.clip_frac == pytest.approx(b.clip_frac, abs=1e-12)
+        assert a.approx_kl == pytest.approx(b.approx_kl, abs=1e-12)
+        assert (a.n_tokens, a.optimizer_steps) == (b.n_tokens, b.optimizer_steps)
+    assert max(_max_diff(single, group)) < 1e-10
+    assert group.version == single.version == 3
+
+
+def test_float32_ranks_stay_within_rounding_of_one_process():
+    """In float32 the ranks sum each gradient in another order; after three AdamW steps at
+    lr 1e-2 (each step moves a weight by up to 1e-2) the weights differ by rounding."""
+    kw = {**SETTINGS, "dtype": "float32"}
+    single = tiny_learner(rank=0, world_size=1, **kw)
+    trajs = _trajectories(single, 12, 400, seed=3)
+    group = _start(**kw)
+    try:
+        for _ in range(3):
+            a, b = single.step(trajs, ADV), group.step(trajs, ADV)
+            assert abs(a.loss - b.loss) < 1e-6 and abs(a.drift - b.drift) < 1e-6
+        diffs = _max_diff(single, group)
+    finally:
+        group.close()
+    assert max(diffs) < 1e-4 and statistics.median(diffs) < 1e-5, diffs
+
+
+def test_sharded_checkpoint_resumes_at_two_ranks_and_at_one(float64_pair, tmp_path):
+    single, group = float64_pair
+    trajs = _trajectories(single, 6, 400, seed=5)
+    single.save_state(tmp_path / "one")
+    other = tiny_learner(rank=0, world_size=1, seed=1, **{**SETTINGS, "dtype": "float64"})
+    group.load_state(tmp_path / "one")  # one process -> two ranks
+    other.load_state(tmp_path / "one")
+    assert max(_max_diff(single, group)) == 0 and max(_max_diff(single, other)) == 0
+    a, b = single.step(trajs, ADV[:6]), group.step(trajs, ADV[:6])
+    assert abs(a.loss - b.loss) < 1e-12 and max(_max_diff(single, group)) < 1e-10
+    group.save_state(tmp_path / "two")  # two ranks -> one process
+    assert sorted(os.listdir(tmp_path / "two" / "state")) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp",
+    ]  # fmt: skip
+    other.load_state(tmp_path / "two")
+    other.version = group.version
+    a, b = other.step(trajs, ADV[:6]), group.step(trajs, ADV[:6])
+    assert abs(a.loss - b.loss) < 1e-12 and max(_max_diff(other, group)) < 1e-10
+
+
+def _child(group: LearnerGroup, rank: int = 1):
+    return group.group.children[rank]
+
+
+def test_a_killed_rank_fails_the_step_with_its_exit():
+    group = _start(timeout_s=60)
+    trajs = _trajectories(tiny_learner(rank=0, world_size=1), 4, 400)
+    try:
+        os.kill(_child(group).pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exited with signal SIGKILL"):
+            group.step(trajs, ADV[:4])
+        assert time.monotonic() - t0 < 30  # at once, not at the 60 s timeout
+        with pytest.raises(RankFailed, match="failed earlier"):
+            group.step(trajs, ADV[:4])
+    finally:
+        group.close()
+
+
+def test_a_hung_rank_fails_the_step_after_the_timeout():
+    group = _start(timeout_s=4)
+    trajs = _trajectories(tiny_learner(rank=0, world_size=1), 4, 400)
+    child = _child(group)
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(RankFailed, match="stopped answering .timeout 4s"):
+            group.step(trajs, ADV[:4])
+        assert time.monotonic() - t0 < 20
+    finally:
+        child.kill()
+        group.close()
+
+
+def test_a_rank_that_cannot_build_its_learner_fails_the_start():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exited with code 3"):
+        _start(factory="tests.dist.ranks:broken_learner", timeout_s=60)
+    assert time.monotonic() - t0 < 30
