@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent_spo.config import (
     AlgoConfig,
@@ -29,6 +29,7 @@ from agent_spo.config import (
 
 if TYPE_CHECKING:
     from agent_spo.algo import PrioritizedSampler, ValueTracker
+    from agent_spo.dist.driver import LearnerGroup
     from agent_spo.learner import Learner
     from agent_spo.pipeline import StreamSettings, TrainLoop
 
@@ -77,45 +78,106 @@ def build_learner(
     *,
     mini_batches: int | None = None,
     probe_tokens: int | None = None,
-) -> Learner:
-    """The learner on the best device: float32 master weights (AdamW on bf16 weights loses
-    small updates; the engine samples in model.dtype), the loss section's clip settings,
-    the precision and gradient checkpointing the learner section asks for.
+    threads: int | None = None,
+) -> Learner | LearnerGroup:
+    """The learner: one process (world size 1), or a :class:`LearnerGroup` of FSDP2 ranks
+    started now (learner.world_size > 1, CPU offload, or torchrun), used the same way.
     ``mini_batches`` replaces learner.mini_batches (a benchmark with a smaller batch);
-    ``probe_tokens`` is algo.rho.probe_tokens (the drift's probe)."""
+    ``probe_tokens`` is algo.rho.probe_tokens (the drift's probe); ``threads`` is the torch
+    thread count the other ranks use (this process keeps its own)."""
+    from agent_spo.dist import torchrun_env
+
+    kwargs: dict[str, Any] = {
+        "model_path": model_path,
+        "learner": learner.model_dump(mode="json"),
+        "loss": loss.model_dump(mode="json"),
+        "mini_batches": mini_batches,
+        "probe_tokens": probe_tokens,
+    }
+    launched = torchrun_env()
+    world = learner.world_size
+    if launched is not None:
+        if world not in (1, launched[1]):
+            raise ValueError(
+                f"learner.world_size is {world} but torchrun started {launched[1]} ranks "
+                "(set it to the launcher's world size, or leave it at 1)"
+            )
+        world = launched[1]
+    if world == 1 and not learner.cpu_offload and launched is None:
+        return learner_rank(rank=0, world_size=1, tokenizer=tokenizer, **kwargs)
+    from agent_spo.dist.driver import LearnerGroup, RankSpec
+
+    spec = RankSpec(
+        "agent_spo.builders:learner_rank", {**kwargs, "threads": threads}, world_size=world,
+        timeout_s=learner.rank_timeout_s, torchrun=launched is not None,
+    )  # fmt: skip
+    return LearnerGroup.start(spec)
+
+
+def learner_rank(
+    *,
+    rank: int,
+    world_size: int,
+    model_path: str,
+    learner: dict,
+    loss: dict,
+    mini_batches: int | None = None,
+    probe_tokens: int | None = None,
+    tokenizer=None,
+    threads: int | None = None,
+) -> Learner:
+    """One rank's learner on the best device: float32 master weights (AdamW on bf16
+    weights loses small updates; the engine samples in model.dtype), the loss section's
+    clip settings, the precision and gradient checkpointing the learner section asks for.
+    Every rank calls this with the same arguments (sections as plain dicts)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agent_spo.learner import Learner
 
+    L, S = LearnerConfig.model_validate(learner), LossConfig.model_validate(loss)
+    if rank > 0:  # the trainer (rank 0) speaks for the run
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if threads is not None:
+            torch.set_num_threads(threads)
+    if L.cpu_offload and not torch.cuda.is_available():
+        raise ValueError("learner.cpu_offload moves shards between CPU and GPU: it needs CUDA")
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types it
-    # as the unbound function (self first)
-    model = model.to(device)  # type: ignore[arg-type]
+    if not L.cpu_offload:  # offloaded shards stay on the CPU; FSDP moves each layer's
+        # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types
+        # it as the unbound function (self first)
+        model = model.to(device)  # type: ignore[arg-type]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bf16 = learner.precision == "bfloat16" or (learner.precision == "auto" and device == "cuda")
-    checkpointing = learner.gradient_checkpointing == "on" or (
-        learner.gradient_checkpointing == "auto" and device == "cuda"
+    bf16 = L.precision == "bfloat16" or (L.precision == "auto" and device == "cuda")
+    checkpointing = L.gradient_checkpointing == "on" or (
+        L.gradient_checkpointing == "auto" and device == "cuda"
     )
     return Learner(
         model,
-        lr=learner.lr,
-        betas=learner.betas,
-        weight_decay=learner.weight_decay,
-        grad_clip=learner.grad_clip,
-        mini_batches=learner.mini_batches if mini_batches is None else mini_batches,
-        micro_batch_tokens=learner.micro_batch_tokens,
-        eps_low=loss.eps_low,
-        eps_high=loss.eps_high,
-        dual_clip_c=loss.dual_clip_c,
+        lr=L.lr,
+        betas=L.betas,
+        weight_decay=L.weight_decay,
+        grad_clip=L.grad_clip,
+        mini_batches=L.mini_batches if mini_batches is None else mini_batches,
+        micro_batch_tokens=L.micro_batch_tokens,
+        eps_low=S.eps_low,
+        eps_high=S.eps_high,
+        dual_clip_c=S.dual_clip_c,
         pad_token_id=pad or 0,
-        logp_old=loss.logp_old,
-        log_ratio_clamp=loss.log_ratio_clamp,
+        logp_old=S.logp_old,
+        log_ratio_clamp=S.log_ratio_clamp,
         compute_dtype=torch.bfloat16 if bf16 else None,
         gradient_checkpointing=checkpointing,
-        logprob_chunk=learner.logprob_chunk,
+        logprob_chunk=L.logprob_chunk,
         probe_tokens=probe_tokens,
+        world_size=world_size,
+        rank=rank,
+        cpu_offload=L.cpu_offload,
     )
 
 

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory ``ckpt-{step:06d}/`` under the run's ``checkpoints/``:
 
-* ``model/``: the policy as a Hugging Face model directory (weights + config + tokenizer);
-* ``optimizer.pt``: the optimizer's state;
+* ``state/``: the weights and the optimizer state, written by every learner rank with
+  ``torch.distributed.checkpoint`` and readable at any world size;
+* ``model/``: config and tokenizer, and with one learner process also the full weights
+  as a Hugging Face model directory (``agent-spo export`` writes one from any checkpoint);
 * ``state.json``: step, learner version, tracker state, sampler state (with its RNG),
   the episode-log offset in bytes, and anything else the loop passes in ``extra``.
 
@@ -34,8 +36,18 @@ class Checkpoint:
         return self.path / "model"
 
     @property
-    def optimizer_path(self) -> Path:
+    def optimizer_path(self) -> Path:  # checkpoints written before sharded state
         return self.path / "optimizer.pt"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether weights and optimizer are in ``state/`` (any world size reads them)."""
+        return (self.path / "state" / ".metadata").is_file()
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether ``model/`` holds full weights (a model directory to load or export)."""
+        return any(self.model_dir.glob("*.safetensors")) or any(self.model_dir.glob("*.bin"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,9 +62,8 @@ def save_checkpoint(
     root: Path,
     *,
     step: int,
-    model,
+    learner,
     tokenizer,
-    optimizer,
     tracker,
     sampler,
     learner_version: int,
@@ -62,11 +73,11 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``.
 
+    ``learner`` (a Learner or a LearnerGroup) writes its weights and optimizer there
+    (every rank, into the same directory: on several machines it must be shared).
     ``tracker`` and ``sampler`` are the objects or their ``state_dict()`` snapshots (taken
     by a caller that writes from a thread while they keep changing).
     """
-    import torch
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # leftovers of a crash mid-write
@@ -74,10 +85,7 @@ def save_checkpoint(
     final = root / f"ckpt-{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    model.save_pretrained(str(tmp / "model"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "model"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    learner.save_state(tmp, tokenizer)
     state = {
         "step": step,
         "learner_version": learner_version,
@@ -123,10 +131,20 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return None
 
 
-def restore(ckpt: Checkpoint, *, optimizer, tracker, sampler) -> None:
-    """Load the optimizer, tracker and sampler state (the model loads from model_dir)."""
-    import torch
+def restore(ckpt: Checkpoint, *, learner, tracker, sampler) -> None:
+    """Load the weights and optimizer into the learner (at any world size), and the
+    tracker and sampler state. A checkpoint from before sharded state holds its weights
+    in model_dir (the learner was built from it) and its optimizer in optimizer.pt."""
+    if ckpt.sharded:
+        learner.load_state(ckpt.path)
+    else:
+        import torch
 
-    optimizer.load_state_dict(torch.load(ckpt.optimizer_path, weights_only=True))
+        if getattr(learner, "world_size", 1) > 1:
+            raise ValueError(
+                f"{ckpt.path} was written before sharded checkpoints: resume it with "
+                "learner.world_size=1"
+            )
+        learner.opt.load_state_dict(torch.load(ckpt.optimizer_path, weights_only=True))
     tracker.load_state_dict(ckpt.state["tracker"])
     sampler.load_state_dict(ckpt.state["sampler"])

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypedDict
 
 import torch
 
@@ -60,6 +61,25 @@ class StepStats:
     step_s: float  # wall time of the whole learner step
 
 
+class LearnerLike(Protocol):
+    """What the trainer uses of a learner: a :class:`Learner` in this process, or the
+    handle on one spread over ranks (:class:`agent_spo.dist.driver.LearnerGroup`)."""
+
+    version: int
+
+    def step(self, trajs: Sequence[Trajectory], adv: Sequence[float]) -> StepStats: ...
+
+    def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]: ...
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def save_state(self, path, tokenizer=None) -> None: ...
+
+    def load_state(self, path) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Learner:
     """A causal LM trained by PPO-clip on trajectories; see the module docstring."""
 
@@ -89,7 +109,12 @@ class Learner:
         cpu_offload: bool = False,
     ) -> None:
         self.model = model.train()
-        self.device = next(model.parameters()).device
+        # offloaded shards live on the CPU and every pass runs on the GPU
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if cpu_offload
+            else next(model.parameters()).device
+        )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
         self.rank, self.world_size = rank, world_size
@@ -134,7 +159,9 @@ class Learner:
         if self._sharded:
             from agent_spo.dist.fsdp import shard
 
-            shard(self._scorer, model, bf16=compute_dtype == torch.bfloat16, cpu_offload=cpu_offload)
+            shard(
+                self._scorer, model, bf16=compute_dtype == torch.bfloat16, cpu_offload=cpu_offload
+            )
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
         )
@@ -369,6 +396,9 @@ class Learner:
 
             reshard(self._scorer)
 
+    def close(self) -> None:
+        """Nothing to stop in one process (a LearnerGroup stops its other ranks)."""
+
     # ------------------------------------------------------------------ checkpoints
     def save_state(self, path, tokenizer=None) -> None:
         """Write the weights and the optimizer state under ``path/state`` with
@@ -383,11 +413,13 @@ class Learner:
 
         path = Path(path)
         self._reshard()
-        state = {
+        state: dict[str, Any] = {
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.opt),
         }
-        dcp.save(state, checkpoint_id=str(path / "state"), no_dist=not self._sharded)
+        with warnings.catch_warnings():  # one process: "assuming a single process" is right
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=str(path / "state"), no_dist=not self._sharded)
         if self.rank == 0:
             if self._sharded:
                 self.model.config.save_pretrained(str(path / "model"))
@@ -408,11 +440,13 @@ class Learner:
         )
 
         self._reshard()
-        state = {
+        state: dict[str, Any] = {
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.opt),
         }
-        dcp.load(state, checkpoint_id=str(Path(path) / "state"), no_dist=not self._sharded)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(Path(path) / "state"), no_dist=not self._sharded)
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.opt, state["optim"])
 
@@ -428,6 +462,7 @@ class Learner:
                 yield name, p.detach()
             else:  # wait for the gather now: a pending one outlives its buffers (crashes)
                 yield name, _waited(full().detach())
+
 
 class _Scorer(torch.nn.Module):
     """The policy as one module whose forward returns response-token log-probs.

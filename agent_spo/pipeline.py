@@ -46,7 +46,7 @@ from agent_spo.data.problems import Problem
 from agent_spo.episode.pool import drop_cause
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
-from agent_spo.learner import Learner
+from agent_spo.learner import LearnerLike
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class TrainLoop(Protocol):
         problems: Mapping[str, Problem],
         tracker: ValueTracker,
         sampler: PrioritizedSampler,
-        learner: Learner,
+        learner: LearnerLike,
         engine: Any,
         settings: StreamSettings,
         on_step: Callable[[dict, list[Finished]], object] | None = None,
@@ -229,7 +229,7 @@ async def train_spo(
     problems: Mapping[str, Problem],
     tracker: ValueTracker,
     sampler: PrioritizedSampler,
-    learner: Learner,
+    learner: LearnerLike,
     engine,
     settings: StreamSettings,
     on_step: Callable[[dict, list[Finished]], object] | None = None,
@@ -312,7 +312,7 @@ async def train_sync(
     problems: Mapping[str, Problem],
     tracker: ValueTracker,
     sampler: PrioritizedSampler,
-    learner: Learner,
+    learner: LearnerLike,
     engine,
     settings: StreamSettings,
     on_step: Callable[[dict, list[Finished]], object] | None = None,
@@ -372,7 +372,7 @@ async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) 
     return metrics
 
 
-async def _learn(trajs, adv, raw, learner: Learner, engine, tracker) -> dict:
+async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict:
     """One learner step on a batch, the drift for the tracker, the weight push; metrics."""
     stats = await asyncio.to_thread(learner.step, trajs, np.asarray(adv).tolist())
     if tracker is not None:
@@ -425,7 +425,7 @@ async def train_grpo(
     problems: Mapping[str, Problem],
     sampler: PrioritizedSampler,
     tracker: ValueTracker | None = None,  # unused: GRPO's baseline is the group mean
-    learner: Learner,
+    learner: LearnerLike,
     engine,
     settings: StreamSettings,
     group_size: int = 8,

@@ -58,7 +58,11 @@ class UnsupportedConfig(ValueError):
 
 # Keys a resumed run may change: how long it runs, what it writes and where its tool code
 # runs (the sandbox's address, token, pool), not what it learns.
-_RESUMABLE_CHANGES = ("run.output_dir", "train.", "rollout.workers", "sandbox.")
+_RESUMABLE_CHANGES = (
+    "run.output_dir", "train.", "rollout.workers", "sandbox.",
+    # sharded checkpoints read back at any world size
+    "learner.world_size", "learner.rank_timeout_s", "learner.cpu_offload",
+)  # fmt: skip
 
 
 def _check_resume_config(cfg: TrainConfig, saved: Path) -> None:
@@ -224,7 +228,9 @@ async def setup(
         train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
         problems = {p.key: p for p in train_set}
         base_path = builders.resolve_model_path(cfg.model, log=log)
-        model_path = str(ckpt.model_dir) if ckpt else base_path
+        # a checkpoint's model directory holds full weights when one process wrote it;
+        # a sharded one is read into the learner and pushed to the engine below
+        model_path = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path
         first_step = ckpt.step if ckpt is not None else 0
         threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
@@ -233,8 +239,10 @@ async def setup(
         stack.push_async_callback(engine.close)
         tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
         learner = builders.build_learner(
-            model_path, tokenizer, cfg.learner, cfg.loss, probe_tokens=cfg.algo.rho.probe_tokens
-        )
+            model_path, tokenizer, cfg.learner, cfg.loss,
+            probe_tokens=cfg.algo.rho.probe_tokens, threads=torch_threads_for(cfg),
+        )  # fmt: skip
+        stack.callback(learner.close)  # the other learner ranks stop with the run
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
@@ -249,7 +257,7 @@ async def setup(
         values = None
         if ckpt is not None:
             sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
-            restore(ckpt, optimizer=learner.opt, tracker=tracker, sampler=sampler)
+            restore(ckpt, learner=learner, tracker=tracker, sampler=sampler)
             sampler.release_all()  # episodes in flight at the checkpoint are gone
             learner.version = ckpt.state["learner_version"]
             await engine.update_weights(learner.named_weights(), learner.version)
@@ -392,8 +400,8 @@ async def save(run: Run, step: int, *, episode_log_offset: int) -> None:
     """
     learner = run.learner
     await asyncio.to_thread(
-        save_checkpoint, run.dir / "checkpoints", step=step, model=learner.model,
-        tokenizer=run.tokenizer, optimizer=learner.opt, tracker=run.tracker.state_dict(),
+        save_checkpoint, run.dir / "checkpoints", step=step, learner=learner,
+        tokenizer=run.tokenizer, tracker=run.tracker.state_dict(),
         sampler=run.sampler.state_dict(), learner_version=learner.version,
         episode_log_offset=episode_log_offset,
     )  # fmt: skip

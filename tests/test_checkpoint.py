@@ -7,6 +7,7 @@ import torch
 
 from agent_spo.algo import PrioritizedSampler, ValueTracker
 from agent_spo.checkpoint import latest_checkpoint, restore, save_checkpoint
+from agent_spo.learner import Learner
 
 
 @pytest.fixture()
@@ -15,8 +16,8 @@ def parts():
     from agent_spo.demo.tokenizer import train_tokenizer
 
     tok = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(200)], vocab_size=300)
-    model = random_model(tok, hidden=32, layers=1, heads=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    learner = Learner(random_model(tok, hidden=32, layers=1, heads=2), lr=1e-3)
+    model, opt = learner.model, learner.opt
     loss = model(torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss
     loss.backward()
     opt.step()  # the optimizer now has moments to save
@@ -29,27 +30,33 @@ def parts():
         tracker.observe(k, float(i % 2))
         sampler.release(k)
         sampler.refresh(k, tracker.value(k), tracker.n_eff(k))
-    return tok, model, opt, tracker, sampler, keys
+    return tok, learner, tracker, sampler, keys
 
 
 def test_round_trip_restores_every_state_exactly(tmp_path, parts):
     from transformers import AutoModelForCausalLM
 
-    tok, model, opt, tracker, sampler, keys = parts
-    path = save_checkpoint(tmp_path, step=7, model=model, tokenizer=tok, optimizer=opt,
+    from agent_spo.demo.model import random_model
+
+    tok, learner, tracker, sampler, keys = parts
+    model, opt = learner.model, learner.opt
+    path = save_checkpoint(tmp_path, step=7, learner=learner, tokenizer=tok,
                            tracker=tracker, sampler=sampler, learner_version=7,
                            episode_log_offset=1234)  # fmt: skip
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.path == path and ckpt.step == 7
     assert ckpt.state["episode_log_offset"] == 1234 and ckpt.state["learner_version"] == 7
 
-    model2 = AutoModelForCausalLM.from_pretrained(str(ckpt.model_dir))
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    assert ckpt.sharded and ckpt.has_weights  # one process: a loadable model directory too
+    exported = AutoModelForCausalLM.from_pretrained(str(ckpt.model_dir))
+    learner2 = Learner(random_model(tok, seed=5, hidden=32, layers=1, heads=2), lr=1e-3)
+    model2, opt2 = learner2.model, learner2.opt
     tracker2 = ValueTracker()
     sampler2 = PrioritizedSampler(keys, v_hat=[0.5] * 10, n_eff=[2.0] * 10, seed=99)
-    restore(ckpt, optimizer=opt2, tracker=tracker2, sampler=sampler2)
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    restore(ckpt, learner=learner2, tracker=tracker2, sampler=sampler2)
+    for a, b, c in zip(model.state_dict().values(), model2.state_dict().values(),
+                       exported.state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b) and torch.equal(a, c)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     for k in s1["state"]:
         for name in ("exp_avg", "exp_avg_sq"):
@@ -60,14 +67,14 @@ def test_round_trip_restores_every_state_exactly(tmp_path, parts):
 
 
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, parts, monkeypatch):
-    tok, model, opt, tracker, sampler, _ = parts
-    kw = dict(model=model, tokenizer=tok, optimizer=opt, tracker=tracker, sampler=sampler)
+    tok, learner, tracker, sampler, _ = parts
+    kw = dict(learner=learner, tokenizer=tok, tracker=tracker, sampler=sampler)
     save_checkpoint(tmp_path, step=1, learner_version=1, **kw)
 
     def crash(*a, **k):
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(learner.model, "save_pretrained", crash)
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path, step=2, learner_version=2, **kw)
     assert list(tmp_path.glob(".tmp-*"))  # the torn write is there ...
@@ -80,8 +87,8 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, parts, monkey
 
 
 def test_only_the_newest_are_kept(tmp_path, parts):
-    tok, model, opt, tracker, sampler, _ = parts
-    kw = dict(model=model, tokenizer=None, optimizer=opt, tracker=tracker, sampler=sampler)
+    tok, learner, tracker, sampler, _ = parts
+    kw = dict(learner=learner, tokenizer=None, tracker=tracker, sampler=sampler)
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step=step, learner_version=step, keep=2, **kw)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000003", "ckpt-000004"]

@@ -59,7 +59,14 @@ def train(
     """
     cfg = load(config, overrides)
     from agent_spo.data.problems import DatasetError
+    from agent_spo.dist import torchrun_env
 
+    launched = torchrun_env()
+    if launched is not None and launched[0] > 0 and not dry_run:
+        from agent_spo.dist.rank import torchrun_main
+
+        torchrun_main()  # a learner rank only: rank 0 runs the pipeline and speaks for the run
+        return
     if dry_run:
         from agent_spo.builders import build_datasets, check_model_path
         from agent_spo.config import check_trainable
@@ -79,6 +86,7 @@ def train(
 
     from rich.progress import Progress
 
+    from agent_spo.dist.group import RankFailed
     from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.rundir import RunDirUnlockable, RunLocked
     from agent_spo.train import NothingToResume, RunExists, UnsupportedConfig, run_training
@@ -105,7 +113,7 @@ def train(
                 task,
                 completed=m["step"],
                 description=f"{cfg.algo.name}  reward {m['reward/mean']:.2f}  "
-                f"held-out {held_out:.2f}  "
+                f"held-out {'-' if held_out != held_out else f'{held_out:.2f}'}  "
                 f"tool calls {m['tool/calls_per_episode']:.2f}  {eps:.1f} ep/s",
             )
 
@@ -125,7 +133,7 @@ def train(
             fail(f"data.train: {e}")
         except ValuesFileError as e:
             fail(f"algo.init.values_path: {e}")
-        except RunLocked as e:
+        except (RunLocked, RankFailed) as e:
             fail(str(e), EXIT_FAILED)
         except SandboxCheckFailed as e:
             fail(f"sandbox: {e}; nothing was trained", EXIT_SANDBOX)

@@ -291,6 +291,22 @@ class LearnerConfig(Section):
     """Most policy versions a generated segment may lag the learner; older trajectories
     are dropped and counted. >= 0 (0 = strictly on-policy)."""
 
+    world_size: int = Field(1, ge=1)
+    """Learner ranks (FSDP2: weights, gradients and AdamW state sharded over them; each
+    rank computes a token-balanced share of every mini-batch, the update equals one
+    process's). 1 = one process, no sharding. N > 1: `train` starts ranks 1..N-1 itself
+    on this machine (one per GPU with CUDA, gloo processes on CPU); under torchrun the
+    launcher's WORLD_SIZE is used and must equal this or be left at 1. >= 1."""
+
+    rank_timeout_s: float = Field(600.0, gt=0)
+    """Seconds a learner rank may take to answer inside a step (a collective) before the
+    run fails naming it; a rank that dies fails the run at once. > 0."""
+
+    cpu_offload: bool = False
+    """Keep the sharded weights, gradients and AdamW state in CPU memory and move each
+    layer to the GPU for its pass (FSDP2 CPU offload): slower, for models whose state
+    does not fit the GPUs. Shards even at world_size 1."""
+
     @field_validator("betas")
     @classmethod
     def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:

@@ -46,8 +46,8 @@ def shard(root: torch.nn.Module, model, *, bf16: bool, cpu_offload: bool) -> Non
     groups = [fully_shard(layer, mp_policy=mp, offload_policy=offload) for layer in decoder_layers(model)]
     groups.append(fully_shard(root, mp_policy=mp, offload_policy=offload))
     for group in groups:
-        group.set_gradient_divide_factor(1.0)  # type: ignore[union-attr]
-        group.set_force_sum_reduction_for_comms(True)  # type: ignore[union-attr]  # gloo: no PREMUL_SUM
+        group.set_gradient_divide_factor(1.0)
+        group.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
 def reshard(root: torch.nn.Module) -> None:

@@ -30,7 +30,10 @@ from datetime import timedelta
 
 import torch
 
+from agent_spo.dist import torchrun_env
+
 SPEC_ENV = "AGENT_SPO_RANK_SPEC"
+TORCHRUN_SPEC_KEY = "agent_spo/spec"  # rank 0 publishes the spec in torchrun's store
 
 
 class RankFailed(RuntimeError):
@@ -95,15 +98,6 @@ def _exit_text(code: int | None) -> str:
     return f"code {code}"
 
 
-def torchrun_env() -> tuple[int, int] | None:
-    """(rank, world size) when this process was started by torchrun, else None."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or (
-        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
-    ):
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,8 +153,10 @@ def start(spec: RankSpec) -> Group:
 
     if dist.is_initialized():
         raise RuntimeError("this process is already in a process group (one learner group each)")
-    if spec.torchrun:
-        return Group(spec, join(spec, 0, connect(spec, 0)))
+    if spec.torchrun:  # the other ranks wait in `agent-spo train` for this spec
+        store = connect(spec, 0)
+        store.set(TORCHRUN_SPEC_KEY, spec.to_json())
+        return Group(spec, join(spec, 0, store))
     spec = RankSpec(**{**spec.__dict__, "port": spec.port or free_port()})
     store = connect(spec, 0)
     env = {**os.environ, SPEC_ENV: spec.to_json(), "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -191,4 +187,4 @@ def start(spec: RankSpec) -> Group:
     return group
 
 
-__all__ = ["Group", "RankFailed", "RankSpec", "connect", "free_port", "join", "start", "torchrun_env"]
+__all__ = ["Group", "RankFailed", "RankSpec", "connect", "free_port", "join", "start"]
