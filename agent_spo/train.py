@@ -37,6 +37,7 @@ from agent_spo import builders
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
+from agent_spo.memory import check_memory
 from agent_spo.metrics import MetricsLog, read_metrics
 from agent_spo.rundir import check_unlocked, lock_run_dir
 
@@ -154,6 +155,7 @@ def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
     problems = check_trainable(cfg, train_prompts=len(train)) + builders.check_model_path(
         cfg.model, cfg.rollout
     )
+    problems += check_memory(cfg)[1]
     if problems:
         raise UnsupportedConfig("; ".join(problems))
 

@@ -12,6 +12,11 @@ PyTorch loop (:class:`PlainLoop`) runs on the same batches beside them, as the
 reference for the step's speed.
 
     agent-spo bench learner --episodes RUN/episodes.jsonl [--probes 64,128,256]
+
+With ``--world-sizes 1,2`` it measures the learner at scale instead
+(:func:`run_scale_bench`): a ~24M-parameter Qwen3-shaped model (random weights, the
+run's vocabulary) trained on the same batches by the plain loop, the one-process learner
+and a learner of N gloo ranks; tokens/s and each process's peak memory.
 """
 
 from __future__ import annotations
@@ -150,4 +155,117 @@ def run_learner_bench(
     }
 
 
-__all__ = ["logged_batches", "run_learner_bench"]
+SCALE_SHAPE = {"hidden": 512, "layers": 6, "heads": 8}  # ~24M parameters with Qwen3's layout
+
+
+def scale_learner(*, rank: int, world_size: int, vocab: int, pad: int, lr: float,
+                  threads: int, micro_batch_tokens: int):  # fmt: skip
+    """The benchmark's learner on one rank (every rank builds the same random weights)."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from agent_spo.demo.model import tiny_qwen3_config
+    from agent_spo.learner import Learner
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(vocab, pad_token_id=pad, **SCALE_SHAPE))
+    return Learner(model, lr=lr, pad_token_id=pad, micro_batch_tokens=micro_batch_tokens,
+                   probe_tokens=64, rank=rank, world_size=world_size)  # fmt: skip
+
+
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def run_scale_bench(
+    episodes: Path,
+    *,
+    model_path: str,
+    world_sizes: Sequence[int] = (1, 2),
+    batches: int = 6,
+    lr: float = 3e-4,
+    micro_batch_tokens: int = 4096,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Tokens/s of a training step on the logged batches: the plain loop and the learner
+    (probe of 64 tokens) at each world size, all from the same random ~24M-parameter
+    weights, on the cores this machine has (one rank per core share). The first batch of
+    each warms up. Each setting runs in turn (a learner group owns this process's
+    process group), in a fresh process's worth of memory only for the ranks it starts."""
+    import os
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from agent_spo.dist.driver import LearnerGroup, RankSpec
+
+    data = logged_batches(episodes, batches + 1)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    cores = len(os.sched_getaffinity(0))
+    tokens = [sum(len(t.token_ids) for t in trajs) for trajs, _ in data[1:]]
+    rows = []
+
+    def timed(name: str, step, world: int, pids=()) -> dict:
+        _reset_peak()  # this process's peak from here on, not an earlier setting's
+        times, losses = [], []
+        for i, (trajs, adv) in enumerate(data):
+            t0 = time.perf_counter()
+            out = step(trajs, adv)
+            if i:
+                times.append(time.perf_counter() - t0)
+            losses.append(getattr(out, "loss", None))
+            if progress is not None:
+                progress(name, i + 1, len(data))
+        per_step = statistics.median(times)
+        return {
+            "setting": name, "world_size": world, "step_s_median": round(per_step, 4),
+            "tokens_per_s": round(statistics.median(tokens) / per_step, 1),
+            "peak_rss_mib": [round(_peak_rss_mb(p), 1) for p in ("self", *pids)],
+            "first_loss": losses[0],
+        }  # fmt: skip
+
+    one = scale_learner(rank=0, world_size=1, vocab=len(tok), pad=pad, lr=lr, threads=cores,
+                        micro_batch_tokens=micro_batch_tokens)  # fmt: skip
+    params = sum(p.numel() for p in one.model.parameters())
+    plain = PlainLoop(copy.deepcopy(one.model), lr=lr, pad=pad)
+    rows.append(timed("plain PyTorch loop", plain.step, 1))
+    del plain
+    if 1 in world_sizes:
+        rows.append(timed("learner, 1 process", one.step, 1))
+    del one
+    for world in (w for w in world_sizes if w > 1):
+        kwargs = {"vocab": len(tok), "pad": pad, "lr": lr, "micro_batch_tokens": micro_batch_tokens,
+                  "threads": max(1, cores // world)}  # fmt: skip
+        group = LearnerGroup.start(RankSpec("agent_spo.bench.learner:scale_learner", kwargs,
+                                            world_size=world, timeout_s=600))  # fmt: skip
+        try:
+            pids = [p.pid for p in group.group.children.values()]
+            rows.append(timed(f"learner, {world} gloo ranks", group.step, world, pids))
+        finally:
+            group.close()
+    return {
+        "episodes": str(episodes),
+        "parameters": params,
+        "batches": len(data) - 1,
+        "tokens_per_batch": statistics.median(tokens),
+        "trajectories_per_batch": statistics.median(len(t) for t, _ in data[1:]),
+        "cores": cores,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+__all__ = ["logged_batches", "run_learner_bench", "run_scale_bench", "scale_learner"]

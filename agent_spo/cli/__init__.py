@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from agent_spo.cli import bench, demo, eval, replay, sandbox, tools, train, verify
+from agent_spo.cli import bench, demo, eval, export, replay, sandbox, tools, train, verify
 from agent_spo.cli.args import EXIT_CONFIG, EXIT_FAILED, EXIT_SANDBOX, guard_commands
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_SANDBOX", "app"]
@@ -56,6 +56,7 @@ def _main(
 
 train.register(app)
 app.command("eval")(eval.evaluate)
+app.command("export")(export.export)
 app.command()(replay.replay)
 app.command()(verify.verify)
 app.command("demo-model")(demo.demo_model)

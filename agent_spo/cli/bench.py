@@ -327,6 +327,40 @@ def bench_throughput(
     typer.echo(f"wrote {out}")
 
 
+def _scale_table(episodes: Path, model: str | None, worlds: list[int], batches: int) -> dict:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from agent_spo.bench.learner import run_scale_bench
+    from agent_spo.builders import resolve_model_path
+    from agent_spo.cli.args import bar_columns
+    from agent_spo.config import ModelConfig
+    from agent_spo.dist.group import RankFailed
+
+    model_path = resolve_model_path(ModelConfig(path=model), log=stderr.print)
+    with Progress(*bar_columns(), console=stderr, transient=True) as bar:
+        task = bar.add_task("batches", total=batches + 1)
+
+        def progress(name: str, done: int, total: int) -> None:
+            bar.update(task, description=name, completed=done, total=total)
+
+        try:
+            report = run_scale_bench(episodes, model_path=model_path, world_sizes=worlds,
+                                     batches=batches, progress=progress)  # fmt: skip
+        except (ValueError, RankFailed) as e:
+            fail(str(e))
+    table = Table(title=f"learner at scale: {report['parameters'] / 1e6:.1f}M parameters, "
+                  f"{report['batches']} batches of {report['trajectories_per_batch']} "
+                  f"trajectories ({report['tokens_per_batch']} tokens), {report['cores']} cores")  # fmt: skip
+    for col in ("setting", "step s (median)", "tokens/s", "peak RSS MiB (per process)"):
+        table.add_column(col, justify="right")
+    for r in report["rows"]:
+        table.add_row(r["setting"], f"{r['step_s_median']:.3f}", f"{r['tokens_per_s']:.0f}",
+                      " + ".join(f"{m:.0f}" for m in r["peak_rss_mib"]))  # fmt: skip
+    stdout.print(table)
+    return report
+
+
 @app.command("learner")
 def bench_learner(
     episodes: Annotated[
@@ -342,10 +376,17 @@ def bench_learner(
     threads: Annotated[
         int, typer.Option(help="torch threads (the demo's learner uses 1 on 2 cores).", min=1)
     ] = 1,
+    world_sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead: the learner at these world sizes (e.g. 1,2) and the plain "
+            "loop on a ~24M-parameter Qwen3-shaped model: tokens/s, peak memory."
+        ),
+    ] = None,  # fmt: skip
     out: Annotated[Path | None, typer.Option(help="Write the report (JSON) here.")] = None,
 ) -> None:
     """What measuring the drift on a probe (algo.rho.probe_tokens) saves, and how close
-    its d_s is to the whole batch's.
+    its d_s is to the whole batch's (or, with --world-sizes, the learner at scale).
 
     Replays the logged batches (trajectories and advantages) through one learner per
     setting, side by side, from the same weights: the updates are identical, so each
@@ -366,6 +407,13 @@ def bench_learner(
     sizes = positive_ints(probes, "--probes", "64,128,256")
     if not episodes.is_file():
         fail(f"--episodes: {episodes} not found")
+    if world_sizes is not None:
+        worlds = positive_ints(world_sizes, "--world-sizes", "1,2")
+        report = _scale_table(episodes, model, worlds, batches)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     torch.set_num_threads(threads)
     model_path = resolve_model_path(ModelConfig(path=model), log=stderr.print)
     with Progress(*bar_columns(), console=stderr, transient=True) as bar:

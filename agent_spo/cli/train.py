@@ -75,8 +75,15 @@ def train(
             train_prompts = len(build_datasets(cfg.data, cfg.run.seed)[0])
         except DatasetError as e:
             fail(f"data.train: {e}")
-        if problems := check_trainable(cfg, train_prompts) + check_model_path(
-            cfg.model, cfg.rollout
+        from agent_spo.memory import check_memory
+
+        memory, too_big = check_memory(cfg)
+        if memory is not None:
+            stderr.print(memory.table(), soft_wrap=True, highlight=False)
+        if (
+            problems := check_trainable(cfg, train_prompts)
+            + check_model_path(cfg.model, cfg.rollout)
+            + too_big
         ):
             fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))

@@ -302,6 +302,11 @@ class LearnerConfig(Section):
     """Seconds a learner rank may take to answer inside a step (a collective) before the
     run fails naming it; a rank that dies fails the run at once. > 0."""
 
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one learner GPU, in GB (GiB). `train --dry-run` prints the learner's
+    memory plan per rank (weights, gradients, AdamW state, gathered layers, activations,
+    log-prob chunk) and refuses a config whose plan exceeds this. null = print, no check."""
+
     cpu_offload: bool = False
     """Keep the sharded weights, gradients and AdamW state in CPU memory and move each
     layer to the GPU for its pass (FSDP2 CPU offload): slower, for models whose state

@@ -13,18 +13,27 @@ from agent_spo.evaluate.config import EvalConfig, load_eval_config
 
 def model_dir_of(checkpoint: Path) -> Path:
     """The model directory of a checkpoint, a run's checkpoints/ folder, or a run directory."""
-    from agent_spo.checkpoint import latest_checkpoint
+    from agent_spo.checkpoint import Checkpoint, latest_checkpoint
 
     p = Path(checkpoint)
     if (p / "config.json").is_file():  # already a model directory
         return p
+    found = []
     if (p / "model" / "config.json").is_file():  # one ckpt-* directory
-        return p / "model"
+        found.append(Checkpoint(p, 0, {}))
     for root in (p, p / "checkpoints"):
-        if root.is_dir():
+        if not found and root.is_dir():
             ckpt = latest_checkpoint(root)
             if ckpt is not None and (ckpt.model_dir / "config.json").is_file():
-                return ckpt.model_dir
+                found.append(ckpt)
+    if found:
+        if not found[0].has_weights:
+            raise ValueError(
+                f"--checkpoint {p}: {found[0].path.name} holds sharded weights (written by "
+                f"several learner ranks): export it first (agent-spo export {p} --out DIR) "
+                "and evaluate DIR"
+            )
+        return found[0].model_dir
     raise ValueError(
         f"--checkpoint {p}: no model found (expected a ckpt-* directory with model/, a run's "
         "checkpoints/ directory, a run directory, or a model directory)"

@@ -87,3 +87,19 @@ def test_cli_refuses_bad_probe_sizes_and_a_log_without_training(tmp_path, logged
         app, ["bench", "learner", "--episodes", str(empty), "--model", str(model_dir)]
     )
     assert result.exit_code == EXIT_CONFIG and "no trained trajectories" in result.output
+
+
+def test_scale_rows_time_the_plain_loop_and_each_world_size(logged):
+    """The ~24M-parameter model on the logged batches: the plain loop, one process and two
+    gloo ranks, each with tokens/s and every process's peak memory; the first step's loss
+    is the same at both world sizes (the same update, sharded)."""
+    from agent_spo.bench.learner import run_scale_bench
+
+    model_dir, log = logged
+    report = run_scale_bench(log, model_path=str(model_dir), world_sizes=(1, 2), batches=1)
+    assert 20e6 < report["parameters"] < 30e6
+    plain, one, two = report["rows"]
+    assert [r["world_size"] for r in report["rows"]] == [1, 1, 2]
+    assert all(r["tokens_per_s"] > 0 for r in report["rows"])
+    assert len(two["peak_rss_mib"]) == 2 and all(m > 100 for m in two["peak_rss_mib"])
+    assert abs(one["first_loss"] - two["first_loss"]) < 1e-5

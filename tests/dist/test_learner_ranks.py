@@ -135,3 +135,28 @@ def test_a_rank_that_cannot_build_its_learner_fails_the_start():
     with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exited with code 3"):
         _start(factory="tests.dist.ranks:broken_learner", timeout_s=60)
     assert time.monotonic() - t0 < 30
+
+
+def test_export_of_a_two_rank_checkpoint_scores_like_the_ranks(float64_pair, tmp_path):
+    """`agent-spo export` reads the shards in one process into a model directory whose
+    transformers log-probs are the two-rank learner's."""
+    from transformers import AutoModelForCausalLM
+
+    from agent_spo.checkpoint import save_checkpoint
+    from agent_spo.export import export
+
+    single, group = float64_pair
+    trajs = _trajectories(single, 6, 400, seed=11)
+    group.step(trajs, ADV[:6])  # weights no longer the ones every rank started from
+    save_checkpoint(tmp_path / "ckpts", step=1, learner=group, tokenizer=None, tracker={},
+                    sampler={}, learner_version=group.version)  # fmt: skip
+    out = export(tmp_path / "ckpts", tmp_path / "exported", log=lambda _: None)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64)
+    ours = group.token_logprobs(trajs)
+    for t, lp in zip(trajs, ours, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([t.token_ids])).logits[0]
+        ref = torch.log_softmax(logits, -1)
+        p = len(t.prompt_token_ids)
+        want = ref[p - 1 : -1].gather(1, torch.tensor(t.response_token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(lp, want, rtol=0, atol=1e-10)

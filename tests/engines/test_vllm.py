@@ -49,13 +49,15 @@ class Harness:
     def __init__(self, tmp):
         import psutil
 
-        from agent_spo.demo.model import random_model, save_model_dir
+        from agent_spo.demo.model import random_model
         from agent_spo.demo.tokenizer import train_tokenizer
         from agent_spo.engines.vllm import VLLMEngine
 
         self.tokenizer = train_tokenizer(_corpus(), vocab_size=400)
         self.model = random_model(self.tokenizer, seed=0)
-        self.model_dir = save_model_dir(self.model, self.tokenizer, tmp / "model")
+        # the engine loads what `agent-spo export` makes of a learner checkpoint, so the
+        # log-prob test below also proves vLLM takes an exported model as it is
+        self.model_dir = _exported(self.model, self.tokenizer, tmp)
         self.children_before = {p.pid for p in psutil.Process().children(recursive=True)}
         self.loop = asyncio.new_event_loop()
         t0 = time.perf_counter()
@@ -104,6 +106,20 @@ class Harness:
     def close(self):
         self.run(self.engine.close())
         self.loop.close()
+
+
+def _exported(model, tokenizer, tmp):
+    """A checkpoint of a learner holding ``model``, exported to a model directory."""
+    import copy
+
+    from agent_spo.checkpoint import save_checkpoint
+    from agent_spo.export import export
+    from agent_spo.learner import Learner
+
+    learner = Learner(copy.deepcopy(model))
+    save_checkpoint(tmp / "ckpts", step=1, learner=learner, tokenizer=tokenizer, tracker={},
+                    sampler={}, learner_version=0)  # fmt: skip
+    return export(tmp / "ckpts", tmp / "model", log=lambda _: None)
 
 
 @pytest.fixture(scope="module")

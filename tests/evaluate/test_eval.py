@@ -130,6 +130,9 @@ def test_checkpoint_option_finds_the_model_directory(tmp_path):
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
     (model.parent / "state.json").write_text(json.dumps({"step": 10}))
+    with pytest.raises(ValueError, match="holds sharded weights.*agent-spo export"):
+        model_dir_of(run)  # learner ranks wrote it: config and tokenizer only
+    (model / "model.safetensors").write_bytes(b"")  # one process: full weights too
     assert model_dir_of(run) == model  # a run directory: its latest checkpoint
     assert model_dir_of(run / "checkpoints") == model
     assert model_dir_of(model.parent) == model

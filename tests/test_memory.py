@@ -1,0 +1,82 @@
+"""The learner's memory plan: exact parameter counts, sharding arithmetic, and a dry run
+that prints the plan and refuses one that does not fit learner.gpu_memory_gb."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agent_spo.cli import EXIT_CONFIG, app
+from agent_spo.memory import GIB, Shape, plan
+
+# Qwen3-8B's published config.json (the decoder shape fields)
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "num_hidden_layers": 36, "intermediate_size": 12288, "vocab_size": 151936,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_is_the_models_own(tied):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      vocab_size=500, tie_word_embeddings=tied)  # fmt: skip
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    assert Shape.from_config(cfg.to_dict()).params == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen3_8b_is_8_2b_and_its_state_shards_over_ranks():
+    shape = Shape.from_config(QWEN3_8B)
+    assert shape.params == 8_190_735_360
+    kw = dict(micro_batch_tokens=32768, longest_row=20480, bf16=True, checkpointing=True,
+              logprob_chunk=1024, gpu_memory_gb=80)  # fmt: skip
+    one, eight = plan(shape, world_size=1, **kw), plan(shape, world_size=8, **kw)
+    state = lambda p: sum(b for name, b in p.rows.items() if "fp32" in name)  # noqa: E731
+    assert state(one) == 16 * shape.params  # 4 + 4 + 8 bytes a parameter
+    assert state(eight) == 16 * shape.params // 8
+    assert one.rows["activations"] == eight.rows["activations"]  # per rank, not sharded
+    assert not one.fits and one.total > 128 * GIB  # the issue's "~128 GB cannot start"
+    assert eight.fits and eight.total < 40 * GIB
+    off = plan(shape, world_size=8, cpu_offload=True, **kw)
+    assert off.offloaded == state(eight) and off.total < eight.total
+
+
+def test_the_log_prob_rows_grow_with_the_chunk_not_the_sequence():
+    shape = Shape.from_config(QWEN3_8B)
+    kw = dict(world_size=8, bf16=True, checkpointing=True)
+    short = plan(shape, micro_batch_tokens=4096, longest_row=4096, logprob_chunk=1024, **kw)
+    long = plan(shape, micro_batch_tokens=32768, longest_row=32768, logprob_chunk=1024, **kw)
+    full = plan(shape, micro_batch_tokens=32768, longest_row=32768, logprob_chunk=None, **kw)
+    assert short.rows["log-prob logits"] == long.rows["log-prob logits"]
+    assert full.rows["log-prob logits"] == 32 * long.rows["log-prob logits"]
+
+
+def test_dry_run_prints_the_plan_and_refuses_one_that_does_not_fit(tmp_path):
+    model = tmp_path / "qwen3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+    data = tmp_path / "train.jsonl"
+    rows = [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)}
+            for i in range(400)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "configs/qwen3_8b_spo.yaml", f"model.path={model}", "--dry-run",
+            f"data.train={data}"]  # fmt: skip
+    small = CliRunner().invoke(app, [*args, "learner.world_size=1", "learner.gpu_memory_gb=80"])
+    text = " ".join(small.output.split())
+    assert small.exit_code == EXIT_CONFIG
+    assert "memory plan per GPU: 8.19B parameters, 1 learner rank(s)" in text
+    assert "DOES NOT FIT learner.gpu_memory_gb = 80" in text
+    assert "learner.gpu_memory_gb: the learner needs" in text
+    fits = CliRunner().invoke(app, [*args, "learner.world_size=8", "learner.gpu_memory_gb=80"])
+    text = " ".join(fits.output.split())
+    assert "fits learner.gpu_memory_gb = 80" in text
+    assert "learner.gpu_memory_gb:" not in text  # only the missing weights are refused
+    assert "has no tokenizer.json" in text
