@@ -56,6 +56,7 @@ class StepStats:
     grad_norm: float  # before clipping, mean over optimizer steps
     drift: float  # d_s = mean |logp_after - logp_before|
     n_tokens: int  # trainable tokens in the batch
+    pad_frac: float  # share of the update passes' token positions that were padding
     n_trajectories: int
     optimizer_steps: int
     step_s: float  # wall time of the whole learner step
@@ -169,6 +170,7 @@ class Learner:
             raise ValueError(f"probe_tokens must be >= 1 or None, got {probe_tokens}")
         self.probe_tokens = probe_tokens  # None: the drift over the whole batch
         self.version = 0
+        self._positions = [0, 0]  # token positions the passes computed, and real ones
 
     # ------------------------------------------------------------------ log-probs
     def _micro_batches(self, trajs: Sequence[Trajectory]) -> Iterator[list[int]]:
@@ -213,6 +215,8 @@ class Learner:
             index[b, : len(resp)] = torch.arange(p - 1 - shared, p - 1 - shared + len(resp))
             target[b, : len(resp)] = torch.tensor(resp)
             mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
+        self._positions[0] += len(trajs) * n  # computed, of which real:
+        self._positions[1] += sum(len(t.token_ids) - shared for t in trajs)
         flat = torch.tensor(  # (row, position) of every real response token
             [b * r + i for b, t in enumerate(trajs) for i in range(len(t.response_token_ids))]
         )  # fmt: skip
@@ -318,6 +322,7 @@ class Learner:
         norms = 0.0
         n_tokens = 0
         self.model.train()
+        self._positions = [0, 0]
         for j in range(k):
             idx = list(range(bounds[j], bounds[j + 1]))
             mini = [trajs[i] for i in idx]
@@ -328,6 +333,7 @@ class Learner:
             for group in self._plan(mini):
                 if group is None:  # a padding pass: matches the other ranks, adds nothing
                     logp, _ = self._forward(mini[:1])
+                    self._positions[1] -= len(mini[0].token_ids)  # all of it padding
                     (logp.sum() * 0.0).backward()
                     continue
                 sub = [mini[g] for g in group]
@@ -348,10 +354,13 @@ class Learner:
             n_tokens += int(normalizer)
         self.opt.zero_grad(set_to_none=True)
         self.version += 1
+        positions, real = self._positions
         after = self.token_logprobs([trajs[i] for i in probe])
         masks = [torch.tensor(trajs[i].loss_mask, dtype=torch.bool) for i in probe]
         diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
-        loss_sum, pg_sum, clip_sum, kl_sum = self._all_sum(list(totals.values()))
+        loss_sum, pg_sum, clip_sum, kl_sum, positions, real = self._all_sum(
+            [*totals.values(), positions, real]
+        )
         return StepStats(
             loss=loss_sum / k,
             pg_loss=pg_sum / k,
@@ -360,6 +369,7 @@ class Learner:
             grad_norm=norms / k,
             drift=float(diff.mean()) if diff.numel() else 0.0,
             n_tokens=n_tokens,
+            pad_frac=1.0 - real / positions if positions else 0.0,
             n_trajectories=len(trajs),
             optimizer_steps=k,
             step_s=time.perf_counter() - t0,

@@ -52,6 +52,7 @@ METRICS: dict[str, str] = {
     # perf/
     "perf/wait_s": "time the learner waited for the batch to be ready (idle)",
     "perf/learner_s": "time of the learner's update on the batch",
+    "perf/pad_frac": "share of the update's token positions that were padding (all ranks)",
     "perf/weight_push_s": "time to hand the new weights to the engine",
     "perf/elapsed_s": "wall time since training (or the resume) started",
     "perf/eval_s": "time of the held-out evaluation logged in this row",

@@ -395,6 +395,7 @@ async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict
         "tool/calls_per_episode": float(np.mean([len(t.tool_calls) for t in trajs])),
         **sandbox_metrics(trajs),
         "perf/learner_s": stats.step_s,
+        "perf/pad_frac": stats.pad_frac,
         "perf/weight_push_s": time.perf_counter() - t_push,
     }
 

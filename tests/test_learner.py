@@ -207,3 +207,13 @@ def test_bf16_autocast_keeps_float32_weights_and_close_log_probs(tok):
     stats = half.step(trajs, [1.0, -1.0, 0.5, -0.5])
     assert all(p.dtype == torch.float32 for p in half.model.parameters())
     assert stats.drift > 0 and stats.grad_norm > 0
+
+
+def test_padding_share_counts_the_positions_rows_did_not_fill(tok):
+    learner = Learner(_model(tok), lr=1e-3, share_prefix=False)
+    trajs = _trajectories(learner, 2, len(tok), seed=4)
+    lengths = [len(t.token_ids) for t in trajs]
+    assert lengths[0] != lengths[1]
+    stats = learner.step(trajs, [1.0, -1.0])  # one micro-batch of two rows, padded to the longer
+    assert stats.pad_frac == pytest.approx(1 - sum(lengths) / (2 * max(lengths)))
+    assert learner.step(trajs[:1], [1.0]).pad_frac == 0.0

@@ -192,7 +192,7 @@ class _InstantLearner:
 
         self.version += 1
         return SimpleNamespace(drift=0.01, pg_loss=0.0, clip_frac=0.0, approx_kl=0.0,
-                               grad_norm=0.0, step_s=0.0)  # fmt: skip
+                               grad_norm=0.0, step_s=0.0, pad_frac=0.0)  # fmt: skip
 
     def named_weights(self):
         return []

@@ -76,6 +76,21 @@ def test_float32_ranks_stay_within_rounding_of_one_process():
     assert max(diffs) < 1e-4 and statistics.median(diffs) < 1e-5, diffs
 
 
+def test_gradient_checkpointing_on_ranks_changes_nothing_but_memory():
+    """FSDP2 with recomputed activations (the GPU default) against one plain process."""
+    kw = {**SETTINGS, "dtype": "float64"}
+    single = tiny_learner(rank=0, world_size=1, **kw)
+    trajs = _trajectories(single, 8, 400, seed=6)
+    group = _start(**kw, gradient_checkpointing=True)
+    try:
+        a, b = single.step(trajs, ADV[:8]), group.step(trajs, ADV[:8])
+        diffs = _max_diff(single, group)
+    finally:
+        group.close()
+    assert abs(a.loss - b.loss) < 1e-12 and max(diffs) < 1e-10
+    assert b.pad_frac > a.pad_frac  # no shared opening across ranks; padding passes
+
+
 def test_sharded_checkpoint_resumes_at_two_ranks_and_at_one(float64_pair, tmp_path):
     single, group = float64_pair
     trajs = _trajectories(single, 6, 400, seed=5)
