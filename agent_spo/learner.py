@@ -354,12 +354,12 @@ class Learner:
             n_tokens += int(normalizer)
         self.opt.zero_grad(set_to_none=True)
         self.version += 1
-        positions, real = self._positions
+        counted = [float(n) for n in self._positions]
         after = self.token_logprobs([trajs[i] for i in probe])
         masks = [torch.tensor(trajs[i].loss_mask, dtype=torch.bool) for i in probe]
         diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
         loss_sum, pg_sum, clip_sum, kl_sum, positions, real = self._all_sum(
-            [*totals.values(), positions, real]
+            [*totals.values(), *counted]
         )
         return StepStats(
             loss=loss_sum / k,
