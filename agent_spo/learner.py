@@ -108,6 +108,7 @@ class Learner:
         world_size: int = 1,
         rank: int = 0,
         cpu_offload: bool = False,
+        fsdp: bool = False,
     ) -> None:
         self.model = model.train()
         # offloaded shards live on the CPU and every pass runs on the GPU
@@ -156,7 +157,9 @@ class Learner:
             share_prefix = False
         self.share_prefix = share_prefix
         self._scorer = _Scorer(model, lean=lean, chunk=logprob_chunk or 0)
-        self._sharded = world_size > 1 or cpu_offload
+        # FSDP2 at world size > 1, with CPU offload, or when asked (a one-rank group: the
+        # device check measures the sharded path on one GPU)
+        self._sharded = world_size > 1 or cpu_offload or fsdp
         if self._sharded:
             from agent_spo.dist.fsdp import shard
 

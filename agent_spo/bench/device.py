@@ -5,7 +5,7 @@ transformers, the project's source on PYTHONPATH, no vLLM there) and writes one 
 report. It measures, on a Qwen3-1.7B-shaped model with random weights and the full
 151,936-token vocabulary:
 
-* **learner step**: bf16 autocast over float32 master weights, gradient checkpointing,
+* **learner step**, one process and FSDP2 on a one-rank group: bf16 autocast over float32 master weights, gradient checkpointing,
   chunked log-probs, sequences of ``seq_tokens`` tokens: trainable tokens/s, peak GPU
   memory, the time of one no-grad log-prob pass (the step runs two, for the drift), and
   model-FLOPs utilisation of the update: (6 × parameters + 6 × layers × width × length)
@@ -100,13 +100,31 @@ def _peak_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
-def learner_step(model, device: str, *, seqs: int, seq_tokens: int, steps: int) -> dict:
+def fsdp_step(model, device: str, **kw) -> dict:
+    """:func:`learner_step` with the model sharded by FSDP2 over a one-rank process group
+    (NCCL on the GPU): bf16 gathers, float32 gradient reduction, the learner's sharded
+    path. Run last: sharding converts the model's weights in place."""
+    import torch.distributed as dist
+
+    from agent_spo.dist.group import RankSpec, connect, free_port, join
+
+    spec = RankSpec("agent_spo.bench.device:unused", {}, world_size=1, port=free_port())
+    join(spec, 0, connect(spec, 0))
+    try:
+        return learner_step(model, device, fsdp=True, **kw)
+    finally:
+        dist.destroy_process_group()
+
+
+def learner_step(
+    model, device: str, *, seqs: int, seq_tokens: int, steps: int, fsdp: bool = False
+) -> dict:
     """Timed learner steps (after one warm-up) in bf16 autocast with checkpointing."""
     from agent_spo.learner import Learner
 
     learner = Learner(
         model, lr=1e-6, compute_dtype=torch.bfloat16, gradient_checkpointing=True,
-        micro_batch_tokens=seq_tokens, logprob_chunk=1024, logp_old="recompute",
+        micro_batch_tokens=seq_tokens, logprob_chunk=1024, logp_old="recompute", fsdp=fsdp,
     )  # fmt: skip
     trajs = _trajectories(seqs, seq_tokens, model.config.vocab_size, seed=1)
     adv = [1.0 if i % 2 else -1.0 for i in range(seqs)]
@@ -131,6 +149,7 @@ def learner_step(model, device: str, *, seqs: int, seq_tokens: int, steps: int) 
     per_token = 6 * params + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq_tokens
     peak = peak_flops(device)
     return {
+        "fsdp": fsdp,
         "params": params,
         "lean_logprobs": learner.lean,
         "attention": getattr(cfg, "_attn_implementation", None),
@@ -255,6 +274,8 @@ def run_device_check(
         "logprob_agreement": lambda: logprob_agreement(model, tokens=min(seq, 2048)),
         "engine": lambda: engine_check(model, device, requests=4 if tiny else 64,
                                        prompt=32 if tiny else 512, new=8 if tiny else 256),
+        # last: it shards the model in place
+        "fsdp_learner": lambda: fsdp_step(model, device, seqs=2, seq_tokens=seq, steps=3),
     }  # fmt: skip
     for name, part in parts.items():
         t0 = time.perf_counter()

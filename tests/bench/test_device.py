@@ -25,7 +25,7 @@ def report(tmp_path_factory):
 
 
 def test_every_part_reports_without_error(report):
-    for part in ("learner", "chunked_vs_full", "logprob_agreement", "engine"):
+    for part in ("learner", "chunked_vs_full", "logprob_agreement", "engine", "fsdp_learner"):
         assert "error" not in report[part], report[part]
     assert report["shape"] == "tiny" and report["device"] == "cpu"
 
@@ -38,6 +38,13 @@ def test_learner_numbers_are_measured(report):
     assert learner["lean_logprobs"] and learner["gradient_checkpointing"]
     assert 0 < learner["logprob_pass_s"] < learner["step_s_median"]
     assert learner["peak_memory_gb"] is None and learner["update_mfu"] is None  # no GPU here
+
+
+def test_the_fsdp2_step_runs_the_sharded_path_on_one_rank(report):
+    sharded, plain = report["fsdp_learner"], report["learner"]
+    assert sharded["fsdp"] and not plain["fsdp"]
+    assert sharded["trainable_tokens"] == plain["trainable_tokens"]
+    assert sharded["tokens_per_s"] > 0 and math.isfinite(sharded["loss"])
 
 
 def test_chunked_and_full_log_probs_agree_under_bf16(report):
