@@ -178,7 +178,15 @@ def learner_rank(
         world_size=world_size,
         rank=rank,
         cpu_offload=L.cpu_offload,
+        pack=L.pack == "on" or (L.pack == "auto" and _flash_attention(model)),
     )
+
+
+def _flash_attention(model) -> bool:
+    """Whether the model attends with flash attention (packing needs no mask there)."""
+    return getattr(model.config, "_attn_implementation", "") in (
+        "flash_attention_2", "flash_attention_3",
+    )  # fmt: skip
 
 
 def build_stream_settings(

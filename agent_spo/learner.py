@@ -109,6 +109,7 @@ class Learner:
         rank: int = 0,
         cpu_offload: bool = False,
         fsdp: bool = False,
+        pack: bool = False,
     ) -> None:
         self.model = model.train()
         # offloaded shards live on the CPU and every pass runs on the GPU
@@ -155,6 +156,12 @@ class Learner:
             # FSDP ranks must run the same collectives: a shared-opening pass on one rank's
             # micro-batch and not on another's would not match (see _plan)
             share_prefix = False
+        # pack a micro-batch's sequences into one row instead of padding them
+        self.pack = pack
+        if pack:
+            share_prefix = False
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", "")
+        self._mask_packs = pack and attention not in ("flash_attention_2", "flash_attention_3")
         self.share_prefix = share_prefix
         self._scorer = _Scorer(model, lean=lean, chunk=logprob_chunk or 0)
         # FSDP2 at world size > 1, with CPU offload, or when asked (a one-rank group: the
@@ -177,16 +184,18 @@ class Learner:
 
     # ------------------------------------------------------------------ log-probs
     def _micro_batches(self, trajs: Sequence[Trajectory]) -> Iterator[list[int]]:
-        """Indices grouped so each group's padded size stays within micro_batch_tokens."""
+        """Indices grouped so each group's size (padded, or packed end to end) stays
+        within micro_batch_tokens; a longer trajectory makes a group of its own."""
         group: list[int] = []
-        longest = 0
+        longest = total = 0
         for i, t in enumerate(trajs):
             n = len(t.token_ids)
-            if group and max(longest, n) * (len(group) + 1) > self.micro_batch_tokens:
+            size = total + n if self.pack else max(longest, n) * (len(group) + 1)
+            if group and size > self.micro_batch_tokens:
                 yield group
-                group, longest = [], 0
+                group, longest, total = [], 0, 0
             group.append(i)
-            longest = max(longest, n)
+            longest, total = max(longest, n), total + n
         if group:
             yield group
 
@@ -202,6 +211,8 @@ class Learner:
         schemas: often most of a short episode) run once, and their keys/values are shared
         by the rows; gradients flow through them as through a full pass.
         """
+        if self.pack:
+            return self._forward_packed(trajs)
         shared = self._shared_prefix_len(trajs) if self.share_prefix else 0
         n = max(len(t.token_ids) for t in trajs) - shared
         r = max(len(t.response_token_ids) for t in trajs)
@@ -232,6 +243,45 @@ class Learner:
             logp = self._scorer(
                 ids.to(dev), att.to(dev), index.to(dev), target.to(dev), flat.to(dev),
                 None if head is None else head.to(dev),
+            )  # fmt: skip
+        return logp, mask.to(dev)
+
+    def _forward_packed(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_forward` with the micro-batch's sequences end to end in one row, no
+        padding: position ids restart at each sequence, and attention stays within it (a
+        flash-attention model reads the boundaries from the position ids; any other gets
+        a block-diagonal causal mask, T x T booleans)."""
+        lengths = [len(t.token_ids) for t in trajs]
+        total, r = sum(lengths), max(len(t.response_token_ids) for t in trajs)
+        starts = [sum(lengths[:b]) for b in range(len(trajs))]
+        ids = torch.tensor([[tok for t in trajs for tok in t.token_ids]])
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        index = torch.zeros((len(trajs), r), dtype=torch.long)
+        target = torch.zeros((len(trajs), r), dtype=torch.long)
+        mask = torch.zeros((len(trajs), r))
+        for b, t in enumerate(trajs):
+            p, resp = len(t.prompt_token_ids), t.response_token_ids
+            index[b, : len(resp)] = torch.arange(starts[b] + p - 1, starts[b] + p - 1 + len(resp))
+            target[b, : len(resp)] = torch.tensor(resp)
+            mask[b, : len(resp)] = torch.tensor(t.loss_mask, dtype=torch.float)
+        flat = torch.tensor(
+            [b * r + i for b, t in enumerate(trajs) for i in range(len(t.response_token_ids))]
+        )  # fmt: skip
+        att = None
+        if self._mask_packs:
+            seq = torch.repeat_interleave(torch.arange(len(trajs)), torch.tensor(lengths))
+            causal = torch.ones(total, total, dtype=torch.bool).tril()
+            att = (causal & (seq[:, None] == seq[None, :]))[None, None]
+        self._positions[0] += total
+        self._positions[1] += total
+        dev = self.device
+        with torch.autocast(
+            dev.type, dtype=self.compute_dtype or torch.float32,
+            enabled=self.compute_dtype is not None,
+        ):  # fmt: skip
+            logp = self._scorer(
+                ids.to(dev), None if att is None else att.to(dev), index.to(dev),
+                target.to(dev), flat.to(dev), None, pos.to(dev),
             )  # fmt: skip
         return logp, mask.to(dev)
 
@@ -491,14 +541,20 @@ class _Scorer(torch.nn.Module):
         self.lean = lean  # head over response rows only, chunk rows at a time
         self.chunk = chunk
 
-    def forward(self, ids, att, index, target, flat, head_ids=None) -> torch.Tensor:
+    def forward(
+        self, ids, att, index, target, flat, head_ids=None, position_ids=None
+    ) -> torch.Tensor:
         """Log-probs [B, R] of ``target`` at logits rows ``index`` (zeros past each row's
         response); ``flat`` lists the real (row, position) pairs as ``row * R + i``;
-        ``head_ids`` [1, S] is an opening shared by every row (run once) or None."""
-        b, n = ids.shape
-        r = index.shape[1]
+        ``head_ids`` [1, S] is an opening shared by every row (run once) or None.
+        Packed: ``ids`` is one row [1, T] holding every sequence end to end,
+        ``position_ids`` restart at each, and ``index`` points into that row."""
+        n = ids.shape[1]
+        b, r = index.shape
         parts = split_head(self.model) if self.lean else None
         kwargs: dict = {"use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         if head_ids is not None:
             prefix_model = parts[0] if parts is not None else self.model
             cache = prefix_model(input_ids=head_ids, use_cache=True).past_key_values
@@ -510,6 +566,7 @@ class _Scorer(torch.nn.Module):
         if parts is not None:
             body, lm_head = parts
             hidden = body(input_ids=ids, attention_mask=att, **kwargs).last_hidden_state
+            hidden = hidden.expand(b, -1, -1)  # packed: every row reads the one sequence
             rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
             picked = chunked_logprobs(
                 rows.reshape(-1, rows.shape[-1]).index_select(0, flat), lm_head,
@@ -519,6 +576,7 @@ class _Scorer(torch.nn.Module):
             # a fresh tensor, not a view: a sharded root hooks its backward on the output
             return logp.index_copy(0, flat, picked).view(b, r).clone()
         logits = self.model(input_ids=ids, attention_mask=att, **kwargs).logits  # [B, n, V]
+        logits = logits.expand(b, -1, -1)  # packed: every row reads the one sequence
         rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> fp32
         return torch.log_softmax(rows, dim=-1).gather(2, target[..., None]).squeeze(2).clone()

@@ -13,6 +13,8 @@ Counts, per learner rank, for the config's model, world size, precision and micr
   plus one layer's full set while it is recomputed; without it, every layer's full set
   (per token: 4·hidden + 2·q + 2·kv + 4·intermediate values, the tensors a Qwen3/Llama block
   keeps for its backward; attention by a fused kernel, no tokens² term);
+* **packing mask**: with ``learner.pack: on`` and attention other than flash attention,
+  a (tokens per micro-batch)² boolean mask per pass;
 * **log-prob chunk**: ``logprob_chunk`` × vocabulary float32 logits, three live at once
   (logits, their softmax, its gradient);
 * **reserve**: 2 GiB for the CUDA context, the allocator's fragmentation and NCCL buffers.
@@ -143,6 +145,7 @@ def plan(
     cpu_offload: bool = False,
     gpu_memory_gb: float | None = None,
     gpu: bool = True,
+    pack_mask: bool = False,
 ) -> Plan:
     p, w = shape.params, world_size
     compute = 2 if bf16 else 4
@@ -161,6 +164,8 @@ def plan(
     else:
         acts = tokens * shape.layers * per_token_layer * compute
     rows["activations"] = acts
+    if pack_mask:  # packed rows without flash attention: a T x T boolean mask
+        rows["packing mask"] = tokens**2
     chunk = logprob_chunk if logprob_chunk else tokens  # None: the full logits
     rows["log-prob logits"] = 3 * min(chunk, tokens) * shape.vocab * 4
     if gpu:
@@ -190,6 +195,7 @@ def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
         cpu_offload=L.cpu_offload,
         gpu_memory_gb=L.gpu_memory_gb,
         gpu=cuda,
+        pack_mask=L.pack == "on",  # "auto" packs only under flash attention (no mask)
     )
 
 

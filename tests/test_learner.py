@@ -217,3 +217,22 @@ def test_padding_share_counts_the_positions_rows_did_not_fill(tok):
     stats = learner.step(trajs, [1.0, -1.0])  # one micro-batch of two rows, padded to the longer
     assert stats.pad_frac == pytest.approx(1 - sum(lengths) / (2 * max(lengths)))
     assert learner.step(trajs[:1], [1.0]).pad_frac == 0.0
+
+
+def test_packed_micro_batches_equal_padded_ones(tok):
+    """Sequences end to end in one row (position ids restarting, attention kept within each
+    sequence) give the padded pass's log-probs and update, with no padding."""
+    base = _model(tok, torch.float64)
+    padded = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2, micro_batch_tokens=60,
+                     share_prefix=False)  # fmt: skip
+    packed = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2, micro_batch_tokens=60,
+                     pack=True)  # fmt: skip
+    trajs = _trajectories(padded, 8, len(tok), seed=2)
+    assert len(list(packed._micro_batches(trajs))) < len(list(padded._micro_batches(trajs)))
+    for a, b in zip(padded.token_logprobs(trajs), packed.token_logprobs(trajs), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    adv = [1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -2.0, 1.5]
+    sa, sb = padded.step(trajs, adv), packed.step(trajs, adv)
+    assert abs(sa.loss - sb.loss) < 1e-12 and sb.pad_frac == 0 < sa.pad_frac
+    for pa, pb in zip(padded.model.parameters(), packed.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-10)

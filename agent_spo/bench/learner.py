@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def logged_batches(path: Path, limit: int) -> list[tuple[list, list[float]]]:
@@ -159,7 +160,7 @@ SCALE_SHAPE = {"hidden": 512, "layers": 6, "heads": 8}  # ~24M parameters with Q
 
 
 def scale_learner(*, rank: int, world_size: int, vocab: int, pad: int, lr: float,
-                  threads: int, micro_batch_tokens: int):  # fmt: skip
+                  threads: int, micro_batch_tokens: int, pack: bool = False):  # fmt: skip
     """The benchmark's learner on one rank (every rank builds the same random weights)."""
     import torch
     from transformers import Qwen3ForCausalLM
@@ -171,7 +172,7 @@ def scale_learner(*, rank: int, world_size: int, vocab: int, pad: int, lr: float
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(tiny_qwen3_config(vocab, pad_token_id=pad, **SCALE_SHAPE))
     return Learner(model, lr=lr, pad_token_id=pad, micro_batch_tokens=micro_batch_tokens,
-                   probe_tokens=64, rank=rank, world_size=world_size)  # fmt: skip
+                   probe_tokens=64, rank=rank, world_size=world_size, pack=pack)  # fmt: skip
 
 
 def _peak_rss_mb(pid: int | str = "self") -> float:
@@ -182,11 +183,59 @@ def _peak_rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def _reset_peak() -> None:
+def _scale_setting(
+    kind: str, world: int, episodes: str, model_path: str, batches: int, lr: float,
+    micro_batch_tokens: int,
+) -> dict:  # fmt: skip
+    """One setting of :func:`run_scale_bench`, in a fresh process (its peak memory is its
+    own): "plain", "learner" or "packed" at world size 1, "learner" at more ranks."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    data = logged_batches(Path(episodes), batches + 1)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    cores = len(os.sched_getaffinity(0))
+    kw: dict[str, Any] = {"vocab": len(tok), "pad": pad, "lr": lr,
+                          "micro_batch_tokens": micro_batch_tokens}  # fmt: skip
+    group, params = None, None
+    if world > 1:
+        from agent_spo.dist.driver import LearnerGroup, RankSpec
+
+        spec = RankSpec("agent_spo.bench.learner:scale_learner",
+                        {**kw, "threads": max(1, cores // world)}, world_size=world)  # fmt: skip
+        group = LearnerGroup.start(spec)
+        step, pids = group.step, [str(p.pid) for p in group.group.children.values()]
+    else:
+        learner = scale_learner(rank=0, world_size=1, threads=cores, pack=kind == "packed", **kw)
+        step, pids = learner.step, list[str]()
+        params = sum(p.numel() for p in learner.model.parameters())
+        if kind == "plain":
+            step = PlainLoop(learner.model, lr=lr, pad=pad).step
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
+        times, losses, out = [], [], None
+        for i, (trajs, adv) in enumerate(data):
+            t0 = time.perf_counter()
+            out = step(trajs, adv)
+            if i:  # the first batch warms up
+                times.append(time.perf_counter() - t0)
+            losses.append(getattr(out, "loss", None))
+        peaks = [_peak_rss_mb(p) for p in ("self", *pids)]
+    finally:
+        if group is not None:
+            group.close()
+    tokens = statistics.median(sum(len(t.token_ids) for t in trajs) for trajs, _ in data[1:])
+    per_step = statistics.median(times)
+    return {
+        "world_size": world, "step_s_median": round(per_step, 4),
+        "tokens_per_s": round(tokens / per_step, 1),
+        "peak_rss_mib": [round(m, 1) for m in peaks],
+        "first_loss": losses[0], "pad_frac": getattr(out, "pad_frac", None),
+        "tokens_per_batch": tokens,
+        "trajectories_per_batch": statistics.median(len(t) for t, _ in data[1:]),
+        "batches": len(data) - 1, "cores": cores, "parameters": params,
+    }  # fmt: skip
 
 
 def run_scale_bench(
@@ -199,70 +248,39 @@ def run_scale_bench(
     micro_batch_tokens: int = 4096,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
-    """Tokens/s of a training step on the logged batches: the plain loop and the learner
-    (probe of 64 tokens) at each world size, all from the same random ~24M-parameter
-    weights, on the cores this machine has (one rank per core share). The first batch of
-    each warms up. Each setting runs in turn (a learner group owns this process's
-    process group), in a fresh process's worth of memory only for the ranks it starts."""
-    import os
+    """Tokens/s and peak memory of a training step on the logged batches: the plain loop,
+    the learner (probe of 64 tokens) padded and packed in one process, and the learner at
+    each larger world size (gloo ranks splitting this machine's cores), all from the same
+    random ~24M-parameter weights. Each setting runs in a fresh process, one after the
+    other, so each peak is its own; the first batch of each warms up."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch
-    from transformers import AutoTokenizer
 
-    from agent_spo.dist.driver import LearnerGroup, RankSpec
-
-    data = logged_batches(episodes, batches + 1)
-    tok = AutoTokenizer.from_pretrained(model_path)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
-    cores = len(os.sched_getaffinity(0))
-    tokens = [sum(len(t.token_ids) for t in trajs) for trajs, _ in data[1:]]
-    rows = []
-
-    def timed(name: str, step, world: int, pids=()) -> dict:
-        _reset_peak()  # this process's peak from here on, not an earlier setting's
-        times, losses = [], []
-        for i, (trajs, adv) in enumerate(data):
-            t0 = time.perf_counter()
-            out = step(trajs, adv)
-            if i:
-                times.append(time.perf_counter() - t0)
-            losses.append(getattr(out, "loss", None))
-            if progress is not None:
-                progress(name, i + 1, len(data))
-        per_step = statistics.median(times)
-        return {
-            "setting": name, "world_size": world, "step_s_median": round(per_step, 4),
-            "tokens_per_s": round(statistics.median(tokens) / per_step, 1),
-            "peak_rss_mib": [round(_peak_rss_mb(p), 1) for p in ("self", *pids)],
-            "first_loss": losses[0],
-        }  # fmt: skip
-
-    one = scale_learner(rank=0, world_size=1, vocab=len(tok), pad=pad, lr=lr, threads=cores,
-                        micro_batch_tokens=micro_batch_tokens)  # fmt: skip
-    params = sum(p.numel() for p in one.model.parameters())
-    plain = PlainLoop(copy.deepcopy(one.model), lr=lr, pad=pad)
-    rows.append(timed("plain PyTorch loop", plain.step, 1))
-    del plain
+    settings = [("plain PyTorch loop", "plain", 1)]
     if 1 in world_sizes:
-        rows.append(timed("learner, 1 process", one.step, 1))
-    del one
-    for world in (w for w in world_sizes if w > 1):
-        kwargs = {"vocab": len(tok), "pad": pad, "lr": lr, "micro_batch_tokens": micro_batch_tokens,
-                  "threads": max(1, cores // world)}  # fmt: skip
-        group = LearnerGroup.start(RankSpec("agent_spo.bench.learner:scale_learner", kwargs,
-                                            world_size=world, timeout_s=600))  # fmt: skip
-        try:
-            pids = [p.pid for p in group.group.children.values()]
-            rows.append(timed(f"learner, {world} gloo ranks", group.step, world, pids))
-        finally:
-            group.close()
+        settings += [("learner, 1 process", "learner", 1),
+                     ("learner, 1 process, packed", "packed", 1)]  # fmt: skip
+    settings += [(f"learner, {w} gloo ranks", "learner", w) for w in world_sizes if w > 1]
+    rows = []
+    for done, (name, kind, world) in enumerate(settings):
+        if progress is not None:
+            progress(name, done, len(settings))
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            row = pool.submit(_scale_setting, kind, world, str(episodes), model_path,
+                              batches, lr, micro_batch_tokens).result()  # fmt: skip
+        rows.append({"setting": name, **row})
+    if progress is not None:
+        progress("done", len(settings), len(settings))
+    first = rows[0]
     return {
         "episodes": str(episodes),
-        "parameters": params,
-        "batches": len(data) - 1,
-        "tokens_per_batch": statistics.median(tokens),
-        "trajectories_per_batch": statistics.median(len(t) for t, _ in data[1:]),
-        "cores": cores,
+        "parameters": first["parameters"],
+        "batches": first["batches"],
+        "tokens_per_batch": first["tokens_per_batch"],
+        "trajectories_per_batch": first["trajectories_per_batch"],
+        "cores": first["cores"],
         "torch": torch.__version__,
         "rows": rows,
     }

@@ -339,7 +339,7 @@ def _scale_table(episodes: Path, model: str | None, worlds: list[int], batches: 
 
     model_path = resolve_model_path(ModelConfig(path=model), log=stderr.print)
     with Progress(*bar_columns(), console=stderr, transient=True) as bar:
-        task = bar.add_task("batches", total=batches + 1)
+        task = bar.add_task("settings", total=None)
 
         def progress(name: str, done: int, total: int) -> None:
             bar.update(task, description=name, completed=done, total=total)
@@ -352,11 +352,12 @@ def _scale_table(episodes: Path, model: str | None, worlds: list[int], batches: 
     table = Table(title=f"learner at scale: {report['parameters'] / 1e6:.1f}M parameters, "
                   f"{report['batches']} batches of {report['trajectories_per_batch']} "
                   f"trajectories ({report['tokens_per_batch']} tokens), {report['cores']} cores")  # fmt: skip
-    for col in ("setting", "step s (median)", "tokens/s", "peak RSS MiB (per process)"):
+    for col in ("setting", "step s (median)", "tokens/s", "padding", "peak RSS MiB (per process)"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
+        pad = "-" if r["pad_frac"] is None else f"{r['pad_frac']:.2f}"
         table.add_row(r["setting"], f"{r['step_s_median']:.3f}", f"{r['tokens_per_s']:.0f}",
-                      " + ".join(f"{m:.0f}" for m in r["peak_rss_mib"]))  # fmt: skip
+                      pad, " + ".join(f"{m:.0f}" for m in r["peak_rss_mib"]))  # fmt: skip
     stdout.print(table)
     return report
 

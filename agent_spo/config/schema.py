@@ -291,6 +291,14 @@ class LearnerConfig(Section):
     """Most policy versions a generated segment may lag the learner; older trajectories
     are dropped and counted. >= 0 (0 = strictly on-policy)."""
 
+    pack: Literal["auto", "on", "off"] = "auto"
+    """Put a micro-batch's trajectories end to end in one row (position ids restarting
+    at each) instead of padding them to the longest: no compute on padding
+    (perf/pad_frac reports the padding share either way). auto: on when the model runs
+    flash attention, which reads the boundaries from the position ids; on: always (other
+    attention gets a block-diagonal mask of micro_batch_tokens² booleans per pass); off:
+    pad. Equal log-probs and updates either way."""
+
     world_size: int = Field(1, ge=1)
     """Learner ranks (FSDP2: weights, gradients and AdamW state sharded over them; each
     rank computes a token-balanced share of every mini-batch, the update equals one

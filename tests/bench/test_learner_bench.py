@@ -98,8 +98,10 @@ def test_scale_rows_time_the_plain_loop_and_each_world_size(logged):
     model_dir, log = logged
     report = run_scale_bench(log, model_path=str(model_dir), world_sizes=(1, 2), batches=1)
     assert 20e6 < report["parameters"] < 30e6
-    plain, one, two = report["rows"]
-    assert [r["world_size"] for r in report["rows"]] == [1, 1, 2]
+    plain, one, packed, two = report["rows"]
+    assert [r["world_size"] for r in report["rows"]] == [1, 1, 1, 2]
+    assert packed["pad_frac"] == 0 < one["pad_frac"]
+    assert abs(one["first_loss"] - packed["first_loss"]) < 1e-5
     assert all(r["tokens_per_s"] > 0 for r in report["rows"])
     assert len(two["peak_rss_mib"]) == 2 and all(m > 100 for m in two["peak_rss_mib"])
     assert abs(one["first_loss"] - two["first_loss"]) < 1e-5
