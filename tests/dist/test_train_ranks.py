@@ -18,6 +18,8 @@ from faults.faultkit import SMALL, cli, free_port, wait_for
 
 from agent_spo.cli.args import EXIT_FAILED
 
+pytestmark = pytest.mark.slow  # whole training runs, 10-25 s each
+
 
 def _run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -97,3 +99,26 @@ def test_a_rank_killed_mid_run_ends_the_run_naming_it(tmp_path):
     assert time.monotonic() - t0 < 60  # not the 600 s rank timeout
     assert f"rank 1 (pid {rank1}) exited with signal SIGKILL" in " ".join(out.split())
     assert len(_steps(run)) < 500
+
+
+def test_the_ranks_a_killed_trainer_started_die_with_it(tmp_path):
+    run = tmp_path / "orphans"
+    argv = cli("train", *SMALL, f"run.output_dir={tmp_path}", "run.name=orphans",
+               "learner.world_size=2", "train.total_steps=500")  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(_steps(run)) >= 1, 120, "a first learner step", proc)
+        (rank1,) = _rank_children(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_for(lambda: not Path(f"/proc/{rank1}").exists() or _zombie(rank1), 30,
+                 f"rank 1 (pid {rank1}) to exit")  # fmt: skip
+    finally:
+        proc.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
