@@ -131,7 +131,7 @@ def learner_rank(
     clip settings, the precision and gradient checkpointing the learner section asks for.
     Every rank calls this with the same arguments (sections as plain dicts)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from agent_spo.learner import Learner
 
@@ -147,6 +147,7 @@ def learner_rank(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dtype = AutoConfig.from_pretrained(model_path).dtype  # before the float32 load
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if not L.cpu_offload:  # offloaded shards stay on the CPU; FSDP moves each layer's
         # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types
@@ -179,6 +180,7 @@ def learner_rank(
         rank=rank,
         cpu_offload=L.cpu_offload,
         pack=L.pack == "on" or (L.pack == "auto" and _flash_attention(model)),
+        model_dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None,
     )
 
 

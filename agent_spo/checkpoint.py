@@ -140,10 +140,10 @@ def restore(ckpt: Checkpoint, *, learner, tracker, sampler) -> None:
     else:
         import torch
 
-        if getattr(learner, "world_size", 1) > 1:
+        if getattr(learner, "opt", None) is None or getattr(learner, "world_size", 1) > 1:
             raise ValueError(
                 f"{ckpt.path} was written before sharded checkpoints: resume it with "
-                "learner.world_size=1"
+                "learner.world_size=1 and learner.cpu_offload=false"
             )
         learner.opt.load_state_dict(torch.load(ckpt.optimizer_path, weights_only=True))
     tracker.load_state_dict(ckpt.state["tracker"])

@@ -64,7 +64,8 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: choose a new --out")
     config = AutoConfig.from_pretrained(str(ckpt.model_dir))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # sets config.dtype
     if ckpt.sharded:
         state = {"model": get_model_state_dict(model)}
         with warnings.catch_warnings():
@@ -75,7 +76,6 @@ def export(
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.model_dir), dtype=torch.float32)
     else:
         raise ExportError(f"{ckpt.path} holds no weights (neither state/ nor model/ weights)")
-    target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if dtype != "auto":
         target = getattr(torch, dtype)
     elif isinstance(target, str):
@@ -90,7 +90,7 @@ def export(
     else:
         log(f"warning: {ckpt.model_dir} has no tokenizer; the export has none either")
     for extra in ("generation_config.json", "chat_template.jinja"):
-        if (ckpt.model_dir / extra).is_file() and not (tmp / extra).exists():
+        if (ckpt.model_dir / extra).is_file():  # the checkpoint's, not one rebuilt
             shutil.copy2(ckpt.model_dir / extra, tmp / extra)
     if out.exists():
         out.rmdir()  # empty, checked above

@@ -21,6 +21,7 @@ One ``step(trajectories, adv)`` consumes one training batch:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
@@ -110,6 +111,7 @@ class Learner:
         cpu_offload: bool = False,
         fsdp: bool = False,
         pack: bool = False,
+        model_dtype: str | None = None,
     ) -> None:
         self.model = model.train()
         # offloaded shards live on the CPU and every pass runs on the GPU
@@ -161,7 +163,12 @@ class Learner:
         if pack:
             share_prefix = False
         attention = getattr(getattr(model, "config", None), "_attn_implementation", "")
-        self._mask_packs = pack and attention not in ("flash_attention_2", "flash_attention_3")
+        if pack and attention not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+            # eager attention adds the mask to the scores: a boolean mask would not mask
+            raise ValueError(
+                f"learner.pack needs sdpa or flash attention; this model uses {attention!r}"
+            )
+        self._mask_packs = pack and attention == "sdpa"
         self.share_prefix = share_prefix
         self._scorer = _Scorer(model, lean=lean, chunk=logprob_chunk or 0)
         # FSDP2 at world size > 1, with CPU offload, or when asked (a one-rank group: the
@@ -173,6 +180,8 @@ class Learner:
             shard(
                 self._scorer, model, bf16=compute_dtype == torch.bfloat16, cpu_offload=cpu_offload
             )
+            if not cpu_offload:  # sharding may have moved the weights to the mesh's device
+                self.device = next(model.parameters()).device
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
         )
@@ -180,6 +189,9 @@ class Learner:
             raise ValueError(f"probe_tokens must be >= 1 or None, got {probe_tokens}")
         self.probe_tokens = probe_tokens  # None: the drift over the whole batch
         self.version = 0
+        # the dtype the model's own config names (the learner trains float32 masters):
+        # checkpoints record it so `export` writes the model as it came
+        self.model_dtype = model_dtype
         self._positions = [0, 0]  # token positions the passes computed, and real ones
 
     # ------------------------------------------------------------------ log-probs
@@ -484,12 +496,27 @@ class Learner:
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.save(state, checkpoint_id=str(path / "state"), no_dist=not self._sharded)
         if self.rank == 0:
+            missing = [r for r in range(self.world_size)
+                       if not any((path / "state").glob(f"__{r}_*.distcp"))]  # fmt: skip
+            if missing:
+                raise RuntimeError(
+                    f"checkpoint {path}: the shards of learner rank(s) {missing} are not "
+                    "there; on several machines run.output_dir must be a file system "
+                    "every node sees"
+                )
+            model_dir = path / "model"
             if self._sharded:
-                self.model.config.save_pretrained(str(path / "model"))
+                self.model.config.save_pretrained(str(model_dir))
+                if getattr(self.model, "generation_config", None) is not None:
+                    self.model.generation_config.save_pretrained(str(model_dir))
             else:
-                self.model.save_pretrained(str(path / "model"))
+                self.model.save_pretrained(str(model_dir))
+            if self.model_dtype is not None:  # the dtype export writes (the learner's is fp32)
+                config = json.loads((model_dir / "config.json").read_text())
+                config["dtype"] = self.model_dtype
+                (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(path / "model"))
+                tokenizer.save_pretrained(str(model_dir))
 
     def load_state(self, path) -> None:
         """Read what :meth:`save_state` wrote (at any world size) into the weights and the

@@ -5,9 +5,9 @@ Counts, per learner rank, for the config's model, world size, precision and micr
 * **weights, gradients, AdamW state**: float32 master weights (4 B/param), float32
   gradients (4 B) and two float32 moments (8 B), each sharded over ``world_size`` ranks
   (FSDP2); with ``cpu_offload`` they live in CPU memory instead;
-* **gathered weights**: what FSDP unshards for a pass, in the compute dtype: the root
-  (embedding, final norm, LM head) for the whole pass, and two decoder layers (the one
-  running and the one prefetched); one unsharded process under bf16 autocast keeps a
+* **gathered weights**: what FSDP unshards for a pass: the root (embedding, final norm,
+  LM head) in float32 for the whole pass, and two decoder layers in the compute dtype
+  (the one running and the one prefetched); one unsharded process under bf16 autocast keeps a
   bf16 copy of every weight instead;
 * **activations**: with gradient checkpointing, every layer's input (hidden × tokens)
   plus one layer's full set while it is recomputed; without it, every layer's full set
@@ -155,7 +155,8 @@ def plan(
              f"AdamW moments (fp32{part})": 8 * p // w}  # fmt: skip
     rows = {} if cpu_offload else dict(state)
     if w > 1 or cpu_offload:  # FSDP gathers the root and two layers at a time
-        rows["gathered weights"] = compute * (shape.root_params + 2 * shape.layer_params)
+        # the root in float32 (its LM-head gradient is summed over log-prob chunks)
+        rows["gathered weights"] = 4 * shape.root_params + compute * 2 * shape.layer_params
     elif bf16:  # autocast keeps a bf16 copy of every weight it casts in a pass
         rows["bf16 weight copies"] = 2 * p
     per_token_layer = 4 * shape.hidden + 2 * shape.q + 2 * shape.kv + 4 * shape.intermediate
@@ -181,11 +182,14 @@ def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
         shape = Shape.from_config(json.loads(path.read_text()))
     except (OSError, ValueError) as e:
         raise MemoryPlanError(f"cannot read {path}: {e}") from e
+    from agent_spo.dist import torchrun_env
+
     L, R = cfg.learner, cfg.rollout
     longest = R.max_model_len or R.max_response_tokens + PROMPT_ALLOWANCE
+    launched = torchrun_env()  # under torchrun its WORLD_SIZE is the world size
     return plan(
         shape,
-        world_size=L.world_size,
+        world_size=launched[1] if launched else L.world_size,
         micro_batch_tokens=L.micro_batch_tokens,
         longest_row=longest,
         bf16=L.precision == "bfloat16" or (L.precision == "auto" and cuda),

@@ -236,3 +236,11 @@ def test_packed_micro_batches_equal_padded_ones(tok):
     assert abs(sa.loss - sb.loss) < 1e-12 and sb.pad_frac == 0 < sa.pad_frac
     for pa, pb in zip(padded.model.parameters(), packed.model.parameters(), strict=True):
         assert torch.allclose(pa, pb, rtol=0, atol=1e-10)
+
+
+def test_packing_refuses_eager_attention(tok):
+    """Eager attention adds the mask to its scores, so a boolean mask would not mask."""
+    model = _model(tok)
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="learner.pack needs sdpa or flash attention"):
+        Learner(model, pack=True)

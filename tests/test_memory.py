@@ -80,3 +80,20 @@ def test_dry_run_prints_the_plan_and_refuses_one_that_does_not_fit(tmp_path):
     assert "fits learner.gpu_memory_gb = 80" in text
     assert "learner.gpu_memory_gb:" not in text  # only the missing weights are refused
     assert "has no tokenizer.json" in text
+
+
+def test_under_torchrun_the_plan_uses_the_launchers_world_size(tmp_path, monkeypatch):
+    from agent_spo.config import load_config
+    from agent_spo.memory import check_memory
+
+    model = tmp_path / "qwen3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+    cfg = load_config("configs/qwen3_8b_spo.yaml",
+                      [f"model.path={model}", "learner.world_size=1"])  # fmt: skip
+    assert check_memory(cfg)[1]  # one rank: refused
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    plan8, problems = check_memory(cfg)
+    assert plan8.world_size == 8 and not problems

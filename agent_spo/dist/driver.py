@@ -126,8 +126,12 @@ class LearnerGroup:
                     return
                 yield item
         except GeneratorExit:
-            for _ in weights:  # keep the ranks' gathers paired
-                pass
+            if self._broken is None and self.group.store is not None:
+                try:
+                    for _ in weights:  # keep the ranks' gathers paired
+                        pass
+                except Exception as e:  # noqa: BLE001 - closing: record, do not raise
+                    self._failure(e)
             raise
         except Exception as e:
             raise self._failure(e) from e
@@ -167,16 +171,23 @@ class LearnerGroup:
             raise self._failure(e) from e
 
     def _failure(self, e: Exception) -> Exception:
-        """RankFailed for a failure of the group; anything else (a bug, an out-of-memory
-        on rank 0) as it is."""
-        time.sleep(0.2)  # a dying child's exit code lands just after its sockets close
-        dead = self.group.failed()
+        """What a failed call raises. A communication failure (a rank died or hung) is
+        RankFailed naming what is known; anything else (a bug, an out-of-memory on rank 0,
+        a checkpoint path every rank failed to write) is raised as it is. Either way the
+        group is finished: the other ranks may be inside a collective that will never
+        pair up, so the ones this process started are killed now, not at close."""
         text = str(e)
-        if dead is None and not any(
+        comm = any(
             s in text.lower() for s in ("timed out", "timeout", "connection", "closed", "peer")
-        ):
+        )
+        time.sleep(0.2)  # a dying child's exit code lands just after its sockets close
+        dead = self.group.failed() if comm else None
+        self._broken = dead or (text.splitlines() or [type(e).__name__])[0][:300]
+        for child in self.group.children.values():
+            if child.poll() is None:
+                child.kill()
+        if not comm:
             return e
-        self._broken = dead or text.splitlines()[0][:300]
         why = dead or (
             f"a learner rank stopped answering (timeout {self.group.spec.timeout_s:g}s, "
             "learner.rank_timeout_s): " + self._broken

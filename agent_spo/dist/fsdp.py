@@ -5,8 +5,10 @@ the final norm and the LM head (tied or not) form one group, gathered once per p
 Gradients are summed across ranks, not averaged: each rank's loss is already divided by
 the global trainable-token count, so the sum is the single-process gradient.
 
-On GPUs with bf16 the shards are float32 (the master weights and AdamW state) and each
-pass gathers them in bf16 and reduces gradients in float32.
+On GPUs with bf16 the shards are float32 (the master weights and AdamW state); each
+pass gathers a decoder layer in bf16 and reduces its gradients in float32. The root is
+gathered in float32 (autocast still runs its matmuls in bf16), so the LM head's gradient,
+which the log-prob chunks add up, is summed in float32 as in one process.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ def shard(root: torch.nn.Module, model, *, bf16: bool, cpu_offload: bool) -> Non
     )
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     groups = [fully_shard(layer, mp_policy=mp, offload_policy=offload) for layer in decoder_layers(model)]
-    groups.append(fully_shard(root, mp_policy=mp, offload_policy=offload))
+    # the root (embedding, norm, LM head) keeps float32 weights in its passes: the head
+    # runs once per log-prob chunk, and a bf16 copy would sum the chunks' gradients in
+    # bf16 (autocast still runs its matmuls in bf16, each chunk's gradient reaching the
+    # float32 weight on its own, as in one process)
+    groups.append(fully_shard(root, mp_policy=MixedPrecisionPolicy(), offload_policy=offload))
     for group in groups:
         group.set_gradient_divide_factor(1.0)
         group.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM

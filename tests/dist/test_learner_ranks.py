@@ -145,6 +145,22 @@ def test_a_hung_rank_fails_the_step_after_the_timeout():
         group.close()
 
 
+def test_an_error_every_rank_raises_is_reported_as_itself_and_ends_the_group():
+    """A bad call fails on every rank: rank 0 reports the real error (not "rank 1 exited"),
+    and the ranks it started are gone at once, not left inside a collective."""
+    group = _start(timeout_s=60)
+    trajs = _trajectories(tiny_learner(rank=0, world_size=1), 4, 400)
+    child = _child(group)
+    try:
+        with pytest.raises(ValueError, match="need one advantage per trajectory"):
+            group.step(trajs, ADV[:3])
+        child.wait(timeout=10)
+        with pytest.raises(RankFailed, match="failed earlier: need one advantage"):
+            group.step(trajs, ADV[:4])
+    finally:
+        group.close()
+
+
 def test_a_rank_that_cannot_build_its_learner_fails_the_start():
     t0 = time.monotonic()
     with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) exited with code 3"):

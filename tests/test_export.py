@@ -1,0 +1,60 @@
+"""`agent-spo export`: a checkpoint back as the model it came from (dtype, generation
+config, tokenizer), loadable by transformers; clear errors for what is not a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agent_spo.builders import learner_rank
+from agent_spo.checkpoint import save_checkpoint
+from agent_spo.cli import EXIT_CONFIG, app
+from agent_spo.config import LearnerConfig, LossConfig
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    """A tiny model directory as a hub model comes: bf16 weights, a generation config."""
+    from agent_spo.demo.model import random_model, save_model_dir
+    from agent_spo.demo.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(200)], vocab_size=300)
+    model = random_model(tok, hidden=32, layers=1, heads=2).to(torch.bfloat16)
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
+    return save_model_dir(model, tok, tmp_path_factory.mktemp("bf16") / "model")
+
+
+def test_export_writes_the_model_as_it_came(bf16_model, tmp_path):
+    learner = learner_rank(rank=0, world_size=1, model_path=str(bf16_model),
+                           learner=LearnerConfig().model_dump(mode="json"),
+                           loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+    assert next(learner.model.parameters()).dtype == torch.float32  # float32 masters
+    save_checkpoint(tmp_path / "ckpts", step=3, learner=learner, tokenizer=None, tracker={},
+                    sampler={}, learner_version=3)  # fmt: skip
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "ckpts"), "--out",
+                                      str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "exported ckpt-000003 (step 3)" in result.output
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert out.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert GenerationConfig.from_pretrained(str(tmp_path / "out")).temperature == 0.6
+    for (name, a), b in zip(learner.named_weights(), out.state_dict().values(), strict=False):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_export_refuses_what_is_not_a_checkpoint_and_a_taken_destination(tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == EXIT_CONFIG and "no checkpoint" in result.output
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    ckpt = tmp_path / "ckpt-000001"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(json.dumps({"step": 1}))
+    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "taken")])
+    assert result.exit_code == EXIT_CONFIG and "exists and is not empty" in result.output
