@@ -364,8 +364,19 @@ def resolve_model_path(model: ModelConfig, log=print, rollout: RolloutConfig | N
     return str(ensure_demo_model(log=log))
 
 
-def build_engine(model_path: str, model: ModelConfig, rollout: RolloutConfig, seed: int):
-    """The generation engine named by rollout.engine (not started; hf and vllm load now)."""
+def build_engine(
+    model_path: str,
+    model: ModelConfig,
+    rollout: RolloutConfig,
+    seed: int,
+    *,
+    sync_dir: str | Path | None = None,
+    log=print,
+):
+    """The generation engine named by rollout.engine (not started; hf and vllm load now).
+    openai_http: a :class:`ReplicaPool` over ``rollout.urls`` (or one ``url``) when there
+    are several or when ``sync_dir`` is given (training: the pool takes the weights),
+    else the plain HTTP client."""
     if rollout.engine == "hf":
         from agent_spo.engines.hf import HFEngine
 
@@ -385,9 +396,21 @@ def build_engine(model_path: str, model: ModelConfig, rollout: RolloutConfig, se
         return VLLMEngine(
             model_path, dtype=model.dtype, seed=seed, max_model_len=rollout.max_model_len
         )
+    if rollout.urls or sync_dir is not None:
+        from agent_spo.engines.pool import ReplicaPool
+
+        return ReplicaPool(
+            rollout.urls or [rollout.url or ""],
+            sync_dir=sync_dir,
+            max_model_len=rollout.max_model_len,
+            route=rollout.route,
+            sync_timeout_s=rollout.sync_timeout_s,
+            bucket_bytes=rollout.sync_bucket_mb * 2**20,
+            log=log,
+        )
     from agent_spo.engines.openai_http import OpenAIHTTPEngine
 
-    assert rollout.url is not None  # RolloutConfig requires it for the openai_http engine
+    assert rollout.url is not None  # RolloutConfig requires url or urls for openai_http
     return OpenAIHTTPEngine(rollout.url, max_model_len=rollout.max_model_len)
 
 

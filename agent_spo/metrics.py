@@ -29,6 +29,10 @@ METRICS: dict[str, str] = {
     "rollout/batch_trajectories": "trajectories in the batch the learner trained on",
     "rollout/batch_tokens": "trainable (model-sampled) tokens in that batch",
     "rollout/groups_incomplete": "GRPO groups that lost members to drops or deadlines",
+    "rollout/replica_drops": "replica pool: requests a failing replica lost (sent to another)",
+    "rollout/replicas_live": "replica pool: replicas in rotation after the step's sync",
+    "rollout/replica*_requests": "replica pool: generations that replica returned so far",
+    "rollout/replica*_version": "replica pool: the policy version that replica holds (-1: none)",
     # reward/
     "reward/mean": "mean verifier reward of the batch",
     # tracker/
@@ -54,6 +58,9 @@ METRICS: dict[str, str] = {
     "perf/learner_s": "time of the learner's update on the batch",
     "perf/pad_frac": "share of the update's token positions that were padding (all ranks)",
     "perf/weight_push_s": "time to hand the new weights to the engine",
+    "perf/weight_sync_s": "replica pool: time to write the weights and load them everywhere",
+    "perf/weight_write_s": "replica pool: of which writing the weights to the sync folder",
+    "perf/weight_sync_bytes": "replica pool: bytes of weights synced",
     "perf/elapsed_s": "wall time since training (or the resume) started",
     "perf/eval_s": "time of the held-out evaluation logged in this row",
     # grpo/

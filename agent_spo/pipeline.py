@@ -379,8 +379,11 @@ async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict
         tracker.record_step_drift(stats.drift)
     t_push = time.perf_counter()
     await engine.update_weights(learner.named_weights(), learner.version)
+    t_push = time.perf_counter() - t_push
+    engine_metrics = engine.metrics() if hasattr(engine, "metrics") else {}
     rewards = np.array([t.reward for t in trajs])
     return {
+        **engine_metrics,
         "reward/mean": float(rewards.mean()),
         "rollout/staleness_mean": float(np.mean([t.staleness(learner.version - 1) for t in trajs])),
         "tracker/drift": stats.drift,
@@ -396,7 +399,7 @@ async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict
         **sandbox_metrics(trajs),
         "perf/learner_s": stats.step_s,
         "perf/pad_frac": stats.pad_frac,
-        "perf/weight_push_s": time.perf_counter() - t_push,
+        "perf/weight_push_s": t_push,
     }
 
 

@@ -152,9 +152,8 @@ def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
             "without --resume"
         )
     train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
-    problems = check_trainable(cfg, train_prompts=len(train)) + builders.check_model_path(
-        cfg.model, cfg.rollout
-    )
+    # the learner loads model.path, so train needs the weights whatever the engine
+    problems = check_trainable(cfg, train_prompts=len(train)) + builders.check_model_path(cfg.model)
     problems += check_memory(cfg)[1]
     if problems:
         raise UnsupportedConfig("; ".join(problems))
@@ -237,8 +236,15 @@ async def setup(
         threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
             stack.callback(_set_torch_threads, threads_before)
-        engine = builders.build_engine(model_path, cfg.model, cfg.rollout, cfg.run.seed)
+        sync_dir = None
+        if cfg.rollout.engine == "openai_http":
+            sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights")
+        engine = builders.build_engine(
+            model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log
+        )
         stack.push_async_callback(engine.close)
+        if hasattr(engine, "start"):  # replicas: contacted now, and refused if none answers
+            await engine.start()
         tokenizer = getattr(engine, "tokenizer", None) or AutoTokenizer.from_pretrained(model_path)
         learner = builders.build_learner(
             model_path, tokenizer, cfg.learner, cfg.loss,

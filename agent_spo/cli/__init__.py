@@ -13,7 +13,18 @@ from typing import Annotated
 
 import typer
 
-from agent_spo.cli import bench, demo, eval, export, replay, sandbox, tools, train, verify
+from agent_spo.cli import (
+    bench,
+    demo,
+    engine,
+    eval,
+    export,
+    replay,
+    sandbox,
+    tools,
+    train,
+    verify,
+)
 from agent_spo.cli.args import EXIT_CONFIG, EXIT_FAILED, EXIT_SANDBOX, guard_commands
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_SANDBOX", "app"]
@@ -63,4 +74,5 @@ app.command("demo-model")(demo.demo_model)
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(tools.app, name="tools")
 app.add_typer(bench.app, name="bench")
+app.add_typer(engine.app, name="engine")
 guard_commands(app)

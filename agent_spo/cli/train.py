@@ -80,11 +80,7 @@ def train(
         memory, too_big = check_memory(cfg)
         if memory is not None:
             stderr.print(memory.table(), soft_wrap=True, highlight=False)
-        if (
-            problems := check_trainable(cfg, train_prompts)
-            + check_model_path(cfg.model, cfg.rollout)
-            + too_big
-        ):
+        if problems := check_trainable(cfg, train_prompts) + check_model_path(cfg.model) + too_big:
             fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))
         typer.echo(dump_config(cfg), nl=False)
@@ -94,6 +90,7 @@ def train(
     from rich.progress import Progress
 
     from agent_spo.dist.group import RankFailed
+    from agent_spo.engines.base import EngineError
     from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.rundir import RunDirUnlockable, RunLocked
     from agent_spo.train import NothingToResume, RunExists, UnsupportedConfig, run_training
@@ -142,6 +139,9 @@ def train(
             fail(f"algo.init.values_path: {e}")
         except (RunLocked, RankFailed) as e:
             fail(str(e), EXIT_FAILED)
+        except EngineError as e:  # e.g. no replica answers, or none took the weights
+            fail(f"rollout engine: {e}; checkpoints written so far are kept: continue with "
+                 "--resume once fixed", EXIT_FAILED)  # fmt: skip
         except SandboxCheckFailed as e:
             fail(f"sandbox: {e}; nothing was trained", EXIT_SANDBOX)
         except AllEpisodesDropped as e:

@@ -339,8 +339,9 @@ class LearnerConfig(Section):
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm", "openai_http"] = "hf"
     """Generation engine. hf: transformers with request batching (light default);
-    vllm: in-process vLLM; openai_http: an OpenAI-compatible server over HTTP (rollout,
-    estimate-values and eval; `train` refuses it: it cannot take the learner's weights)."""
+    vllm: in-process vLLM; openai_http: engine servers over HTTP (`url`: one server;
+    `urls`: a pool of replicas). `train` syncs the learner's weights to them through
+    `sync_dir`, which needs replicas started with `agent-spo engine serve`."""
 
     workers: int = Field(32, ge=1)
     """Episodes in flight at once (async workers). >= 1. Demo: 32."""
@@ -403,8 +404,29 @@ class RolloutConfig(Section):
     itself for models with other than full-attention layers."""
 
     url: str | None = None
-    """openai_http engine: the server's base URL (e.g. http://127.0.0.1:8000/v1);
-    required when engine = openai_http."""
+    """openai_http engine: the server's base URL (e.g. http://127.0.0.1:8000/v1).
+    openai_http needs url or urls."""
+
+    urls: list[str] = []
+    """openai_http engine: several replicas behind one pool, which routes each episode to
+    one of them and takes out (and later re-admits) a replica that fails."""
+
+    route: Literal["requests", "tokens"] = "requests"
+    """Replica pool: a new episode goes to the replica with the fewest requests in flight,
+    or the fewest tokens still to generate."""
+
+    sync_dir: str | None = None
+    """openai_http in `train`: the folder each weight version is written to for the
+    replicas to load (the disk path). Every replica must read it at the same path.
+    None = RUN/weights."""
+
+    sync_timeout_s: float = Field(300.0, gt=0)
+    """Replica pool: seconds each replica has to pause, load a version and resume; one
+    that takes longer leaves the rotation until it answers again. > 0."""
+
+    sync_bucket_mb: int = Field(512, ge=1)
+    """Replica pool: weights are written in files of at most this many MiB (one in
+    memory at a time). >= 1."""
 
     @field_validator("tools")
     @classmethod
@@ -423,8 +445,12 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _url_for_http(self) -> RolloutConfig:
-        if self.engine == "openai_http" and not self.url:
-            raise ValueError("url is required when engine is 'openai_http'")
+        if self.engine == "openai_http" and not self.url and not self.urls:
+            raise ValueError("url or urls is required when engine is 'openai_http'")
+        if self.url and self.urls:
+            raise ValueError("give url (one server) or urls (a pool), not both")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"a replica is listed twice in urls {self.urls}")
         return self
 
     @field_validator("top_k")
@@ -582,17 +608,12 @@ class TrainConfig(Section):
 def check_trainable(cfg: TrainConfig, train_prompts: int | None = None) -> list[str]:
     """What `train` refuses in a valid config, one line each naming the key; [] = trainable.
 
-    These settings are valid for other commands (`rollout` and `estimate-values` sample
-    from an HTTP server, `bench bandit` runs kl_exact), so they are not schema errors.
+    These settings are valid for other commands (`bench bandit` runs kl_exact), so they
+    are not schema errors.
     `train_prompts`, the size of the training split once built, adds the check that the
     workers do not keep more prompts in flight than there are.
     """
     problems = []
-    if cfg.rollout.engine == "openai_http":
-        problems.append(
-            "rollout.engine: 'openai_http' cannot receive the learner's weights; "
-            "train with 'hf' or 'vllm'"
-        )
     if cfg.algo.rho.mode == "kl_exact":
         problems.append(
             "algo.rho.mode: 'kl_exact' (per-prompt measured drift) is not built into "

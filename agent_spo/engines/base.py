@@ -18,7 +18,9 @@ they are infrastructure faults, so the episode is dropped and counted, never sco
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -64,12 +66,61 @@ class Generation:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]  # raw-model log-prob of each sampled token
     finish_reason: FinishReason  # stop: a stop string/token or EOS; length: max_tokens
-    policy_version: int  # the weights that sampled it
+    policy_version: int  # the weights that sampled it (the oldest, if several did)
     stop: str | int | None = None  # the stop string or token id that ended it, if any
+    # the policy version of each token, when a weight update landed mid-generation;
+    # None: every token has ``policy_version``
+    versions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"{len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
+        if self.versions is not None:
+            object.__setattr__(self, "versions", tuple(int(v) for v in self.versions))
+            if len(self.versions) != len(self.token_ids):
+                raise ValueError(f"{len(self.token_ids)} tokens but {len(self.versions)} versions")
+            if self.versions and min(self.versions) != self.policy_version:
+                raise ValueError(
+                    f"policy_version {self.policy_version} is not the oldest of the token "
+                    f"versions ({min(self.versions)})"
+                )
+            if len(set(self.versions)) <= 1:
+                object.__setattr__(self, "versions", None)  # one version: nothing to split
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """``(start, end, version)`` of each stretch of tokens one policy version sampled,
+        in order: one stretch, unless a weight update landed mid-generation."""
+        if self.versions is None:
+            return [(0, len(self.token_ids), self.policy_version)]
+        out: list[tuple[int, int, int]] = []
+        start = 0
+        for i in range(1, len(self.versions) + 1):
+            if i == len(self.versions) or self.versions[i] != self.versions[start]:
+                out.append((start, i, self.versions[start]))
+                start = i
+        return out
+
+
+_affinity: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "agent_spo_affinity", default=None
+)
+
+
+@contextlib.contextmanager
+def affinity(key: object) -> Iterator[None]:
+    """Generations requested inside this block (in this task and the tasks it starts)
+    belong together, e.g. the turns of one episode: an engine over several replicas sends
+    them to the same one, whose prefix cache holds the conversation so far."""
+    token = _affinity.set(key)
+    try:
+        yield
+    finally:
+        _affinity.reset(token)
+
+
+def affinity_key() -> object | None:
+    """The key of the innermost :func:`affinity` block around this call, or None."""
+    return _affinity.get()
 
 
 @runtime_checkable

@@ -17,10 +17,12 @@ Log-probs are the raw model's (``log_softmax`` of the logits in float32), which 
 the learner recomputes; temperature, top-k and top-p only shape the sampling.
 
 Weight updates land between decode steps. A row that is mid-generation continues on the
-new weights over a KV cache the old weights computed, and keeps the version it was
-admitted with (the oldest weights that shaped it), so staleness is never understated.
-Its recorded log-probs are the ones it was actually sampled with, which is what the PPO
-ratio needs. The engine runs on CPU or on a CUDA device (``device=``).
+new weights over a KV cache the old weights computed. Its generation records the version
+whose weights computed each token's logits (``Generation.versions``), and its
+``policy_version`` is the oldest of them, so staleness is never understated. Its recorded
+log-probs are the ones it was actually sampled with, which is what the PPO ratio needs.
+``pause()`` stops decoding between two steps, keeping every request and its cache, until
+``resume()``; a weight update may land meanwhile. The engine runs on CPU or on a CUDA device (``device=``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class _Request:
     generator: torch.Generator | None
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the weights behind each token's logits
+    logits_version: int = 0  # the weights that computed the row's next-token logits
     stop_ids: frozenset[int] = frozenset()
     window: int = 0  # tokens to decode when looking for stop strings
 
@@ -101,6 +105,8 @@ class HFEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._weights_lock: asyncio.Lock | None = None
+        self._running: asyncio.Event | None = None  # cleared while paused
+        self._paused = False
         self._closed = False
         # Rows hold [opening | padding | rest]: right for full attention only (a sliding
         # window or a recurrent layer would see the padding as positions).
@@ -166,33 +172,70 @@ class HFEngine:
         """Copy new weights in between decode steps; in-flight rows continue on them.
 
         Every name and shape is checked before anything is copied, so a bad update
-        leaves the old weights intact.
+        leaves the old weights intact. Weights that state their shapes up front (a
+        ``shapes`` mapping, as :class:`~agent_spo.engines.weights.WeightsOnDisk` does) are
+        checked from it and then copied as they stream in, never all held at once.
         """
         if self._closed:
             raise EngineError("the engine is closed")
         self._ensure_loop()
         targets = self.model.state_dict(keep_vars=True)  # tied names included
-        staged = []
-        for name, tensor in weights:
+
+        def target_of(name: str, shape) -> torch.Tensor:
             target = targets.get(name)
             if target is None:
                 raise KeyError(f"the engine's model has no weight named {name!r}")
-            if tuple(tensor.shape) != tuple(target.shape):
+            if tuple(shape) != tuple(target.shape):
                 raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                    f"weight {name!r} has shape {tuple(shape)}, "
                     f"the engine's model expects {tuple(target.shape)}"
                 )
-            staged.append((target, tensor))
+            return target
+
+        shapes = getattr(weights, "shapes", None)
+        if shapes is not None:
+            for name, shape in shapes.items():
+                target_of(name, shape)
+            staged: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
+                (target_of(n, t.shape), t) for n, t in weights
+            )
+        else:
+            staged = [(target_of(n, t.shape), t) for n, t in weights]
         assert self._weights_lock is not None  # made by _ensure_loop()
         async with self._weights_lock:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                for target, tensor in staged:
-                    target.copy_(tensor.to(target.device, target.dtype))
+
+            def copy() -> None:
+                with torch.no_grad():
+                    for target, tensor in staged:
+                        target.copy_(tensor.to(target.device, target.dtype))
+
+            await asyncio.to_thread(copy)
             self._version = int(version)
             if self._prefix is not None:  # even under a reused version number
                 self._prefix.invalidate()
             self.last_update_s = time.perf_counter() - t0
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Stop decoding after the step in progress; requests and their caches are kept
+        (and new ones queue) until :meth:`resume`."""
+        if self._closed:
+            raise EngineError("the engine is closed")
+        self._ensure_loop()
+        assert self._running is not None and self._weights_lock is not None  # _ensure_loop
+        self._paused = True
+        self._running.clear()
+        async with self._weights_lock:  # the step in progress, if any, has ended
+            pass
+
+    async def resume(self) -> None:
+        self._paused = False
+        if self._running is not None:
+            self._running.set()
 
     async def close(self) -> None:
         self._closed = True
@@ -220,6 +263,9 @@ class HFEngine:
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._weights_lock = asyncio.Lock()
+            self._running = asyncio.Event()
+            if not self._paused:
+                self._running.set()
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
@@ -227,11 +273,13 @@ class HFEngine:
         admit: list[_Request] = []
         # made by _ensure_loop() before it starts this task, and not replaced while it runs
         assert self._wake is not None and self._weights_lock is not None
+        assert self._running is not None
         try:
             while True:
                 if not batch.rows and not self._waiting:
                     self._wake.clear()
                     await self._wake.wait()
+                await self._running.wait()  # paused: hold every row where it is
                 async with self._weights_lock:
                     admit = []
                     while self._waiting and len(batch.rows) + len(admit) < self.max_batch:
@@ -289,6 +337,7 @@ class _Batch:
             tok = int(tokens[i])
             r.out.append(tok)
             r.logprobs.append(float(logps[i]))
+            r.versions.append(r.logits_version)
             done = self._finish(r, tok)
             if done is None:
                 keep.append(i)
@@ -317,7 +366,9 @@ class _Batch:
             reason = "length"
         if reason is None:
             return None
-        return Generation(tuple(r.out), tuple(r.logprobs), reason, r.version, stop)
+        return Generation(
+            tuple(r.out), tuple(r.logprobs), reason, min(r.versions), stop, tuple(r.versions)
+        )
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()  # [B, V]
@@ -374,6 +425,8 @@ class _Batch:
             else:
                 (ids, mask), cache = self._left_padded(group), None
             logits, cache = self._forward(ids, mask, cache)
+            for r in group:
+                r.logits_version = self.e._version
             self.e.stats["prefills"] += 1
             if self.rows:
                 self._merge(group, cache, mask, logits)
@@ -458,6 +511,8 @@ class _Batch:
         assert self.mask is not None  # there are rows
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
         self.next_logits, self.cache = self._forward(tokens[:, None], self.mask, self.cache)
+        for r in self.rows:
+            r.logits_version = self.e._version
 
 
 class _SharedPrefix:

@@ -83,7 +83,9 @@ class OpenAIHTTPEngine:
     model's name (default: the first one ``GET /v1/models`` lists). ``max_model_len`` is
     read from ``/v1/models`` unless given (then prompts that leave no room are rejected
     locally and ``max_tokens`` is clamped to the room left, as the other engines do).
-    ``timeout_s`` bounds each attempt; ``retries`` is how many times a transient failure
+    ``token_versions`` asks an agent-spo replica for each token's policy version
+    (``return_token_versions``); without it, a generation carries the version this
+    client knew when it sent the request. ``timeout_s`` bounds each attempt; ``retries`` is how many times a transient failure
     is retried; ``down_probe_s`` is how often a server marked down (see the module
     docstring) is tried again. One pooled ``httpx.AsyncClient`` (``max_connections``)
     serves all concurrent requests of an event loop.
@@ -105,6 +107,7 @@ class OpenAIHTTPEngine:
         max_connections: int = 512,
         version: int = 0,
         extra_body: dict[str, Any] | None = None,
+        token_versions: bool = False,
     ) -> None:
         root = base_url.rstrip("/")
         if root.endswith("/v1"):
@@ -119,6 +122,7 @@ class OpenAIHTTPEngine:
         self.down_probe_s = float(down_probe_s)
         self.max_connections = int(max_connections)
         self.extra_body = dict(extra_body or {})
+        self.token_versions = token_versions
         self._headers = {"User-Agent": "agent-spo"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -171,8 +175,31 @@ class OpenAIHTTPEngine:
         version = self._version
         body = self._request_body(prompt, sampling, min(sampling.max_tokens, room))
         data = await self._call("POST", "/v1/completions", body, parse=_parse_completion)
-        ids, logprobs, reason, stop = data
+        ids, logprobs, reason, stop, versions = data
+        if versions is not None:  # the server says which weights sampled each token
+            return Generation(ids, logprobs, reason, min(versions, default=version), stop,
+                              versions if ids else None)  # fmt: skip
         return Generation(ids, logprobs, reason, version, stop)
+
+    async def control(self, method: str, path: str, body: Any = None, *, timeout_s: float) -> Any:
+        """One request to a control route (``/weight_info``, ``/pause``, ``/resume``,
+        ``/update_weights``): a single attempt within ``timeout_s``, connection included;
+        any failure is an :class:`EngineError`, a refusal an :class:`HTTPEngineError`."""
+        url = self.base_url + path
+        if self._closed:
+            raise EngineError(f"{method} {url}: the engine is closed")
+        try:
+            resp = await self._http().request(
+                method, url, json=body, timeout=httpx.Timeout(timeout_s)
+            )
+        except httpx.HTTPError as e:
+            raise EngineError(
+                f"{method} {url} failed: {type(e).__name__}: {e or 'no detail'}"
+            ) from e
+        try:
+            return _check(resp, url, _json)
+        except _Retry as e:
+            raise EngineError(f"{method} {url} failed: {e}") from None
 
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int
@@ -224,6 +251,8 @@ class OpenAIHTTPEngine:
         }
         if s.seed is not None:
             body["seed"] = s.seed
+        if self.token_versions:
+            body["return_token_versions"] = True
         body.update(self.extra_body)
         return body
 
@@ -428,4 +457,11 @@ def _parse_completion(data: Any):
         stop = ids[-1]  # vLLM reports no stop_reason for the end-of-sequence token
     elif stop is not None and not isinstance(stop, str) and not _is_int(stop):
         raise ValueError(f"stop_reason {stop!r}")
-    return tuple(ids), tuple(logprobs), reason, stop
+    versions = choice.get("token_versions")
+    if versions is not None:
+        if not isinstance(versions, list) or len(versions) != len(ids):
+            raise ValueError(f"{len(ids)} tokens but token_versions {versions!r:.80}")
+        if not all(_is_int(v) and v >= 0 for v in versions):
+            raise ValueError(f"token_versions {versions!r:.80}")
+        versions = tuple(versions)
+    return tuple(ids), tuple(logprobs), reason, stop, versions

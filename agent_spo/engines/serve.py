@@ -20,7 +20,22 @@ tested against a real server:
   unlike vLLM also the end-of-sequence id), and with ``return_token_ids`` the ``token_ids``
   and ``prompt_token_ids``. Log-probs are the engine's, i.e. the raw model's.
 * ``GET /v1/models``: the served model with its ``max_model_len``.
-* ``GET /health``: 200 while serving. ``GET /weight_info``: ``{"weight_version": "<v>"}``.
+* ``GET /health``: 200 while serving. ``GET /weight_info``:
+  ``{"weight_version": "<v>", "paused": bool}``.
+
+The routes a fleet of replicas needs (:mod:`agent_spo.engines.pool` drives them):
+
+* ``POST /pause`` ``{"timeout_s": 300}``: decoding stops after the step in progress; every
+  request and its cache is kept, new ones queue. The pause is a lease: it ends by itself
+  after ``timeout_s``, so a trainer that dies mid-update cannot leave a replica paused.
+* ``POST /resume``: decoding continues.
+* ``POST /update_weights`` ``{"path": DIR, "version": v}``: load the weights written at
+  ``DIR`` by :func:`~agent_spo.engines.weights.write_weights` (checked against the model
+  from its manifest before the first copy; a mismatch is a 400 and changes nothing);
+  generations from then on carry version ``v``.
+* ``"return_token_versions": true`` in a completion request adds
+  ``choices[0].token_versions``: the policy version of each generated token (a weight
+  update can land mid-generation).
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: bad JSON,
 bad fields, an out-of-vocabulary id or a prompt that leaves no room under ``max_model_len``
@@ -72,6 +87,16 @@ def _error_body(message: str, status: int, param: str | None = None) -> dict[str
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return req
+
+
 class CompletionServer:
     """An OpenAI-compatible (vLLM dialect) HTTP server in front of one engine.
 
@@ -104,6 +129,8 @@ class CompletionServer:
             vocab_size = getattr(config, "vocab_size", None)
         self.vocab_size = vocab_size
         self.requests = 0  # completions served (any status)
+        self.lease_expired = 0  # pauses that ended by themselves
+        self._lease: asyncio.TimerHandle | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task] = set()
 
@@ -123,6 +150,9 @@ class CompletionServer:
         await self._server.serve_forever()
 
     async def stop(self) -> None:
+        if self._lease is not None:
+            self._lease.cancel()
+            self._lease = None
         if self._server is not None:
             self._server.close()
         for t in list(self._conns):
@@ -253,13 +283,16 @@ class CompletionServer:
             "/v1/models": ("GET", self._models),
             "/weight_info": ("GET", self._weight_info),
             "/v1/completions": ("POST", self._completions),
+            "/pause": ("POST", self._pause),
+            "/resume": ("POST", self._resume),
+            "/update_weights": ("POST", self._update_weights),
         }
         if path not in routes:
             raise _BadRequest(f"no route {path}", status=404)
         want, handler = routes[path]
         if method != want and not (method == "HEAD" and want == "GET"):
             raise _BadRequest(f"{method} not allowed on {path}", status=405)
-        if self.api_key is not None and path.startswith("/v1/"):
+        if self.api_key is not None and path != "/health":
             if headers.get("authorization", "") != f"Bearer {self.api_key}":
                 raise _BadRequest("Unauthorized", status=401)
         return await handler(body)
@@ -268,7 +301,63 @@ class CompletionServer:
         return 200, None
 
     async def _weight_info(self, body: bytes):
-        return 200, {"weight_version": str(self.engine.version)}
+        paused = bool(getattr(self.engine, "paused", False))
+        return 200, {"weight_version": str(self.engine.version), "paused": paused}
+
+    def _control(self, name: str):
+        method = getattr(self.engine, name, None)
+        if method is None:
+            raise _BadRequest(f"this server's engine ({type(self.engine).__name__}) cannot {name}")
+        return method
+
+    async def _pause(self, body: bytes):
+        req = _json_object(body or b"{}")
+        lease = req.get("timeout_s", 300.0)
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
+            raise _BadRequest(f"timeout_s must be a number > 0, got {lease!r}", param="timeout_s")
+        await self._control("pause")()
+        if self._lease is not None:
+            self._lease.cancel()
+        self._lease = asyncio.get_running_loop().call_later(
+            float(lease), lambda: asyncio.ensure_future(self._expire())
+        )
+        return 200, {"paused": True, "weight_version": str(self.engine.version)}
+
+    async def _expire(self) -> None:
+        self._lease = None
+        self.lease_expired += 1
+        await self._control("resume")()
+
+    async def _resume(self, body: bytes):
+        if self._lease is not None:
+            self._lease.cancel()
+            self._lease = None
+        await self._control("resume")()
+        return 200, {"paused": False, "weight_version": str(self.engine.version)}
+
+    async def _update_weights(self, body: bytes):
+        from agent_spo.engines.weights import read_weights
+
+        req = _json_object(body)
+        path, version = req.get("path"), req.get("version")
+        if not isinstance(path, str) or not path:
+            raise _BadRequest("path must name the folder of a written update", param="path")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise _BadRequest(f"version must be an integer >= 0, got {version!r}", param="version")
+        try:
+            weights = read_weights(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise _BadRequest(f"cannot read the update at {path}: {e}", param="path") from None
+        if weights.version != version:
+            raise _BadRequest(f"{path} holds version {weights.version}, not {version}")
+        update = self._control("update_weights")
+        try:
+            await update(weights, version)
+        except (KeyError, ValueError) as e:  # checked before anything was copied
+            raise _BadRequest(f"the update does not fit the model: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a failed copy: the replica's weights are mixed
+            return 500, _error_body(f"weight update failed: {type(e).__name__}: {e}", 500)
+        return 200, {"weight_version": str(self.engine.version), "bytes": weights.bytes}
 
     async def _models(self, body: bytes):
         card = {
@@ -285,12 +374,7 @@ class CompletionServer:
 
     async def _completions(self, body: bytes):
         self.requests += 1
-        try:
-            req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _BadRequest(f"request body is not valid JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise _BadRequest("request body must be a JSON object")
+        req = _json_object(body)
         model = req.get("model")
         if model is not None and model != self.model_name:
             raise _BadRequest(f"The model `{model}` does not exist.", status=404, param="model")
@@ -432,6 +516,8 @@ class CompletionServer:
         if req.get("return_token_ids"):
             choice["token_ids"] = ids
             choice["prompt_token_ids"] = prompt
+        if req.get("return_token_versions"):
+            choice["token_versions"] = list(gen.versions or [gen.policy_version] * len(ids))
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -514,6 +600,44 @@ def serve_in_thread(engine: Engine, **kwargs) -> ServerThread:
     return ServerThread(engine, **kwargs).start()
 
 
+def serve_model(
+    model_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 64,
+    max_model_len: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    log=print,
+) -> None:
+    """Serve a model directory with the transformers engine until interrupted."""
+    from agent_spo.engines.hf import HFEngine
+
+    engine = HFEngine.from_pretrained(
+        model_dir, dtype=dtype, max_batch=max_batch, max_model_len=max_model_len,
+        device=device, seed=seed,
+    )  # fmt: skip
+    server = CompletionServer(
+        engine, model_name=model_name or model_dir, host=host, port=port, api_key=api_key
+    )
+
+    async def run():
+        await server.start()
+        log(f"serving {server.model_name!r} on {server.url}")
+        try:
+            await server.serve_forever()
+        finally:
+            await server.stop()
+            await engine.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m agent_spo.engines.serve",
@@ -531,32 +655,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-
-    from agent_spo.engines.hf import HFEngine
-
-    engine = HFEngine.from_pretrained(
-        a.model_dir,
-        dtype=a.dtype,
-        max_batch=a.max_batch,
-        max_model_len=a.max_model_len,
-        device=a.device,
-        seed=a.seed,
-    )
-    server = CompletionServer(
-        engine, model_name=a.model_name or a.model_dir, host=a.host, port=a.port, api_key=a.api_key
-    )
-
-    async def run():
-        await server.start()
-        print(f"serving {server.model_name!r} on {server.url}", flush=True)
-        try:
-            await server.serve_forever()
-        finally:
-            await server.stop()
-            await engine.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    serve_model(
+        a.model_dir, host=a.host, port=a.port, model_name=a.model_name, api_key=a.api_key,
+        max_batch=a.max_batch, max_model_len=a.max_model_len, device=a.device,
+        dtype=a.dtype, seed=a.seed, log=lambda m: print(m, flush=True),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_spo.data.problems import Problem
-from agent_spo.engines.base import Engine, EngineError, Sampling
+from agent_spo.engines.base import Engine, EngineError, Sampling, affinity
 from agent_spo.episode.render import ChatRenderer
 from agent_spo.episode.trajectory import Segment, ToolCallRecord, Trajectory
 from agent_spo.verify.verdict import Verdict
@@ -95,7 +95,10 @@ class EpisodeRunner:
                 # a retry samples afresh: a fault the model's own output provoked
                 # should not replay identically
                 seed_a = None if seed is None else (seed * 7919 + attempt * 104729) % 2**40
-                traj = await self._attempt(problem, seed_a, {**(info or {}), "attempt": attempt})
+                with affinity(object()):  # this attempt's turns stay on one replica
+                    traj = await self._attempt(
+                        problem, seed_a, {**(info or {}), "attempt": attempt}
+                    )
                 self.counters["episodes"] += 1
                 self.counters[f"stop/{traj.stop_reason}"] += 1
                 return traj
@@ -158,7 +161,10 @@ class EpisodeRunner:
                     stop_reason = "deadline"
                     break
                 timings["generate_s"] += time.perf_counter() - t0
-                segments.append(Segment("model", gen.token_ids, gen.logprobs, gen.policy_version))
+                for a, b, version in gen.runs():  # split where a weight update landed
+                    segments.append(
+                        Segment("model", gen.token_ids[a:b], gen.logprobs[a:b], version)
+                    )
                 context.extend(gen.token_ids)
                 used += len(gen.token_ids)
                 last_turn = list(gen.token_ids)

@@ -39,7 +39,7 @@ class TurnView:
     index: int
     text: str  # the model's text, special tokens kept (tool-call tags are special)
     tokens: int
-    policy_version: int | None
+    policy_version: int | str | None  # "3→4": a weight update landed during the turn
     call: ToolCallView | None
     observation: str | None  # the tokens appended after the turn (template + tool), decoded
     markers: tuple[str, ...]
@@ -178,8 +178,19 @@ def episode_view(row: dict, tokenizer, index: int, *, tokens: bool = False) -> E
         if seg["kind"] != "model":  # a template/tool run before any model turn (none today)
             i += 1
             continue
-        after: list[int] = []
+        # one turn: the model segments a weight update split stay one turn ("v3→v4")
+        model_ids = list(seg["token_ids"])
+        turn_versions = [seg.get("policy_version")]
         j = i + 1
+        while j < len(segments) and segments[j]["kind"] == "model":
+            if tokens:
+                token_spans += [
+                    (_decode(tokenizer, [t]), "model") for t in segments[j]["token_ids"]
+                ]
+            model_ids += segments[j]["token_ids"]
+            turn_versions.append(segments[j].get("policy_version"))
+            j += 1
+        after: list[int] = []
         while j < len(segments) and segments[j]["kind"] != "model":
             after += segments[j]["token_ids"]
             if tokens:
@@ -194,9 +205,11 @@ def episode_view(row: dict, tokenizer, index: int, *, tokens: bool = False) -> E
         turns.append(
             TurnView(
                 index=k,
-                text=_decode(tokenizer, seg["token_ids"], skip_special_tokens=False),
-                tokens=len(seg["token_ids"]),
-                policy_version=seg.get("policy_version"),
+                text=_decode(tokenizer, model_ids, skip_special_tokens=False),
+                tokens=len(model_ids),
+                policy_version=turn_versions[0]
+                if len(turn_versions) == 1
+                else "→".join(map(str, turn_versions)),
                 call=call,
                 observation=_decode(tokenizer, after, skip_special_tokens=False) if after else None,
                 markers=tuple(markers),

@@ -165,11 +165,20 @@ def test_kl_exact_validates_for_the_bandit_but_training_refuses_it():
     assert "use 'kl_version' or 'constant'" in problem
 
 
-def test_openai_http_validates_for_sampling_but_training_refuses_it():
-    http = ["rollout.engine=openai_http", "rollout.url=http://x", "model.path=m"]
-    cfg = load_config(None, http)  # `rollout`, `estimate-values` and `eval` use it
-    (problem,) = check_trainable(cfg)
-    assert problem.startswith("rollout.engine: 'openai_http' cannot receive the learner's")
+def test_openai_http_takes_one_url_or_a_pool_and_trains_on_either():
+    http = ["rollout.engine=openai_http", "model.path=m"]
+    one = load_config(None, [*http, "rollout.url=http://x"])
+    assert check_trainable(one) == []  # train syncs it as a pool of one
+    pool = load_config(None, [*http, "rollout.urls=[http://a:1, http://b:2]"])
+    assert pool.rollout.urls == ["http://a:1", "http://b:2"] and check_trainable(pool) == []
+    for extra, message in [
+        ([], "rollout.url or rollout.urls is required"),
+        (["rollout.url=http://x", "rollout.urls=[http://a]"], "not both"),
+        (["rollout.urls=[http://a, http://a]"], "listed twice"),
+        (["rollout.urls=[http://a]", "rollout.sync_timeout_s=0"], "rollout.sync_timeout_s"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*http, *extra])
 
 
 def test_workers_are_checked_against_the_training_prompts_when_known():
@@ -192,6 +201,4 @@ def test_every_refusal_is_listed_at_once():
          "model.path=m"],
     )  # fmt: skip
     problems = check_trainable(cfg, train_prompts=1)
-    assert [p.split(" ")[0] for p in problems] == [
-        "rollout.engine:", "algo.rho.mode:", "rollout.workers"
-    ]  # fmt: skip
+    assert [p.split(" ")[0] for p in problems] == ["algo.rho.mode:", "rollout.workers"]

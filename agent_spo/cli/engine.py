@@ -1,0 +1,51 @@
+"""`agent-spo engine serve`: one engine replica, for the rollout fleet or for inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from agent_spo.cli.args import fail
+
+app = typer.Typer(
+    help="Engine replicas: serve a model for `rollout.engine=openai_http`.",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
+    backend: Annotated[
+        Literal["hf"], typer.Option(help="hf: the transformers engine (continuous batching).")
+    ] = "hf",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one, printed).")] = 8000,
+    model_name: Annotated[
+        str | None, typer.Option(help="The served model's name (default: MODEL_DIR).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require `Authorization: Bearer KEY` (all but /health).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 64,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Context limit (default: the model's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16.")] = "float32",
+    seed: Annotated[int, typer.Option(help="Sampling seed for requests without one.")] = 0,
+) -> None:
+    """Serve one replica in vLLM's OpenAI dialect (`/v1/completions`, `/v1/models`,
+    `/health`) with the routes the trainer's replica pool uses: `/weight_info`, `/pause`,
+    `/resume`, `/update_weights`. List replicas in `rollout.urls` to train on them."""
+    if not (model_dir / "config.json").is_file():
+        fail(f"{model_dir} is not a model directory (no config.json)")
+    from agent_spo.engines.serve import serve_model
+
+    serve_model(
+        str(model_dir), host=host, port=port, model_name=model_name, api_key=api_key,
+        max_batch=max_batch, max_model_len=max_model_len, device=device, dtype=dtype,
+        seed=seed, log=lambda m: typer.echo(m),
+    )  # fmt: skip
