@@ -446,3 +446,48 @@ def bench_learner(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command("fleet")
+def bench_fleet(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    sizes: Annotated[
+        str, typer.Option(help="Model sizes for the sync timing, from 1M, 10M, 100M ('' skips).")
+    ] = "1M,10M,100M",
+    repeats: Annotated[int, typer.Option(help="Syncs per size (medians).", min=1)] = 3,
+    episodes: Annotated[
+        int, typer.Option(help="Demo episodes per engine setting (0 skips).", min=0)
+    ] = 64,
+    workers: Annotated[int, typer.Option(help="Episodes in flight.", min=1)] = 32,
+    episode_repeats: Annotated[
+        int, typer.Option(help="Runs per engine setting (medians).", min=1)
+    ] = 1,
+    requests: Annotated[
+        int, typer.Option(help="Short generations for the pool's overhead (0 skips).", min=0)
+    ] = 50,
+    out: Annotated[Path, typer.Option(help="JSON report path.")] = Path("runs/bench-fleet.json"),
+) -> None:
+    """The replica pool on real `agent-spo engine serve` processes: (a) weight-sync time
+    against model size, beside the in-process engine's copy; (b) demo episodes/s through
+    the in-process engine and pools of 1 and 2 replicas; (c) the pool's overhead per
+    request against the bare HTTP client. CONFIG (default: the demo's) sets the model,
+    tools, sandbox and verifier of (b) and (c)."""
+    import asyncio
+    import json
+
+    from agent_spo.bench.fleet import SIZES, run_fleet_bench, tables
+
+    cfg = load(config, overrides)
+    names = [s.strip() for s in sizes.split(",") if s.strip()]
+    if bad := [s for s in names if s not in SIZES]:
+        fail(f"--sizes: unknown {bad}; choose from {', '.join(SIZES)}")
+    report = asyncio.run(run_fleet_bench(
+        cfg, sizes=names, repeats=repeats, episodes=episodes, workers=workers,
+        episode_repeats=episode_repeats, requests=requests, log=stderr.print,
+    ))  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for table in tables(report):
+        stdout.print(table)
+    typer.echo(f"wrote {out} ({report['wall_s']:.0f} s)")

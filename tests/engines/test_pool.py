@@ -240,6 +240,24 @@ def test_a_hung_replica_fails_its_sync_within_the_timeout_and_the_run_goes_on(fr
     assert back["live"] and back["version"] == 1
 
 
+def test_when_every_replica_is_gone_requests_fail_at_once_naming_each(fresh):
+    async def main():
+        async with _pool(fresh) as pool:
+            await pool.start()
+            for r in fresh.replicas:
+                r.kill()
+            t0 = time.monotonic()
+            with pytest.raises(EngineError) as err:
+                with affinity(object()):
+                    await pool.generate(_prompt(fresh.tok), Sampling(max_tokens=4))
+            return time.monotonic() - t0, str(err.value), pool.metrics()
+
+    took, message, metrics = asyncio.run(main())
+    assert took < 10 and message.startswith("no replica can serve: replica 0 (")
+    assert "replica 1 (" in message and metrics["rollout/replicas_live"] == 0
+    assert metrics["rollout/replica_drops"] == 2  # tried on each, once
+
+
 def test_a_pool_with_no_replica_fails_with_each_reason():
     pool = ReplicaPool([f"http://127.0.0.1:{free_port()}"], probe_s=0.2, connect_timeout_s=1)
 

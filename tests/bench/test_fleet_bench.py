@@ -1,0 +1,41 @@
+"""`agent-spo bench fleet`: every part runs on real replica processes and reports sane,
+consistent numbers (the figures themselves are in the README, from a full run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_spo.cli import EXIT_CONFIG, app
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_fleet_runs_each_part_and_writes_its_report(tmp_path):
+    out = tmp_path / "fleet.json"
+    result = CliRunner().invoke(app, [
+        "bench", "fleet", "--sizes", "1M", "--repeats", "2", "--episodes", "4",
+        "--workers", "4", "--requests", "3", "--out", str(out),
+        "rollout.max_response_tokens=64",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    (sync,) = report["sync"]
+    assert sync["size"] == "1M" and 1e6 < sync["params"] < 1.5e6
+    assert sync["bytes"] == 4 * sync["params"]  # float32, each tied weight once
+    assert 0 < sync["write_s"] < sync["sync_s"] and sync["in_process_s"] > 0
+    assert [r["setting"] for r in report["episodes"]] == [
+        "in-process engine", "pool, 1 replica", "pool, 2 replicas"]  # fmt: skip
+    for r in report["episodes"]:
+        assert r["episodes"] == 4 and r["dropped"] == 0 and r["episodes_per_s"] > 0
+    o = report["overhead"]
+    assert o["requests"] == 3 and o["client_ms"] > 0 and o["pool_ms"] > 0
+    assert "(a) weight sync" in result.output and "(c) one short generation" in result.output
+
+
+def test_bench_fleet_refuses_an_unknown_size():
+    result = CliRunner().invoke(app, ["bench", "fleet", "--sizes", "3M"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "--sizes: unknown ['3M']; choose from 1M, 10M, 100M" in result.output
