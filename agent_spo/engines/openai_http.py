@@ -196,6 +196,7 @@ class OpenAIHTTPEngine:
             raise EngineError(
                 f"{method} {url} failed: {type(e).__name__}: {e or 'no detail'}"
             ) from e
+        self._down = None  # it answered: requests may go to it again at once
         try:
             return _check(resp, url, _json)
         except _Retry as e:

@@ -380,11 +380,24 @@ class ReplicaPool:
     async def _probe_loop(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.probe_s)
-            if not any(not r.live for r in self.replicas):
+            down = [r for r in self.replicas if not r.live]
+            if not down:
                 continue
-            async with self._lock():
-                down = [r for r in self.replicas if not r.live]
-                await asyncio.gather(*(self._admit(r) for r in down))
+            # ask without the lock (a dead replica takes its connect timeout to fail, and
+            # a sync must not wait on that); admit the ones that answered under it
+            alive = await asyncio.gather(*(self._answers(r) for r in down))
+            back = [r for r, ok in zip(down, alive, strict=True) if ok]
+            if back:
+                async with self._lock():
+                    await asyncio.gather(*(self._admit(r) for r in back if not r.live))
+
+    async def _answers(self, r: Replica) -> bool:
+        try:
+            await r.client.control("GET", "/weight_info", timeout_s=self.probe_s + 2)
+            return True
+        except EngineError as e:
+            r.why_out = f"no answer: {e}"
+            return False
 
 
 def status(pool: ReplicaPool) -> list[dict[str, Any]]:

@@ -204,6 +204,10 @@ def test_a_killed_replica_loses_no_request_and_rejoins_on_the_pools_weights(fres
             while not pool.replicas[1].live and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             rejoined = status(pool)[1]
+            before = pool.replicas[1].requests  # the fewest: the next episode goes there
+            with affinity(object()):
+                after_gen = await pool.generate(_prompt(fresh.tok), Sampling(max_tokens=4))
+            assert pool.replicas[1].requests == before + 1 and after_gen.policy_version == 1
             return gens, drops, sync_s, rejoined, pool.version
 
     gens, drops, sync_s, rejoined, version = asyncio.run(main())
