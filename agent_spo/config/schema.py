@@ -420,6 +420,15 @@ class RolloutConfig(Section):
     replicas to load (the disk path). Every replica must read it at the same path.
     None = RUN/weights."""
 
+    weight_sync: Literal["disk", "gloo"] = "disk"
+    """openai_http in `train`: how the learner's weights reach the replicas. disk: written
+    once to `sync_dir`, loaded by each; gloo: streamed to each replica over its own
+    two-process gloo group (no shared file system needed; a replica that restarts
+    rejoins at the next sync)."""
+
+    trainer_host: str = "127.0.0.1"
+    """weight_sync = gloo: the address the replicas reach the trainer at."""
+
     sync_timeout_s: float = Field(300.0, gt=0)
     """Replica pool: seconds each replica has to pause, load a version and resume; one
     that takes longer leaves the rotation until it answers again. > 0."""

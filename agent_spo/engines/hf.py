@@ -136,6 +136,11 @@ class HFEngine:
     async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
         if self._closed:
             raise EngineError("the engine is closed")
+        if self._version < 0:
+            raise EngineError(
+                "the engine's weights are mixed after an update failed part-way; "
+                "it generates again once a whole update has loaded"
+            )
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("empty prompt")
@@ -175,6 +180,10 @@ class HFEngine:
         leaves the old weights intact. Weights that state their shapes up front (a
         ``shapes`` mapping, as :class:`~agent_spo.engines.weights.WeightsOnDisk` does) are
         checked from it and then copied as they stream in, never all held at once.
+        Weights marked ``streaming`` (an update arriving over a link, whose names are not
+        known up front) are checked and copied one by one; if one is refused part-way,
+        the model holds a mix, so the engine refuses to generate (version -1) until a
+        whole update lands.
         """
         if self._closed:
             raise EngineError("the engine is closed")
@@ -193,12 +202,15 @@ class HFEngine:
             return target
 
         shapes = getattr(weights, "shapes", None)
-        if shapes is not None:
-            for name, shape in shapes.items():
-                target_of(name, shape)
+        streaming = bool(getattr(weights, "streaming", False))
+        if streaming:
             staged: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
                 (target_of(n, t.shape), t) for n, t in weights
             )
+        elif shapes is not None:
+            for name, shape in shapes.items():
+                target_of(name, shape)
+            staged = ((target_of(n, t.shape), t) for n, t in weights)
         else:
             staged = [(target_of(n, t.shape), t) for n, t in weights]
         assert self._weights_lock is not None  # made by _ensure_loop()
@@ -210,7 +222,14 @@ class HFEngine:
                     for target, tensor in staged:
                         target.copy_(tensor.to(target.device, target.dtype))
 
-            await asyncio.to_thread(copy)
+            try:
+                await asyncio.to_thread(copy)
+            except BaseException:
+                if streaming or shapes is not None:  # some weights may be copied already
+                    self._version = -1
+                    if self._prefix is not None:
+                        self._prefix.invalidate()
+                raise
             self._version = int(version)
             if self._prefix is not None:  # even under a reused version number
                 self._prefix.invalidate()

@@ -123,6 +123,7 @@ class OpenAIHTTPEngine:
         self.max_connections = int(max_connections)
         self.extra_body = dict(extra_body or {})
         self.token_versions = token_versions
+        self.send_seed = True  # False: requests go without their seed (see ReplicaPool)
         self._headers = {"User-Agent": "agent-spo"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -192,6 +193,8 @@ class OpenAIHTTPEngine:
             resp = await self._http().request(
                 method, url, json=body, timeout=httpx.Timeout(timeout_s)
             )
+        except httpx.TimeoutException:
+            raise EngineError(f"{method} {url}: no answer within {timeout_s:g} s") from None
         except httpx.HTTPError as e:
             raise EngineError(
                 f"{method} {url} failed: {type(e).__name__}: {e or 'no detail'}"
@@ -250,7 +253,7 @@ class OpenAIHTTPEngine:
             "return_tokens_as_token_ids": True,
             "return_token_ids": True,
         }
-        if s.seed is not None:
+        if s.seed is not None and self.send_seed:
             body["seed"] = s.seed
         if self.token_versions:
             body["return_token_versions"] = True

@@ -64,6 +64,9 @@ class Replica:
     pending_tokens: int = 0  # most tokens those requests may still generate
     requests: int = 0  # generations it returned
     drops: int = 0  # requests that failed on it and moved elsewhere
+    kind: str = "agent-spo"  # or "vllm": vLLM's own server (other control routes)
+    stale: bool = False  # answers, but holds other weights: the next gloo sync brings it in
+    link: Any = None  # gloo: the trainer's end of its two-process group
     out_since: float = field(default_factory=time.monotonic)
 
 
@@ -79,6 +82,8 @@ class ReplicaPool:
         api_key: str | None = None,
         max_model_len: int | None = None,
         route: Literal["requests", "tokens"] = "requests",
+        transport: Literal["disk", "gloo"] = "disk",
+        advertise_host: str = "127.0.0.1",
         timeout_s: float = 600.0,
         connect_timeout_s: float = 5.0,
         sync_timeout_s: float = 300.0,
@@ -93,6 +98,8 @@ class ReplicaPool:
             raise ValueError(f"a replica is listed twice in {list(urls)}")
         if route not in ("requests", "tokens"):
             raise ValueError(f"route must be 'requests' or 'tokens', got {route!r}")
+        if transport not in ("disk", "gloo"):
+            raise ValueError(f"transport must be 'disk' or 'gloo', got {transport!r}")
         self.replicas = [
             Replica(
                 i,
@@ -112,6 +119,8 @@ class ReplicaPool:
         ]
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.route = route
+        self.transport = transport
+        self.advertise_host = advertise_host
         self.sync_timeout_s = float(sync_timeout_s)
         self.bucket_bytes = int(bucket_bytes)
         self.probe_s = float(probe_s)
@@ -193,46 +202,140 @@ class ReplicaPool:
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Write the weights once, load them on every replica in rotation; see the module
-        doc. Raises :class:`EngineError` when no replica took them."""
-        if self.sync_dir is None:
+        """Load the weights on every replica in rotation (and, over gloo, every replica
+        waiting for them); see the module doc. Raises :class:`EngineError` when no replica
+        took them."""
+        if self.transport == "disk" and self.sync_dir is None:
             raise EngineError(
                 "this replica pool has no sync_dir, so it cannot take weights "
                 "(rollout.sync_dir names a folder every replica can read)"
             )
         if self._closed:
             raise EngineError("the engine is closed")
-        from agent_spo.engines.weights import prune, write_weights
-
         async with self._lock():
             t0 = time.perf_counter()
-            written = await asyncio.to_thread(
-                write_weights, weights, self.sync_dir, version, bucket_bytes=self.bucket_bytes
-            )
-            t_write = time.perf_counter() - t0
-            targets = [r for r in self.replicas if r.live]
-            results = await asyncio.gather(
-                *(self._sync_one(r, written.path, version) for r in targets),
-                return_exceptions=True,
-            )
+            if self.transport == "gloo":
+                targets, results, size, t_write = await self._sync_gloo(weights, version)
+            else:
+                targets, results, size, t_write = await self._sync_disk(weights, version)
             failed = []
             for r, res in zip(targets, results, strict=True):
                 if isinstance(res, BaseException):
-                    why = f"weight sync to v{version} failed: {res}"
-                    self._take_out(r, why)
+                    self._take_out(r, f"weight sync to v{version} failed: {res}")
                     failed.append(f"replica {r.index} ({r.url}): {res}")
+                else:
+                    r.version, r.stale = int(version), False
+                    r.client.set_version(int(version))
+                    if not r.live:
+                        self._log(f"replica {r.index} ({r.url}) in rotation at v{version}")
+                    r.live, r.why_out = True, ""
             if len(failed) == len(targets):
                 raise EngineError(
                     f"weight sync to version {version} reached no replica: "
                     + ("; ".join(failed) or self._why_none())
                 )
             self._version = int(version)
-            prune(self.sync_dir, keep=version)
             self.last_sync = {
                 "perf/weight_sync_s": time.perf_counter() - t0,
                 "perf/weight_write_s": t_write,
-                "perf/weight_sync_bytes": float(written.bytes),
+                "perf/weight_sync_bytes": float(size),
             }
+
+    async def _sync_disk(self, weights, version: int):
+        from agent_spo.engines.weights import prune, write_weights
+
+        assert self.sync_dir is not None  # update_weights checked
+        t0 = time.perf_counter()
+        written = await asyncio.to_thread(
+            write_weights, weights, self.sync_dir, version, bucket_bytes=self.bucket_bytes
+        )
+        t_write = time.perf_counter() - t0
+        targets = [r for r in self.replicas if r.live]
+        results = await asyncio.gather(
+            *(self._sync_one(r, written.path, version) for r in targets), return_exceptions=True
+        )
+        if any(not isinstance(x, BaseException) for x in results):
+            prune(self.sync_dir, keep=version)
+        return targets, results, written.bytes, t_write
+
+    async def _sync_gloo(self, weights, version: int):
+        """Pause every linked replica, stream the buckets to all of them at once (one
+        pass over the weights), then collect each replica's answer and resume it."""
+        from agent_spo.engines.transfer import pack_buckets
+
+        targets = [r for r in self.replicas if r.link is not None and (r.live or r.stale)]
+        t = self.sync_timeout_s
+        errors: dict[int, BaseException] = {}
+
+        async def pause(r: Replica) -> None:
+            try:
+                await r.client.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
+            except EngineError as e:
+                errors[r.index] = e
+
+        await asyncio.gather(*(pause(r) for r in targets))
+        answers = {
+            r.index: asyncio.create_task(
+                r.client.control(
+                    "POST",
+                    "/update_weights",
+                    {"transport": "gloo", "version": int(version)},
+                    timeout_s=t,
+                )
+            )  # fmt: skip
+            for r in targets
+            if r.index not in errors
+        }
+
+        def send_all() -> int:
+            count = total = 0
+            for entries, flat in pack_buckets(weights, self.bucket_bytes):
+                header = {"version": int(version), "tensors": entries}
+                count, total = count + len(entries), total + flat.numel()
+                self._post_all(targets, errors, header, flat)
+            end = {"version": int(version), "end": True, "count": count, "bytes": total}
+            self._post_all(targets, errors, end)
+            return total
+
+        size = 0
+        if answers:
+            size = await asyncio.to_thread(send_all)
+        results: list[Any] = []
+        for r in targets:
+            if r.index not in errors and r.index in answers:
+                try:
+                    await answers[r.index]
+                except EngineError as e:
+                    errors[r.index] = e
+            if r.index in errors and r.link is not None:
+                r.link.close()  # out of step with the replica now: a new one on rejoin
+                r.link = None
+            results.append(errors.get(r.index, None))
+        await asyncio.gather(*(self._resume(r) for r in targets))
+        return targets, results, size, 0.0
+
+    def _post_all(self, targets, errors: dict, header: dict, flat=None) -> None:
+        """Send one message to every replica still in step, all at once (runs in a thread)."""
+        works = {}
+        for r in targets:
+            if r.index in errors:
+                continue
+            try:
+                works[r.index] = r.link.post(header, flat)
+            except Exception as e:  # noqa: BLE001 - this replica's link broke
+                errors[r.index] = EngineError(f"gloo send failed: {e}")
+        for index, ws in works.items():
+            try:
+                for w in ws:
+                    w.wait()
+            except Exception as e:  # noqa: BLE001 - a dead or stuck peer: gloo says which
+                errors[index] = EngineError(f"gloo send failed: {e}")
+
+    async def _resume(self, r: Replica) -> None:
+        try:
+            await r.client.control("POST", "/resume", {}, timeout_s=min(self.sync_timeout_s, 5.0))
+        except EngineError:
+            pass  # its pause lease ends by itself
 
     async def close(self) -> None:
         self._closed = True
@@ -290,6 +393,9 @@ class ReplicaPool:
 
     def _fail(self, r: Replica, why: str, tried: set[int]) -> None:
         tried.add(r.index)
+        if r.link is not None:  # most likely dead: a new link when it answers again
+            r.link.close()
+            r.link = None
         r.drops += 1
         self.replica_drops += 1
         self._take_out(r, why)
@@ -308,10 +414,19 @@ class ReplicaPool:
         async def run() -> None:
             c, t = r.client, self.sync_timeout_s
             try:
-                await c.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
-                await c.control("POST", "/update_weights",
-                                {"path": str(path), "version": int(version)}, timeout_s=t)  # fmt: skip
+                if r.kind == "vllm":  # vLLM's own server: its routes, our worker extension
+                    await c.control("POST", "/pause?mode=keep", None, timeout_s=t)
+                    await c.control("POST", "/collective_rpc", {
+                        "method": "agent_spo_load_weights_from", "args": [str(path)],
+                        "timeout": t}, timeout_s=t)  # fmt: skip
+                    await c.control("POST", "/update_weight_version",
+                                    {"new_version": str(int(version))}, timeout_s=t)  # fmt: skip
+                else:
+                    await c.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
+                    await c.control("POST", "/update_weights",
+                                    {"path": str(path), "version": int(version)}, timeout_s=t)  # fmt: skip
                 r.version = int(version)
+                r.client.set_version(int(version))
             except HTTPEngineError as e:
                 if e.status_code == 404:
                     raise EngineError(
@@ -337,13 +452,48 @@ class ReplicaPool:
         pool's weights."""
         try:
             info = await r.client.control("GET", "/weight_info", timeout_s=self.probe_s + 5)
-            held = int(info["weight_version"])
+            models = await r.client.control("GET", "/v1/models", timeout_s=self.probe_s + 5)
+            r.kind = "vllm" if models["data"][0].get("owned_by") == "vllm" else "agent-spo"
+            held = info["weight_version"]
+            if r.kind == "vllm":  # a fresh vLLM server holds no version: its start weights
+                held = int(held) if str(held).lstrip("-").isdigit() else 0
+                # a trainer that died mid-sync may have left it paused (vLLM's pause has
+                # no lease): resuming is harmless otherwise
+                await r.client.control("POST", "/resume", {}, timeout_s=self.probe_s + 5)
+                where = await r.client.control("POST", "/collective_rpc", {
+                    "method": "agent_spo_platform"}, timeout_s=self.probe_s + 5)  # fmt: skip
+                # vLLM-CPU's engine core dies on concurrent seeded requests
+                r.client.send_seed = not where["results"][0]["cpu"]
+            held = int(held)
             await r.client.start()  # the model's name and context
-        except (EngineError, KeyError, TypeError, ValueError) as e:
+        except HTTPEngineError as e:
+            if e.status_code == 404:  # e.g. vllm serve without its development routes
+                self._take_out(r, f"{e}; a replica needs the weight routes: start it with "
+                                  "`agent-spo engine serve` (--backend hf or vllm)")  # fmt: skip
+            else:
+                self._take_out(r, f"no answer: {e}")
+            return
+        except (EngineError, KeyError, IndexError, TypeError, ValueError) as e:
             self._take_out(r, f"no answer: {e}")
             return
         r.version = held
-        if held != self._version:
+        r.client.set_version(held)
+        if r.kind == "vllm" and self.transport == "gloo":
+            self._take_out(r, "a vLLM replica syncs through the disk path only "
+                              "(rollout.weight_sync=disk)")  # fmt: skip
+            return
+        if self.transport == "gloo":
+            if r.link is None:
+                try:
+                    r.link = await self._connect(r)
+                except EngineError as e:
+                    self._take_out(r, f"no gloo link: {e}")
+                    return
+            if held != self._version:  # no copy of the current weights is kept: wait
+                r.stale = True
+                self._take_out(r, f"holds weights v{held}; it rejoins at the next sync")
+                return
+        elif held != self._version:
             from agent_spo.engines.weights import MANIFEST, version_dir
 
             have = (
@@ -365,6 +515,27 @@ class ReplicaPool:
         if not r.live:
             self._log(f"replica {r.index} ({r.url}) in rotation at v{r.version}")
         r.live, r.why_out = True, ""
+
+    async def _connect(self, r: Replica):
+        """A new two-process gloo group with replica ``r`` (its end joins over HTTP)."""
+        from agent_spo.engines.transfer import GlooSender
+
+        t = self.sync_timeout_s
+        sender = GlooSender(self.advertise_host, timeout_s=t)
+        joined = asyncio.create_task(asyncio.to_thread(sender.connect))
+        try:
+            await r.client.control("POST", "/transfer/init", {
+                "host": self.advertise_host, "port": sender.port, "timeout_s": t,
+            }, timeout_s=t)  # fmt: skip
+            await asyncio.wait_for(joined, t)
+        except BaseException as e:
+            joined.cancel()  # the thread itself ends at the store's timeout
+            if isinstance(e, EngineError):
+                raise
+            if isinstance(e, TimeoutError):
+                raise EngineError(f"the replica did not join within {t:g} s") from None
+            raise EngineError(f"{type(e).__name__}: {e}") from e
+        return sender
 
     def _lock(self) -> asyncio.Lock:
         """Held by a sync and by a probe round: a replica is never admitted at a version

@@ -33,6 +33,12 @@ The routes a fleet of replicas needs (:mod:`agent_spo.engines.pool` drives them)
   ``DIR`` by :func:`~agent_spo.engines.weights.write_weights` (checked against the model
   from its manifest before the first copy; a mismatch is a 400 and changes nothing);
   generations from then on carry version ``v``.
+* ``POST /transfer/init`` ``{"host", "port", "timeout_s"}``: join the trainer's two-process
+  gloo group (:mod:`agent_spo.engines.transfer`), replacing any earlier link; answers once
+  joined. ``POST /update_weights`` ``{"transport": "gloo", "version": v}`` then receives
+  an update over it, bucket by bucket, and answers once it has loaded. A failure part-way
+  drops the link (the trainer makes a new one) and leaves the engine refusing to
+  generate until a whole update lands (``weight_version`` -1).
 * ``"return_token_versions": true`` in a completion request adds
   ``choices[0].token_versions``: the policy version of each generated token (a weight
   update can land mid-generation).
@@ -131,6 +137,7 @@ class CompletionServer:
         self.requests = 0  # completions served (any status)
         self.lease_expired = 0  # pauses that ended by themselves
         self._lease: asyncio.TimerHandle | None = None
+        self._link: Any = None  # the gloo link to a trainer, once one asked for it
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task] = set()
 
@@ -150,6 +157,7 @@ class CompletionServer:
         await self._server.serve_forever()
 
     async def stop(self) -> None:
+        self._drop_link()
         if self._lease is not None:
             self._lease.cancel()
             self._lease = None
@@ -286,6 +294,7 @@ class CompletionServer:
             "/pause": ("POST", self._pause),
             "/resume": ("POST", self._resume),
             "/update_weights": ("POST", self._update_weights),
+            "/transfer/init": ("POST", self._transfer_init),
         }
         if path not in routes:
             raise _BadRequest(f"no route {path}", status=404)
@@ -335,15 +344,52 @@ class CompletionServer:
         await self._control("resume")()
         return 200, {"paused": False, "weight_version": str(self.engine.version)}
 
+    async def _transfer_init(self, body: bytes):
+        from agent_spo.engines.transfer import GlooReceiver
+
+        req = _json_object(body)
+        host, port, lease = req.get("host"), req.get("port"), req.get("timeout_s", 300.0)
+        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+            raise _BadRequest("host (a string) and port (an integer) name the trainer's end")
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
+            raise _BadRequest(f"timeout_s must be a number > 0, got {lease!r}", param="timeout_s")
+        self._drop_link()
+        try:
+            self._link = await asyncio.to_thread(GlooReceiver, host, port, timeout_s=float(lease))
+        except Exception as e:  # noqa: BLE001 - no trainer at that address, or it gave up
+            return 500, _error_body(f"could not join {host}:{port}: {type(e).__name__}: {e}", 500)
+        return 200, {"linked": True}
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    async def _update_over_link(self, version: int):
+        from agent_spo.engines.transfer import IncomingUpdate
+
+        if self._link is None:
+            raise _BadRequest("no gloo link: POST /transfer/init first")
+        update = self._control("update_weights")
+        incoming = IncomingUpdate(self._link, version)
+        try:
+            await update(incoming, version)
+        except Exception as e:  # noqa: BLE001 - the link is out of step now: drop it
+            self._drop_link()
+            return 500, _error_body(f"weight update failed: {type(e).__name__}: {e}", 500)
+        return 200, {"weight_version": str(self.engine.version), "bytes": incoming.bytes}
+
     async def _update_weights(self, body: bytes):
         from agent_spo.engines.weights import read_weights
 
         req = _json_object(body)
         path, version = req.get("path"), req.get("version")
-        if not isinstance(path, str) or not path:
-            raise _BadRequest("path must name the folder of a written update", param="path")
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise _BadRequest(f"version must be an integer >= 0, got {version!r}", param="version")
+        if req.get("transport", "disk") == "gloo":
+            return await self._update_over_link(version)
+        if not isinstance(path, str) or not path:
+            raise _BadRequest("path must name the folder of a written update", param="path")
         try:
             weights = read_weights(path)
         except (OSError, ValueError, KeyError) as e:

