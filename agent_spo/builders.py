@@ -396,12 +396,20 @@ def build_engine(
         return VLLMEngine(
             model_path, dtype=model.dtype, seed=seed, max_model_len=rollout.max_model_len
         )
+    api_key = None
+    if rollout.api_key_env is not None:
+        from agent_spo.engines.base import EngineError
+
+        api_key = os.environ.get(rollout.api_key_env)
+        if not api_key:
+            raise EngineError(f"rollout.api_key_env names {rollout.api_key_env}, which is not set")
     if rollout.urls or sync_dir is not None:
         from agent_spo.engines.pool import ReplicaPool
 
         return ReplicaPool(
             rollout.urls or [rollout.url or ""],
             sync_dir=sync_dir,
+            api_key=api_key,
             max_model_len=rollout.max_model_len,
             route=rollout.route,
             transport=rollout.weight_sync,
@@ -413,7 +421,7 @@ def build_engine(
     from agent_spo.engines.openai_http import OpenAIHTTPEngine
 
     assert rollout.url is not None  # RolloutConfig requires url or urls for openai_http
-    return OpenAIHTTPEngine(rollout.url, max_model_len=rollout.max_model_len)
+    return OpenAIHTTPEngine(rollout.url, max_model_len=rollout.max_model_len, api_key=api_key)
 
 
 def build_renderer(tokenizer, rollout: RolloutConfig, toolbox):

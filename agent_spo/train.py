@@ -251,6 +251,10 @@ async def setup(
             probe_tokens=cfg.algo.rho.probe_tokens, threads=torch_threads_for(cfg),
         )  # fmt: skip
         stack.callback(learner.close)  # the other learner ranks stop with the run
+        if ckpt is None and getattr(engine, "needs_sync", False):
+            # replicas left on other weights (an earlier run) get the starting ones
+            await engine.update_weights(learner.named_weights(), learner.version)
+            log("engine replicas holding other weights were given the starting ones")
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)

@@ -411,6 +411,10 @@ class RolloutConfig(Section):
     """openai_http engine: several replicas behind one pool, which routes each episode to
     one of them and takes out (and later re-admits) a replica that fails."""
 
+    api_key_env: str | None = None
+    """openai_http: the environment variable holding the key the server(s) require
+    (`Authorization: Bearer`; `agent-spo engine serve --api-key`). None = no key."""
+
     route: Literal["requests", "tokens"] = "requests"
     """Replica pool: a new episode goes to the replica with the fewest requests in flight,
     or the fewest tokens still to generate."""

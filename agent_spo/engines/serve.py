@@ -137,7 +137,8 @@ class CompletionServer:
         self.requests = 0  # completions served (any status)
         self.lease_expired = 0  # pauses that ended by themselves
         self._lease: asyncio.TimerHandle | None = None
-        self._link: Any = None  # the gloo link to a trainer, once one asked for it
+        self._link: Any = None  # the gloo link to a trainer: a future, once one asked
+        self.instance = uuid.uuid4().hex  # tells a trainer this server was restarted
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task] = set()
 
@@ -311,7 +312,8 @@ class CompletionServer:
 
     async def _weight_info(self, body: bytes):
         paused = bool(getattr(self.engine, "paused", False))
-        return 200, {"weight_version": str(self.engine.version), "paused": paused}
+        return 200, {"weight_version": str(self.engine.version), "paused": paused,
+                     "instance": self.instance}  # fmt: skip
 
     def _control(self, name: str):
         method = getattr(self.engine, name, None)
@@ -354,16 +356,20 @@ class CompletionServer:
         if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
             raise _BadRequest(f"timeout_s must be a number > 0, got {lease!r}", param="timeout_s")
         self._drop_link()
-        try:
-            self._link = await asyncio.to_thread(GlooReceiver, host, port, timeout_s=float(lease))
-        except Exception as e:  # noqa: BLE001 - no trainer at that address, or it gave up
-            return 500, _error_body(f"could not join {host}:{port}: {type(e).__name__}: {e}", 500)
-        return 200, {"linked": True}
+        # joined in the background: the trainer joins its end once this answers
+        self._link = asyncio.ensure_future(
+            asyncio.to_thread(GlooReceiver, host, port, timeout_s=float(lease))
+        )
+        return 200, {"joining": True}
 
     def _drop_link(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        link, self._link = self._link, None
+        if link is None:
+            return
+        if link.done() and not link.cancelled() and link.exception() is None:
+            link.result().close()
+        else:
+            link.cancel()  # the joining thread itself ends at its timeout
 
     async def _update_over_link(self, version: int):
         from agent_spo.engines.transfer import IncomingUpdate
@@ -371,7 +377,12 @@ class CompletionServer:
         if self._link is None:
             raise _BadRequest("no gloo link: POST /transfer/init first")
         update = self._control("update_weights")
-        incoming = IncomingUpdate(self._link, version)
+        try:
+            link = await asyncio.shield(self._link)
+        except Exception as e:  # noqa: BLE001 - the trainer never joined
+            self._link = None
+            return 500, _error_body(f"the gloo link failed: {type(e).__name__}: {e}", 500)
+        incoming = IncomingUpdate(link, version)
         try:
             await update(incoming, version)
         except Exception as e:  # noqa: BLE001 - the link is out of step now: drop it
@@ -399,10 +410,15 @@ class CompletionServer:
         update = self._control("update_weights")
         try:
             await update(weights, version)
-        except (KeyError, ValueError) as e:  # checked before anything was copied
-            raise _BadRequest(f"the update does not fit the model: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a failed copy: the replica's weights are mixed
-            return 500, _error_body(f"weight update failed: {type(e).__name__}: {e}", 500)
+        except Exception as e:  # noqa: BLE001 - told apart below
+            if isinstance(e, KeyError | ValueError) and self.engine.version >= 0:
+                # found by the check before the first copy: nothing changed
+                raise _BadRequest(f"the update does not fit the model: {e}") from None
+            return 500, _error_body(
+                f"weight update failed part-way ({type(e).__name__}: {e}); the weights are "
+                "mixed and the engine refuses to generate until a whole update lands",
+                500,
+            )
         return 200, {"weight_version": str(self.engine.version), "bytes": weights.bytes}
 
     async def _models(self, body: bytes):

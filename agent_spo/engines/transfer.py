@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     import torch
 
 
+_ALIGN = 16  # bytes: every tensor in a bucket starts at a multiple of this
+
+
 def _timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
@@ -32,7 +35,9 @@ def pack_buckets(
     weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[tuple[list[list[Any]], torch.Tensor]]:
     """``(entries, flat)`` per bucket: ``entries`` are ``[name, dtype, shape, offset]`` and
-    ``flat`` the bucket's bytes; a tensor larger than ``bucket_bytes`` is a bucket alone."""
+    ``flat`` the bucket's bytes; a tensor larger than ``bucket_bytes`` is a bucket alone.
+    Each tensor starts at a multiple of 16 bytes, so the receiver can view any dtype in
+    place (a float32 after a 3-element bf16 would otherwise sit at byte 6)."""
     import torch
 
     entries: list[list[Any]] = []
@@ -44,6 +49,10 @@ def pack_buckets(
         if parts and size + raw.numel() > bucket_bytes:
             yield entries, torch.cat(parts)
             entries, parts, size = [], [], 0
+        if size % _ALIGN:
+            pad = _ALIGN - size % _ALIGN
+            parts.append(torch.zeros(pad, dtype=torch.uint8))
+            size += pad
         entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), size])
         parts.append(raw)
         size += raw.numel()
@@ -110,6 +119,10 @@ class GlooSender(_Link):
     def connect(self) -> GlooSender:
         _Link.__init__(self, self.store, 0, self.timeout_s)
         return self
+
+    def close(self) -> None:
+        super().close()
+        self.store = None  # type: ignore[assignment]  # stops listening
 
 
 class GlooReceiver(_Link):

@@ -26,7 +26,19 @@ from typing import Any, TextIO
 _BUFFER = 1 << 20  # read-ahead per file; lines are yielded one at a time from it
 _SEGMENTS = b', "segments": ['
 _TOOL_CALLS = b'"tool_calls": '
-_MODEL_SEGMENT = b'"kind": "model"'
+_KIND = b'{"kind": "'
+
+
+def _find_all(text: bytes, needle: bytes, start: int, end: int):
+    i = text.find(needle, start, end)
+    while i >= 0:
+        yield i
+        i = text.find(needle, i + 1, end)
+
+
+def _runs(is_model: list[bool]) -> int:
+    """Turns: runs of model segments in a row (an update mid-turn splits one turn)."""
+    return sum(1 for i, m in enumerate(is_model) if m and (i == 0 or not is_model[i - 1]))
 
 
 class EpisodeLogWarning(UserWarning):
@@ -187,10 +199,12 @@ def _parse_summary(text: bytes) -> dict[str, Any]:
     b = text.find(_TOOL_CALLS, a) if a >= 0 else -1
     if a > 0 and b > a and text[b - 3 : b] == b"], ":  # segments, then tool_calls at once
         tail = {**json.loads(text[:a] + b"}"), **json.loads(b"{" + text[b:])}
-        turns = text.count(_MODEL_SEGMENT, a, b)
+        kinds = [text[i + len(_KIND) : i + len(_KIND) + 5] == b"model"
+                 for i in _find_all(text, _KIND, a, b)]  # fmt: skip
+        turns = _runs(kinds)
     else:
         tail = _parse_row(text)
-        turns = sum(1 for s in tail["segments"] if s.get("kind") == "model")
+        turns = _runs([s.get("kind") == "model" for s in tail["segments"]])
     head = tail
     return {
         "prompt_id": str(head["prompt_id"]),

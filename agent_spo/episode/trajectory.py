@@ -4,14 +4,17 @@ A trajectory is the prompt's token ids followed by *segments*, in the order they
 appended to the context:
 
 * ``model``: tokens the policy sampled, with the log-probs the engine returned for them
-  and the policy version that sampled them. The only trainable tokens.
+  and the policy version that sampled them. The only trainable tokens. A turn during
+  which the weights were updated is two (or more) model segments in a row, one per
+  version.
 * ``tool``: tokens of a tool observation (sandbox output, errors) inserted into the
   context. No loss.
 * ``template``: tokens the chat template or the format inserts around turns (role
   headers, ``<interpreter>`` tags). No loss.
 
-Turn k's context is exactly the prompt plus segments[:k]: text is never decoded and
-re-tokenised to continue, so what the learner trains on is what the engine sampled.
+Each turn's context is exactly the prompt plus the segments before it: text is never
+decoded and re-tokenised to continue, so what the learner trains on is what the engine
+sampled.
 Invariants are checked at construction and raise :class:`TrajectoryError`.
 """
 

@@ -63,11 +63,17 @@ class RerunReport:
 
 
 def _final_text(row: dict, tokenizer) -> tuple[str, str] | None:
-    """(text with special tokens, text without) of the last model turn."""
-    last = next((s for s in reversed(row["segments"]) if s["kind"] == "model"), None)
-    if last is None:
+    """(text with special tokens, text without) of the last model turn (its model
+    segments in a row: a weight update mid-turn splits it)."""
+    segments = row["segments"]
+    end = next((i for i in range(len(segments) - 1, -1, -1)
+                if segments[i]["kind"] == "model"), None)  # fmt: skip
+    if end is None:
         return None
-    ids = list(last["token_ids"])
+    start = end
+    while start > 0 and segments[start - 1]["kind"] == "model":
+        start -= 1
+    ids = [t for s in segments[start : end + 1] for t in s["token_ids"]]
     return (
         tokenizer.decode(ids, skip_special_tokens=False),
         tokenizer.decode(ids, skip_special_tokens=True),

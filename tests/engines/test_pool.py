@@ -266,6 +266,33 @@ def test_a_hung_replica_fails_its_sync_within_the_timeout_and_the_run_goes_on(fr
     assert back["live"] and back["version"] == version == want
 
 
+@pytest.mark.parametrize("transport", ["disk", "gloo"])
+def test_replicas_on_other_weights_wait_for_the_next_sync(fresh, transport):
+    """As after a trainer crash: the replicas hold v1, a new pool (a resumed run) starts
+    at v0. They answer but serve nothing until the sync the trainer makes at once."""
+    other = _perturbed(fresh.model, 4)
+
+    async def main():
+        async with _pool(fresh, transport=transport) as first:
+            await first.start()
+            await first.update_weights(other.state_dict().items(), 1)
+        async with _pool(fresh, transport=transport, sync_dir=fresh.sync_dir / "new") as pool:
+            await pool.start()
+            waiting = pool.needs_sync, [row["stale"] for row in status(pool)]
+            with pytest.raises(EngineError, match="it rejoins at the next sync"):
+                await pool.generate(_prompt(fresh.tok), Sampling(max_tokens=2))
+            await pool.update_weights(fresh.model.state_dict().items(), 3)
+            gen = await pool.generate(_prompt(fresh.tok), Sampling(max_tokens=4, seed=0))
+            return waiting, pool.needs_sync, status(pool), gen
+
+    waiting, after, rows, gen = asyncio.run(main())
+    assert waiting == (True, [True, True]) and not after
+    assert [(row["live"], row["version"]) for row in rows] == [(True, 3), (True, 3)]
+    want = _forward_logprobs(fresh.model, _prompt(fresh.tok), gen.token_ids)
+    assert gen.policy_version == 3
+    assert torch.allclose(torch.tensor(gen.logprobs), want, atol=1e-4)
+
+
 def test_when_every_replica_is_gone_requests_fail_at_once_naming_each(fresh):
     async def main():
         async with _pool(fresh) as pool:

@@ -140,8 +140,9 @@ def test_update_weights_route_loads_a_written_version(models, replica, tmp_path)
     r = httpx.post(replica.url + "/update_weights", json={"path": str(written.path), "version": 4})
     assert r.status_code == 200, r.text
     assert r.json()["weight_version"] == "4" and r.json()["bytes"] == written.bytes
-    assert httpx.get(replica.url + "/weight_info").json() == {"weight_version": "4",
-                                                               "paused": False}  # fmt: skip
+    info = httpx.get(replica.url + "/weight_info").json()
+    assert info["weight_version"] == "4" and info["paused"] is False
+    assert info["instance"] == replica.server.instance  # a restart would change it
     prompt = _prompt(models.tok)
 
     async def sample():
@@ -248,9 +249,14 @@ def test_an_update_refused_part_way_leaves_the_engine_refusing_to_generate(model
     async def main():
         e = HFEngine(copy.deepcopy(models.model), models.tok, max_model_len=MAX_LEN)
         try:
+            running = asyncio.create_task(e.generate(_prompt(models.tok), LONG))
+            while e.stats["tokens"] < 3:  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.001)
             with pytest.raises(KeyError, match="no weight named 'nope'"):
                 await e.update_weights(Stream([good[0], ("nope", torch.zeros(1))]), 3)
             assert e.version == -1
+            with pytest.raises(EngineError, match="mixed"):  # the row in flight stops too
+                await running
             with pytest.raises(EngineError, match="weights are mixed"):
                 await e.generate(_prompt(models.tok), LONG)
             await e.update_weights(Stream(good), 4)  # a whole update: generates again
@@ -260,3 +266,36 @@ def test_an_update_refused_part_way_leaves_the_engine_refusing_to_generate(model
 
     version, gen = asyncio.run(main())
     assert version == 4 and gen.policy_version == 4
+
+
+def test_buckets_align_each_tensor_so_any_dtype_views_in_place():
+    from agent_spo.engines.transfer import pack_buckets
+
+    weights = [("a", torch.arange(3, dtype=torch.bfloat16)),
+               ("b", torch.arange(2, dtype=torch.float32)),
+               ("c", torch.arange(5, dtype=torch.int64))]  # fmt: skip
+    ((entries, flat),) = pack_buckets(weights, bucket_bytes=1 << 20)
+    assert [e[3] % 16 for e in entries] == [0, 0, 0]
+    for (name, dt, shape, offset), (want, t) in zip(entries, weights, strict=True):
+        assert name == want
+        n = t.numel() * t.element_size()
+        assert torch.equal(flat[offset : offset + n].view(getattr(torch, dt)).view(shape), t)
+
+
+def test_an_update_that_fails_mid_copy_is_a_500_and_stops_the_rows_in_flight(
+    models, replica, tmp_path
+):
+    """The manifest matches the model, a bucket does not: found only while copying, so
+    the replica says its weights are mixed and refuses to generate."""
+    from safetensors.torch import load_file, save_file
+
+    written = write_weights(models.other.state_dict().items(), tmp_path, 6, bucket_bytes=1)
+    last = sorted(written.path.glob("bucket-*.safetensors"))[-1]
+    ((name, t),) = load_file(str(last)).items()
+    save_file({name: torch.zeros(t.numel() + 1)}, str(last))  # the wrong shape
+    r = httpx.post(replica.url + "/update_weights", json={"path": str(written.path), "version": 6})
+    assert r.status_code == 500 and "weights are mixed" in r.json()["error"]["message"]
+    assert httpx.get(replica.url + "/weight_info").json()["weight_version"] == "-1"
+    body = {"prompt": _prompt(models.tok), "max_tokens": 4, "logprobs": 0}
+    refused = httpx.post(replica.url + "/v1/completions", json=body)
+    assert refused.status_code == 500 and "mixed" in refused.json()["error"]["message"]

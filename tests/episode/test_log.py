@@ -217,3 +217,27 @@ def test_a_one_gigabyte_log_lists_in_seconds(tmp_path):
     assert count == (size - len(row) // 2) // len(row) and log.report.torn_tail is not None
     assert peak < 5_000_000
     assert scan_s < 60
+
+
+def test_a_turn_split_by_a_weight_update_counts_once(tmp_path):
+    """An update mid-turn leaves two model segments in a row (versions 0 then 1): one turn,
+    in the fast summary and in the full-parse fallback alike."""
+    t = _traj(0)
+    first, tool, last = t.segments
+    split = Trajectory(
+        t.prompt_id, t.prompt_token_ids,
+        [Segment("model", first.token_ids[:10], first.logprobs[:10], 0),
+         Segment("model", first.token_ids[10:], first.logprobs[10:], 1), tool, last],
+        tool_calls=t.tool_calls, answer=t.answer, verdict=t.verdict, reward=t.reward,
+        timings=t.timings, stop_reason=t.stop_reason, info=t.info,
+    )  # fmt: skip
+    row = json.loads(split.to_json())
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (fast,) = EpisodeLog(path).summaries()
+    reordered = {"answer": row["answer"], **{k: v for k, v in row.items() if k != "answer"}}
+    reordered["tool_calls"], reordered["segments"] = row["tool_calls"], row["segments"]
+    path.write_text(json.dumps(reordered) + "\n")
+    (slow,) = EpisodeLog(path).summaries()
+    assert fast.turns == slow.turns == 2
+    assert split.staleness(3) == 3  # the oldest segment counts

@@ -264,3 +264,32 @@ def test_html_escapes_what_the_model_wrote(logs, tmp_path):
     dom = _browse(page.as_uri(), tmp_path / "p4", "--dump-dom").stdout
     assert '<b id="pwned">' not in dom and "<img" not in dom  # no element was made
     assert "&lt;/script&gt;&lt;img src=x" in dom  # the text is shown as text
+
+
+def test_a_turn_split_by_a_weight_update_shows_as_one_turn_with_both_versions(logs, tmp_path):
+    """Split the first model turn of an episode in two segments (versions 2 and 3), as
+    an update mid-turn leaves it: replay shows one turn, "policy v2→3", and a re-run reads
+    the final answer from the whole last turn."""
+    out, _ = logs
+    row = json.loads((out / "episodes.jsonl").read_text().splitlines()[0])
+    segs = row["segments"]
+    last = max(i for i, s in enumerate(segs) if s["kind"] == "model")
+    s = segs[last]
+    half = len(s["token_ids"]) // 2
+    segs[last:last + 1] = [
+        {**s, "token_ids": s["token_ids"][:half], "logprobs": s["logprobs"][:half]},
+        {**s, "token_ids": s["token_ids"][half:], "logprobs": s["logprobs"][half:],
+         "policy_version": s["policy_version"] + 1},
+    ]  # fmt: skip
+    split = tmp_path / "split.jsonl"
+    split.write_text(json.dumps(row) + "\n")
+    shutil.copy(out / "config.yaml", tmp_path / "config.yaml")
+    text = _replay(split, "0")
+    version = s["policy_version"]
+    assert f"policy v{version}→{version + 1}" in text
+    assert "turn 3" not in text and "turn 2" in text  # two turns, as before the split
+    split_dir = tmp_path / "run"
+    split_dir.mkdir()
+    shutil.copy(out / "config.yaml", split_dir / "config.yaml")
+    shutil.copy(split, split_dir / "episodes.jsonl")
+    assert "no differences from the log" in _replay(split_dir, "0", "--rerun")
