@@ -2,10 +2,11 @@
 
 (a) **Weight sync against model size.** Qwen3-shaped random models (the demo's tokenizer)
     of about 1M, 10M and 100M parameters. One ``agent-spo engine serve`` replica per
-    size; the pool syncs it ``repeats`` times through the disk path (the weights as the
-    learner hands them over: parameters, tied ones once). Medians of the whole sync, of
-    writing the buckets, and of the rest (pause, load, resume), beside the in-process
-    engine's copy of the same weights (what ``rollout.engine=hf`` does).
+    size; a pool syncs it ``repeats`` times through the disk path, then another pool as
+    many times over gloo (the weights as the learner hands them over: parameters, tied
+    ones once). Medians of the whole sync, of writing the buckets (disk), and of the rest
+    (pause, load, resume), beside the in-process engine's copy of the same weights (what
+    ``rollout.engine=hf`` does).
 (b) **Episodes/s on the demo**: real episodes (tools in the sandbox, the verifier) on the
     demo model, ``episodes`` of them with ``workers`` in flight, through the in-process
     engine, a pool of one replica and a pool of two.
@@ -51,16 +52,20 @@ async def sync_costs(
         model_dir = save_model_dir(model, tokenizer, work / f"model-{name}")
         log(f"sync {name}: {params:,} parameters, {repeats} syncs")
         weights = list(model.named_parameters())
+        runs: dict[str, list[dict[str, float]]] = {"disk": [], "gloo": []}
         with LocalReplica(model_dir, threads=2, log_path=work / f"replica-{name}.log") as rep:
-            pool = ReplicaPool([rep.url], sync_dir=work / f"sync-{name}", probe_s=600)
-            try:
-                await pool.start()
-                runs = []
-                for k in range(repeats):
-                    await pool.update_weights(weights, k + 1)
-                    runs.append(dict(pool.last_sync))
-            finally:
-                await pool.close()
+            version = 0
+            for path in ("disk", "gloo"):
+                pool = ReplicaPool([rep.url], sync_dir=work / f"sync-{name}", probe_s=600,
+                                   transport=path, version=version)  # fmt: skip
+                try:
+                    await pool.start()
+                    for _ in range(repeats):
+                        version += 1
+                        await pool.update_weights(weights, version)
+                        runs[path].append(dict(pool.last_sync))
+                finally:
+                    await pool.close()
         engine = HFEngine(copy.deepcopy(model), tokenizer)
         local = []
         try:
@@ -70,14 +75,16 @@ async def sync_costs(
                 local.append(time.perf_counter() - t0)
         finally:
             await engine.close()
-        sync = _median([r["perf/weight_sync_s"] for r in runs])
-        write = _median([r["perf/weight_write_s"] for r in runs])
-        size = runs[0]["perf/weight_sync_bytes"]
-        rows.append({
-            "size": name, "params": params, "bytes": size, "sync_s": sync, "write_s": write,
-            "load_s": _median([r["perf/weight_sync_s"] - r["perf/weight_write_s"] for r in runs]),
-            "mb_per_s": size / 2**20 / sync, "in_process_s": _median(local),
-        })  # fmt: skip
+        for path, rs in runs.items():
+            sync = _median([r["perf/weight_sync_s"] for r in rs])
+            size = rs[0]["perf/weight_sync_bytes"]
+            rows.append({
+                "size": name, "path": path, "params": params, "bytes": size, "sync_s": sync,
+                "write_s": _median([r["perf/weight_write_s"] for r in rs]),
+                "load_s": _median([r["perf/weight_sync_s"] - r["perf/weight_write_s"]
+                                   for r in rs]),
+                "mb_per_s": size / 2**20 / sync, "in_process_s": _median(local),
+            })  # fmt: skip
         del model, weights
     return rows
 
@@ -222,12 +229,12 @@ def tables(report: dict[str, Any]) -> list:
 
     out = []
     if "sync" in report:
-        t = Table(title="(a) weight sync, disk path, one replica (medians)")
-        for c in ("model", "parameters", "MiB", "sync s", "write s", "load s", "MiB/s",
-                  "in-process copy s"):  # fmt: skip
+        t = Table(title="(a) weight sync to one replica (medians)")
+        for c in ("model", "path", "parameters", "MiB", "sync s", "write s", "load s",
+                  "MiB/s", "in-process copy s"):  # fmt: skip
             t.add_column(c, justify="right")
         for r in report["sync"]:
-            t.add_row(r["size"], f"{r['params']:,}", f"{r['bytes'] / 2**20:.1f}",
+            t.add_row(r["size"], r["path"], f"{r['params']:,}", f"{r['bytes'] / 2**20:.1f}",
                       f"{r['sync_s']:.3f}", f"{r['write_s']:.3f}", f"{r['load_s']:.3f}",
                       f"{r['mb_per_s']:.0f}", f"{r['in_process_s']:.3f}")  # fmt: skip
         out.append(t)

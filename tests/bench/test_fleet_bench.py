@@ -22,10 +22,13 @@ def test_bench_fleet_runs_each_part_and_writes_its_report(tmp_path):
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    (sync,) = report["sync"]
-    assert sync["size"] == "1M" and 1e6 < sync["params"] < 1.5e6
-    assert sync["bytes"] == 4 * sync["params"]  # float32, each tied weight once
-    assert 0 < sync["write_s"] < sync["sync_s"] and sync["in_process_s"] > 0
+    disk, gloo = report["sync"]
+    assert (disk["path"], gloo["path"]) == ("disk", "gloo")
+    assert disk["size"] == "1M" and 1e6 < disk["params"] < 1.5e6
+    assert disk["bytes"] == 4 * disk["params"]  # float32, each tied weight once
+    assert gloo["bytes"] >= disk["bytes"]  # the same weights, each aligned to 16 bytes
+    assert 0 < disk["write_s"] < disk["sync_s"] and disk["in_process_s"] > 0
+    assert gloo["write_s"] == 0 and gloo["sync_s"] > 0
     assert [r["setting"] for r in report["episodes"]] == [
         "in-process engine", "pool, 1 replica", "pool, 2 replicas"]  # fmt: skip
     for r in report["episodes"]:
