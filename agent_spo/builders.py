@@ -218,6 +218,7 @@ def build_stream_settings(
         grpo_std_eps=cfg.algo.grpo.std_eps,
         max_drop_share=cfg.train.max_drop_share,
         drop_window=cfg.train.drop_window,
+        colocate=cfg.rollout.colocate,
     )
 
 
@@ -391,10 +392,9 @@ def build_engine(
     if rollout.engine == "vllm":
         from agent_spo.engines.vllm import VLLMEngine
 
-        if rollout.max_model_len is None:  # the engine's default
-            return VLLMEngine(model_path, dtype=model.dtype, seed=seed)
+        extra = {} if rollout.max_model_len is None else {"max_model_len": rollout.max_model_len}
         return VLLMEngine(
-            model_path, dtype=model.dtype, seed=seed, max_model_len=rollout.max_model_len
+            model_path, dtype=model.dtype, seed=seed, sleep_mode=rollout.colocate, **extra
         )
     api_key = None
     if rollout.api_key_env is not None:

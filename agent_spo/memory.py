@@ -99,14 +99,25 @@ class Plan:
     offloaded: int  # bytes per rank in CPU memory (cpu_offload)
     budget_gb: float | None
     gpu: bool = True
+    # colocated (rollout.colocate): the engine's weights on the same GPU while it
+    # generates; it sleeps (weights off the GPU, KV cache freed) while the learner steps
+    engine_weights: int = 0
+    resident: int = 0  # the learner's state that stays on the GPU between steps
 
     @property
     def total(self) -> int:
         return sum(self.rows.values())
 
     @property
+    def generating(self) -> int:
+        """Colocated: bytes per GPU while the engine generates, before its KV cache."""
+        return self.resident + self.engine_weights
+
+    @property
     def fits(self) -> bool:
-        return self.budget_gb is None or self.total <= self.budget_gb * GIB
+        if self.budget_gb is None:
+            return True
+        return max(self.total, self.generating) <= self.budget_gb * GIB
 
     def table(self) -> str:
         s = self.shape
@@ -119,10 +130,20 @@ class Plan:
         lines.append(f"  {'total':<26} {_size(self.total)}")
         if self.offloaded:
             lines.append(f"  {'in CPU memory (offload)':<26} {_size(self.offloaded)}")
+        if self.engine_weights:
+            lines += [
+                "  colocated engine (asleep while the learner steps, so not in the total):",
+                f"    {'learner state kept':<24} {_size(self.resident)}",
+                f"    {'engine weights':<24} {_size(self.engine_weights)}",
+                f"    {'while generating':<24} {_size(self.generating)} + the engine's KV cache",
+            ]
         if self.budget_gb is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             lines.append(f"  {verdict} learner.gpu_memory_gb = {self.budget_gb:g}")
         return "\n".join(lines)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _size(n: int) -> str:
@@ -146,6 +167,7 @@ def plan(
     gpu_memory_gb: float | None = None,
     gpu: bool = True,
     pack_mask: bool = False,
+    colocated_engine_bytes: int = 0,
 ) -> Plan:
     p, w = shape.params, world_size
     compute = 2 if bf16 else 4
@@ -172,7 +194,9 @@ def plan(
     if gpu:
         rows["reserve (CUDA, NCCL)"] = RESERVE
     offloaded = sum(state.values()) if cpu_offload else 0
-    return Plan(shape, w, tokens, rows, offloaded, gpu_memory_gb, gpu)
+    resident = (0 if cpu_offload else sum(state.values())) + (RESERVE if gpu else 0)
+    return Plan(shape, w, tokens, rows, offloaded, gpu_memory_gb, gpu,
+                colocated_engine_bytes, resident if colocated_engine_bytes else 0)  # fmt: skip
 
 
 def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
@@ -200,6 +224,10 @@ def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
         gpu_memory_gb=L.gpu_memory_gb,
         gpu=cuda,
         pack_mask=L.pack == "on",  # "auto" packs only under flash attention (no mask)
+        # a colocated engine holds the whole model in its dtype on every GPU it shares
+        colocated_engine_bytes=shape.params * _DTYPE_BYTES.get(cfg.model.dtype, 4)
+        if R.colocate
+        else 0,
     )
 
 
@@ -218,6 +246,13 @@ def check_memory(cfg) -> tuple[Plan | None, list[str]]:
         return None, [f"model.path: {e}"]
     if found.fits:
         return found, []
+    if found.total <= (found.budget_gb or 0) * GIB:  # the colocated engine is too much
+        return found, [
+            f"rollout.colocate: with the engine's weights ({found.engine_weights / GIB:.1f} "
+            f"GiB) beside the learner's state, a GPU needs {found.generating / GIB:.1f} GiB "
+            f"before any KV cache but has {found.budget_gb:g}: raise learner.world_size, "
+            "turn on learner.cpu_offload, or run the engines on other GPUs"
+        ]
     return found, [
         f"learner.gpu_memory_gb: the learner needs {found.total / GIB:.1f} GiB per rank "
         f"(see the plan) but a GPU has {found.budget_gb:g}: raise learner.world_size, "

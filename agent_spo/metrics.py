@@ -58,6 +58,7 @@ METRICS: dict[str, str] = {
     "perf/learner_s": "time of the learner's update on the batch",
     "perf/pad_frac": "share of the update's token positions that were padding (all ranks)",
     "perf/weight_push_s": "time to hand the new weights to the engine",
+    "perf/engine_sleep_s": "colocated: time to put the engine to sleep and wake it again",
     "perf/weight_sync_s": "replica pool: time to write the weights and load them everywhere",
     "perf/weight_write_s": "replica pool: of which writing the weights to the sync folder",
     "perf/weight_sync_bytes": "replica pool: bytes of weights synced",

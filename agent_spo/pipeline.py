@@ -71,6 +71,9 @@ class StreamSettings:
     # that never call it still train would otherwise teach the policy to avoid the tool.
     max_drop_share: float = 0.2
     drop_window: int = 200
+    # colocated: the engine sleeps (frees its GPU memory, keeps its requests) while the
+    # learner steps on the same GPUs, and wakes before the new weights are pushed
+    colocate: bool = False
 
 
 class AllEpisodesDropped(RuntimeError):
@@ -367,14 +370,29 @@ async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) 
         adv, raw = no_baseline_advantages(rewards, eps=settings.adv_eps)
     for b, a in zip(batch, np.asarray(adv).tolist(), strict=True):
         b.adv = a
-    metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker)
+    metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker,
+                           colocate=settings.colocate)  # fmt: skip
     metrics["tracker/v_hat_mean"] = float(np.mean([b.v_hat for b in batch]))
     return metrics
 
 
-async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict:
-    """One learner step on a batch, the drift for the tracker, the weight push; metrics."""
-    stats = await asyncio.to_thread(learner.step, trajs, np.asarray(adv).tolist())
+async def _learn(
+    trajs, adv, raw, learner: LearnerLike, engine, tracker, *, colocate: bool = False
+) -> dict:
+    """One learner step on a batch, the drift for the tracker, the weight push; metrics.
+    Colocated, the engine sleeps through the step and wakes before the push."""
+    sleep_s = 0.0
+    if colocate:
+        t0 = time.perf_counter()
+        await engine.sleep()
+        sleep_s = time.perf_counter() - t0
+    try:
+        stats = await asyncio.to_thread(learner.step, trajs, np.asarray(adv).tolist())
+    finally:
+        if colocate:
+            t0 = time.perf_counter()
+            await engine.wake()
+            sleep_s += time.perf_counter() - t0
     if tracker is not None:
         tracker.record_step_drift(stats.drift)
     t_push = time.perf_counter()
@@ -400,6 +418,7 @@ async def _learn(trajs, adv, raw, learner: LearnerLike, engine, tracker) -> dict
         "perf/learner_s": stats.step_s,
         "perf/pad_frac": stats.pad_frac,
         "perf/weight_push_s": t_push,
+        **({"perf/engine_sleep_s": sleep_s} if colocate else {}),
     }
 
 
@@ -506,7 +525,8 @@ async def train_grpo(
             for b, a in zip(items, np.asarray(adv).tolist(), strict=True):
                 b.adv = a
             gs = group_stats(rewards, ids)
-            metrics = await _learn(trajs, adv, adv, learner, engine, None)
+            metrics = await _learn(trajs, adv, adv, learner, engine, None,
+                                   colocate=settings.colocate)  # fmt: skip
             state.step = step + 1
             metrics.update({
                 "step": state.step,

@@ -97,3 +97,32 @@ def test_under_torchrun_the_plan_uses_the_launchers_world_size(tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "8")
     plan8, problems = check_memory(cfg)
     assert plan8.world_size == 8 and not problems
+
+
+def test_a_colocated_engine_is_counted_beside_the_learners_state_and_refused_when_too_big(
+    tmp_path,
+):
+    from agent_spo.config import load_config
+    from agent_spo.memory import check_memory
+
+    model = tmp_path / "qwen3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+
+    def cfg(*extra):
+        return load_config("configs/qwen3_8b_spo.yaml", [f"model.path={model}", *extra])
+
+    alone, _ = check_memory(cfg())
+    shared, problems = check_memory(cfg("rollout.colocate=true"))
+    assert problems == [] and alone.engine_weights == 0
+    assert shared.total == alone.total  # the engine sleeps through the learner's step
+    assert shared.engine_weights == 2 * shared.shape.params  # bf16, the whole model
+    state = 16 * shared.shape.params // 8  # fp32 weights, gradients, AdamW moments, 1/8
+    assert shared.resident == state + 2 * GIB  # plus the CUDA/NCCL reserve
+    assert "while generating" in shared.table()
+    # many ranks and short rows: the learner's step needs 15.5 GiB, generation 21.1
+    small = ["learner.world_size=32", "learner.micro_batch_tokens=4096",
+             "rollout.max_response_tokens=2048", "rollout.colocate=true"]  # fmt: skip
+    plan18, refused = check_memory(cfg(*small, "learner.gpu_memory_gb=18"))
+    assert plan18.total < 18 * GIB < plan18.generating
+    assert len(refused) == 1 and refused[0].startswith("rollout.colocate: with the engine's")

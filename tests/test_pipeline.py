@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 def _run(
     max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0,
-    sync: bool = False, batch_tokens: int | None = None,
+    sync: bool = False, batch_tokens: int | None = None, colocate: bool = False,
+    learner_cls=Learner,
 ):  # fmt: skip
     from transformers import AutoModelForCausalLM
 
@@ -36,10 +37,11 @@ def _run(
         tracker = builders.build_tracker(cfg.algo)
         problems = {p.key: p for p in train}
         sampler = builders.build_sampler(cfg.algo, list(problems), tracker, 0)
-        learner = Learner(
+        learner = learner_cls(
             AutoModelForCausalLM.from_pretrained(path), lr=1e-4,
             pad_token_id=engine.tokenizer.pad_token_id,
         )  # fmt: skip
+        learner.engine = engine
         with builders.build_verifier(cfg.verifier) as verifier:
             async with builders.build_sandbox(cfg.sandbox) as sandbox:
                 runner = EpisodeRunner(
@@ -48,7 +50,7 @@ def _run(
                 )  # fmt: skip
                 settings = StreamSettings(batch_size=batch, total_steps=steps,
                                           workers=workers, max_staleness=max_staleness,
-                                          batch_tokens=batch_tokens)  # fmt: skip
+                                          batch_tokens=batch_tokens, colocate=colocate)  # fmt: skip
                 if grpo:
                     state = await train_grpo(
                         runner=runner, problems=problems, sampler=sampler, learner=learner,
@@ -312,3 +314,35 @@ def test_a_run_whose_every_episode_is_dropped_stops_with_a_clear_error(loop):
         asyncio.run(asyncio.wait_for(main(), 30))
     assert 12 <= runner.calls < 40  # stopped soon after the limit, not after a timeout
     assert sampler.in_flight == []
+
+
+class _WatchingLearner(Learner):
+    """Notes, at the start and the end of each step, whether the engine sleeps and how
+    many decode steps it has made."""
+
+    seen: list
+
+    def step(self, trajectories, advantages):
+        seen = self.__dict__.setdefault("seen", [])
+        e = self.engine
+        seen.append(("start", e.asleep, e.stats["steps"]))
+        stats = super().step(trajectories, advantages)
+        seen.append(("end", e.asleep, e.stats["steps"]))
+        return stats
+
+
+@pytest.mark.parametrize("loop", ["spo", "grpo"])
+def test_colocated_the_engine_sleeps_through_every_learner_step(loop):
+    """rollout.colocate: no decode step runs while the learner steps (they take turns),
+    the engine is awake again for the weight push, and the episodes in flight survive."""
+    state, _, _, learner, engine, rows = _run(
+        max_staleness=4, colocate=True, learner_cls=_WatchingLearner,
+        grpo=2 if loop == "grpo" else 0,
+    )  # fmt: skip
+    assert state.step == 2 and engine.version == 2 and not engine.asleep
+    assert engine.stats["sleeps"] == 2
+    seen = learner.seen
+    assert [s[:2] for s in seen] == [("start", True), ("end", True)] * 2
+    for (_, _, before), (_, _, after) in zip(seen[::2], seen[1::2], strict=True):
+        assert before == after  # the engine made no decode step during the update
+    assert all(r["perf/engine_sleep_s"] >= 0 for r in rows)

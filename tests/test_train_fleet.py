@@ -46,10 +46,11 @@ def replicas(tmp_path_factory):
             r.stop()
 
 
-@pytest.mark.parametrize("algo, sync", [("spo", "disk"), ("grpo", "gloo")])
+@pytest.mark.parametrize("algo, sync, colocate", [("spo", "disk", True), ("grpo", "gloo", False)])
 def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_weights(
-    replicas, tmp_path, algo, sync
+    replicas, tmp_path, algo, sync, colocate
 ):
+    """SPO also runs colocated: every replica sleeps through each learner step."""
     model, fleet = replicas
     if sync == "gloo":
         fleet = fleet[:2]  # a vLLM replica syncs through the disk path only
@@ -62,7 +63,7 @@ def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_
     result = CliRunner().invoke(app, [
         "train", *SMALL, *extra, f"run.output_dir={tmp_path}", "run.name=t",
         "train.total_steps=2", "rollout.engine=openai_http", f"rollout.urls={urls}",
-        f"model.path={model}", f"rollout.weight_sync={sync}",
+        f"model.path={model}", f"rollout.weight_sync={sync}", f"rollout.colocate={colocate}",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     run = tmp_path / "t"
@@ -70,6 +71,7 @@ def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert row["perf/weight_sync_bytes"] > 0 and row["rollout/replicas_live"] == len(fleet)
+        assert ("perf/engine_sleep_s" in row) == colocate
         for i in range(len(fleet)):
             assert row[f"rollout/replica{i}_version"] == row["step"]
     assert all(rows[-1][f"rollout/replica{i}_requests"] > 0 for i in range(len(fleet)))

@@ -241,12 +241,36 @@ def engine_check(model, device: str, *, requests: int, prompt: int, new: int) ->
             await engine.update_weights(weights, version=1)
             _sync(device)
             gen["weight_push_s"] = round(time.perf_counter() - t0, 3)
+            gen["colocated"] = await _sleep_and_wake(engine, device, model.config.vocab_size)
             gen["stats"] = dict(engine.stats)
             return gen
         finally:
             await engine.close()
 
     return asyncio.run(run())
+
+
+def _allocated_gb(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    _sync(device)
+    return round(torch.cuda.memory_allocated() / 2**30, 3)
+
+
+async def _sleep_and_wake(engine, device: str, vocab: int) -> dict:
+    """Colocated training: the GPU memory the engine gives back while it sleeps, and
+    that it generates again after it wakes."""
+    awake = _allocated_gb(device)
+    t0 = time.perf_counter()
+    await engine.sleep()
+    asleep, sleep_s = _allocated_gb(device), time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await engine.wake()
+    wake_s = time.perf_counter() - t0
+    again = await _generate(engine, requests=2, prompt=16, new=4, vocab=vocab)
+    return {"allocated_gb_awake": awake, "allocated_gb_asleep": asleep,
+            "allocated_gb_woken": _allocated_gb(device), "sleep_s": round(sleep_s, 3),
+            "wake_s": round(wake_s, 3), "generates_after_wake": again["generated_tokens"] > 0}  # fmt: skip
 
 
 def run_device_check(

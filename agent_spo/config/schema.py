@@ -411,6 +411,13 @@ class RolloutConfig(Section):
     """openai_http engine: several replicas behind one pool, which routes each episode to
     one of them and takes out (and later re-admits) a replica that fails."""
 
+    colocate: bool = False
+    """Learner and engine share the GPUs: the engine sleeps while the learner steps
+    (its KV cache freed and its weights moved off the GPU; requests in flight kept) and
+    wakes before the new weights are pushed. Generation and learning then take turns
+    instead of overlapping. The memory plan counts the engine's weights beside the
+    learner's state (`train --dry-run`)."""
+
     api_key_env: str | None = None
     """openai_http: the environment variable holding the key the server(s) require
     (`Authorization: Bearer`; `agent-spo engine serve --api-key`). None = no key."""

@@ -107,6 +107,8 @@ class HFEngine:
         self._weights_lock: asyncio.Lock | None = None
         self._running: asyncio.Event | None = None  # cleared while paused
         self._paused = False
+        self._asleep = False  # colocated: weights and caches moved off the GPU
+        self._batch: _Batch | None = None  # the running rows (for sleep to move)
         self._closed = False
         # Rows hold [opening | padding | rest]: right for full attention only (a sliding
         # window or a recurrent layer would see the padding as positions).
@@ -114,7 +116,8 @@ class HFEngine:
         full = all(t == "full_attention" for t in layer_types)
         self._prefix = _SharedPrefix(min_prefix) if prefix_cache and full else None
         self.last_update_s = 0.0
-        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0, "prefix_tokens": 0}
+        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "max_rows": 0, "prefix_tokens": 0,
+                      "sleeps": 0}  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> HFEngine:
@@ -256,6 +259,41 @@ class HFEngine:
         if self._running is not None:
             self._running.set()
 
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
+
+    async def sleep(self) -> None:
+        """Pause, and on a GPU move the weights and every cache to CPU memory, freeing the
+        device for a learner that shares it (colocated training). Requests in flight are
+        kept; :meth:`wake` brings everything back and resumes."""
+        await self.pause()
+        assert self._weights_lock is not None  # made by pause()
+        async with self._weights_lock:
+            if not self._asleep and self.device.type != "cpu":
+                await asyncio.to_thread(self._move_to, torch.device("cpu"))
+                torch.cuda.empty_cache()
+            self._asleep = True
+            self.stats["sleeps"] += 1
+
+    async def wake(self) -> None:
+        if self._asleep:
+            assert self._weights_lock is not None  # made by sleep()
+            async with self._weights_lock:
+                if self.device.type != "cpu":
+                    await asyncio.to_thread(self._move_to, self.device)
+                self._asleep = False
+        await self.resume()
+
+    def _move_to(self, device: torch.device) -> None:
+        self.model.to(device)
+        batch = self._batch
+        if batch is not None and batch.cache is not None:
+            for layer in _kv_layers(batch.cache):
+                layer.keys, layer.values = layer.keys.to(device), layer.values.to(device)
+        if self._prefix is not None:
+            self._prefix.invalidate()  # recomputed on the device when next needed
+
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
@@ -288,7 +326,7 @@ class HFEngine:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
-        batch = _Batch(self)
+        batch = self._batch = _Batch(self)
         admit: list[_Request] = []
         # made by _ensure_loop() before it starts this task, and not replaced while it runs
         assert self._wake is not None and self._weights_lock is not None
@@ -307,6 +345,7 @@ class HFEngine:
                             if not r.future.done():
                                 r.future.set_exception(err)
                         batch, self._waiting = _Batch(self), []
+                        self._batch = batch
                         continue
                     admit = []
                     while self._waiting and len(batch.rows) + len(admit) < self.max_batch:

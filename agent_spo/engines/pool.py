@@ -137,6 +137,7 @@ class ReplicaPool:
         self._sync_lock: asyncio.Lock | None = None
         self._closed = False
         self._started = False
+        self._asleep = False  # colocated: between sleep() and wake()
         self._starting: asyncio.Future | None = None
         self.replica_drops = 0
         self.last_sync: dict[str, float] = {}
@@ -363,6 +364,38 @@ class ReplicaPool:
             await r.client.control("POST", "/resume", {}, timeout_s=min(self.sync_timeout_s, 5.0))
         except EngineError:
             pass  # its pause lease ends by itself
+
+    async def sleep(self) -> None:
+        """Colocated training: every replica in rotation sleeps (frees its GPU memory,
+        keeps its requests) until :meth:`wake`; no replica is admitted meanwhile. One
+        that does not answer within ``sync_timeout_s`` leaves the rotation."""
+        async with self._lock():
+            self._asleep = True
+            await self._each([r for r in self.replicas if r.live], self._sleep_one, "sleep")
+
+    async def wake(self) -> None:
+        async with self._lock():
+            await self._each([r for r in self.replicas if r.live], self._wake_one, "wake")
+            self._asleep = False
+
+    async def _sleep_one(self, r: Replica) -> None:
+        t = self.sync_timeout_s
+        if r.kind == "vllm":
+            await r.client.control("POST", "/sleep?level=1&mode=keep", None, timeout_s=t)
+        else:
+            await r.client.control("POST", "/sleep", {"timeout_s": t}, timeout_s=t)
+
+    async def _wake_one(self, r: Replica) -> None:
+        t = self.sync_timeout_s
+        await r.client.control("POST", "/wake_up", {}, timeout_s=t)
+        if r.kind == "vllm":  # its sleep paused the scheduler
+            await r.client.control("POST", "/resume", {}, timeout_s=t)
+
+    async def _each(self, replicas: list[Replica], step, what: str) -> None:
+        results = await asyncio.gather(*(step(r) for r in replicas), return_exceptions=True)
+        for r, res in zip(replicas, results, strict=True):
+            if isinstance(res, BaseException):
+                self._take_out(r, f"{what} failed: {res}")
 
     async def close(self) -> None:
         self._closed = True
@@ -610,7 +643,7 @@ class ReplicaPool:
             await asyncio.sleep(self.probe_s)
             now = time.monotonic()
             down = [r for r in self.replicas if not r.live and now >= r.next_probe]
-            if not down:
+            if not down or self._asleep:  # colocated: none wakes while the learner steps
                 continue
             # ask and link without the lock (a dead replica takes its connect timeout to
             # fail, and a sync must not wait on that); admit the ones that answered

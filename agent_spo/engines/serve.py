@@ -29,6 +29,9 @@ The routes a fleet of replicas needs (:mod:`agent_spo.engines.pool` drives them)
   request and its cache is kept, new ones queue. The pause is a lease: it ends by itself
   after ``timeout_s``, so a trainer that dies mid-update cannot leave a replica paused.
 * ``POST /resume``: decoding continues.
+* ``POST /sleep`` ``{"timeout_s": 300}`` / ``POST /wake_up``: colocated training. The
+  engine pauses and, on a GPU, moves its weights and caches to CPU memory; requests in
+  flight are kept. The sleep is a lease like the pause.
 * ``POST /update_weights`` ``{"path": DIR, "version": v}``: load the weights written at
   ``DIR`` by :func:`~agent_spo.engines.weights.write_weights` (checked against the model
   from its manifest before the first copy; a mismatch is a 400 and changes nothing);
@@ -296,6 +299,8 @@ class CompletionServer:
             "/resume": ("POST", self._resume),
             "/update_weights": ("POST", self._update_weights),
             "/transfer/init": ("POST", self._transfer_init),
+            "/sleep": ("POST", self._sleep),
+            "/wake_up": ("POST", self._wake_up),
         }
         if path not in routes:
             raise _BadRequest(f"no route {path}", status=404)
@@ -312,8 +317,9 @@ class CompletionServer:
 
     async def _weight_info(self, body: bytes):
         paused = bool(getattr(self.engine, "paused", False))
+        asleep = bool(getattr(self.engine, "asleep", False))
         return 200, {"weight_version": str(self.engine.version), "paused": paused,
-                     "instance": self.instance}  # fmt: skip
+                     "asleep": asleep, "instance": self.instance}  # fmt: skip
 
     def _control(self, name: str):
         method = getattr(self.engine, name, None)
@@ -322,27 +328,52 @@ class CompletionServer:
         return method
 
     async def _pause(self, body: bytes):
-        req = _json_object(body or b"{}")
-        lease = req.get("timeout_s", 300.0)
-        if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
-            raise _BadRequest(f"timeout_s must be a number > 0, got {lease!r}", param="timeout_s")
+        lease = self._lease_of(_json_object(body or b"{}"))
         await self._control("pause")()
-        if self._lease is not None:
-            self._lease.cancel()
-        self._lease = asyncio.get_running_loop().call_later(
-            float(lease), lambda: asyncio.ensure_future(self._expire())
-        )
+        self._hold(lease)
         return 200, {"paused": True, "weight_version": str(self.engine.version)}
 
     async def _expire(self) -> None:
         self._lease = None
         self.lease_expired += 1
+        if getattr(self.engine, "asleep", False):
+            await self._control("wake")()
         await self._control("resume")()
+
+    async def _sleep(self, body: bytes):
+        lease = self._lease_of(_json_object(body or b"{}"))
+        await self._control("sleep")()
+        self._hold(lease)
+        return 200, {"asleep": True}
+
+    async def _wake_up(self, body: bytes):
+        if self._lease is not None:
+            self._lease.cancel()
+            self._lease = None
+        await self._control("wake")()
+        return 200, {"asleep": False}
+
+    @staticmethod
+    def _lease_of(req: dict[str, Any]) -> float:
+        lease = req.get("timeout_s", 300.0)
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or not lease > 0:
+            raise _BadRequest(f"timeout_s must be a number > 0, got {lease!r}", param="timeout_s")
+        return float(lease)
+
+    def _hold(self, lease: float) -> None:
+        """A pause or a sleep that ends by itself after ``lease`` seconds."""
+        if self._lease is not None:
+            self._lease.cancel()
+        self._lease = asyncio.get_running_loop().call_later(
+            lease, lambda: asyncio.ensure_future(self._expire())
+        )
 
     async def _resume(self, body: bytes):
         if self._lease is not None:
             self._lease.cancel()
             self._lease = None
+        if getattr(self.engine, "asleep", False):  # its weights are off the device
+            await self._control("wake")()
         await self._control("resume")()
         return 200, {"paused": False, "weight_version": str(self.engine.version)}
 

@@ -206,6 +206,7 @@ class VLLMEngine:
         max_num_seqs: int | None = None,
         enable_prefix_caching: bool = True,
         tensor_parallel_size: int = 1,
+        sleep_mode: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -237,6 +238,8 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs
+        if sleep_mode and not self.is_cpu:  # vLLM's CPU worker has no sleep mode
+            kwargs["enable_sleep_mode"] = True
         kwargs.update(engine_kwargs or {})
 
         t0 = time.perf_counter()
@@ -383,6 +386,28 @@ class VLLMEngine:
             self.last_update_s = time.perf_counter() - t0
             self.last_reload_s = max(results) if results else None
             self._version = version
+
+    async def sleep(self) -> None:
+        """Colocated training: free the GPU for the learner (vLLM's sleep level 1: the KV
+        cache dropped, the weights moved to CPU memory), keeping requests in flight. On
+        CPU, vLLM's sleep does nothing but pause."""
+        llm = self._llm
+        if llm is None:
+            raise EngineError("vLLM engine is closed")
+        try:
+            await llm.sleep(level=1, mode="keep")
+        except Exception as e:
+            raise EngineError(f"vLLM sleep failed: {type(e).__name__}: {e}") from e
+
+    async def wake(self) -> None:
+        llm = self._llm
+        if llm is None:
+            raise EngineError("vLLM engine is closed")
+        try:
+            await llm.wake_up()
+            await llm.resume_generation()  # sleep paused the scheduler
+        except Exception as e:
+            raise EngineError(f"vLLM wake-up failed: {type(e).__name__}: {e}") from e
 
     async def close(self) -> None:
         if self._closed:

@@ -63,6 +63,9 @@ def test_engine_generates_and_takes_the_learners_weights(report):
     engine = report["engine"]
     assert 0 < engine["generated_tokens"] <= 4 * 8  # 4 requests of at most 8 new tokens
     assert engine["tokens_per_s"] > 0 and engine["weight_push_s"] >= 0
+    slept = engine["colocated"]  # on CPU there is no device memory to report
+    assert slept["generates_after_wake"] and slept["allocated_gb_asleep"] is None
+    assert engine["stats"]["sleeps"] == 1
 
 
 @pytest.mark.slow

@@ -293,6 +293,32 @@ def test_replicas_on_other_weights_wait_for_the_next_sync(fresh, transport):
     assert torch.allclose(torch.tensor(gen.logprobs), want, atol=1e-4)
 
 
+def test_replicas_sleep_and_wake_with_their_requests_kept(fresh):
+    """Colocated training: between sleep() and wake() no replica decodes; a request sent
+    before the sleep finishes after the wake."""
+
+    async def main():
+        async with _pool(fresh) as pool:
+            await pool.start()
+            with affinity(object()):
+                task = asyncio.create_task(pool.generate(
+                    _prompt(fresh.tok), Sampling(max_tokens=200, seed=1)))  # fmt: skip
+            await asyncio.sleep(0.05)
+            await pool.sleep()
+            infos = [httpx.get(r.url + "/weight_info").json() for r in fresh.replicas]
+            await asyncio.sleep(0.5)
+            held = not task.done()
+            await pool.wake()
+            gen = await task
+            after = [httpx.get(r.url + "/weight_info").json() for r in fresh.replicas]
+            return infos, held, gen, after, status(pool)
+
+    infos, held, gen, after, rows = asyncio.run(main())
+    assert [i["asleep"] for i in infos] == [True, True] and held
+    assert [i["asleep"] for i in after] == [False, False]
+    assert len(gen.token_ids) > 0 and all(row["live"] for row in rows)
+
+
 def test_when_every_replica_is_gone_requests_fail_at_once_naming_each(fresh):
     async def main():
         async with _pool(fresh) as pool:

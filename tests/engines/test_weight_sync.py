@@ -299,3 +299,16 @@ def test_an_update_that_fails_mid_copy_is_a_500_and_stops_the_rows_in_flight(
     body = {"prompt": _prompt(models.tok), "max_tokens": 4, "logprobs": 0}
     refused = httpx.post(replica.url + "/v1/completions", json=body)
     assert refused.status_code == 500 and "mixed" in refused.json()["error"]["message"]
+
+
+def test_a_sleep_is_a_lease_too_and_a_resume_wakes_the_engine(replica):
+    assert httpx.post(replica.url + "/sleep", json={"timeout_s": 0.5}).json() == {"asleep": True}
+    assert httpx.get(replica.url + "/weight_info").json()["asleep"] is True
+    time.sleep(1.0)
+    info = httpx.get(replica.url + "/weight_info").json()
+    assert info["asleep"] is False and info["paused"] is False  # the lease ended it
+    httpx.post(replica.url + "/sleep", json={})
+    httpx.post(replica.url + "/resume", json={})  # e.g. a sync's resume: wakes it first
+    info = httpx.get(replica.url + "/weight_info").json()
+    assert info["asleep"] is False and info["paused"] is False
+    assert replica.engine.stats["sleeps"] == 2
