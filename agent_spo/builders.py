@@ -390,12 +390,13 @@ def build_engine(
             prefix_cache=rollout.prefix_cache,
         )
     if rollout.engine == "vllm":
+        from agent_spo.engines.vllm import DEFAULT_MAX_MODEL_LEN as VLLM_DEFAULT_LEN
         from agent_spo.engines.vllm import VLLMEngine
 
-        extra = {} if rollout.max_model_len is None else {"max_model_len": rollout.max_model_len}
         return VLLMEngine(
-            model_path, dtype=model.dtype, seed=seed, sleep_mode=rollout.colocate, **extra
-        )
+            model_path, dtype=model.dtype, seed=seed, sleep_mode=rollout.colocate,
+            max_model_len=rollout.max_model_len or VLLM_DEFAULT_LEN,
+        )  # fmt: skip
     api_key = None
     if rollout.api_key_env is not None:
         from agent_spo.engines.base import EngineError

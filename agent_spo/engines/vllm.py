@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 
 # Default CPU-memory fraction for the KV cache on vLLM's CPU backend (see module docstring).
 CPU_MEMORY_UTILIZATION = 0.2
+DEFAULT_MAX_MODEL_LEN = 2048
 
 
 class WorkerExtension:
@@ -197,7 +198,7 @@ class VLLMEngine:
         self,
         model_path: str | Path,
         *,
-        max_model_len: int = 2048,
+        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         dtype: str = "float32",
         seed: int = 0,
         gpu_memory_utilization: float | None = None,

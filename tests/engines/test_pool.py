@@ -305,12 +305,14 @@ def test_replicas_sleep_and_wake_with_their_requests_kept(fresh):
                     _prompt(fresh.tok), Sampling(max_tokens=200, seed=1)))  # fmt: skip
             await asyncio.sleep(0.05)
             await pool.sleep()
-            infos = [httpx.get(r.url + "/weight_info").json() for r in fresh.replicas]
+            infos = [await r.client.control("GET", "/weight_info", timeout_s=10)
+                     for r in pool.replicas]  # fmt: skip
             await asyncio.sleep(0.5)
             held = not task.done()
             await pool.wake()
             gen = await task
-            after = [httpx.get(r.url + "/weight_info").json() for r in fresh.replicas]
+            after = [await r.client.control("GET", "/weight_info", timeout_s=10)
+                     for r in pool.replicas]  # fmt: skip
             return infos, held, gen, after, status(pool)
 
     infos, held, gen, after, rows = asyncio.run(main())
