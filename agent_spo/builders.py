@@ -439,10 +439,15 @@ def build_renderer(tokenizer, rollout: RolloutConfig, toolbox):
     )
 
 
-def build_episode_settings(rollout: RolloutConfig, sandbox: SandboxConfig):
+def build_episode_settings(rollout: RolloutConfig, sandbox: SandboxConfig, reward=None):
+    """The runner's settings; ``reward`` (a RewardConfig) adds the reference's reward
+    conditions."""
+    from agent_spo.episode.rules import RewardRules
     from agent_spo.episode.runner import EpisodeSettings
 
+    rules = RewardRules(**reward.model_dump()) if reward is not None else RewardRules()
     return EpisodeSettings(
+        rules=rules,
         max_turns=rollout.max_turns,
         max_response_tokens=rollout.max_response_tokens,
         temperature=rollout.temperature,
@@ -469,7 +474,8 @@ async def build_runner(cfg, engine, model_path: str | None, sandbox, verifier):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     toolbox = build_toolbox(cfg.rollout)
     renderer = build_renderer(tokenizer, cfg.rollout, toolbox)
-    settings = build_episode_settings(cfg.rollout, cfg.sandbox)
+    # a training config's reward rules hold for its rollouts and value estimates too
+    settings = build_episode_settings(cfg.rollout, cfg.sandbox, getattr(cfg, "reward", None))
     return EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
 
 

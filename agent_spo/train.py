@@ -258,7 +258,7 @@ async def setup(
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
-        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox)
+        settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox, cfg.reward)
         T = cfg.train
         eval_settings = dataclasses.replace(
             settings, temperature=T.eval_temperature, top_p=T.eval_top_p, top_k=T.eval_top_k

@@ -510,6 +510,17 @@ class SandboxConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    one_think_close: bool = False
+    """Reward 0 unless the model's turns close their thinking (`</think>`) exactly once,
+    whatever the answer. Source: the reference reward (spec §6); on in the paper configs,
+    which run Qwen3 in thinking mode."""
+
+    no_tool_call_after_think: bool = False
+    """Reward 0 for a response that calls a tool after `</think>`. Source: the reference
+    reward (spec §6); on in the paper configs."""
+
+
 class VerifierConfig(Section):
     timeout_s: float = Field(5.0, gt=0)
     """Wall-clock limit per verification (sympy can hang), seconds. > 0."""
@@ -605,6 +616,9 @@ class TrainConfig(Section):
 
     verifier: VerifierConfig = VerifierConfig()
     """Answer checking."""
+
+    reward: RewardConfig = RewardConfig()
+    """Extra reward conditions beyond the verifier's verdict (off by default)."""
 
     train: TrainLoopConfig = TrainLoopConfig()
     """Loop length, checkpointing, logging."""

@@ -38,6 +38,7 @@ from typing import Any
 from agent_spo.data.problems import Problem
 from agent_spo.engines.base import Engine, EngineError, Sampling, affinity
 from agent_spo.episode.render import ChatRenderer
+from agent_spo.episode.rules import RewardRules, apply_rules
 from agent_spo.episode.trajectory import Segment, ToolCallRecord, Trajectory
 from agent_spo.verify.verdict import Verdict
 from sandboxes.errors import SandboxError
@@ -63,6 +64,7 @@ class EpisodeSettings:
     deadline_s: float | None = None  # wall clock per episode; None = none
     tool_timeout_s: float | None = None  # per call; None = the sandbox's default
     retries: int = 2  # fresh attempts after an infrastructure failure
+    rules: RewardRules = RewardRules()  # the reference's extra reward conditions (off)
 
 
 class EpisodeRunner:
@@ -122,6 +124,7 @@ class EpisodeRunner:
         calls: list[ToolCallRecord] = []
         used = 0  # model tokens so far
         last_turn: list[int] = []
+        turn_texts: list[str] = []  # each model turn, special tokens kept
         stop_reason = None
         session = None
         ended_on_call = False  # the last model turn asked for a tool that never answered
@@ -169,6 +172,7 @@ class EpisodeRunner:
                 used += len(gen.token_ids)
                 last_turn = list(gen.token_ids)
                 text = self.renderer.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+                turn_texts.append(text)
                 call = self.renderer.fmt.parse(text) if gen.finish_reason == "stop" else None
                 if call is None:
                     if gen.finish_reason == "length":
@@ -226,6 +230,7 @@ class EpisodeRunner:
         else:
             final_text = self.renderer.tokenizer.decode(last_turn, skip_special_tokens=True)
             verdict = await self.verifier.acheck(problem.answer, final_text)
+            verdict = apply_rules(verdict, s.rules, turn_texts, self.renderer.fmt.parse)
         timings["verify_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         return Trajectory(

@@ -40,6 +40,36 @@ def model_dir_of(checkpoint: Path) -> Path:
     )
 
 
+# How a policy was trained to talk: evaluated "as trained", a checkpoint gets these from
+# its run's config.yaml unless the command line sets them.
+TRAINED_FORMAT = ("tool_format", "max_turns", "enable_thinking", "tools", "system_prompt",
+                  "tool_output_chars")  # fmt: skip
+
+
+def trained_format(checkpoint: Path, overrides: Sequence[str]) -> list[str]:
+    """Overrides that evaluate a checkpoint in the format its run trained with (read from
+    the run's ``config.yaml``), leaving out the keys ``overrides`` sets; [] when no run
+    config is found (a bare model directory)."""
+    import json
+
+    import yaml
+
+    p = Path(checkpoint)
+    for run in (p, p.parent, p.parent.parent):  # run dir, checkpoints/, ckpt-*
+        cfg = run / "config.yaml"
+        if cfg.is_file() and (run / "checkpoints").is_dir():
+            rollout = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("rollout")
+            break
+    else:
+        return []
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    return [
+        f"rollout.{k}={json.dumps(rollout[k])}"
+        for k in TRAINED_FORMAT
+        if isinstance(rollout, dict) and k in rollout and f"rollout.{k}" not in given
+    ]
+
+
 def build_config(
     config: str,
     overrides: Sequence[str],
@@ -49,8 +79,11 @@ def build_config(
     problems: int | None,
     out: Path | None,
 ) -> EvalConfig:
-    """The eval config with the command-line options applied as overrides."""
-    extra = list(overrides)
+    """The eval config with the command-line options applied as overrides; with a
+    checkpoint, in the format its run trained with (:func:`trained_format`) unless the
+    overrides say otherwise."""
+    extra = [] if checkpoint is None else trained_format(checkpoint, overrides)
+    extra += list(overrides)
     if samples is not None:
         extra.append(f"eval.n={samples}")
     if problems is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -40,6 +41,7 @@ class Context:
     sandbox: object
     verifier: object
     source: str  # where the settings came from, for the header
+    reward: Any = None  # the run's RewardConfig (extra reward conditions)
 
 
 def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
@@ -48,6 +50,7 @@ def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
 
     from agent_spo import builders
     from agent_spo.config import ModelConfig, RolloutConfig, SandboxConfig, VerifierConfig
+    from agent_spo.config.schema import RewardConfig
 
     cfg_path = log.parent / "config.yaml"
     raw: dict = {}
@@ -60,6 +63,7 @@ def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
         sandbox = SandboxConfig.model_validate(raw.get("sandbox") or {})
         verifier = VerifierConfig.model_validate(raw.get("verifier") or {})
         model_cfg = ModelConfig.model_validate(raw.get("model") or {})
+        reward = RewardConfig.model_validate(raw.get("reward") or {})
     except ValueError as e:
         raise ReplayError(f"{cfg_path}: not a usable config ({e})") from None
     if model is not None:
@@ -69,7 +73,7 @@ def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
         model_path = builders.resolve_model_path(model_cfg, log=log_fn)
     except builders.ModelPathError as e:
         raise ReplayError(str(e)) from None
-    return Context(model_path, rollout, sandbox, verifier, source)
+    return Context(model_path, rollout, sandbox, verifier, source, reward)
 
 
 def _tokenizer(path: str):
@@ -173,6 +177,7 @@ def _rerun(row: dict, ctx: Context, tokenizer, console: Console, err: Console) -
     import asyncio
 
     from agent_spo import builders
+    from agent_spo.episode.rules import RewardRules
     from agent_spo.replay.rerun import rerun_episode
 
     async def go():
@@ -183,6 +188,7 @@ def _rerun(row: dict, ctx: Context, tokenizer, console: Console, err: Console) -
                 return await rerun_episode(
                     row, toolbox=toolbox, renderer=renderer, sandbox=sandbox,
                     verifier=verifier, tool_timeout_s=ctx.sandbox.timeout_s,
+                    rules=RewardRules(**ctx.reward.model_dump()),
                 )  # fmt: skip
 
     report = asyncio.run(go())

@@ -80,6 +80,20 @@ def _final_text(row: dict, tokenizer) -> tuple[str, str] | None:
     )
 
 
+def _turn_texts(row: dict, tokenizer) -> list[str]:
+    """Each model turn's text, special tokens kept (split turns joined)."""
+    turns: list[list[int]] = []
+    prev = None
+    for s in row["segments"]:
+        if s["kind"] == "model":
+            if prev == "model":
+                turns[-1] += s["token_ids"]
+            else:
+                turns.append(list(s["token_ids"]))
+        prev = s["kind"]
+    return [tokenizer.decode(t, skip_special_tokens=False) for t in turns]
+
+
 async def rerun_episode(
     row: dict,
     *,
@@ -88,6 +102,7 @@ async def rerun_episode(
     sandbox,
     verifier,
     tool_timeout_s: float | None = None,
+    rules=None,
 ) -> RerunReport:
     """Execute the row's tool calls again and re-verify its answer; compare with the log."""
     import asyncio
@@ -141,6 +156,10 @@ async def rerun_episode(
         verified = True
     else:
         v = await asyncio.to_thread(verifier.check, gold, texts[1])
+        if rules is not None:  # the run's reward conditions, as the runner applied them
+            from agent_spo.episode.rules import apply_rules
+
+            v = apply_rules(v, rules, _turn_texts(row, renderer.tokenizer), renderer.fmt.parse)
         now_v = (v.status, v.reward, v.prediction, v.reason)
         verified = True
     return RerunReport(

@@ -78,6 +78,12 @@ def test_paper_config_values():
     assert (cfg.algo.rho.rho_min, cfg.algo.rho.rho_max, cfg.algo.rho.d_half) == (0.875, 0.96, 0.06)
     assert (cfg.loss.eps_low, cfg.loss.eps_high) == (0.2, 0.28)
     assert cfg.algo.sampler.mode == "prioritized" and cfg.algo.sampler.eps == 0.05
+    # the paper ran Qwen3 thinking, with the reference reward's conditions (spec §6)
+    assert cfg.rollout.enable_thinking is True
+    assert cfg.reward.one_think_close and cfg.reward.no_tool_call_after_think
+    assert cfg.sandbox.timeout_s == 30.0  # the reference's per-call limit
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert not demo.reward.one_think_close and not demo.reward.no_tool_call_after_think
 
 
 def test_held_out_evaluation_samples_as_the_paper_evaluates():
@@ -92,7 +98,8 @@ def test_paper_grpo_config_is_matched_to_spo():
     assert grpo.algo.name == "grpo" and grpo.algo.grpo.group_size == 8
     assert grpo.algo.sampler.mode == "uniform"
     assert grpo.learner.batch_size // grpo.algo.grpo.group_size == 256
-    for section in ("model", "data", "loss", "learner", "rollout", "sandbox", "verifier"):
+    for section in ("model", "data", "loss", "learner", "rollout", "sandbox", "verifier",
+                    "reward"):  # fmt: skip
         assert getattr(grpo, section) == getattr(spo, section), section
     assert grpo.train.model_dump() == spo.train.model_dump()
 

@@ -19,6 +19,7 @@ from agent_spo.data.problems import Problem
 from agent_spo.demo.demonstrations import call_text
 from agent_spo.episode.formats import get_format
 from agent_spo.episode.render import ChatRenderer
+from agent_spo.episode.rules import RewardRules
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner, EpisodeSettings
 
 SCHEMAS = [{"type": "function", "function": {"name": "python", "parameters": {}}}]
@@ -382,3 +383,45 @@ def test_the_deadline_keeps_the_episode_but_does_not_score_it(sandbox, verifier,
     with pytest.raises(EpisodeDropped) as e:
         loop.run_until_complete(runner.run(PROBLEM))
     assert e.value.source == "deadline" and runner.counters["retried"] == 0
+
+
+THINK_RULES = EpisodeSettings(
+    rules=RewardRules(one_think_close=True, no_tool_call_after_think=True)
+)
+
+
+@pytest.mark.parametrize(
+    "script, reason",
+    [
+        # thinks with a tool, closes once, answers: the reference's well-formed response
+        ([f"<think>\nLet me compute.\n{call('print(123 * 456)')}",
+          "So it is 56088.\n</think>\n\nThe answer is \\boxed{56088}.<|im_end|>"], None),
+        # right answer, but the thinking is never closed
+        (["<think>\nIt is 56088. The answer is \\boxed{56088}.<|im_end|>"],
+         "reward.one_think_close: 0 </think> tags, exactly one is required"),
+        # closed twice
+        (["<think>a</think> <think>b</think> The answer is \\boxed{56088}.<|im_end|>"],
+         "reward.one_think_close: 2 </think> tags, exactly one is required"),
+        # a tool call after the thinking was closed (in the same turn)
+        ([f"<think>\nok\n</think>\n{call('print(123 * 456)')}",
+          "The answer is \\boxed{56088}.<|im_end|>"],
+         "reward.no_tool_call_after_think: a tool call after </think>"),
+    ],
+)  # fmt: skip
+def test_the_reference_reward_conditions_turn_a_right_answer_to_zero(
+    sandbox, verifier, chat_tokenizer, script, reason
+):
+    traj, _, _, err = _run(sandbox, verifier, chat_tokenizer, script, settings_=THINK_RULES)
+    assert err is None
+    if reason is None:
+        assert traj.reward == 1.0 and traj.verdict == "correct"
+    else:
+        assert traj.reward == 0.0 and traj.verdict == "incorrect"
+        assert traj.info["verdict_reason"] == reason
+        assert traj.answer == "56088"  # the answer itself was right: the reason says why 0
+
+
+def test_the_reward_conditions_are_off_by_default(sandbox, verifier, chat_tokenizer):
+    script = ["<think>a</think> <think>b</think> The answer is \\boxed{56088}.<|im_end|>"]
+    traj, _, _, _ = _run(sandbox, verifier, chat_tokenizer, script)
+    assert traj.reward == 1.0

@@ -281,3 +281,32 @@ def test_demo_model_runs_on_every_shared_benchmark(tmp_path):
     listing = CliRunner().invoke(app, ["replay", str(out), "--limit", "3"])
     assert listing.exit_code == 0, listing.output
     assert "dataset / sample" in listing.stdout
+
+
+def test_a_checkpoint_is_evaluated_in_the_format_its_run_trained_with(tmp_path):
+    """`eval --checkpoint RUN`: tool format, turns and thinking come from the run's
+    config.yaml, unless the command line sets them."""
+    import yaml
+
+    from agent_spo.evaluate.command import build_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ckpt-000003" / "model").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-000003" / "model" / "config.json").write_text("{}")
+    (run / "checkpoints" / "ckpt-000003" / "model" / "model.safetensors").write_text("")
+    (run / "checkpoints" / "ckpt-000003" / "state.json").write_text('{"step": 3}')
+    (run / "checkpoints" / "latest").write_text("ckpt-000003\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"rollout": {
+        "tool_format": "retool", "max_turns": 9, "enable_thinking": True,
+        "system_prompt": "Think.\nThen answer.", "temperature": 1.0}}))  # fmt: skip
+    for where in (run, run / "checkpoints", run / "checkpoints" / "ckpt-000003"):
+        cfg = build_config("configs/eval/gsm8k.yaml", ["rollout.max_turns=4"], checkpoint=where,
+                           samples=None, problems=None, out=None)  # fmt: skip
+        r = cfg.rollout
+        assert (r.tool_format, r.enable_thinking, r.system_prompt) == (
+            "retool", True, "Think.\nThen answer.")  # fmt: skip
+        assert r.max_turns == 4  # the command line wins
+        assert r.temperature == 0.6  # sampling stays the eval config's
+    bare = build_config("configs/eval/gsm8k.yaml", [], checkpoint=run / "checkpoints" /
+                        "ckpt-000003" / "model", samples=None, problems=None, out=None)  # fmt: skip
+    assert bare.rollout.tool_format == "hermes"  # a bare model directory: the config's own
