@@ -310,7 +310,20 @@ def build_datasets(data: DataConfig, seed: int):
         problems = list(load_problems(data.train, data.max_prompts).problems)
     if data.max_prompts is not None:
         problems = problems[: data.max_prompts]
+    if data.held_out_file is not None:
+        held = list(load_problems(data.held_out_file).problems)
+        keys = {p.key for p in held}
+        return [p for p in problems if p.key not in keys], held
     return split(problems, data.held_out)
+
+
+def cap_prompts(problems, renderer, max_tokens: int | None) -> tuple[list, int]:
+    """``problems`` without those whose rendered opening exceeds ``max_tokens``, and how
+    many were dropped (data.max_prompt_tokens)."""
+    if max_tokens is None:
+        return list(problems), 0
+    kept = [p for p in problems if len(renderer.prompt_ids(p.problem)) <= max_tokens]
+    return kept, len(problems) - len(kept)
 
 
 def check_model_path(model: ModelConfig, rollout: RolloutConfig | None = None) -> list[str]:

@@ -258,6 +258,21 @@ async def setup(
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
         renderer = builders.build_renderer(tokenizer, cfg.rollout, toolbox)
+        if cfg.data.max_prompt_tokens is not None:
+            cap = cfg.data.max_prompt_tokens
+            kept, n_train = builders.cap_prompts(train_set, renderer, cap)
+            held_out, n_held = builders.cap_prompts(held_out, renderer, cap)
+            if not kept:
+                raise UnsupportedConfig(
+                    f"data.max_prompt_tokens: every training prompt is longer than {cap} "
+                    "tokens as rendered (system prompt and tool schema included)"
+                )
+            if too_few := check_trainable(cfg, train_prompts=len(kept)):
+                raise UnsupportedConfig(f"after data.max_prompt_tokens: {'; '.join(too_few)}")
+            if n_train or n_held:
+                log(f"dropped {n_train} training and {n_held} held-out prompts longer than "
+                    f"data.max_prompt_tokens={cap} tokens as rendered")  # fmt: skip
+            problems = {p.key: p for p in kept}
         settings = builders.build_episode_settings(cfg.rollout, cfg.sandbox, cfg.reward)
         T = cfg.train
         eval_settings = dataclasses.replace(

@@ -127,3 +127,38 @@ def test_stream_settings_and_loop_by_algorithm():
 
     with pytest.raises(ValueError, match="unknown algorithm 'ppo'"):
         build_loop("ppo")
+
+
+def test_held_out_from_its_own_file_and_long_prompts_capped(tmp_path):
+    import json
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from agent_spo.builders import build_datasets, build_renderer, build_toolbox, cap_prompts
+    from agent_spo.config import ConfigError
+    from agent_spo.demo.build import ensure_demo_model
+
+    rows = [{"id": i, "problem": f"Task {i}: what is " + " + ".join(["1"] * (1 + 40 * (i % 3))),
+             "answer": str(1 + 40 * (i % 3))} for i in range(12)]  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    cfg = load_config(None, [f"data.train={train}", f"data.held_out_file={held}",
+                             "data.held_out=0"])  # fmt: skip
+    tr, ho = build_datasets(cfg.data, 0)
+    assert [p.id for p in ho] == ["0", "1"]
+    assert len(tr) == 10 and not {p.key for p in tr} & {p.key for p in ho}  # taken out
+    with pytest.raises(ConfigError, match="data.held_out_file replaces data.held_out"):
+        load_config(None, [f"data.held_out_file={held}"])  # held_out is 0.2 by default
+
+    tok = AutoTokenizer.from_pretrained(ensure_demo_model(log=lambda m: None))
+    renderer = build_renderer(tok, cfg.rollout, build_toolbox(cfg.rollout))
+    lengths = sorted({len(renderer.prompt_ids(p.problem)) for p in tr})
+    assert len(lengths) >= 3  # short, middle and long problems
+    cap = lengths[len(lengths) // 2]
+    kept, dropped = cap_prompts(tr, renderer, cap)
+    assert dropped == sum(1 for p in tr if len(renderer.prompt_ids(p.problem)) > cap)
+    assert dropped > 0 and len(kept) == len(tr) - dropped
+    assert cap_prompts(tr, renderer, None) == (tr, 0)

@@ -88,7 +88,22 @@ class DataConfig(Section):
 
     held_out: float = Field(0.2, ge=0, lt=1)
     """Share of prompts kept out of training for evaluation, split by content key
-    (stable under reordering). In [0, 1)."""
+    (stable under reordering). In [0, 1). Must be 0 when held_out_file is set."""
+
+    held_out_file: str | None = None
+    """Held-out prompts from their own .jsonl/.parquet file instead of a share of the
+    training set; a prompt in both is taken out of training."""
+
+    max_prompt_tokens: int | None = Field(None, ge=16)
+    """Prompts whose rendered opening (system prompt, tool schema, problem) is longer than
+    this are dropped when the run starts, and counted. >= 16; None = no cap.
+    Paper: 2048."""
+
+    @model_validator(mode="after")
+    def _one_held_out(self) -> DataConfig:
+        if self.held_out_file is not None and self.held_out > 0:
+            raise ValueError("held_out_file replaces held_out: set held_out to 0")
+        return self
 
 
 class RhoConfig(Section):

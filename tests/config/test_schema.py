@@ -82,6 +82,8 @@ def test_paper_config_values():
     assert cfg.rollout.enable_thinking is True
     assert cfg.reward.one_think_close and cfg.reward.no_tool_call_after_think
     assert cfg.sandbox.timeout_s == 30.0  # the reference's per-call limit
+    assert cfg.data.max_prompt_tokens == 2048  # the paper's prompt cap
+    assert cfg.data.held_out == 0 and cfg.data.held_out_file.endswith("aime2024.jsonl")
     demo = load_config(CONFIGS / "demo.yaml")
     assert not demo.reward.one_think_close and not demo.reward.no_tool_call_after_think
 
