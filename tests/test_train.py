@@ -115,7 +115,8 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [("algo.rho.mode=kl_exact", "kl_exact"), ("loss.kl_coef=0.1", "loss.kl_coef"),
-     ("rollout.workers=900", "lower rollout.workers")],
+     ("rollout.workers=900", "lower rollout.workers"),
+     ("data.max_prompt_tokens=16", "every training prompt is longer than 16 tokens")],
 )  # fmt: skip
 def test_settings_training_cannot_honour_are_refused_before_work(tmp_path, override, message):
     result = _train(tmp_path, 1, override)
