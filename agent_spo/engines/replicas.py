@@ -50,13 +50,17 @@ class LocalReplica:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "agent_spo.cli", "engine", "serve", self.model_dir,
                "--port", str(self.port), *self.extra]  # fmt: skip
+        # its own process group: a vLLM server's engine-core process dies with it
         if self.log_path is None:
             self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env
-            )
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
         else:
             with open(self.log_path, "ab") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                self.proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,19 +81,29 @@ class LocalReplica:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def _group(self, sig: int) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:  # the whole group is gone already
+                pass
+
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGKILL the replica and every process it started (vLLM's engine core)."""
+        if self.proc is not None:
+            self._group(signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            self.proc.terminate()
+            self._group(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.kill()
+                pass
+        self.kill()  # whatever of its group is left
 
     def __enter__(self) -> LocalReplica:
         return self.start()
