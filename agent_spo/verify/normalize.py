@@ -308,10 +308,16 @@ def _binomials(text: str) -> str:
     return text
 
 
+# `\frac 1 3`: TeX takes one token per argument, spaces skipped. Rewritten with braces only
+# when nothing that could be a third number follows (`\frac 1 3 2` stays ambiguous).
+_BRACELESS_FRAC = re.compile(r"\\frac\s*([0-9A-Za-z])\s+([0-9A-Za-z])(?=\s*(?:$|[^\s0-9A-Za-z.]))")
+
+
 def _prepare(text: str) -> str:
     text = _unicode(text)
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = text.replace("\\cfrac", "\\frac").replace("\\dbinom", "\\binom")
+    text = _BRACELESS_FRAC.sub(r"\\frac{\1}{\2}", text)
     text = text.replace("\\tbinom", "\\binom").replace("\\displaystyle", " ")
     text = re.sub(r",\s*\\!\s*(?=\d{3})", ",", text)  # `11,\! 111` is a thousands separator
     text = text.replace("{,}", ",").replace("\\!", "").replace("\\$", " ").replace("$", " ")

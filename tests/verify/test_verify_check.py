@@ -153,3 +153,25 @@ def test_hedged_boxes_are_flagged():
 )
 def test_normalize(raw, normal):
     assert normalize(raw) == normal
+
+
+@pytest.mark.parametrize(
+    "gold, response, correct",
+    [
+        # brace-less arguments, as TeX reads them: one token each, spaces skipped
+        ("\\frac{1}{3}", "\\boxed{\\frac 1 3}", True),
+        ("\\frac{1}{3}", "The answer is \\boxed{\\dfrac 1 3}.", True),
+        ("-\\frac{1}{2}", "\\boxed{-\\frac 1 2}", True),
+        ("\\frac{a}{b}", "\\boxed{\\frac a b}", True),
+        ("\\frac{1}{2}+x", "\\boxed{\\frac 1 2 + x}", True),
+        # near misses that must stay false
+        ("3", "\\boxed{\\frac 1 3}", False),
+        ("13", "\\boxed{\\frac 1 3}", False),
+        ("\\frac{1}{32}", "\\boxed{\\frac 1 3 2}", False),  # a third number: ambiguous
+        ("\\frac{2}{3}", "\\boxed{\\frac 1 3 2}", False),
+        ("\\frac{12}{5}", "\\boxed{\\frac 12 5}", False),  # TeX: \frac{1}{2} 5
+        ("\\frac{1}{3}", "\\boxed{\\frac 1 3.5}", False),
+    ],
+)  # fmt: skip
+def test_brace_less_fractions_read_as_tex_reads_them(gold, response, correct):
+    assert check(gold, response).correct is correct
