@@ -7,7 +7,10 @@ One ``step(trajectories, adv)`` consumes one training batch:
   whose gradients accumulate with the mini-batch's trainable-token count as the explicit
   normaliser, so the split never changes the gradient (token mean over the step);
 * ``logp_old`` is the engine's behaviour log-probs (default: off-policy corrected by the
-  PPO ratio), or the learner's own recomputation before the update (reference option);
+  PPO ratio), or the learner's own recomputation before the update (reference option),
+  or (``decoupled``) the recomputation as the trust region's centre with each token
+  weighted by its importance weight to the behaviour policy, truncated at ``tis_cap``
+  when one is set (:func:`~agent_spo.algo.loss.importance_weights`);
 * after the update the learner measures its drift d_s = mean |logp_after − logp_before|
   over the batch's trainable tokens: the quantity the ``kl_version`` discount sums (spec §1).
   With ``probe_tokens`` it is measured on a probe: whole trajectories drawn in a seeded
@@ -32,7 +35,7 @@ from typing import Any, Literal, Protocol, TypedDict
 
 import torch
 
-from agent_spo.algo.loss import ppo_clip_loss
+from agent_spo.algo.loss import importance_weights, ppo_clip_loss
 from agent_spo.episode.trajectory import Trajectory
 from agent_spo.logprobs import chunked_logprobs, head_matches, split_head
 
@@ -61,6 +64,8 @@ class StepStats:
     n_trajectories: int
     optimizer_steps: int
     step_s: float  # wall time of the whole learner step
+    is_weight: float | None = None  # decoupled: mean importance weight, after the cap
+    tis_frac: float | None = None  # decoupled with a cap: share of tokens it truncated
 
 
 class LearnerLike(Protocol):
@@ -99,7 +104,8 @@ class Learner:
         eps_high: float = 0.28,
         dual_clip_c: float | None = 10.0,
         log_ratio_clamp: float = 20.0,
-        logp_old: Literal["behaviour", "recompute"] = "behaviour",
+        logp_old: Literal["behaviour", "recompute", "decoupled"] = "behaviour",
+        tis_cap: float | None = None,
         pad_token_id: int = 0,
         share_prefix: bool = True,
         compute_dtype: torch.dtype | None = None,
@@ -132,9 +138,14 @@ class Learner:
             "dual_clip_c": dual_clip_c,
             "log_ratio_clamp": log_ratio_clamp,
         }
-        if logp_old not in ("behaviour", "recompute"):
-            raise ValueError(f"logp_old must be 'behaviour' or 'recompute', got {logp_old!r}")
+        if logp_old not in ("behaviour", "recompute", "decoupled"):
+            raise ValueError(
+                f"logp_old must be 'behaviour', 'recompute' or 'decoupled', got {logp_old!r}"
+            )
+        if tis_cap is not None and (logp_old != "decoupled" or not tis_cap > 0):
+            raise ValueError(f"tis_cap needs logp_old='decoupled' and > 0, got {tis_cap!r}")
         self.logp_old_mode = logp_old
+        self.tis_cap = tis_cap
         self.pad_token_id = pad_token_id
         # bf16 autocast on GPUs: matmuls in bf16, weights, optimizer state and the
         # log-softmax in float32 (None = compute in the weights' dtype).
@@ -375,9 +386,13 @@ class Learner:
             raise ValueError(f"need one advantage per trajectory, got {len(trajs)} and {len(adv)}")
         t0 = time.perf_counter()
         probe = self._probe(trajs)
-        if self.logp_old_mode == "recompute":
+        weights: list[torch.Tensor] | None = None
+        is_stats: tuple[float | None, float | None] = (None, None)
+        if self.logp_old_mode in ("recompute", "decoupled"):
             full = self.token_logprobs(trajs)
             old, before = full, [full[i] for i in probe]
+            if self.logp_old_mode == "decoupled":
+                weights, is_stats = self._importance_weights(trajs, full)
         else:
             old = [torch.tensor(t.logprobs, dtype=torch.float64) for t in trajs]  # exact floats
             before = self.token_logprobs([trajs[i] for i in probe])
@@ -407,8 +422,16 @@ class Learner:
                 for row, g in enumerate(group):
                     o = old[idx[g]]
                     lo[row, : len(o)] = o.to(lo.device)
+                w = None
+                if weights is not None:
+                    w = torch.zeros_like(logp)
+                    for row, g in enumerate(group):
+                        wg = weights[idx[g]]
+                        w[row, : len(wg)] = wg.to(w.device)
                 a = torch.tensor([float(adv[idx[g]]) for g in group], device=logp.device)
-                loss, st = ppo_clip_loss(logp, lo, a, mask, normalizer, **self.loss_kwargs)
+                loss, st = ppo_clip_loss(
+                    logp, lo, a, mask, normalizer, is_weight=w, **self.loss_kwargs
+                )
                 loss.backward()
                 totals["loss"] += float(loss.detach())
                 totals["pg_loss"] += st.pg_loss
@@ -438,7 +461,31 @@ class Learner:
             n_trajectories=len(trajs),
             optimizer_steps=k,
             step_s=time.perf_counter() - t0,
+            is_weight=is_stats[0],
+            tis_frac=is_stats[1],
         )
+
+    def _importance_weights(
+        self, trajs: Sequence[Trajectory], prox: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], tuple[float | None, float | None]]:
+        """Each trajectory's per-token weight pi_prox / pi_behaviour (capped at tis_cap),
+        and the batch's mean weight and truncated share over trainable tokens. Every rank
+        holds the whole batch's log-probs, so every rank computes the same."""
+        weights, kept, cut = [], [], []
+        for t, lp in zip(trajs, prox, strict=True):
+            behaviour = torch.tensor(t.logprobs, dtype=torch.float64)
+            w, truncated = importance_weights(
+                lp, behaviour, self.tis_cap, self.loss_kwargs["log_ratio_clamp"]
+            )
+            weights.append(w)
+            m = torch.tensor(t.loss_mask, dtype=torch.bool)[: len(w)]
+            kept.append(w[m])
+            cut.append(truncated[m])
+        w_all, cut_all = torch.cat(kept), torch.cat(cut)
+        if not w_all.numel():
+            return weights, (None, None)
+        frac = float(cut_all.double().mean()) if self.tis_cap is not None else None
+        return weights, (float(w_all.mean()), frac)
 
     def _clip_grad(self) -> float:
         """Clip the gradient's global norm to grad_clip; the norm before clipping (over

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import random
 
 import pytest
@@ -244,3 +245,67 @@ def test_packing_refuses_eager_attention(tok):
     model.config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="learner.pack needs sdpa or flash attention"):
         Learner(model, pack=True)
+
+
+def _behaviour_shifted(trajs: list[Trajectory], deltas: list[float]) -> list[Trajectory]:
+    """The same trajectories sampled by a policy whose log-probs were lower by delta on
+    every model token: the importance weight pi_prox / pi_behaviour is exp(delta)."""
+    out = []
+    for t, d in zip(trajs, deltas, strict=True):
+        segs = [Segment("model", s.token_ids, [x - d for x in s.logprobs or ()], 0)
+                if s.kind == "model" else s for s in t.segments]  # fmt: skip
+        out.append(Trajectory(t.prompt_id, t.prompt_token_ids, segs))
+    return out
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_decoupled_weights_each_token_by_prox_over_behaviour_truncated_at_the_cap(tok, cap):
+    """At the start of a one-step update the ratio to the recomputed log-probs is 1, so
+    the decoupled loss's gradient is -A * w * grad(logp): the same update as `recompute`
+    with each trajectory's advantage multiplied by its (capped) weight exp(delta)."""
+    base = _model(tok, torch.float64)
+    probe = Learner(copy.deepcopy(base))
+    on_policy = _trajectories(probe, 3, len(tok), seed=9)
+    deltas = [0.0, 0.5, 2.0]
+    stale = _behaviour_shifted(on_policy, deltas)
+    adv = [1.0, -0.8, 0.6]
+    a = Learner(copy.deepcopy(base), grad_clip=1e9, logp_old="decoupled", tis_cap=cap)
+    b = Learner(copy.deepcopy(base), grad_clip=1e9, logp_old="recompute")
+    for learner in (a, b):  # plain gradient steps: the weights move by the gradient itself
+        learner.opt = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+    sa = a.step(stale, adv)
+    w = [math.exp(d) if cap is None else min(math.exp(d), cap) for d in deltas]
+    sb = b.step(on_policy, [x * wi for x, wi in zip(adv, w, strict=True)])
+    moved = 0.0
+    for pa, pb, p0 in zip(a.model.parameters(), b.model.parameters(), base.parameters(),
+                          strict=True):  # fmt: skip
+        # the weights reach the loss in the log-probs' float32: agreement to ~1e-7
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-6)
+        moved = max(moved, float((pa - p0).detach().abs().max()))
+    assert moved > 1e-3  # the step did move the weights
+    assert sa.loss == pytest.approx(sb.loss, rel=1e-6)
+    tokens = [sum(t.loss_mask) for t in stale]
+    mean_w = sum(n * x for n, x in zip(tokens, w, strict=True)) / sum(tokens)
+    assert sa.is_weight == pytest.approx(mean_w)
+    if cap is None:
+        assert sa.tis_frac is None
+    else:  # the third trajectory's tokens, exp(2) > 2
+        assert sa.tis_frac == pytest.approx(tokens[2] / sum(tokens))
+    assert sb.is_weight is None and sb.tis_frac is None
+
+
+def test_decoupled_on_policy_equals_recompute(tok):
+    base = _model(tok, torch.float64)
+    a = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2, logp_old="decoupled", tis_cap=2.0)
+    b = Learner(copy.deepcopy(base), lr=1e-2, mini_batches=2, logp_old="recompute")
+    trajs = _trajectories(a, 4, len(tok), seed=6)
+    sa = a.step(trajs, [1.0, -1.0, 0.3, 0.7])
+    b.step(trajs, [1.0, -1.0, 0.3, 0.7])
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-9)
+    assert sa.is_weight == pytest.approx(1.0, abs=1e-9) and sa.tis_frac == 0.0
+
+
+def test_a_cap_without_the_decoupled_objective_is_refused(tok):
+    with pytest.raises(ValueError, match="tis_cap needs logp_old='decoupled'"):
+        Learner(_model(tok), logp_old="recompute", tis_cap=2.0)

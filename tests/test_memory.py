@@ -80,6 +80,18 @@ def test_dry_run_prints_the_plan_and_refuses_one_that_does_not_fit(tmp_path):
     assert "fits learner.gpu_memory_gb = 80" in text
     assert "learner.gpu_memory_gb:" not in text  # only the missing weights are refused
     assert "has no tokenizer.json" in text
+    # the setting, as the paper ran it (spec §3, §6)
+    assert "rollout: spo, thinking on, retool tool calls, up to 9 turns of 16384 tokens" in text
+    assert ("reward: the verifier's, and 0 unless exactly one </think> and no tool call "
+            "after </think>") in text  # fmt: skip
+    assert ("regime: fresh batches (learner.max_staleness 0), old log-probs recomputed by "
+            "the learner: the paper's") in text  # fmt: skip
+    streaming = CliRunner().invoke(app, [*args, "learner.world_size=8", "learner.max_staleness=4",
+                                         "loss.logp_old=decoupled", "loss.tis_cap=2"])  # fmt: skip
+    text = " ".join(streaming.output.split())
+    assert ("regime: streaming (episodes up to 4 versions stale), decoupled: the clip centred "
+            "on the learner's recomputed log-probs, each token weighted by pi_recomputed / "
+            "pi_behaviour capped at 2") in text  # fmt: skip
 
 
 def test_under_torchrun_the_plan_uses_the_launchers_world_size(tmp_path, monkeypatch):

@@ -6,11 +6,20 @@ Per trainable token t, with a log-ratio clamped to ±``log_ratio_clamp``:
     l_t     = max(-A * ratio_t, -A * clip(ratio_t, 1 - eps_low, 1 + eps_high))
     l_t     = min(l_t, -A * c)            if A < 0   (dual-clip, c = dual_clip_c)
 
+    l_t     = w_t * l_t                   (optional importance weight, see below)
+
     loss    = sum_t mask_t * l_t / normalizer
             + kl_coef * sum_t mask_t * k3_t / normalizer         (optional)
             - entropy_coef * sum_t mask_t * H_t / normalizer     (optional)
 
 with the k3 estimator ``k3 = exp(logp_ref - logp_new) - (logp_ref - logp_new) - 1``.
+
+The decoupled (proximal) objective passes the learner's recomputed log-probs as
+``logp_old`` (the trust region is centred on the policy as it is now) and, as
+``is_weight``, each token's importance weight to the policy that sampled it,
+``w_t = pi_prox / pi_behaviour``, truncated at a cap when one is set (truncated
+importance sampling): :func:`importance_weights`. The weight is a constant of the
+update (no gradient flows through it).
 
 ``normalizer`` is the number of loss tokens in the whole optimizer step, passed in by the
 caller, so splitting a step into micro-batches and summing their gradients gives the
@@ -60,6 +69,7 @@ def ppo_clip_loss(
     logp_ref: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO-clip loss over trainable tokens; returns (scalar loss, detached stats).
 
@@ -97,6 +107,13 @@ def ppo_clip_loss(
         pg = torch.where(adv < 0, pg_dual, pg)
     else:
         dual_taken = torch.zeros_like(mask, dtype=torch.bool)
+
+    if is_weight is not None:
+        if is_weight.shape != mask.shape:
+            raise ValueError(
+                f"shape mismatch: is_weight {tuple(is_weight.shape)}, mask {tuple(mask.shape)}"
+            )
+        pg = pg * torch.where(keep, is_weight.detach().to(dtype), 0.0)
 
     pg_loss = (pg * mask).sum() / normalizer
     loss = pg_loss
@@ -140,6 +157,31 @@ def ppo_clip_loss(
             entropy=ent_mean,
         )
     return loss, stats
+
+
+def importance_weights(
+    logp_prox: torch.Tensor,
+    logp_behaviour: torch.Tensor,
+    cap: float | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, truncated)``: per token ``w = exp(logp_prox - logp_behaviour)`` (the log-ratio
+    clamped to ±``log_ratio_clamp``), ``min(w, cap)`` when a cap is given, and where the
+    cap took. ``logp_prox`` is the learner's policy before the update, ``logp_behaviour``
+    the engine's sampling log-probs: the weight corrects both the lag of a stale
+    trajectory and the engine/learner numerical mismatch."""
+    if logp_prox.shape != logp_behaviour.shape:
+        raise ValueError(
+            f"shape mismatch: logp_prox {tuple(logp_prox.shape)}, "
+            f"logp_behaviour {tuple(logp_behaviour.shape)}"
+        )
+    if cap is not None and not cap > 0:
+        raise ValueError(f"the cap must be > 0, got {cap!r}")
+    delta = (logp_prox.double() - logp_behaviour.double()).clamp(-log_ratio_clamp, log_ratio_clamp)
+    w = torch.exp(delta)
+    if cap is None:
+        return w, torch.zeros_like(w, dtype=torch.bool)
+    return torch.clamp(w, max=cap), w > cap
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

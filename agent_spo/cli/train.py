@@ -80,6 +80,8 @@ def train(
         memory, too_big = check_memory(cfg)
         if memory is not None:
             stderr.print(memory.table(), soft_wrap=True, highlight=False)
+        for line in setting_lines(cfg):
+            stderr.print(line, soft_wrap=True, highlight=False, markup=False)
         if problems := check_trainable(cfg, train_prompts) + check_model_path(cfg.model) + too_big:
             fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))
@@ -297,3 +299,32 @@ def register(app: typer.Typer) -> None:
     app.command()(rollout)
     app.command("estimate-values")(estimate_values)
     app.command()(plot)
+
+
+def setting_lines(cfg) -> list[str]:
+    """What a dry run says of the run's setting: the rollout, the reward, the regime."""
+    r, L, loss = cfg.rollout, cfg.learner, cfg.loss
+    rollout = (f"rollout: {cfg.algo.name}, thinking {'on' if r.enable_thinking else 'off'}, "
+               f"{r.tool_format} tool calls, up to {r.max_turns} turns of "
+               f"{r.max_response_tokens} tokens")  # fmt: skip
+    conditions = [c for c, on in (("exactly one </think>", cfg.reward.one_think_close),
+                                  ("no tool call after </think>",
+                                   cfg.reward.no_tool_call_after_think)) if on]  # fmt: skip
+    reward = "reward: the verifier's" + (
+        ", and 0 unless " + " and ".join(conditions) if conditions else ""
+    )
+    if L.max_staleness == 0 and loss.logp_old == "recompute":
+        regime = ("regime: fresh batches (learner.max_staleness 0), old log-probs recomputed "
+                  "by the learner: the paper's")  # fmt: skip
+    else:
+        centre = {
+            "behaviour": "the clip centred on the sampling policy's log-probs",
+            "recompute": "the clip centred on the learner's recomputed log-probs, "
+            "the lag uncorrected",
+            "decoupled": "decoupled: the clip centred on the learner's recomputed "
+            "log-probs, each token weighted by pi_recomputed / pi_behaviour"
+            + (f" capped at {loss.tis_cap:g}" if loss.tis_cap else ""),
+        }
+        regime = (f"regime: streaming (episodes up to {L.max_staleness} versions stale), "
+                  f"{centre[loss.logp_old]}")  # fmt: skip
+    return [rollout, reward, regime]

@@ -228,14 +228,32 @@ class LossConfig(Section):
     """Weight of an entropy bonus. Only 0 (off, the spec §3 default): the learner computes
     no per-token entropy yet, so any other value is rejected."""
 
-    logp_old: Literal["behaviour", "recompute"] = "behaviour"
+    logp_old: Literal["behaviour", "recompute", "decoupled"] = "behaviour"
     """Source of logp_old in the ratio. behaviour: the engine's sampling log-probs
-    (streaming default, corrects staleness); recompute: a learner forward pass before the
-    update (reference). Source: spec §3."""
+    (streaming default: the ratio itself corrects staleness, but the clip is centred on
+    the policy that sampled, up to max_staleness versions old); recompute: a learner
+    forward pass before the update (the paper's regime, with fresh batches); decoupled:
+    the recomputed log-probs centre the clip and each token's loss is weighted by
+    pi_recomputed / pi_behaviour, truncated at tis_cap if set (the decoupled, proximal
+    PPO objective: for streaming with max_staleness > 0). Source: spec §3."""
+
+    tis_cap: float | None = Field(None, gt=0)
+    """decoupled only: truncate each token's importance weight pi_recomputed / pi_behaviour
+    at this value (truncated importance sampling; 2.0 is a common choice). null: no
+    truncation. Not in the paper."""
 
     # `algo.loss.ppo_clip_loss` has both terms, but neither the learner nor the bandit
     # benchmark feeds it a reference policy or entropies: a non-zero weight would be
     # silently ignored, so it fails validation instead.
+    @model_validator(mode="after")
+    def _tis_needs_decoupled(self) -> LossConfig:
+        if self.tis_cap is not None and self.logp_old != "decoupled":
+            raise ValueError(
+                f"tis_cap = {self.tis_cap:g} weights the loss by pi_recomputed / "
+                f"pi_behaviour, which needs logp_old = decoupled (got {self.logp_old})"
+            )
+        return self
+
     @field_validator("kl_coef")
     @classmethod
     def _kl_off(cls, coef: float) -> float:

@@ -195,3 +195,33 @@ def test_micro_batch_gradient_accumulation_equals_one_pass(split):
     full_plain = _accumulated_grads(model, ids, logp_old, adv, mask, [6], n_tokens)
     wrong = _accumulated_grads(model, ids, logp_old, adv, mask, split, None)
     assert max((w - f).abs().max().item() for w, f in zip(wrong, full_plain, strict=True)) > 1e-4
+
+
+def test_an_importance_weight_scales_each_tokens_term_and_its_gradient():
+    logp_new, logp_old, adv, mask = _hand_batch()
+    w = torch.tensor([[2.0, 0.5, 7.0], [1.0, 0.25, 3.0]])
+    loss, st = ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=5, is_weight=w)
+    # the hand-computed terms of test_hand_computed_loss_and_stats, each times its weight;
+    # row 0's third token is masked: its weight 7 changes nothing
+    assert loss.item() == pytest.approx((-1.28 * 2 - 0.5 * 0.5 + 0.8 + 10 * 0.25 + 2 * 3) / 5)
+    assert st.clip_frac == pytest.approx(0.4)  # the clip is decided before the weight
+    loss.backward()
+    # unclipped token (A=+1, r=0.5): d/dlogp of -w*r = -w*r = -0.25
+    assert logp_new.grad[0, 1].item() == pytest.approx(-0.5 * 0.5 / 5)
+    with pytest.raises(ValueError, match="is_weight"):
+        ppo_clip_loss(logp_new, logp_old, adv, mask, normalizer=5, is_weight=w[:, :2])
+
+
+def test_importance_weights_are_prox_over_behaviour_and_the_cap_truncates():
+    from agent_spo.algo.loss import importance_weights
+
+    prox = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    behaviour = torch.tensor([-1.0, -1.0, -2.5, -40.0])
+    w, cut = importance_weights(prox, behaviour)
+    assert w.tolist() == pytest.approx([1.0, math.exp(-1), math.exp(2), math.exp(20)])
+    assert not cut.any()  # no cap: nothing truncated (the log-ratio clamp still holds)
+    w, cut = importance_weights(prox, behaviour, cap=2.0)
+    assert w.tolist() == pytest.approx([1.0, math.exp(-1), 2.0, 2.0])
+    assert cut.tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        importance_weights(prox, behaviour, cap=0.0)

@@ -84,6 +84,9 @@ def test_paper_config_values():
     assert cfg.sandbox.timeout_s == 30.0  # the reference's per-call limit
     assert cfg.data.max_prompt_tokens == 2048  # the paper's prompt cap
     assert cfg.data.held_out == 0 and cfg.data.held_out_file.endswith("aime2024.jsonl")
+    # the paper's regime: fresh batches, old log-probs recomputed, no importance weight
+    assert cfg.learner.max_staleness == 0 and cfg.loss.logp_old == "recompute"
+    assert cfg.loss.tis_cap is None
     demo = load_config(CONFIGS / "demo.yaml")
     assert not demo.reward.one_think_close and not demo.reward.no_tool_call_after_think
 
@@ -156,6 +159,17 @@ def test_commands_refuse_the_loss_terms_before_any_work(tmp_path, command, overr
     assert result.exit_code == EXIT_CONFIG, result.output
     assert override.split("=")[0] in result.output
     assert not any(tmp_path.iterdir())  # no run directory, no resolved config
+
+
+def test_a_tis_cap_needs_the_decoupled_objective_and_names_both_keys():
+    msg = _error(None, ["loss.tis_cap=2"])
+    assert "loss.tis_cap = 2" in msg and "needs loss.logp_old = decoupled" in msg
+    assert "(from override 'loss.tis_cap=2')" in msg
+    cfg = load_config(None, ["loss.tis_cap=2", "loss.logp_old=decoupled"])
+    assert cfg.loss.tis_cap == 2.0
+    assert "loss.tis_cap: expected a number > 0" in _error(
+        None, ["loss.tis_cap=0", "loss.logp_old=decoupled"]
+    )
 
 
 # --- options only training cannot honour: check_trainable -------------------------------
