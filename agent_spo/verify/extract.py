@@ -9,8 +9,10 @@ Order (the first that finds something wins):
    earlier attempts or intermediate results, so a re-boxed self-correction keeps only the
    last one. Boxes joined by "or" are competing candidates: they stay a list, which never
    equals a single gold (the hedge fails), and the extraction is marked hedged.
-2. "final answer is X" / "the answer is X" (last occurrence).
-3. `Answer: X` lines (last; markdown bold allowed), then `#### X` (GSM8K).
+2. "final answer is X" / "the answer is X" / "the correct option is X" (last occurrence).
+3. `Answer: X` lines (last; markdown bold allowed), then `#### X` (GSM8K). In 2 and 3 a
+   short prose subject is dropped ("Final Answer: the largest n is 34" -> 34) unless the
+   line negates, doubts or hedges ("not", "or", ...), when it stays whole.
 4. A short response is taken whole (a bare answer; parsed as LaTeX later).
 5. The last number of the last line that has one, unless that line hedges with "or".
 
@@ -50,7 +52,20 @@ _DOUBT = re.compile(
     re.IGNORECASE,
 )
 _MATH_SPAN_AFTER = re.compile(r"\s*(?:\$|\\\(|\\\[|\d)")
-_FINAL_IS = re.compile(r"(?:final\s+answer|the\s+answer)\s+(?:is|would\s+be|=)\s*:?\s*", re.I)
+_FINAL_IS = re.compile(
+    r"(?:final\s+answer|\bthe\s+(?:(?:correct|right|final)\s+)?answer"
+    r"|\bthe\s+(?:correct|right)\s+(?:option|choice))\s+(?:is|would\s+be|=)\s*:?\s*",
+    re.IGNORECASE,
+)
+# "the largest n is 34" after `Final Answer:`: a short prose subject, then the value. The
+# subject is words and one-letter variables only (no digits, no operators, no `=`), with
+# one word of three letters or more, so "34 is too big, ..." and "x is 2x" stay whole.
+_SUBJECT_IS = re.compile(
+    r"((?:[A-Za-z]{2,}|[A-Za-z]|\$[A-Za-z]\$|\\\([A-Za-z]\\\))"
+    r"(?:\s+(?:[A-Za-z]{2,}|[A-Za-z]|\$[A-Za-z]\$|\\\([A-Za-z]\\\))){0,11})"
+    r"\s+(?:is|equals)\s+"
+)
+_PROSE_SUBJECT = re.compile(r"[A-Za-z]{3,}")  # a subject of lone variables (`x is`) is math
 _ANSWER_LINE = re.compile(
     r"\banswer\s*(?:\*\*|__)?\s*(?:[:：]|(?=\$|\\\(|\\\[))\s*(?:\*\*|__)?[ \t]*([^\n]*)",
     re.IGNORECASE,
@@ -222,6 +237,21 @@ def clean_answer(text: str) -> str:
     return text
 
 
+def _drop_subject(answer: str) -> str:
+    """`the largest n is 34` -> `34`; anything that might negate or hedge stays whole."""
+    if len(answer) > 300:
+        return answer
+    m = _SUBJECT_IS.match(answer)
+    if m is None or _DOUBT.search(answer) or _OR.search(m.group(0)):
+        return answer
+    if _PROSE_SUBJECT.search(m.group(1)) is None:
+        return answer
+    if re.search(r"\band\b", m.group(0), re.IGNORECASE):
+        return answer
+    value = clean_answer(answer[m.end() :])
+    return value or answer
+
+
 def last_number(response: str) -> str | None:
     """The last number of the last line that has one; None if that line hedges with "or"."""
     for line in reversed(response.strip().splitlines()):
@@ -248,7 +278,7 @@ def extract_answer(response: str) -> Extraction:
     finals = list(_FINAL_IS.finditer(response))
     if finals:
         rest = response[finals[-1].end() :]
-        answer = clean_answer(_first_math_span(rest))
+        answer = _drop_subject(clean_answer(_first_math_span(rest)))
         if answer and _hedged_span(rest, answer):
             answer = ""  # "The answer is $3$ or $4$.": competing candidates, no answer
         if answer:
@@ -256,7 +286,7 @@ def extract_answer(response: str) -> Extraction:
     for pattern, how in ((_ANSWER_LINE, "answer-line"), (_HASH, "hash")):
         matches = list(pattern.finditer(response))
         if matches:
-            answer = clean_answer(matches[-1].group(1))
+            answer = _drop_subject(clean_answer(matches[-1].group(1)))
             if answer:
                 candidates.append((matches[-1].start(), answer, how))
     if candidates:

@@ -384,6 +384,47 @@ def _latex(text: str) -> sympy.Basic:
         raise Unparseable(f"LaTeX parser: {first}") from None
 
 
+def collapse_double_brackets(text: str) -> str:
+    """`((5))` -> `(5)`, `[[5]]` -> `[5]`, `{{x}}` -> `{x}`: a pair of brackets whose
+    whole content is one more pair of the same kind says nothing more. The LaTeX parser's
+    prediction is slow in nesting depth (30 pairs around a number took seconds), so the
+    redundant pairs go first. Pairs around a comma or semicolon are kept: `((1, 2))` may
+    be a tuple in parentheses or an interval, and the parser tells those apart."""
+    if "((" not in text and "[[" not in text and "{{" not in text:
+        return text
+    match: dict[int, int] = {}
+    stack: list[int] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":  # `\{`, `\(`: escaped, not grouping
+            i += 2
+            continue
+        if c in "([{":
+            stack.append(i)
+        elif c in ")]}":
+            if not stack or text[stack[-1]] != {")": "(", "]": "[", "}": "{"}[c]:
+                return text  # unbalanced or crossed: leave it to the parser to refuse
+            match[stack.pop()] = i
+        i += 1
+    if stack:
+        return text
+    drop: set[int] = set()
+    for start, end in match.items():
+        inner = start + 1
+        if (
+            match.get(inner) == end - 1
+            and text[inner] == text[start]
+            and "," not in text[inner:end]
+            and ";" not in text[inner:end]
+        ):
+            drop.update((start, end))
+    if not drop:
+        return text
+    return "".join(c for k, c in enumerate(text) if k not in drop)
+
+
 def parse_scalar(text: str) -> Answer:
     """One expression. Usually a Scalar; the parser may also return a set (`2 \\pm 1`)."""
     text = text.strip()
@@ -411,7 +452,7 @@ def parse_scalar(text: str) -> Answer:
         raise Unparseable("too many unbraced powers")
     if _GCD_LCM.search(text) and "^" in text:
         raise Unparseable("gcd/lcm of powers: the parser would compute it at any size")
-    raw = _latex(text)
+    raw = _latex(collapse_double_brackets(text))
     return from_sympy(raw, has_float=bool(re.search(r"\d\.\d|(?<!\d)\.\d", text)))
 
 

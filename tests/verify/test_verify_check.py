@@ -9,6 +9,7 @@ from agent_spo.verify import STATUSES, Verdict, check, verify
 from agent_spo.verify.check import parse_gold
 from agent_spo.verify.extract import extract_answer
 from agent_spo.verify.normalize import normalize
+from agent_spo.verify.parse import collapse_double_brackets
 
 
 def test_verify_is_check_correct():
@@ -118,6 +119,16 @@ def test_gold_parse_is_cached_across_samples():
         ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", "bare"),
         ("We get 3 apples, then 4 more, 7 in all.", "7", "last-number"),
         ("Either 3 or 4 apples.", None, "none"),
+        ("So the correct option is (A).", "(A)", "final-answer-is"),
+        ("The correct choice is **(C)**.", "(C)", "final-answer-is"),
+        ("Option (A) fails. The correct option is (B).", "(B)", "final-answer-is"),
+        ("The correct option is not (A).", "not (A)", "final-answer-is"),
+        ("work\nFinal Answer: the largest n is 34.", "34", "answer-line"),
+        ("Final Answer: The largest value of $n$ is $34$.", "34", "answer-line"),
+        ("Final Answer: the largest n is 34 + 1", "34 + 1", "answer-line"),
+        ("Final Answer: the largest n is not 34.", "the largest n is not 34", "answer-line"),
+        ("Final Answer: n or m is 34", "n or m is 34", "answer-line"),
+        ("Final Answer: 34 is too big, the answer is 35", "35", "final-answer-is"),
     ],
 )
 def test_extraction(response, answer, how):
@@ -175,3 +186,32 @@ def test_normalize(raw, normal):
 )  # fmt: skip
 def test_brace_less_fractions_read_as_tex_reads_them(gold, response, correct):
     assert check(gold, response).correct is correct
+
+
+@pytest.mark.parametrize(
+    "raw,collapsed",
+    [
+        ("((5))", "(5)"),
+        ("[[[5]]]", "[5]"),
+        ("{{x}}", "{x}"),
+        ("(((x+1)))^2", "(x+1)^2"),
+        ("\\frac{{1}}{{2}}", "\\frac{1}{2}"),
+        # kept as written
+        ("((x)+(y))", "((x)+(y))"),  # the outer pair holds two groups
+        ("((1,2))", "((1,2))"),  # a comma inside: tuple or interval, the parser decides
+        ("([5])", "([5])"),  # different kinds
+        ("\\{\\{5\\}\\}", "\\{\\{5\\}\\}"),  # escaped braces are sets
+        ("((5)", "((5)"),  # unbalanced
+        ("((1,2])", "((1,2])"),  # crossed: a half-open interval inside
+    ],
+)
+def test_collapse_double_brackets(raw, collapsed):
+    assert collapse_double_brackets(raw) == collapsed
+
+
+def test_deeply_parenthesised_number_is_fast(pool):
+    nested = "(" * 30 + "5" + ")" * 30
+    v = pool.check("5", f"\\boxed{{{nested}}}")
+    assert v.status == "correct", v.reason
+    assert v.elapsed_s < 1.0  # the parser alone took ~3 s on this before the collapse
+    assert not pool.check("6", f"\\boxed{{{nested}}}").correct
