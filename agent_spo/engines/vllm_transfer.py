@@ -96,8 +96,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         hf = self.model_config.hf_text_config
         skip = {"lm_head.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
         incoming = IncomingUpdate(self.link, int(update_info.version))
-        load = self.model.load_weights
-        load((n, t) for n, t in incoming if n not in skip)  # type: ignore[operator]
+        # typed as the Module's attribute (Tensor | Module) where vLLM is installed
+        load: Any = self.model.load_weights
+        load((n, t) for n, t in incoming if n not in skip)
 
     def finish_weight_update(self) -> None:
         from agent_spo.engines.vllm import _refresh_tied_lm_head
