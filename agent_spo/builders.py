@@ -223,12 +223,15 @@ def build_stream_settings(
     )
 
 
-def build_loop(name: str, *, group_size: int = 8) -> TrainLoop:
-    """The training loop for an algorithm: SPO's single stream, or GRPO's group barrier
-    with groups of ``group_size``; both are called with the same keyword arguments."""
+def build_loop(name: str, *, group_size: int = 8, exact_drift=None) -> TrainLoop:
+    """The training loop for an algorithm: SPO's single stream (with the kl_exact store,
+    if given), or GRPO's group barrier with groups of ``group_size``; both are called
+    with the same keyword arguments."""
     from agent_spo.pipeline import train_grpo, train_spo
 
     if name == "spo":
+        if exact_drift is not None:
+            return functools.partial(train_spo, exact_drift=exact_drift)
         return train_spo
     if name == "grpo":
         return functools.partial(train_grpo, group_size=group_size)

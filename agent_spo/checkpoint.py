@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def save_checkpoint(
     learner_version: int,
     episode_log_offset: int = 0,
     extra: dict[str, Any] | None = None,
+    files: dict[str, Callable[[Path], None]] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``.
@@ -76,7 +78,8 @@ def save_checkpoint(
     ``learner`` (a Learner or a LearnerGroup) writes its weights and optimizer there
     (every rank, into the same directory: on several machines it must be shared).
     ``tracker`` and ``sampler`` are the objects or their ``state_dict()`` snapshots (taken
-    by a caller that writes from a thread while they keep changing).
+    by a caller that writes from a thread while they keep changing). ``files`` maps a
+    file name to a function that writes it (e.g. kl_exact's kept trajectories).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     learner.save_state(tmp, tokenizer)
+    for name, write in (files or {}).items():
+        write(tmp / name)
     state = {
         "step": step,
         "learner_version": learner_version,

@@ -38,6 +38,14 @@ METRICS: dict[str, str] = {
     # tracker/
     "tracker/v_hat_mean": "mean baseline v̂(x) of the batch, read before each reward",
     "tracker/drift": "the step's policy drift d_s (mean |log-ratio| new vs old policy)",
+    "tracker/rho_mean": "mean discount rho of the tracker updates since the last step",
+    "tracker/rho_at_min": "share of those updates whose rho sat on rho_min",
+    "tracker/rho_at_max": "share of those updates whose rho sat on rho_max (first visits too)",
+    "tracker/kl_exact_s": "kl_exact: time to score the kept and the new trajectories",
+    "tracker/kl_exact_scored": "kl_exact: prompts whose D was measured on a kept trajectory",
+    "tracker/kl_exact_unkept": "kl_exact: revisited prompts with no trained trajectory kept",
+    "tracker/kl_exact_mb": "kl_exact: memory of the kept trajectories (MiB)",
+    "tracker/kl_exact_drift_mean": "kl_exact: mean measured D of the step's prompts",
     # loss/
     "loss/pg": "PPO-clip policy-gradient loss (token-mean)",
     "loss/clip_frac": "share of trainable tokens whose ratio was clipped",

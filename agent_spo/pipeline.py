@@ -11,6 +11,11 @@ trajectories, drops any whose oldest segment lags the learner by more than
 ``max_staleness`` versions (counted, never trained on), normalises r − v̂ over the batch,
 updates, records its drift for the ``kl_version`` discount, and pushes weights.
 Unscorable episodes (reward None) and dropped ones never reach the tracker or the queue.
+With ``algo.rho.mode = kl_exact`` (an :class:`~agent_spo.exact_drift.ExactDrift` store)
+the tracker takes rewards at the learner step instead, as the reference recipe does: the
+worker reads v̂ at once, and after the update each prompt's drift is measured on its
+previous trajectory, the rewards go in (in draw order, those dropped as stale too), and
+the batch's trajectories are kept for their next visit.
 The queue holds at most ``queue_limit`` finished trajectories: when the learner is the
 bottleneck, workers wait to hand theirs over rather than generate samples that would
 only go stale. A sampling budget bounds how far workers run ahead of the learner
@@ -46,6 +51,7 @@ from agent_spo.data.problems import Problem
 from agent_spo.episode.pool import drop_cause
 from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
+from agent_spo.exact_drift import ExactDrift
 from agent_spo.learner import LearnerLike
 
 
@@ -175,6 +181,22 @@ class StreamState:
     step: int = 0
     episodes: int = 0
     counters: Counter = field(default_factory=Counter)
+    rhos: list[float] = field(default_factory=list)  # the tracker's discounts since a step
+
+
+def _rho_metrics(rhos: list[float], tracker: ValueTracker) -> dict:
+    """How the step's tracker updates were discounted: the mean rho and the shares that
+    sat on each clip bound (a first visit counts at rho_max)."""
+    if not rhos or tracker.rho_mode == "constant":
+        return {}
+    r = np.asarray(rhos)
+    out = {
+        "tracker/rho_mean": float(r.mean()),
+        "tracker/rho_at_min": float(np.mean(r <= tracker.rho_min)),
+        "tracker/rho_at_max": float(np.mean(r >= tracker.rho_max)),
+    }
+    rhos.clear()
+    return out
 
 
 def _room(settings: StreamSettings, n: int, tokens: int) -> bool:
@@ -236,8 +258,11 @@ async def train_spo(
     engine,
     settings: StreamSettings,
     on_step: Callable[[dict, list[Finished]], object] | None = None,
+    exact_drift: ExactDrift | None = None,
 ) -> StreamState:
-    """Run ``settings.total_steps`` learner steps on the single stream; returns counters."""
+    """Run ``settings.total_steps`` learner steps on the single stream; returns counters.
+    ``exact_drift``: the kl_exact store (the tracker then takes rewards at the learner
+    step; see the module doc)."""
     state = StreamState()
     # Back-pressure: when the learner is the bottleneck, workers wait to hand over their
     # trajectory instead of sampling more that would only go stale and be dropped.
@@ -271,10 +296,15 @@ async def train_spo(
                 watch.unscored(traj)
                 continue
             watch.ok()
+            if exact_drift is not None:  # the reward goes in at the learner step
+                await queue.put(Finished(traj, key, tracker.value(key), draw))
+                continue
             upd = tracker.observe(key, traj.reward)
+            state.rhos.append(upd.rho)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
             await queue.put(Finished(traj, key, upd.v_hat_before, draw, upd.v_hat_after))
 
+    late: list[Finished] = []  # kl_exact: rewards of trajectories dropped as stale
     tasks = [asyncio.create_task(worker()) for _ in range(settings.workers)]
     try:
         for step in range(settings.first_step, settings.total_steps):
@@ -286,6 +316,8 @@ async def train_spo(
                 if item.traj.staleness(learner.version) > settings.max_staleness:
                     state.counters["dropped/stale"] += 1
                     await budget.give_back()
+                    if exact_drift is not None:
+                        late.append(item)
                     continue
                 batch.append(item)
                 tokens += item.traj.num_model_tokens
@@ -294,6 +326,11 @@ async def train_spo(
             batch.sort(key=lambda b: b.draw)
             wait_s = time.perf_counter() - t_wait
             metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+            if exact_drift is not None:
+                metrics.update(await _observe_exact(batch, late, learner, tracker, sampler,
+                                                    exact_drift, state))  # fmt: skip
+                late.clear()
+            metrics.update(_rho_metrics(state.rhos, tracker))
             await budget.stepped(len(batch))
             state.step = step + 1
             metrics.update({
@@ -319,6 +356,7 @@ async def train_sync(
     engine,
     settings: StreamSettings,
     on_step: Callable[[dict, list[Finished]], object] | None = None,
+    exact_drift: ExactDrift | None = None,
 ) -> StreamState:
     """The textbook synchronous loop, kept as the reference the stream reduces to.
 
@@ -350,15 +388,74 @@ async def train_sync(
             if r.reward is None:
                 state.counters["unscored"] += 1
                 continue
+            if exact_drift is not None:  # the reward goes in at the learner step
+                batch.append(Finished(r, key, tracker.value(key), draw))
+                continue
             upd = tracker.observe(key, r.reward)
+            state.rhos.append(upd.rho)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
             batch.append(Finished(r, key, upd.v_hat_before, draw, upd.v_hat_after))
         metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+        if exact_drift is not None:
+            metrics.update(
+                await _observe_exact(batch, [], learner, tracker, sampler, exact_drift, state)
+            )
+        metrics.update(_rho_metrics(state.rhos, tracker))
         state.step = step + 1
         metrics.update({"step": state.step, "rollout/episodes": state.episodes})
         if on_step is not None:
             await _maybe_await(on_step(metrics, batch))
     return state
+
+
+async def _observe_exact(
+    batch: list[Finished],
+    late: list[Finished],
+    learner: LearnerLike,
+    tracker: ValueTracker,
+    sampler: PrioritizedSampler,
+    store: ExactDrift,
+    state: StreamState,
+) -> dict:
+    """kl_exact, after the learner's update: score the kept trajectories of the step's
+    prompts and the batch itself under the new policy (one learner call, in a thread),
+    then give the tracker the rewards in draw order with D measured on each prompt's
+    kept trajectory, and keep the batch's trajectories with their log-probs now."""
+    t0 = time.perf_counter()
+    observed = sorted(batch + late, key=lambda b: b.draw)
+    kept = [k for k in dict.fromkeys(b.key for b in observed) if k in store]
+    to_score = [store.trajectory(k) for k in kept] + [b.traj for b in batch]
+    scored = await asyncio.to_thread(learner.token_logprobs, to_score) if to_score else []
+    drift = {k: store.drift(k, lp.numpy()) for k, lp in zip(kept, scored, strict=False)}
+    seen: set[str] = set()
+    missing = 0
+    for b in observed:
+        if tracker.visits(b.key) == 0:
+            d = None  # a first visit: D = 0
+        elif b.key in seen:
+            d = 0.0  # visited a moment ago, under this same policy
+        elif b.key in drift:
+            d = drift[b.key]
+        else:  # visited before, but that trajectory was never trained (it went stale)
+            d, missing = 0.0, missing + 1
+        assert b.traj.reward is not None  # unscored episodes never reach the queue
+        upd = tracker.observe(b.key, b.traj.reward, drift=d)
+        state.rhos.append(upd.rho)
+        sampler.refresh(b.key, tracker.value(b.key), tracker.n_eff(b.key))
+        b.v_after = upd.v_hat_after
+        seen.add(b.key)
+    trained = sorted(zip(batch, scored[len(kept) :], strict=True), key=lambda x: x[0].draw)
+    for b, lp in trained:  # in draw order: a prompt trained twice keeps its latest
+        store.remember(b.key, b.traj, lp.numpy())
+    return {
+        "tracker/kl_exact_s": time.perf_counter() - t0,
+        "tracker/kl_exact_scored": float(len(kept)),
+        "tracker/kl_exact_unkept": float(missing),
+        "tracker/kl_exact_mb": store.nbytes / 2**20,
+        **(
+            {"tracker/kl_exact_drift_mean": float(np.mean(list(drift.values())))} if drift else {}
+        ),  # fmt: skip
+    }
 
 
 async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) -> dict:

@@ -37,6 +37,8 @@ from agent_spo import builders
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint, restore, save_checkpoint
 from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
+from agent_spo.exact_drift import FILE as EXACT_FILE
+from agent_spo.exact_drift import ExactDrift
 from agent_spo.memory import check_memory
 from agent_spo.metrics import MetricsLog, read_metrics
 from agent_spo.rundir import check_unlocked, lock_run_dir
@@ -137,6 +139,7 @@ class Run:
     stream: Any  # pipeline.StreamSettings
     values: dict | None  # where the tracker's prior came from, and its summary
     log: Callable[[str], None]
+    exact: Any = None  # ExactDrift: kl_exact's kept trajectories (None in other modes)
 
 
 def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
@@ -281,10 +284,15 @@ async def setup(
         runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, settings)
         eval_runner = EpisodeRunner(engine, renderer, toolbox, sandbox, verifier, eval_settings)
         tracker = builders.build_tracker(cfg.algo)
+        exact = None
+        if cfg.algo.name == "spo" and cfg.algo.rho.mode == "kl_exact":
+            exact = ExactDrift()
         values = None
         if ckpt is not None:
             sampler = builders.build_sampler(cfg.algo, list(problems), tracker, cfg.run.seed)
             restore(ckpt, learner=learner, tracker=tracker, sampler=sampler)
+            if exact is not None and (ckpt.path / EXACT_FILE).is_file():
+                exact = ExactDrift.load(ckpt.path / EXACT_FILE)
             sampler.release_all()  # episodes in flight at the checkpoint are gone
             learner.version = ckpt.state["learner_version"]
             await engine.update_weights(learner.named_weights(), learner.version)
@@ -298,11 +306,12 @@ async def setup(
             cfg=cfg, dir=run_dir, ckpt=ckpt, first_step=first_step, problems=problems,
             held_out=held_out, engine=engine, tokenizer=tokenizer, learner=learner,
             runner=runner, eval_runner=eval_runner, tracker=tracker, sampler=sampler,
-            loop=builders.build_loop(cfg.algo.name, group_size=cfg.algo.grpo.group_size),
+            loop=builders.build_loop(cfg.algo.name, group_size=cfg.algo.grpo.group_size,
+                                     exact_drift=exact),
             stream=builders.build_stream_settings(
                 cfg, seed=cfg.run.seed + first_step, first_step=first_step
             ),
-            values=values, log=log,
+            values=values, log=log, exact=exact,
         )  # fmt: skip
 
 
@@ -431,6 +440,7 @@ async def save(run: Run, step: int, *, episode_log_offset: int) -> None:
         tokenizer=run.tokenizer, tracker=run.tracker.state_dict(),
         sampler=run.sampler.state_dict(), learner_version=learner.version,
         episode_log_offset=episode_log_offset,
+        files={EXACT_FILE: run.exact.snapshot().save} if run.exact is not None else None,
     )  # fmt: skip
 
 

@@ -20,12 +20,16 @@ pytestmark = pytest.mark.slow
 def _run(
     max_staleness: int, steps: int = 2, batch: int = 4, workers: int = 4, grpo: int = 0,
     sync: bool = False, batch_tokens: int | None = None, colocate: bool = False,
-    learner_cls=Learner,
+    learner_cls=Learner, overrides: tuple[str, ...] = (),
 ):  # fmt: skip
     from transformers import AutoModelForCausalLM
 
+    from agent_spo.exact_drift import ExactDrift
+
     algo = ["algo.name=grpo", f"algo.grpo.group_size={grpo}"] if grpo else []
-    cfg = load_config(None, ["rollout.max_response_tokens=128", "sandbox.pool_size=2", *algo])
+    cfg = load_config(None, ["rollout.max_response_tokens=128", "sandbox.pool_size=2", *algo,
+                             *overrides])  # fmt: skip
+    exact = ExactDrift() if cfg.algo.rho.mode == "kl_exact" else None
     train, _ = builders.build_datasets(cfg.data, 0)
     path = builders.resolve_model_path(cfg.model, log=lambda m: None)
     rows: list[dict] = []
@@ -60,11 +64,13 @@ def _run(
                 else:
                     state = await (train_sync if sync else train_spo)(
                         runner=runner, problems=problems, tracker=tracker, sampler=sampler,
-                        learner=learner, engine=engine, settings=settings,
+                        learner=learner, engine=engine, settings=settings, exact_drift=exact,
                         on_step=lambda m, b: rows.append({**m, "keys": [x.key for x in b],
                                                           "batch": b}),
                     )  # fmt: skip
         await engine.close()
+        if exact is not None:
+            learner.exact = exact  # for the kl_exact tests
         return state, tracker, sampler, learner, engine
 
     return (*asyncio.run(main()), rows)
@@ -99,14 +105,18 @@ def test_zero_staleness_trains_only_on_current_policy_samples():
     assert all("rollout/dropped/stale" not in r for r in rows)  # nothing sampled to be dropped
 
 
-def test_stream_at_zero_staleness_equals_the_synchronous_loop():
+@pytest.mark.parametrize("rho", ["kl_version", "kl_exact"])
+def test_stream_at_zero_staleness_equals_the_synchronous_loop(rho):
     """With max_staleness 0 the stream samples exactly one batch per policy version, so
     it must reproduce the synchronous loop: the same prompts, seeds, tokens, rewards,
-    baselines, tracker state and weights (up to float noise from engine batching)."""
+    baselines, tracker state and weights (up to float noise from engine batching).
+    kl_exact (rewards into the tracker at the learner step, 6 prompts so that they come
+    back) too."""
     import torch
 
-    a = _run(max_staleness=0, steps=3, batch=4, workers=4)
-    b = _run(max_staleness=0, steps=3, batch=4, workers=4, sync=True)
+    over = (f"algo.rho.mode={rho}",) + (("data.synthetic_tasks=6",) if rho == "kl_exact" else ())
+    a = _run(max_staleness=0, steps=3, batch=4, workers=4, overrides=over)
+    b = _run(max_staleness=0, steps=3, batch=4, workers=4, sync=True, overrides=over)
     (state_a, tracker_a, sampler_a, learner_a, _, rows_a) = a
     (state_b, tracker_b, sampler_b, learner_b, _, rows_b) = b
     assert state_a.step == state_b.step == 3
@@ -116,7 +126,9 @@ def test_stream_at_zero_staleness_equals_the_synchronous_loop():
             assert x.draw == y.draw
             assert x.traj.prompt_token_ids == y.traj.prompt_token_ids
             assert x.traj.response_token_ids == y.traj.response_token_ids
-            assert x.traj.reward == y.traj.reward and x.v_hat == y.v_hat
+            assert x.traj.reward == y.traj.reward
+            # kl_exact's D comes from the learner's log-probs: equal up to float noise
+            assert x.v_hat == (y.v_hat if rho == "kl_version" else pytest.approx(y.v_hat))
             assert x.traj.staleness(ra["step"] - 1) == 0
     assert tracker_a.state_dict()["visits"] == tracker_b.state_dict()["visits"]
     for k in tracker_b.state_dict()["visits"]:
@@ -133,6 +145,40 @@ def test_stream_at_zero_staleness_equals_the_synchronous_loop():
         if name in w0:
             moved = max(moved, (t - w0[name].detach()).abs().max().item())
     assert moved > 1e-4  # the three steps did train: equal weights are not unchanged ones
+    if rho == "kl_exact":
+        assert sum(r["tracker/kl_exact_scored"] for r in rows_a) > 0  # prompts came back
+        assert [r["tracker/kl_exact_scored"] for r in rows_a] == [
+            r["tracker/kl_exact_scored"] for r in rows_b
+        ]
+
+
+def test_kl_exact_keeps_each_trained_prompts_last_trajectory_and_measures_on_it():
+    """6 prompts, 3 steps of 4: prompts come back. Every observation reaches the tracker
+    at its learner step; the store holds each trained prompt's last trajectory, with the
+    log-probs of the policy right after the update that trained it."""
+    state, tracker, sampler, learner, engine, rows = _run(
+        max_staleness=4, steps=3, batch=4, workers=4,
+        overrides=("algo.rho.mode=kl_exact", "data.synthetic_tasks=6"),
+    )  # fmt: skip
+    store = learner.exact
+    last = {}
+    for r in rows:
+        for b in r["batch"]:
+            last[b.key] = b.traj
+            lo, hi = sorted((b.v_hat, b.traj.reward))  # the update ran, towards r
+            assert lo - 1e-12 <= b.v_after <= hi + 1e-12
+    assert set(last) == {k for k in last if k in store} and len(store) == len(last)
+    observed = sum(len(r["batch"]) for r in rows) + state.counters["dropped/stale"]
+    assert sum(tracker.state_dict()["visits"].values()) == observed
+    assert rows[-1]["tracker/kl_exact_scored"] > 0  # some prompt came back with a kept one
+    assert "tracker/kl_exact_s" in rows[0] and rows[-1]["tracker/kl_exact_mb"] > 0
+    assert 0 <= rows[-1]["tracker/rho_at_min"] <= 1 and "tracker/rho_mean" in rows[-1]
+    # the last step's prompts were kept under the final policy: D on them is 0 now
+    for b in rows[-1]["batch"]:
+        kept = store.trajectory(b.key)
+        assert kept.response_token_ids == b.traj.response_token_ids
+        (now,) = learner.token_logprobs([kept])
+        assert store.drift(b.key, now.numpy()) < 1e-5
 
 
 def test_grpo_hands_over_whole_groups_behind_a_barrier():
@@ -190,11 +236,12 @@ class _InstantLearner:
     version = 0
 
     def step(self, trajs, adv):
-        from types import SimpleNamespace
+        from agent_spo.learner import StepStats
 
         self.version += 1
-        return SimpleNamespace(drift=0.01, pg_loss=0.0, clip_frac=0.0, approx_kl=0.0,
-                               grad_norm=0.0, step_s=0.0, pad_frac=0.0)  # fmt: skip
+        return StepStats(loss=0.0, pg_loss=0.0, clip_frac=0.0, approx_kl=0.0, grad_norm=0.0,
+                         drift=0.01, n_tokens=1, pad_frac=0.0, n_trajectories=len(trajs),
+                         optimizer_steps=1, step_s=0.0)  # fmt: skip
 
     def named_weights(self):
         return []

@@ -114,7 +114,7 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("algo.rho.mode=kl_exact", "kl_exact"), ("loss.kl_coef=0.1", "loss.kl_coef"),
+    [("loss.kl_coef=0.1", "loss.kl_coef"),
      ("rollout.workers=900", "lower rollout.workers"),
      ("data.max_prompt_tokens=16", "every training prompt is longer than 16 tokens")],
 )  # fmt: skip
@@ -157,3 +157,24 @@ def test_torch_threads_auto_splits_the_cores_only_where_engine_and_learner_share
     assert torch_threads_for(load_config(None, ["train.torch_threads=5"])) == 5
     with pytest.raises(Exception, match="torch_threads"):
         load_config(None, ["train.torch_threads=0"])
+
+
+def test_kl_exact_trains_checkpoints_its_kept_trajectories_and_resumes_with_them(tmp_path):
+    from agent_spo.exact_drift import FILE, ExactDrift
+
+    few = ("algo.rho.mode=kl_exact", "data.synthetic_tasks=8")  # prompts come back
+    first = _train(tmp_path, 2, *few)
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "t"
+    kept = ExactDrift.load(run / "checkpoints" / "ckpt-000002" / FILE)
+    episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    trained = {e["info"]["prompt_key"] for e in episodes}
+    assert len(kept) == len(trained) and all(k in kept for k in trained)
+    more = _train(tmp_path, 3, *few, "--resume")
+    assert more.exit_code == 0, more.output
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # step 3 measured D on trajectories kept before the resume
+    assert sum(r["tracker/kl_exact_scored"] for r in rows) > 0
+    assert rows[2]["tracker/kl_exact_unkept"] == 0
+    assert len(ExactDrift.load(run / "checkpoints" / "ckpt-000003" / FILE)) >= len(kept)

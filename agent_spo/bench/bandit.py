@@ -116,6 +116,8 @@ class BanditSettings:
     group_size: int = 8
     grpo_eps: float = 1e-6
     probe_size: int = 8  # kl_version: trajectories per step used to measure the drift
+    drift_probe: int = 64  # the fixed probe of the probe estimator (a diagnostic)
+    calibration: int = 8  # revisits per step measured exactly to calibrate the sum
     seed: int = 0
     task_seed: int = 0
 
@@ -169,6 +171,22 @@ def run_bandit(s: BanditSettings, on_step: Callable[[dict], None] | None = None)
     )
     # kl_exact: each prompt's last trajectory and its log-prob right after that visit's update.
     ref_answer: dict[int, tuple[float, float]] = {}
+    # The drift estimators side by side, whatever rho mode drives the tracker (a
+    # diagnostic): kl_exact's measured D, kl_version's summed one, and two candidates.
+    # probe: a fixed probe of (prompt, answer) pairs from the initial policy, scored
+    # after every update (probe_logp[v] = under the policy after v updates), D(x) = mean
+    # |probe_logp[v_x] - probe_logp[now]| with v_x x's version at its last visit: the
+    # net displacement, not a sum. calibrated: kl_version's sum times c, where c is a
+    # running ratio (sum of measured D / sum of summed D) over up to `calibration`
+    # revisits per step measured exactly, as of the step before (no leakage).
+    probe_idx = torch.as_tensor(rng.integers(0, s.n_prompts, size=s.drift_probe))
+    with torch.no_grad():
+        probe_ans = torch.as_tensor(
+            (rng.random(s.drift_probe) < torch.sigmoid(policy.logits(probe_idx)).numpy()) * 1.0
+        )
+        probe_logp = [policy.logp(probe_idx, probe_ans)]
+    visit_version: dict[int, int] = {}
+    calib = [0.0, 0.0]  # running sums: measured D, summed D (decayed by 0.9 per step)
 
     result = BanditResult(s, initial_accuracy=float(policy.success_prob().mean()))
     for step in range(s.steps):
@@ -233,27 +251,52 @@ def run_bandit(s: BanditSettings, on_step: Callable[[dict], None] | None = None)
         if s.algo == "spo":
             with torch.no_grad():
                 logp_after = policy.logp(idx, ans_t)
-            if s.rho_mode == "kl_version":
-                probe = slice(0, min(s.probe_size, len(batch)))
-                tracker.record_step_drift(float((logp_after[probe] - logp_old[probe]).abs().mean()))
+            # kl_version's d_s, recorded in every mode (only kl_version reads it for rho)
+            probe = slice(0, min(s.probe_size, len(batch)))
+            tracker.record_step_drift(float((logp_after[probe] - logp_old[probe]).abs().mean()))
+            with torch.no_grad():
+                probe_logp.append(policy.logp(probe_idx, probe_ans))
+            now = len(probe_logp) - 1
             rhos = []
+            side: dict[str, list[float]] = {"exact": [], "version": [], "probe": [],
+                                            "calibrated": []}  # fmt: skip
+            c = calib[0] / calib[1] if calib[1] > 0 else 1.0
             for j, pid in enumerate(batch):
                 i = index[pid]
                 drift = None
-                if s.rho_mode == "kl_exact" and i in ref_answer:
+                if i in ref_answer:
                     ans_then, logp_then = ref_answer[i]
                     with torch.no_grad():
                         logp_now = policy.logp(torch.tensor([i]), torch.tensor([ans_then]))
-                    drift = abs(logp_then - float(logp_now))
+                    measured = abs(logp_then - float(logp_now))
+                    side["exact"].append(measured)
+                    side["version"].append(tracker.drift_since_visit(pid))
+                    side["calibrated"].append(c * side["version"][-1])
+                    then = probe_logp[visit_version[i]]
+                    side["probe"].append(float((then - probe_logp[now]).abs().mean()))
+                    if s.rho_mode == "kl_exact":
+                        drift = measured
                 u = tracker.observe(pid, float(rewards[j]), drift)
                 rhos.append(u.rho)
                 ref_answer[i] = (float(answers[j]), float(logp_after[j]))
+                visit_version[i] = now
                 sampler.refresh(pid, tracker.value(pid), tracker.n_eff(pid))
+            n = min(s.calibration, len(side["exact"]))
+            calib = [0.9 * calib[0] + sum(side["exact"][:n]),
+                     0.9 * calib[1] + sum(side["version"][:n])]  # fmt: skip
+            if side["exact"]:
+                # D >= d_half * log2(1 / rho_min) puts rho on its lower bound
+                at_min = s.d_half * math.log2(1.0 / s.rho_min)
+                for name, ds in side.items():
+                    row[f"drift/{name}_mean"] = float(np.mean(ds))
+                    row[f"drift/{name}_at_min"] = float(np.mean(np.asarray(ds) >= at_min))
             row["tracker/rho_mean"] = float(np.mean(rhos))
             # share of updates whose discount sits on a clip bound (reference: rho_clip_ratio)
             row["tracker/rho_clip_frac"] = float(
                 np.mean([(x <= s.rho_min) or (x >= s.rho_max) for x in rhos])
             )
+            row["tracker/rho_at_min"] = float(np.mean([x <= s.rho_min for x in rhos]))
+            row["tracker/rho_at_max"] = float(np.mean([x >= s.rho_max for x in rhos]))
             true_p = policy.success_prob()
             seen = [i for i, p in enumerate(pids) if tracker.visits(p) > 0]
             v_seen, _ = tracker.values([pids[i] for i in seen])
@@ -357,6 +400,13 @@ def summarize(results: list[BanditResult], target: float) -> dict[str, dict]:
             "tracker/abs_error",
             "tracker/rho_mean",
             "tracker/rho_clip_frac",
+            "tracker/rho_at_min",
+            "tracker/rho_at_max",
+            *(
+                f"drift/{n}_{q}"
+                for n in ("exact", "version", "probe", "calibrated")
+                for q in ("mean", "at_min")
+            ),  # fmt: skip
         ):
             vals = [h[key] for r in runs for h in r.history if key in h]
             if vals:

@@ -110,8 +110,9 @@ class RhoConfig(Section):
     mode: Literal["kl_version", "kl_exact", "constant"] = "kl_version"
     """How the tracker's discount rho(x) is set. kl_version: D(x) = sum of per-step
     policy drift since x's last visit (streaming default); kl_exact: mean |logp_then −
-    logp_now| over x's previous trajectory (reference; `bench bandit` only so far, `train`
-    refuses it); constant: rho = `constant` (ablation). Source: spec §1."""
+    logp_now| over x's previous trajectory, measured by the learner after each step (the
+    reference recipe; two more no-grad passes per step, and each prompt's last trained
+    trajectory kept in memory); constant: rho = `constant` (ablation). Source: spec §1."""
 
     rho_min: float = Field(0.875, gt=0, le=1)
     """Lower clip of rho = 2^(−D/d_half); sets the prior strength N0 = 1/(1 − rho_min).
@@ -675,17 +676,11 @@ class TrainConfig(Section):
 def check_trainable(cfg: TrainConfig, train_prompts: int | None = None) -> list[str]:
     """What `train` refuses in a valid config, one line each naming the key; [] = trainable.
 
-    These settings are valid for other commands (`bench bandit` runs kl_exact), so they
-    are not schema errors.
+    These settings are valid for other commands, so they are not schema errors.
     `train_prompts`, the size of the training split once built, adds the check that the
     workers do not keep more prompts in flight than there are.
     """
     problems = []
-    if cfg.algo.rho.mode == "kl_exact":
-        problems.append(
-            "algo.rho.mode: 'kl_exact' (per-prompt measured drift) is not built into "
-            "training yet; use 'kl_version' or 'constant'"
-        )
     group = cfg.algo.grpo.group_size if cfg.algo.name == "grpo" else 1
     in_flight = cfg.rollout.workers // group
     if train_prompts is not None and in_flight > train_prompts:

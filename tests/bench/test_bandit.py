@@ -28,6 +28,22 @@ def test_spo_learns_in_every_rho_mode(rho_mode):
         assert clipped < 0.8, clipped
 
 
+def test_the_drift_estimators_are_compared_on_the_same_revisits():
+    """Whatever mode drives the tracker, every revisit gets kl_exact's measured D,
+    kl_version's summed D and the two candidates; the summed D runs above the measured
+    one (it sums the batch's own motion over the steps between visits)."""
+    r = run_bandit(BanditSettings(algo="spo", rho_mode="kl_version", **SMALL))
+    rows = [h for h in r.history if "drift/exact_mean" in h]
+    assert len(rows) > len(r.history) // 2  # prompts come back
+    for h in rows:
+        for name in ("exact", "version", "probe", "calibrated"):
+            assert h[f"drift/{name}_mean"] >= 0 and 0 <= h[f"drift/{name}_at_min"] <= 1
+        assert 0 <= h["tracker/rho_at_min"] + h["tracker/rho_at_max"] <= 1
+    exact = np.mean([h["drift/exact_mean"] for h in rows])
+    summed = np.mean([h["drift/version_mean"] for h in rows])
+    assert summed > exact
+
+
 def test_grpo_learns_and_counts_degenerate_groups():
     r = run_bandit(BanditSettings(algo="grpo", group_size=8, **SMALL))
     assert r.final_accuracy > r.initial_accuracy + 0.05

@@ -146,7 +146,7 @@ def test_a_gloo_stream_that_breaks_part_way_leaves_the_vllm_replica_serving_and_
             await pool.start()
             with pytest.raises(RuntimeError, match="gather failed"):
                 await pool.update_weights(failing(), 3)
-            info = await pool.replicas[0].client.control("GET", "/weight_info")
+            info = await pool.replicas[0].client.control("GET", "/weight_info", timeout_s=10)
             held = info["weight_version"]
             # it still serves (straight to the server, past the pool)
             g = await pool.replicas[0].client.generate(prompt, Sampling(max_tokens=4))
