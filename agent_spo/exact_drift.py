@@ -13,11 +13,13 @@ trained (it went stale), has no trajectory kept: D = 0, as a first visit.
 
 Memory. A record holds the prompt's token ids (int32, 4 bytes each) and, per response
 token, its id, its log-prob then (float32) and whether it was sampled (1 byte): 4 bytes
-per prompt token, 9 per response token. At the paper's scale, 17k prompts each kept at
-the caps (2,048 prompt and 16,384 response tokens), that is 17,000 x (8,192 + 147,456)
-bytes = 2.65 GB of host memory in the worst case, and less in practice (responses
-rarely all reach the cap). It stays in memory (no spill to disk: a trainer node has
-that much to spare), and each checkpoint writes it as one ``kl_exact.npz``.
+per prompt token, 9 per response token (the response holds the tool outputs too). At
+the paper's scale, 17k prompts each kept at the caps (2,048 prompt tokens; 16,384
+generated tokens plus 8 tool outputs of at most 256 characters, about 2,300 tokens with
+their tags), that is 17,000 x (8,192 + 18,700 x 9) bytes = 3.0 GB of host memory in the
+worst case, and less in practice (responses rarely all reach the cap). It stays in
+memory (no spill to disk: a trainer node has that much to spare), and each checkpoint
+writes it as one ``kl_exact.npz`` (writing briefly holds a second copy).
 
 Cost. One no-grad learner pass per step over the kept trajectories of the step's
 prompts, and one over the step's batch (the "then" of the next visit): two passes, as

@@ -30,6 +30,7 @@ episodes per prompt behind a group barrier, uniform prompts, group-normalised ad
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import time
 from collections import Counter, deque
@@ -188,6 +189,7 @@ def _rho_metrics(rhos: list[float], tracker: ValueTracker) -> dict:
     """How the step's tracker updates were discounted: the mean rho and the shares that
     sat on each clip bound (a first visit counts at rho_max)."""
     if not rhos or tracker.rho_mode == "constant":
+        rhos.clear()
         return {}
     r = np.asarray(rhos)
     out = {
@@ -325,11 +327,12 @@ async def train_spo(
             # on which episode happened to finish first.
             batch.sort(key=lambda b: b.draw)
             wait_s = time.perf_counter() - t_wait
-            metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+            then = None
             if exact_drift is not None:
-                metrics.update(await _observe_exact(batch, late, learner, tracker, sampler,
-                                                    exact_drift, state))  # fmt: skip
+                then = functools.partial(_observe_exact, batch, list(late), learner, tracker,
+                                         sampler, exact_drift, state)  # fmt: skip
                 late.clear()
+            metrics = await _learn_spo(batch, settings, learner, engine, tracker, then=then)
             metrics.update(_rho_metrics(state.rhos, tracker))
             await budget.stepped(len(batch))
             state.step = step + 1
@@ -395,11 +398,11 @@ async def train_sync(
             state.rhos.append(upd.rho)
             sampler.refresh(key, tracker.value(key), tracker.n_eff(key))
             batch.append(Finished(r, key, upd.v_hat_before, draw, upd.v_hat_after))
-        metrics = await _learn_spo(batch, settings, learner, engine, tracker)
+        then = None
         if exact_drift is not None:
-            metrics.update(
-                await _observe_exact(batch, [], learner, tracker, sampler, exact_drift, state)
-            )
+            then = functools.partial(_observe_exact, batch, [], learner, tracker, sampler,
+                                     exact_drift, state)  # fmt: skip
+        metrics = await _learn_spo(batch, settings, learner, engine, tracker, then=then)
         metrics.update(_rho_metrics(state.rhos, tracker))
         state.step = step + 1
         metrics.update({"step": state.step, "rollout/episodes": state.episodes})
@@ -418,13 +421,14 @@ async def _observe_exact(
     state: StreamState,
 ) -> dict:
     """kl_exact, after the learner's update: score the kept trajectories of the step's
-    prompts and the batch itself under the new policy (one learner call, in a thread),
-    then give the tracker the rewards in draw order with D measured on each prompt's
-    kept trajectory, and keep the batch's trajectories with their log-probs now."""
+    prompts and the step's own (trained, and dropped as stale) under the new policy (one
+    learner call, in a thread), then give the tracker the rewards in draw order with D
+    measured on each prompt's kept trajectory, and keep the step's trajectories with
+    their log-probs now (a stale one too: D needs a trajectory, not a trained one)."""
     t0 = time.perf_counter()
     observed = sorted(batch + late, key=lambda b: b.draw)
     kept = [k for k in dict.fromkeys(b.key for b in observed) if k in store]
-    to_score = [store.trajectory(k) for k in kept] + [b.traj for b in batch]
+    to_score = [store.trajectory(k) for k in kept] + [b.traj for b in observed]
     scored = await asyncio.to_thread(learner.token_logprobs, to_score) if to_score else []
     drift = {k: store.drift(k, lp.numpy()) for k, lp in zip(kept, scored, strict=False)}
     seen: set[str] = set()
@@ -436,7 +440,7 @@ async def _observe_exact(
             d = 0.0  # visited a moment ago, under this same policy
         elif b.key in drift:
             d = drift[b.key]
-        else:  # visited before, but that trajectory was never trained (it went stale)
+        else:  # visited before, but nothing kept (e.g. a run resumed without the file)
             d, missing = 0.0, missing + 1
         assert b.traj.reward is not None  # unscored episodes never reach the queue
         upd = tracker.observe(b.key, b.traj.reward, drift=d)
@@ -444,9 +448,8 @@ async def _observe_exact(
         sampler.refresh(b.key, tracker.value(b.key), tracker.n_eff(b.key))
         b.v_after = upd.v_hat_after
         seen.add(b.key)
-    trained = sorted(zip(batch, scored[len(kept) :], strict=True), key=lambda x: x[0].draw)
-    for b, lp in trained:  # in draw order: a prompt trained twice keeps its latest
-        store.remember(b.key, b.traj, lp.numpy())
+    for b, lp in zip(observed, scored[len(kept) :], strict=True):
+        store.remember(b.key, b.traj, lp.numpy())  # in draw order: a repeat keeps its latest
     return {
         "tracker/kl_exact_s": time.perf_counter() - t0,
         "tracker/kl_exact_scored": float(len(kept)),
@@ -458,8 +461,11 @@ async def _observe_exact(
     }
 
 
-async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) -> dict:
-    """SPO advantages over the whole batch (spec §2), then one learner step."""
+async def _learn_spo(
+    batch: list[Finished], settings, learner, engine, tracker, *, then=None
+) -> dict:
+    """SPO advantages over the whole batch (spec §2), then one learner step (and
+    ``then``, see :func:`_learn`)."""
     rewards = np.array([b.traj.reward for b in batch])
     if settings.baseline:
         adv, raw = spo_advantages(rewards, np.array([b.v_hat for b in batch]), eps=settings.adv_eps)
@@ -468,23 +474,29 @@ async def _learn_spo(batch: list[Finished], settings, learner, engine, tracker) 
     for b, a in zip(batch, np.asarray(adv).tolist(), strict=True):
         b.adv = a
     metrics = await _learn([b.traj for b in batch], adv, raw, learner, engine, tracker,
-                           colocate=settings.colocate)  # fmt: skip
+                           colocate=settings.colocate, then=then)  # fmt: skip
     metrics["tracker/v_hat_mean"] = float(np.mean([b.v_hat for b in batch]))
     return metrics
 
 
 async def _learn(
-    trajs, adv, raw, learner: LearnerLike, engine, tracker, *, colocate: bool = False
-) -> dict:
+    trajs, adv, raw, learner: LearnerLike, engine, tracker, *, colocate: bool = False,
+    then: Callable[[], Awaitable[dict]] | None = None,
+) -> dict:  # fmt: skip
     """One learner step on a batch, the drift for the tracker, the weight push; metrics.
-    Colocated, the engine sleeps through the step and wakes before the push."""
+    ``then`` runs right after the step, before anything else touches the policy (the
+    kl_exact passes), and adds its metrics. Colocated, the engine sleeps through the step
+    and ``then``, and wakes before the push."""
     sleep_s = 0.0
+    extra: dict = {}
     if colocate:
         t0 = time.perf_counter()
         await engine.sleep()
         sleep_s = time.perf_counter() - t0
     try:
         stats = await asyncio.to_thread(learner.step, trajs, np.asarray(adv).tolist())
+        if then is not None:
+            extra = await then()
     finally:
         if colocate:
             t0 = time.perf_counter()
@@ -518,6 +530,7 @@ async def _learn(
         "perf/pad_frac": stats.pad_frac,
         "perf/weight_push_s": t_push,
         **({"perf/engine_sleep_s": sleep_s} if colocate else {}),
+        **extra,
     }
 
 

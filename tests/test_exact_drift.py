@@ -83,11 +83,13 @@ def test_the_step_feeds_the_tracker_in_draw_order_with_d_from_the_kept_trajector
     batch = [Finished(_traj("a", 1.0), "a", 0.6, draw=3), Finished(_traj("a", 0.0), "a", 0.6, 2)]
     late = [Finished(_traj("b", 1.0), "b", 0.4, draw=4)]
     latest = [-0.1, -0.2, 0, 0, 0, -0.3]  # draw 3's trajectory under the new policy
-    learner = _Learner([[now_a, now_b, latest, then]])
+    b_now = [-0.7, -0.8, 0, 0, 0, -0.9]  # draw 4's (stale, but kept all the same)
+    learner = _Learner([[now_a, now_b, then, latest, b_now]])
     state.rhos.clear()
     a_before, b_before = tracker.alpha_beta("a"), tracker.alpha_beta("b")
     m = asyncio.run(_observe_exact(batch, late, learner, tracker, sampler, store, state))
-    assert learner.calls == [["a", "b", "a", "a"]]  # the kept ones, then the batch
+    # the kept ones, then the step's own in draw order (a: 2, a: 3, b: 4, the stale one)
+    assert learner.calls == [["a", "b", "a", "a", "b"]]
     rho_a = min(max(2 ** (-0.03 / tracker.d_half), tracker.rho_min), tracker.rho_max)
     rho_b = min(max(2 ** (-0.003 / tracker.d_half), tracker.rho_min), tracker.rho_max)
     # draw order: a (draw 2, reward 0) with D(a); a again (draw 3) under this same policy:
@@ -101,5 +103,6 @@ def test_the_step_feeds_the_tracker_in_draw_order_with_d_from_the_kept_trajector
     assert batch[0].v_after == pytest.approx(al / (al + be))  # draw 3 went in last for a
     assert m["tracker/kl_exact_scored"] == 2 and m["tracker/kl_exact_unkept"] == 0
     assert m["tracker/kl_exact_drift_mean"] == pytest.approx((0.03 + 0.003) / 2)
-    # a trained twice: the later draw (3) is the one kept
+    # a came twice: the later draw (3) is the one kept; b's stale trajectory is kept too
     assert np.allclose(store.trajectory("a").logprobs, latest)
+    assert np.allclose(store.trajectory("b").logprobs, b_now)

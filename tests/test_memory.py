@@ -81,7 +81,8 @@ def test_dry_run_prints_the_plan_and_refuses_one_that_does_not_fit(tmp_path):
     assert "learner.gpu_memory_gb:" not in text  # only the missing weights are refused
     assert "has no tokenizer.json" in text
     # the setting, as the paper ran it (spec §3, §6)
-    assert "rollout: spo, thinking on, retool tool calls, up to 9 turns of 16384 tokens" in text
+    assert ("rollout: spo, thinking on, retool tool calls, up to 9 turns and 16384 generated "
+            "tokens in all") in text  # fmt: skip
     assert ("reward: the verifier's, and 0 unless exactly one </think> and no tool call "
             "after </think>") in text  # fmt: skip
     assert ("regime: fresh batches (learner.max_staleness 0), old log-probs recomputed by "

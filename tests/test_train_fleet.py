@@ -1,6 +1,6 @@
 """`agent-spo train` on a fleet: the demo model served by two `agent-spo engine serve`
 replicas and, where vLLM is installed, a vLLM one; weights synced to all of them after
-every step, through the disk path (SPO) or over gloo (GRPO)."""
+every step, over gloo (SPO, colocated, and GRPO) or through the disk path (SPO)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ def replicas(tmp_path_factory):
             r.stop()
 
 
-@pytest.mark.parametrize("algo, sync, colocate", [("spo", "disk", True), ("grpo", "gloo", False)])
+@pytest.mark.parametrize(
+    "algo, sync, colocate",
+    [("spo", "gloo", True), ("grpo", "gloo", False), ("spo", "disk", False)],
+)
 def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_weights(
     replicas, tmp_path, algo, sync, colocate
 ):

@@ -179,11 +179,11 @@ def run_bandit(s: BanditSettings, on_step: Callable[[dict], None] | None = None)
     # net displacement, not a sum. calibrated: kl_version's sum times c, where c is a
     # running ratio (sum of measured D / sum of summed D) over up to `calibration`
     # revisits per step measured exactly, as of the step before (no leakage).
-    probe_idx = torch.as_tensor(rng.integers(0, s.n_prompts, size=s.drift_probe))
+    probe_rng = np.random.default_rng((s.seed, 1))  # its own: the run's draws stay as they were
+    probe_idx = torch.as_tensor(probe_rng.integers(0, s.n_prompts, size=s.drift_probe))
     with torch.no_grad():
-        probe_ans = torch.as_tensor(
-            (rng.random(s.drift_probe) < torch.sigmoid(policy.logits(probe_idx)).numpy()) * 1.0
-        )
+        p0 = torch.sigmoid(policy.logits(probe_idx)).numpy()
+        probe_ans = torch.as_tensor((probe_rng.random(s.drift_probe) < p0) * 1.0)
         probe_logp = [policy.logp(probe_idx, probe_ans)]
     visit_version: dict[int, int] = {}
     calib = [0.0, 0.0]  # running sums: measured D, summed D (decayed by 0.9 per step)

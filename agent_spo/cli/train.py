@@ -305,8 +305,8 @@ def setting_lines(cfg) -> list[str]:
     """What a dry run says of the run's setting: the rollout, the reward, the regime."""
     r, L, loss = cfg.rollout, cfg.learner, cfg.loss
     rollout = (f"rollout: {cfg.algo.name}, thinking {'on' if r.enable_thinking else 'off'}, "
-               f"{r.tool_format} tool calls, up to {r.max_turns} turns of "
-               f"{r.max_response_tokens} tokens")  # fmt: skip
+               f"{r.tool_format} tool calls, up to {r.max_turns} turns and "
+               f"{r.max_response_tokens} generated tokens in all")  # fmt: skip
     conditions = [c for c, on in (("exactly one </think>", cfg.reward.one_think_close),
                                   ("no tool call after </think>",
                                    cfg.reward.no_tool_call_after_think)) if on]  # fmt: skip

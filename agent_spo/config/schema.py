@@ -243,9 +243,6 @@ class LossConfig(Section):
     at this value (truncated importance sampling; 2.0 is a common choice). null: no
     truncation. Not in the paper."""
 
-    # `algo.loss.ppo_clip_loss` has both terms, but neither the learner nor the bandit
-    # benchmark feeds it a reference policy or entropies: a non-zero weight would be
-    # silently ignored, so it fails validation instead.
     @model_validator(mode="after")
     def _tis_needs_decoupled(self) -> LossConfig:
         if self.tis_cap is not None and self.logp_old != "decoupled":
@@ -255,6 +252,9 @@ class LossConfig(Section):
             )
         return self
 
+    # `algo.loss.ppo_clip_loss` has both terms, but neither the learner nor the bandit
+    # benchmark feeds it a reference policy or entropies: a non-zero weight would be
+    # silently ignored, so it fails validation instead.
     @field_validator("kl_coef")
     @classmethod
     def _kl_off(cls, coef: float) -> float:

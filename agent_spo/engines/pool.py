@@ -373,12 +373,20 @@ class ReplicaPool:
                 errors[index] = EngineError(f"gloo send failed: {e}")
 
     async def _unsynced(self, r: Replica) -> None:
-        """A vLLM replica whose update broke part-way holds a mix of two versions: mark
-        it -1 so it is not admitted until a whole update reaches it (a transformers
-        replica marks itself)."""
+        """A vLLM replica whose update broke part-way holds a mix of two versions. End
+        its update if one is still open (a sync cancelled or timed out between
+        ``/start_weight_update`` and ``/finish_weight_update`` would leave its layers on
+        the meta device and refuse every later start; finishing puts the old tensors back
+        where none came), then mark it -1 so it is not admitted until a whole update
+        reaches it (a transformers replica marks itself)."""
+        t = min(self.sync_timeout_s, 30.0)
+        try:  # refused (500) when no update is open: the worker already finalised it
+            await r.client.control("POST", "/finish_weight_update", {}, timeout_s=t)
+        except EngineError:
+            pass
         try:
             await r.client.control("POST", "/update_weight_version", {"new_version": "-1"},
-                                   timeout_s=min(self.sync_timeout_s, 5.0))  # fmt: skip
+                                   timeout_s=t)  # fmt: skip
         except EngineError:
             pass  # unreachable: a restarted server starts from its own weights, at 0
 
@@ -638,9 +646,19 @@ class ReplicaPool:
                     "POST", "/init_weight_transfer_engine", {"init_info": where}, timeout_s=t))  # fmt: skip
             else:
                 await r.client.control("POST", "/transfer/init", where, timeout_s=t)
-            await asyncio.wait_for(asyncio.to_thread(sender.connect), t)
+            connecting = asyncio.create_task(asyncio.to_thread(sender.connect))
+            # its error is read below, or not at all when the other side failed first
+            connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waiting = {connecting} if joining is None else {connecting, joining}
+            # a refusal of vLLM's init (no such route, no backend) ends the wait at once
+            done, _ = await asyncio.wait(waiting, timeout=t, return_when=asyncio.FIRST_EXCEPTION)
+            for x in done:
+                if (error := x.exception()) is not None:
+                    raise error
+            if connecting not in done:
+                raise TimeoutError
             if joining is not None:
-                await joining
+                await asyncio.wait_for(joining, t)
         except TimeoutError:
             sender.close()
             raise EngineError(f"the replica did not join within {t:g} s") from None

@@ -18,7 +18,10 @@ vLLM's layerwise reload (a layer is processed once all its tensors are in), so t
 replica never holds a second copy of the model. If the trainer's stream breaks
 part-way, the reload is finalised at once: layers that got nothing keep their old
 tensors, none is left on the meta device, and the trainer marks the replica's version
--1 so it is not admitted again until a whole update reaches it.
+-1 so it is not admitted again until a whole update reaches it. A sync that ends
+between ``/start_weight_update`` and ``/finish_weight_update`` for any other reason
+(cancelled, timed out) gets a ``/finish_weight_update`` from the trainer first, which
+finalises the same way.
 """
 
 from __future__ import annotations
@@ -78,9 +81,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # the base class synchronises ``torch.accelerator``, which a CPU worker has not
-        info = self.parse_update_info(update_info)
         try:
-            self.receive_weights(info)
+            self.receive_weights(self.parse_update_info(update_info))
         except BaseException:
             self.shutdown()  # out of step with the trainer: it links again on rejoin
             self._finalize()  # nothing stays on the meta device
