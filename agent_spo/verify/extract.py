@@ -11,8 +11,9 @@ Order (the first that finds something wins):
    equals a single gold (the hedge fails), and the extraction is marked hedged.
 2. "final answer is X" / "the answer is X" / "the correct option is X" (last occurrence).
 3. `Answer: X` lines (last; markdown bold allowed), then `#### X` (GSM8K). In 2 and 3 a
-   short prose subject is dropped ("Final Answer: the largest n is 34" -> 34) unless the
-   line negates, doubts or hedges ("not", "or", ...), when it stays whole.
+   short prose subject that only names the quantity is dropped ("Final Answer: the
+   largest n is 34" -> 34); one that transforms or hedges keeps the line whole, and a
+   sentence that only poses the question ("check whether the answer is 5") is skipped.
 4. A short response is taken whole (a bare answer; parsed as LaTeX later).
 5. The last number of the last line that has one, unless that line hedges with "or".
 
@@ -66,6 +67,23 @@ _SUBJECT_IS = re.compile(
     r"\s+(?:is|equals)\s+"
 )
 _PROSE_SUBJECT = re.compile(r"[A-Za-z]{3,}")  # a subject of lone variables (`x is`) is math
+# The only words a dropped subject may hold: ones that name the quantity asked for. A
+# word that transforms it ("half of the total is 12", "x squared is 4", "the answer minus
+# one is 5") or hedges ("the answer probably is 3") keeps the line whole.
+_NAMING_WORDS = frozenset(
+    "the a an our this final required desired requested largest smallest greatest least "
+    "maximum minimum maximal minimal possible only unique positive real number numbers "
+    "value values answer integer integers result count of ways solutions pair pairs line "
+    "equation curve point function polynomial expression set interval matrix vector "
+    "coordinates probability area perimeter volume length distance radius angle measure "
+    "price cost speed time age height width side".split()
+)
+# A sentence that only poses the question ("check whether the correct option is (A)")
+# states no answer.
+_HYPOTHESIS = re.compile(
+    r"\bwhether\b|\bsuppos|\bassum|\bhypothes|\bto\s+(?:check|verify|test|see|determine)\b",
+    re.IGNORECASE,
+)
 _ANSWER_LINE = re.compile(
     r"\banswer\s*(?:\*\*|__)?\s*(?:[:：]|(?=\$|\\\(|\\\[))\s*(?:\*\*|__)?[ \t]*([^\n]*)",
     re.IGNORECASE,
@@ -246,10 +264,18 @@ def _drop_subject(answer: str) -> str:
         return answer
     if _PROSE_SUBJECT.search(m.group(1)) is None:
         return answer
-    if re.search(r"\band\b", m.group(0), re.IGNORECASE):
+    words = re.findall(r"[A-Za-z]+", m.group(1))
+    if any(len(w) > 1 and w.lower() not in _NAMING_WORDS for w in words):
         return answer
     value = clean_answer(answer[m.end() :])
     return value or answer
+
+
+def _poses(response: str, at: int) -> bool:
+    """Whether the sentence around ``at`` only poses the question ("we check whether the
+    answer is 5")."""
+    start = max(response.rfind(c, 0, at) for c in ".!?\n") + 1
+    return _HYPOTHESIS.search(response[start:at]) is not None
 
 
 def last_number(response: str) -> str | None:
@@ -275,7 +301,7 @@ def extract_answer(response: str) -> Extraction:
 
     # Anchored statements: the one written last is the final answer.
     candidates: list[tuple[int, str, str]] = []
-    finals = list(_FINAL_IS.finditer(response))
+    finals = [m for m in _FINAL_IS.finditer(response) if not _poses(response, m.start())]
     if finals:
         rest = response[finals[-1].end() :]
         answer = _drop_subject(clean_answer(_first_math_span(rest)))
