@@ -172,6 +172,7 @@ def learner_rank(
         pad_token_id=pad or 0,
         logp_old=S.logp_old,
         tis_cap=S.tis_cap,
+        entropy_coef=S.entropy_coef,
         log_ratio_clamp=S.log_ratio_clamp,
         compute_dtype=torch.bfloat16 if bf16 else None,
         gradient_checkpointing=checkpointing,

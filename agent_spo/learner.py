@@ -17,6 +17,9 @@ One ``step(trajectories, adv)`` consumes one training batch:
   order until they hold that many trainable tokens, scored before and after the update,
   instead of two extra passes over the whole batch (with ``logp_old="recompute"`` the
   "before" pass covers the whole batch anyway and the probe saves only the "after" one);
+* with ``entropy_coef`` > 0 the loss subtracts ``entropy_coef`` × the mean entropy of the
+  policy over the vocabulary at each trainable position (an entropy bonus; computed in
+  the same chunked pass as the log-probs, its gradient included);
 * log-probs never hold the positions × vocabulary logits: the model's body gives hidden
   states and only the rows that score response tokens go through the LM head, in chunks
   of ``logprob_chunk`` positions (:mod:`agent_spo.logprobs`).
@@ -31,13 +34,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 
 import torch
 
 from agent_spo.algo.loss import importance_weights, ppo_clip_loss
 from agent_spo.episode.trajectory import Trajectory
-from agent_spo.logprobs import chunked_logprobs, head_matches, split_head
+from agent_spo.logprobs import chunked_logprobs, head_matches, split_head, token_entropy
 
 
 class _ClipKwargs(TypedDict):
@@ -66,6 +69,17 @@ class StepStats:
     step_s: float  # wall time of the whole learner step
     is_weight: float | None = None  # decoupled: mean importance weight, after the cap
     tis_frac: float | None = None  # decoupled with a cap: share of tokens it truncated
+    entropy: float | None = None  # with an entropy bonus: mean token entropy (nats)
+
+
+class _Scored(NamedTuple):
+    logp: torch.Tensor  # [B, R]
+    mask: torch.Tensor  # [B, R]
+    entropy: torch.Tensor | None  # [B, R], when asked for
+
+    @classmethod
+    def of(cls, out: torch.Tensor, mask: torch.Tensor, entropy: bool) -> _Scored:
+        return cls(out[0], mask, out[1]) if entropy else cls(out, mask, None)
 
 
 class LearnerLike(Protocol):
@@ -106,6 +120,7 @@ class Learner:
         log_ratio_clamp: float = 20.0,
         logp_old: Literal["behaviour", "recompute", "decoupled"] = "behaviour",
         tis_cap: float | None = None,
+        entropy_coef: float = 0.0,
         pad_token_id: int = 0,
         share_prefix: bool = True,
         compute_dtype: torch.dtype | None = None,
@@ -146,6 +161,9 @@ class Learner:
             raise ValueError(f"tis_cap needs logp_old='decoupled' and > 0, got {tis_cap!r}")
         self.logp_old_mode = logp_old
         self.tis_cap = tis_cap
+        if not entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
+        self.entropy_coef = float(entropy_coef)
         self.pad_token_id = pad_token_id
         # bf16 autocast on GPUs: matmuls in bf16, weights, optimizer state and the
         # log-softmax in float32 (None = compute in the weights' dtype).
@@ -227,15 +245,16 @@ class Learner:
         """Whether log-probs skip the positions × vocabulary logits (see the module doc)."""
         return self._scorer.lean
 
-    def _forward(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response log-probs [B, R] (R = longest response) and the loss mask [B, R].
+    def _forward(self, trajs: Sequence[Trajectory], entropy: bool = False) -> _Scored:
+        """Response log-probs [B, R] (R = longest response), the loss mask [B, R], and
+        with ``entropy`` each position's entropy over the vocabulary [B, R] (else None).
 
         The tokens every trajectory of the micro-batch opens with (system prompt, tool
         schemas: often most of a short episode) run once, and their keys/values are shared
         by the rows; gradients flow through them as through a full pass.
         """
         if self.pack:
-            return self._forward_packed(trajs)
+            return self._forward_packed(trajs, entropy)
         shared = self._shared_prefix_len(trajs) if self.share_prefix else 0
         n = max(len(t.token_ids) for t in trajs) - shared
         r = max(len(t.response_token_ids) for t in trajs)
@@ -263,13 +282,13 @@ class Learner:
             dev.type, dtype=self.compute_dtype or torch.float32,
             enabled=self.compute_dtype is not None,
         ):  # fmt: skip
-            logp = self._scorer(
+            out = self._scorer(
                 ids.to(dev), att.to(dev), index.to(dev), target.to(dev), flat.to(dev),
-                None if head is None else head.to(dev),
+                None if head is None else head.to(dev), entropy=entropy,
             )  # fmt: skip
-        return logp, mask.to(dev)
+        return _Scored.of(out, mask.to(dev), entropy)
 
-    def _forward_packed(self, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_packed(self, trajs: Sequence[Trajectory], entropy: bool = False) -> _Scored:
         """:meth:`_forward` with the micro-batch's sequences end to end in one row, no
         padding: position ids restart at each sequence, and attention stays within it (a
         flash-attention model reads the boundaries from the position ids; any other gets
@@ -302,11 +321,11 @@ class Learner:
             dev.type, dtype=self.compute_dtype or torch.float32,
             enabled=self.compute_dtype is not None,
         ):  # fmt: skip
-            logp = self._scorer(
+            out = self._scorer(
                 ids.to(dev), None if att is None else att.to(dev), index.to(dev),
-                target.to(dev), flat.to(dev), None, pos.to(dev),
+                target.to(dev), flat.to(dev), None, pos.to(dev), entropy=entropy,
             )  # fmt: skip
-        return logp, mask.to(dev)
+        return _Scored.of(out, mask.to(dev), entropy)
 
     @staticmethod
     def _shared_prefix_len(trajs: Sequence[Trajectory], minimum: int = 16) -> int:
@@ -365,7 +384,7 @@ class Learner:
             if group is None:  # a padding pass, to match the other ranks' passes
                 self._forward(trajs[:1])
                 continue
-            logp, _ = self._forward([trajs[i] for i in group])
+            logp = self._forward([trajs[i] for i in group]).logp
             for row, i in enumerate(group):
                 out[i] = logp[row, : len(trajs[i].response_token_ids)].cpu()
         self._reshard()
@@ -386,6 +405,7 @@ class Learner:
             raise ValueError(f"need one advantage per trajectory, got {len(trajs)} and {len(adv)}")
         t0 = time.perf_counter()
         probe = self._probe(trajs)
+        bonus = self.entropy_coef > 0  # the passes also give each position's entropy
         weights: list[torch.Tensor] | None = None
         is_stats: tuple[float | None, float | None] = (None, None)
         if self.logp_old_mode in ("recompute", "decoupled"):
@@ -398,7 +418,7 @@ class Learner:
             before = self.token_logprobs([trajs[i] for i in probe])
         k = min(self.mini_batches, len(trajs))
         bounds = [round(j * len(trajs) / k) for j in range(k + 1)]
-        totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0}
+        totals = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0}
         norms = 0.0
         n_tokens = 0
         self.model.train()
@@ -412,12 +432,12 @@ class Learner:
             self.opt.zero_grad(set_to_none=True)
             for group in self._plan(mini):
                 if group is None:  # a padding pass: matches the other ranks, adds nothing
-                    logp, _ = self._forward(mini[:1])
+                    logp = self._forward(mini[:1], bonus).logp
                     self._positions[1] -= len(mini[0].token_ids)  # all of it padding
                     (logp.sum() * 0.0).backward()
                     continue
                 sub = [mini[g] for g in group]
-                logp, mask = self._forward(sub)  # [b, R]
+                logp, mask, ent = self._forward(sub, bonus)  # [b, R]
                 lo = torch.zeros_like(logp)
                 for row, g in enumerate(group):
                     o = old[idx[g]]
@@ -430,13 +450,15 @@ class Learner:
                         w[row, : len(wg)] = wg.to(w.device)
                 a = torch.tensor([float(adv[idx[g]]) for g in group], device=logp.device)
                 loss, st = ppo_clip_loss(
-                    logp, lo, a, mask, normalizer, is_weight=w, **self.loss_kwargs
-                )
+                    logp, lo, a, mask, normalizer, is_weight=w, entropy=ent,
+                    entropy_coef=self.entropy_coef, **self.loss_kwargs,
+                )  # fmt: skip
                 loss.backward()
                 totals["loss"] += float(loss.detach())
                 totals["pg_loss"] += st.pg_loss
                 totals["clip"] += st.clip_frac * st.n_tokens
                 totals["kl"] += st.approx_kl * st.n_tokens
+                totals["entropy"] += (st.entropy or 0.0) * st.n_tokens
             norms += self._clip_grad()
             self.opt.step()
             n_tokens += int(normalizer)
@@ -446,7 +468,7 @@ class Learner:
         after = self.token_logprobs([trajs[i] for i in probe])
         masks = [torch.tensor(trajs[i].loss_mask, dtype=torch.bool) for i in probe]
         diff = torch.cat([(a - b).abs()[m] for a, b, m in zip(after, before, masks, strict=True)])
-        loss_sum, pg_sum, clip_sum, kl_sum, positions, real = self._all_sum(
+        loss_sum, pg_sum, clip_sum, kl_sum, ent_sum, positions, real = self._all_sum(
             [*totals.values(), *counted]
         )
         return StepStats(
@@ -463,6 +485,7 @@ class Learner:
             step_s=time.perf_counter() - t0,
             is_weight=is_stats[0],
             tis_frac=is_stats[1],
+            entropy=ent_sum / max(1, n_tokens) if bonus else None,
         )
 
     def _importance_weights(
@@ -616,13 +639,15 @@ class _Scorer(torch.nn.Module):
         self.chunk = chunk
 
     def forward(
-        self, ids, att, index, target, flat, head_ids=None, position_ids=None
+        self, ids, att, index, target, flat, head_ids=None, position_ids=None, entropy=False
     ) -> torch.Tensor:
         """Log-probs [B, R] of ``target`` at logits rows ``index`` (zeros past each row's
         response); ``flat`` lists the real (row, position) pairs as ``row * R + i``;
         ``head_ids`` [1, S] is an opening shared by every row (run once) or None.
         Packed: ``ids`` is one row [1, T] holding every sequence end to end,
-        ``position_ids`` restart at each, and ``index`` points into that row."""
+        ``position_ids`` restart at each, and ``index`` points into that row. With
+        ``entropy``: [2, B, R], the log-probs and each position's entropy over the
+        vocabulary."""
         n = ids.shape[1]
         b, r = index.shape
         parts = split_head(self.model) if self.lean else None
@@ -644,16 +669,21 @@ class _Scorer(torch.nn.Module):
             rows = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
             picked = chunked_logprobs(
                 rows.reshape(-1, rows.shape[-1]).index_select(0, flat), lm_head,
-                target.reshape(-1).index_select(0, flat), self.chunk,
-            )  # fmt: skip
-            logp = torch.zeros(b * r, dtype=picked.dtype, device=ids.device)
+                target.reshape(-1).index_select(0, flat), self.chunk, entropy=entropy,
+            ).reshape(-1, flat.numel())  # fmt: skip
+            k = picked.shape[0]  # 2 with the entropy, else 1
+            out = torch.zeros(k, b * r, dtype=picked.dtype, device=ids.device)
+            out = out.index_copy(1, flat, picked).view(k, b, r)
             # a fresh tensor, not a view: a sharded root hooks its backward on the output
-            return logp.index_copy(0, flat, picked).view(b, r).clone()
+            return (out if entropy else out[0]).clone()
         logits = self.model(input_ids=ids, attention_mask=att, **kwargs).logits  # [B, n, V]
         logits = logits.expand(b, -1, -1)  # packed: every row reads the one sequence
         rows = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16 -> fp32
-        return torch.log_softmax(rows, dim=-1).gather(2, target[..., None]).squeeze(2).clone()
+        logp = torch.log_softmax(rows, dim=-1).gather(2, target[..., None]).squeeze(2)
+        if entropy:
+            return torch.stack([logp, token_entropy(rows)])
+        return logp.clone()
 
 
 def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

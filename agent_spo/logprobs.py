@@ -37,11 +37,33 @@ def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, target: torch.T
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _chunk_logprobs_entropy(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor):
+    """Log-probs and each row's entropy over the vocabulary, ``[2, c]``."""
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1)  # [c, V]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.stack([logp.gather(-1, target[:, None]).squeeze(-1), entropy])
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dimension (float32 at least)."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def chunked_logprobs(
-    hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, chunk: int = 1024
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    target: torch.Tensor,
+    chunk: int = 1024,
+    *,
+    entropy: bool = False,
 ) -> torch.Tensor:
     """``log softmax(head(hidden))[i, target[i]]`` for hidden ``[N, H]``, target ``[N]``,
-    computed ``chunk`` rows at a time (the log-softmax in float32 at least).
+    computed ``chunk`` rows at a time (the log-softmax in float32 at least). With
+    ``entropy`` the result is ``[2, N]``: the log-probs, then each row's entropy over the
+    vocabulary (for an entropy bonus; its gradient flows too).
 
     Under autocast the cast of the head's weight is not cached across chunks: with the
     cache, every chunk's gradient would be summed into one bf16 copy of the weight
@@ -56,20 +78,18 @@ def chunked_logprobs(
     grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     )
+    fn = _chunk_logprobs_entropy if entropy else _chunk_logprobs
     with torch.autocast(kind, dtype=dtype, enabled=autocast, cache_enabled=False):
         for s in range(0, hidden.shape[0], chunk):
             args = (head, hidden[s : s + chunk], target[s : s + chunk])
             if grad:  # the chunk's logits are recomputed in the backward pass
-                out.append(
-                    checkpoint(
-                        _chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False
-                    )  # fmt: skip
-                )
+                out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
             else:
-                out.append(_chunk_logprobs(*args))
+                out.append(fn(*args))
     if not out:
-        return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
-    return torch.cat(out)
+        shape = (2, 0) if entropy else (0,)
+        return hidden.new_zeros(shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return torch.cat(out, dim=-1)
 
 
 @torch.no_grad()
@@ -107,4 +127,4 @@ def head_matches(model) -> bool:
         model.train(was_training)
 
 
-__all__ = ["chunked_logprobs", "head_matches", "split_head"]
+__all__ = ["chunked_logprobs", "head_matches", "split_head", "token_entropy"]

@@ -52,6 +52,7 @@ METRICS: dict[str, str] = {
     "loss/approx_kl": "approximate KL(old || new) over trainable tokens",
     "loss/grad_norm": "gradient norm before clipping",
     "loss/is_weight": "decoupled: mean importance weight pi_recomputed / pi_behaviour (capped)",
+    "loss/entropy": "with loss.entropy_coef: mean policy entropy at trainable tokens (nats)",
     "loss/tis_frac": "decoupled with loss.tis_cap: share of tokens whose weight was capped",
     "loss/adv_raw_var": "variance of the advantages before normalisation",
     "loss/adv_zero_frac": "share of samples whose raw advantage is ~0 (no learning signal)",

@@ -519,6 +519,7 @@ async def _learn(
         "loss/approx_kl": stats.approx_kl,
         **({"loss/is_weight": stats.is_weight} if stats.is_weight is not None else {}),
         **({"loss/tis_frac": stats.tis_frac} if stats.tis_frac is not None else {}),
+        **({"loss/entropy": stats.entropy} if stats.entropy is not None else {}),
         "loss/grad_norm": stats.grad_norm,
         "loss/adv_raw_var": float(np.var(raw)),
         "loss/adv_zero_frac": near_zero_fraction(np.asarray(raw), 1e-6),

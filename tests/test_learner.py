@@ -309,3 +309,36 @@ def test_decoupled_on_policy_equals_recompute(tok):
 def test_a_cap_without_the_decoupled_objective_is_refused(tok):
     with pytest.raises(ValueError, match="tis_cap needs logp_old='decoupled'"):
         Learner(_model(tok), logp_old="recompute", tis_cap=2.0)
+
+
+@pytest.mark.parametrize("chunk", [1024, None])  # the lean head, and the full logits
+def test_the_entropy_bonus_moves_the_weights_by_its_own_gradient(tok, chunk):
+    """With every advantage 0 the policy-gradient term is 0, so a plain gradient step
+    moves the weights by entropy_coef x the gradient of the mean entropy over trainable
+    positions, computed here independently from the model's full logits."""
+    base = _model(tok, torch.float64)
+    probe = Learner(copy.deepcopy(base))
+    trajs = _trajectories(probe, 3, len(tok), seed=11)
+    coef = 0.5
+    a = Learner(copy.deepcopy(base), grad_clip=1e9, entropy_coef=coef, logprob_chunk=chunk)
+    a.opt = torch.optim.SGD(a.model.parameters(), lr=1.0)
+    stats = a.step(trajs, [0.0, 0.0, 0.0])
+    ref = copy.deepcopy(base)
+    total, n = 0.0, 0
+    for t in trajs:
+        logits = ref(torch.tensor([t.token_ids])).logits[0]
+        p = len(t.prompt_token_ids)
+        rows = logits[p - 1 : p - 1 + len(t.response_token_ids)]
+        logp = torch.log_softmax(rows, -1)
+        h = -(logp.exp() * logp).sum(-1)
+        m = torch.tensor(t.loss_mask, dtype=torch.bool)
+        total = total + h[m].sum()
+        n += int(m.sum())
+    mean_h = total / n
+    grads = torch.autograd.grad(mean_h, list(ref.parameters()), allow_unused=True)
+    for p_new, p0, g in zip(a.model.parameters(), base.parameters(), grads, strict=True):
+        want = p0 + coef * (g if g is not None else 0.0)  # descent on -coef * H
+        assert torch.allclose(p_new, want, rtol=0, atol=1e-6)
+    assert stats.entropy == pytest.approx(float(mean_h.detach()), rel=1e-6)
+    assert stats.pg_loss == 0.0
+    assert stats.loss == pytest.approx(-coef * float(mean_h.detach()), rel=1e-6)

@@ -30,6 +30,27 @@ def test_chunks_equal_one_full_log_softmax():
             assert torch.allclose(a, b, atol=1e-12)
 
 
+def test_chunked_entropy_equals_the_full_softmax_entropy_gradients_included():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=True).double()
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (23,))
+    w_lp, w_h = torch.randn(23, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    p = torch.softmax(head(hidden), -1)
+    full_h = -(p * p.log()).sum(-1)
+    full_lp = p.log().gather(-1, target[:, None]).squeeze(-1)
+    objective = (full_lp * w_lp).sum() + (full_h * w_h).sum()
+    g_full = torch.autograd.grad(objective, (hidden, head.weight, head.bias))
+    assert full_h.min() > 0 and full_h.max() < torch.log(torch.tensor(50.0))
+    for chunk in (1, 4, 23, 64):
+        lp, h = chunked_logprobs(hidden, head, target, chunk, entropy=True)
+        assert torch.allclose(lp, full_lp, atol=1e-12) and torch.allclose(h, full_h, atol=1e-12)
+        g = torch.autograd.grad((lp * w_lp).sum() + (h * w_h).sum(),
+                                (hidden, head.weight, head.bias))  # fmt: skip
+        for a, b in zip(g, g_full, strict=True):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_bf16_head_gradient_does_not_degrade_with_the_number_of_chunks():
     # under autocast the head's gradient must reach the float32 weight chunk by chunk,
     # not summed in one cached bf16 copy (whose rounding grows with the chunk count)
@@ -99,7 +120,7 @@ def test_peak_vocab_tensor_follows_the_chunk_not_the_positions(tok, chunk):  # n
     for name, learner in (("lean", lean), ("full", full)):
         learner.model.zero_grad()
         with _VocabTensors(vocab, model.config.hidden_size) as probe:
-            logp, mask = learner._forward(trajs)
+            logp, mask, _ = learner._forward(trajs)
             (logp * mask).sum().backward()  # the backward recomputes chunk by chunk
         seen[name] = probe.largest
     assert seen["lean"] == chunk * vocab  # one chunk's logits at a time

@@ -178,7 +178,7 @@ def chunked_vs_full(model, *, tokens: int) -> dict:
         learner = Learner(model, compute_dtype=torch.bfloat16, logprob_chunk=chunk)
         out[f"{name}_lean"] = learner.lean
         model.zero_grad(set_to_none=True)
-        logp, mask = learner._forward(trajs)
+        logp, mask, _ = learner._forward(trajs)
         (logp * mask).sum().backward()
         out[name] = (logp.detach()[mask.bool()].float().cpu(),
                      torch.cat([p.grad.flatten().float() for p in model.parameters()

@@ -187,7 +187,17 @@ def _key(loc: Sequence[Any]) -> str:
     return out
 
 
+# Keys an earlier version accepted, and why they went.
+REMOVED = {
+    "loss.kl_coef": "a KL penalty to a reference policy is not offered: the learner keeps "
+    "no reference copy of the policy, and neither the paper nor its reference recipe "
+    "trains with one; delete the key",
+}
+
+
 def _unknown_key(model: type[Section], loc: Sequence[Any]) -> str:
+    if (why := REMOVED.get(_key(loc))) is not None:
+        return f"'{_key(loc)}' was removed: {why}"
     allowed = sorted(model.model_fields)
     parent = f" under '{_key(loc[:-1])}'" if len(loc) > 1 else " at the top level"
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
