@@ -178,3 +178,12 @@ def test_kl_exact_trains_checkpoints_its_kept_trajectories_and_resumes_with_them
     assert sum(r["tracker/kl_exact_scored"] for r in rows) > 0
     assert rows[2]["tracker/kl_exact_unkept"] == 0
     assert len(ExactDrift.load(run / "checkpoints" / "ckpt-000003" / FILE)) >= len(kept)
+
+
+def test_the_decoupled_objective_and_the_entropy_bonus_train_and_report(tmp_path):
+    result = _train(tmp_path, 1, "loss.logp_old=decoupled", "loss.tis_cap=2",
+                    "loss.entropy_coef=0.01")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.5 < row["loss/is_weight"] < 2.0 and 0.0 <= row["loss/tis_frac"] <= 1.0
+    assert row["loss/entropy"] > 0  # nats, over the demo's 400-token vocabulary
