@@ -21,7 +21,11 @@ Rules, each returning (equal, reason):
   types must agree (except at infinite endpoints). Unions and named sets are compared
   as sets (sympy), and a gold inequality in solved form matches the equivalent interval.
 - Matrices by shape and entries. Equations up to a nonzero factor, inequalities up to a
-  positive factor (so flipped inequalities match), `x = 3` matches `3` both ways.
+  positive factor (so flipped inequalities match), `x = 3` matches `3` both ways. A gold
+  named tuple `(p, q) = (2, 3)` matches the bare `(2, 3)` (and `q = 3, p = 2`, by name),
+  and a gold named ratio `\\frac{A}{B} = \\frac{3}{4}` matches `3/4`; an answer's names are
+  not trusted that way (`(b, a) = (2, 3)` is no answer to a bare gold). Other equations
+  (`x + y = 5`, `xy = 6`) name nothing and never match a bare value.
 - Multiple-choice letters, text (lower case, letters and digits only), base-n numbers
   (same digits; the subscript may be omitted).
 """
@@ -349,6 +353,74 @@ def _assigned_value(r: Relation):
     return None
 
 
+def _named_tuple(r: Relation) -> dict | None:
+    """`(p, q) = (2, 3)` as {p: 2, q: 3}: a tuple of distinct lone symbols set equal to a
+    tuple of as many values, none of which uses those symbols; else None."""
+    if len(r.parts) != 2 or r.ops != ("=",):
+        return None
+    lhs, rhs = r.parts
+    if not (isinstance(lhs, Seq) and isinstance(rhs, Seq) and lhs.left == rhs.left == "("):
+        return None
+    if len(lhs.items) < 2 or len(lhs.items) != len(rhs.items):
+        return None
+    if not all(_lone_symbol(x) for x in lhs.items):
+        return None
+    names = [x.value for x in lhs.items]
+    if len(set(names)) != len(names):
+        return None
+    for x in rhs.items:
+        if not isinstance(x, Scalar) or x.value.free_symbols & set(names):
+            return None
+    return dict(zip(names, rhs.items, strict=True))
+
+
+def _named_ratio(r: Relation) -> Scalar | None:
+    """The number in `\\frac{A}{B} = \\frac{3}{4}`: a quotient of two distinct lone symbols
+    set equal to a closed number. `x + y = 5`, `xy = 6` and `\\frac{2A}{B} = 3` are
+    equations, not names, and give None."""
+    if len(r.parts) != 2 or r.ops != ("=",):
+        return None
+    lhs, rhs = r.parts
+    if not (isinstance(lhs, Scalar) and isinstance(rhs, Scalar)) or lhs.opaque or rhs.opaque:
+        return None
+    if rhs.value.free_symbols or not rhs.value.is_number:
+        return None
+    num, den = lhs.value.as_numer_denom()
+    if num.is_Symbol and den.is_Symbol and num != den:
+        return rhs
+    return None
+
+
+def _named_value(r: Relation):
+    """The value a relation assigns to named quantities: `x = 5`, `(p, q) = (2, 3)` (the
+    tuple), `\\frac{A}{B} = \\frac{3}{4}`; None for any other relation."""
+    value = _assigned_value(r)
+    if value is not None:
+        return value
+    named = _named_tuple(r)
+    if named is not None:
+        return r.parts[1]
+    return _named_ratio(r)
+
+
+def _named_tuple_vs(named: dict, other) -> Result | None:
+    """A named tuple against a list that itself names: `(p, q) = (2, 3)` vs `q = 3, p = 2`
+    by name. None when the other side names nothing."""
+    if isinstance(other, Relation):
+        other_named = _named_tuple(other)
+        if other_named is None:
+            return False, "a different relation for a named tuple"
+    elif isinstance(other, Seq) and any(isinstance(x, Relation) for x in other.items):
+        other_named = _assignments(other) if other.left == "" else None
+        if other_named is None:
+            return False, "a list of relations that does not name each coordinate"
+    else:
+        return None
+    if set(other_named) != set(named):
+        return False, "different variables assigned"
+    return _ordered([named[k] for k in named], [other_named[k] for k in named])
+
+
 def _one_sided(lhs: Scalar, op: str, rhs: Scalar) -> tuple[sympy.Basic, str]:
     """`lhs op rhs` as `E op' 0` with op' in < <= = != (the sides moved left)."""
     if op in (">", ">="):
@@ -370,6 +442,11 @@ def relations_equal(g: Relation, p: Relation) -> Result:
     if gset is not None and pset is not None:
         return sets_equal(gset, pset)
     if len(g.parts) == 2 and len(p.parts) == 2:
+        g_named = _named_tuple(g)
+        if g_named is not None:
+            return _named_tuple_vs(g_named, p) or (False, "different relations")
+        if _named_tuple(p) is not None:
+            return False, "a named tuple for a different relation"
         if not all(isinstance(x, Scalar) for x in (*g.parts, *p.parts)):
             gv, pv = _assigned_value(g), _assigned_value(p)
             if gv is not None and pv is not None:
@@ -679,7 +756,12 @@ def equivalent(gold: Answer, pred: Answer) -> Result:
     if isinstance(gold, Relation):
         if isinstance(pred, Relation):
             return relations_equal(gold, pred)
-        value = _assigned_value(gold)
+        named = _named_tuple(gold)
+        if named is not None:
+            by_name = _named_tuple_vs(named, pred)
+            if by_name is not None:
+                return by_name
+        value = _named_value(gold)
         if value is not None:
             ok, why = equivalent(value, pred)
             return ok, f"{why} (gold is an assignment)"

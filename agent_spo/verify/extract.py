@@ -67,21 +67,22 @@ _SUBJECT_IS = re.compile(
     r"\s+(?:is|equals)\s+"
 )
 _PROSE_SUBJECT = re.compile(r"[A-Za-z]{3,}")  # a subject of lone variables (`x is`) is math
-# The only words a dropped subject may hold: ones that name the quantity asked for. A
-# word that transforms it ("half of the total is 12", "x squared is 4", "the answer minus
-# one is 5") or hedges ("the answer probably is 3") keeps the line whole.
+# The only words a dropped subject may hold: generic ones that name whatever was asked
+# for. A word that transforms it ("half of the total is 12", "x squared is 4", "the answer
+# minus one is 5"), hedges ("the answer probably is 3") or names one particular quantity
+# ("the side length is 12", when the question may ask for the perimeter) keeps the line
+# whole.
 _NAMING_WORDS = frozenset(
     "the a an our this final required desired requested largest smallest greatest least "
     "maximum minimum maximal minimal possible only unique positive real number numbers "
     "value values answer integer integers result count of ways solutions pair pairs line "
     "equation curve point function polynomial expression set interval matrix vector "
-    "coordinates probability area perimeter volume length distance radius angle measure "
-    "price cost speed time age height width side".split()
+    "coordinates".split()
 )
 # A sentence that only poses the question ("check whether the correct option is (A)")
 # states no answer.
 _HYPOTHESIS = re.compile(
-    r"\bwhether\b|\bsuppos|\bassum|\bhypothes|\bto\s+(?:check|verify|test|see|determine)\b",
+    r"\bwhether\b|\bsuppos|\bhypothes|\bto\s+(?:check|verify|test|see|determine)\b",
     re.IGNORECASE,
 )
 _ANSWER_LINE = re.compile(
@@ -89,6 +90,7 @@ _ANSWER_LINE = re.compile(
     re.IGNORECASE,
 )
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
+_ENVIRONMENT = re.compile(r"\\(begin|end)\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
 _COMMAND_ARG = re.compile(r"\\[a-zA-Z]+\s*\{[^{}]*\}")  # \text{..}, \begin{..}: not prose
@@ -279,14 +281,27 @@ def _poses(response: str, at: int) -> bool:
 
 
 def last_number(response: str) -> str | None:
-    """The last number of the last line that has one; None if that line hedges with "or"."""
-    for line in reversed(response.strip().splitlines()):
-        numbers = _NUMBER.findall(line)
+    """The last number of the last line that has one; None if that line hedges with "or",
+    or if the number sits inside a LaTeX environment (an entry of a matrix, a case of a
+    `cases`): that line's answer is the environment, not one of its numbers."""
+    text = response.strip()
+    for line in reversed(text.splitlines()):
+        numbers = list(_NUMBER.finditer(line))
         if numbers:
             if _OR.search(line) or _DOUBT.search(line):
                 return None
-            return numbers[-1].strip()
+            if _inside_environment(text, text.rindex(line) + numbers[-1].start()):
+                return None
+            return numbers[-1].group().strip()
     return None
+
+
+def _inside_environment(text: str, at: int) -> bool:
+    """Whether position ``at`` lies between a `\\begin{...}` and its `\\end{...}`."""
+    depth = 0
+    for m in _ENVIRONMENT.finditer(text, 0, at):
+        depth += 1 if m.group(1) == "begin" else -1
+    return depth > 0
 
 
 def extract_answer(response: str) -> Extraction:
@@ -301,7 +316,20 @@ def extract_answer(response: str) -> Extraction:
 
     # Anchored statements: the one written last is the final answer.
     candidates: list[tuple[int, str, str]] = []
-    finals = [m for m in _FINAL_IS.finditer(response) if not _poses(response, m.start())]
+    finals = list(_FINAL_IS.finditer(response))
+    posed = bool(finals) and _poses(response, finals[-1].start())
+    if posed:
+        # the last statement only poses the question: no earlier statement, number or
+        # line may stand in for it; an `Answer:` line written after it still counts
+        after = finals[-1].end()
+        for pattern, how in ((_ANSWER_LINE, "answer-line"), (_HASH, "hash")):
+            later = [m for m in pattern.finditer(response) if m.start() >= after]
+            if later and (answer := _drop_subject(clean_answer(later[-1].group(1)))):
+                candidates.append((later[-1].start(), answer, how))
+        if candidates:
+            _, answer, how = max(candidates)
+            return Extraction(answer, how)
+        return Extraction(None, "none")
     if finals:
         rest = response[finals[-1].end() :]
         answer = _drop_subject(clean_answer(_first_math_span(rest)))

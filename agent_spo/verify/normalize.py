@@ -313,8 +313,26 @@ def _binomials(text: str) -> str:
 _BRACELESS_FRAC = re.compile(r"\\frac\s*([0-9A-Za-z])\s+([0-9A-Za-z])(?=\s*(?:$|[^\s0-9A-Za-z.]))")
 
 
+# A one-letter unit in upright text after a thin space, ending the answer: `12\,\text{m}`,
+# `5\;\mathrm{s}`, `3\text{ g}`. Without the space or the upright text (`12m`, `12\,x`)
+# the letter is a variable, and with a power after it (`12\,\text{m}^2`) the answer stays
+# as written.
+_ONE_LETTER_UNITS = {"m": "meters", "s": "seconds", "g": "grams", "h": "hours", "L": "liters"}
+_ONE_LETTER_UNIT = re.compile(
+    r"(?<=[\d}])\s*(?:(?:(?<!\\)\\[,;: ]|~)\s*\\(?:text|mathrm|textrm)\s*\{\s*([msghL])\s*\}"
+    r"|\\(?:text|mathrm|textrm)\s*\{\s+([msghL])\s*\})\s*$"
+)
+
+
+def _one_letter_unit(text: str) -> str:
+    m = _ONE_LETTER_UNIT.search(text)
+    if m is None:
+        return text
+    return text[: m.start()] + " \\text{ " + _ONE_LETTER_UNITS[m.group(1) or m.group(2)] + "}"
+
+
 def _prepare(text: str) -> str:
-    text = _unicode(text)
+    text = _one_letter_unit(_unicode(text))
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = text.replace("\\cfrac", "\\frac").replace("\\dbinom", "\\binom")
     text = _BRACELESS_FRAC.sub(r"\\frac{\1}{\2}", text)
