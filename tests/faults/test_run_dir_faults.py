@@ -58,9 +58,11 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_pa
         "import os, sys, time\nfrom agent_spo.rundir import lock_run_dir\n"
         f"with lock_run_dir({str(run)!r}):\n"
         "    child = os.fork()\n"
-        "    if child == 0:\n        print('child', flush=True)\n        time.sleep(60)\n"
+        # one write() per line: both processes share the pipe, and print() writes the text
+        # and its newline separately, so two prints can interleave ("18336child")
+        "    if child == 0:\n        os.write(1, b'child\\n')\n        time.sleep(60)\n"
         "        os._exit(0)\n"
-        "    print(child, flush=True)\n    time.sleep(60)\n"
+        "    os.write(1, f'{child}\\n'.encode())\n    time.sleep(60)\n"
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
