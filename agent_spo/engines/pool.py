@@ -290,11 +290,15 @@ class ReplicaPool:
         t = self.sync_timeout_s
         errors: dict[int, BaseException] = {}
 
+        opened: set[int] = set()  # vLLM: updates started and not finished
+        received: set[int] = set()  # vLLM: updates whose worker took every bucket
+
         async def pause(r: Replica) -> None:
             try:
                 if r.kind == "vllm":  # vLLM's weight-transfer routes, our gloo backend
                     await r.client.control("POST", "/pause?mode=keep", None, timeout_s=t)
                     await r.client.control("POST", "/start_weight_update", None, timeout_s=t)
+                    opened.add(r.index)
                 else:
                     await r.client.control("POST", "/pause", {"timeout_s": t}, timeout_s=t)
             except EngineError as e:
@@ -309,10 +313,16 @@ class ReplicaPool:
             return r.client.control("POST", "/update_weights", body, timeout_s=t)
 
         async def answered(r: Replica) -> None:
-            await answers[r.index]
+            try:
+                await answers[r.index]
+            except EngineError:
+                opened.discard(r.index)  # its worker failed the receive and finalised
+                raise
             if r.kind == "vllm":
+                received.add(r.index)
                 await r.client.control("POST", "/finish_weight_update",
                                        {"weight_version": str(int(version))}, timeout_s=t)  # fmt: skip
+                opened.discard(r.index)
 
         await asyncio.gather(*(pause(r) for r in targets))
         answers = {
@@ -321,10 +331,18 @@ class ReplicaPool:
 
         def send_all() -> int:
             count = total = 0
-            for entries, flat in pack_buckets(weights, self.bucket_bytes):
-                header = {"version": int(version), "tensors": entries}
-                count, total = count + len(entries), total + flat.numel()
-                self._post_all(targets, errors, header, flat)
+            try:
+                for entries, flat in pack_buckets(weights, self.bucket_bytes):
+                    header = {"version": int(version), "tensors": entries}
+                    count, total = count + len(entries), total + flat.numel()
+                    self._post_all(targets, errors, header, flat)
+            except Exception as e:
+                # the weights failed between two buckets: say so on every link, so each
+                # replica ends its update now instead of waiting out its timeout (a link
+                # dropped here may close only when the last reference to it goes)
+                why = f"{type(e).__name__}: {e}"[:500]
+                self._post_all(targets, errors, {"version": int(version), "abort": why})
+                raise
             end = {"version": int(version), "end": True, "count": count, "bytes": total}
             self._post_all(targets, errors, end)
             return total
@@ -351,7 +369,12 @@ class ReplicaPool:
                     r.link = None
                 if not done:  # it holds part of an update: out until a whole one comes
                     self._take_out(r, f"the update to v{version} broke off part-way")
-            await asyncio.gather(*(self._unsynced(r) for r in broken if r.kind == "vllm"))
+            # an update to finish: its worker took the weights, or was never sent any (a
+            # worker still receiving when the sync ended fails and finalises by itself)
+            await asyncio.gather(*(
+                self._unsynced(r, finish=r.index in opened
+                               and (r.index in received or r.index not in answers))
+                for r in broken if r.kind == "vllm"))  # fmt: skip
             await asyncio.gather(*(self._resume(r) for r in targets))
         return targets, [errors.get(r.index) for r in targets], size, 0.0
 
@@ -372,18 +395,21 @@ class ReplicaPool:
             except Exception as e:  # noqa: BLE001 - a dead or stuck peer: gloo says which
                 errors[index] = EngineError(f"gloo send failed: {e}")
 
-    async def _unsynced(self, r: Replica) -> None:
-        """A vLLM replica whose update broke part-way holds a mix of two versions. End
-        its update if one is still open (a sync cancelled or timed out between
-        ``/start_weight_update`` and ``/finish_weight_update`` would leave its layers on
-        the meta device and refuse every later start; finishing puts the old tensors back
-        where none came), then mark it -1 so it is not admitted until a whole update
-        reaches it (a transformers replica marks itself)."""
+    async def _unsynced(self, r: Replica, *, finish: bool) -> None:
+        """A vLLM replica whose update broke part-way holds a mix of two versions. With
+        ``finish``, end its update, still open (a sync cancelled or timed out after its
+        worker took the weights, or before it was sent any, would leave its layers on the
+        meta device and refuse every later start; finishing puts the old tensors back
+        where none came). Never otherwise: a worker whose receive failed has finalised
+        already, and vLLM's server does not survive a failing ``finish`` well. Then mark
+        it -1 so it is not admitted until a whole update reaches it (a transformers
+        replica marks itself)."""
         t = min(self.sync_timeout_s, 30.0)
-        try:  # refused (500) when no update is open: the worker already finalised it
-            await r.client.control("POST", "/finish_weight_update", {}, timeout_s=t)
-        except EngineError:
-            pass
+        if finish:
+            try:
+                await r.client.control("POST", "/finish_weight_update", {}, timeout_s=t)
+            except EngineError:
+                pass
         try:
             await r.client.control("POST", "/update_weight_version", {"new_version": "-1"},
                                    timeout_s=t)  # fmt: skip

@@ -10,7 +10,8 @@ An update is a sequence of buckets, each sent as three messages: its header's le
 (one int64), the header (UTF-8 JSON: the version and, per tensor, name, dtype, shape,
 byte offset), and the bucket's bytes (one flat uint8 tensor). A header with ``"end":
 true`` closes the update with the count of tensors and bytes sent, which the receiver
-checks.
+checks; one with ``"abort"`` (the trainer's weights failed between two buckets) ends it
+at once, as a failure.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class IncomingUpdate:
                 raise ValueError(
                     f"the trainer sent version {header.get('version')}, expected {self.version}"
                 )
+            if "abort" in header:
+                raise ValueError(f"the trainer abandoned the update: {header['abort']}")
             if header.get("end"):
                 if header["count"] != self.count or header["bytes"] != self.bytes:
                     raise ValueError(
