@@ -75,13 +75,13 @@ class LearnerGroup:
         group = G.start(spec)
         try:
             learner = build(spec, 0)
-            deadline = time.monotonic() + spec.timeout_s
+            deadline = time.monotonic() + spec.start_bound_s
             for rank in range(1, spec.world_size):  # every rank has built its learner
                 while not group.store.check([f"built/{rank}"]):
                     if group.failed() or time.monotonic() > deadline:
                         raise RankFailed(
                             f"learner rank {rank} did not build its learner: "
-                            f"{group.failed() or f'nothing within {spec.timeout_s:g}s'}"
+                            f"{group.failed() or f'nothing within {spec.start_bound_s:g}s'}"
                         )
                     time.sleep(0.05)
         except BaseException:

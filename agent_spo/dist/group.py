@@ -51,8 +51,14 @@ class RankSpec:
     world_size: int
     host: str = "127.0.0.1"
     port: int = 0
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # one collective or command: past it a rank has hung
     torchrun: bool = False
+    start_timeout_s: float = 600.0  # starting and building: imports and weights take a while
+
+    @property
+    def start_bound_s(self) -> float:
+        """How long the ranks may take to check in and build their learners."""
+        return max(self.timeout_s, self.start_timeout_s)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -148,7 +154,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def start(spec: RankSpec) -> Group:
     """As rank 0: start ranks 1..N-1 (local launch) or join torchrun's, and form the group.
-    Raises RankFailed when a child exits or the group does not form within timeout_s."""
+    Raises RankFailed when a child exits or the group does not form within start_bound_s."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -170,7 +176,7 @@ def start(spec: RankSpec) -> Group:
     try:
         # every child checks in before anyone enters the group, so a child that dies on
         # the way (bad import, bad model path) fails the start at once, not at the timeout
-        deadline = time.monotonic() + spec.timeout_s
+        deadline = time.monotonic() + spec.start_bound_s
         for rank in children:
             while not store.check([f"ready/{rank}"]):
                 if group.failed() or time.monotonic() > deadline:
@@ -182,7 +188,8 @@ def start(spec: RankSpec) -> Group:
             p.kill()
         group.stop_children()
         raise RankFailed(
-            f"learner ranks did not form a group within {spec.timeout_s:g}s: {group.failed() or e}"
+            f"learner ranks did not form a group within {spec.start_bound_s:g}s: "
+            f"{group.failed() or e}"
         ) from e
     return group
 

@@ -23,3 +23,13 @@ def broken_learner(*, rank: int, world_size: int):
     if rank > 0:
         raise SystemExit(3)
     return tiny_learner(rank=rank, world_size=world_size)
+
+
+def slow_learner(*, rank: int, world_size: int, build_s: float = 3.0):
+    """A factory that takes ``build_s`` seconds on the ranks other than 0 (a large model
+    loading), longer than the test's command timeout."""
+    import time
+
+    if rank > 0:
+        time.sleep(build_s)
+    return tiny_learner(rank=rank, world_size=world_size)

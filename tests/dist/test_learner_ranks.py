@@ -168,6 +168,18 @@ def test_a_rank_that_cannot_build_its_learner_fails_the_start():
     assert time.monotonic() - t0 < 30
 
 
+def test_a_slow_start_is_bounded_by_the_start_timeout_not_the_command_timeout():
+    """Building a learner (imports, weights) may take longer than one command may: a
+    2 s command timeout does not fail a rank that needs 4 s to build."""
+    group = _start(factory="tests.dist.ranks:slow_learner", timeout_s=2, build_s=4.0)
+    group.close()
+    with pytest.raises(RankFailed, match="did not build its learner: nothing within 3s"):
+        LearnerGroup.start(
+            RankSpec("tests.dist.ranks:slow_learner", {"build_s": 30.0}, world_size=2,
+                     timeout_s=1, start_timeout_s=3)
+        )  # fmt: skip
+
+
 def test_export_of_a_two_rank_checkpoint_scores_like_the_ranks(float64_pair, tmp_path):
     """`agent-spo export` reads the shards in one process into a model directory whose
     transformers log-probs are the two-rank learner's."""
