@@ -239,27 +239,34 @@ def build_loop(name: str, *, group_size: int = 8, exact_drift=None) -> TrainLoop
     raise ValueError(f"unknown algorithm {name!r}; choose spo or grpo")
 
 
-def build_sandbox(cfg: SandboxConfig):
-    """LocalSandbox, DockerSandbox or RemoteSandbox (not started: `async with` it).
+def build_sandbox(cfg: SandboxConfig, rollout: RolloutConfig | None = None):
+    """LocalSandbox, DockerSandbox or RemoteSandbox (not started: `async with` it), able
+    to run the rollout section's tools: a local or docker pool shows the user's tool
+    modules to its workers; a remote server must offer every tool (checked at start).
 
     The remote server's bearer token comes from the environment variable that
     sandbox.token_env names, so it never lands in a run's config.yaml."""
+    toolbox = build_toolbox(rollout) if rollout is not None else None
     if cfg.backend == "remote":
         from sandboxes.remote import RemoteSandbox
 
         assert cfg.url is not None  # SandboxConfig requires it for the remote backend
         token = os.environ.get(cfg.token_env) or None
-        return RemoteSandbox(cfg.url, token=token, default_timeout_s=cfg.timeout_s)
+        return RemoteSandbox(
+            cfg.url, token=token, default_timeout_s=cfg.timeout_s,
+            required_tools=toolbox.schemas() if toolbox is not None else None,
+        )  # fmt: skip
     from sandboxes.local import Limits
 
     limits = Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+    sources = tool_sources(rollout) if rollout is not None else []
     if cfg.backend == "docker":
         from sandboxes.docker import DockerSandbox
 
-        return DockerSandbox(workers=cfg.pool_size, limits=limits)
+        return DockerSandbox(workers=cfg.pool_size, limits=limits, tool_sources=sources)
     from sandboxes.local import LocalSandbox
 
-    return LocalSandbox(workers=cfg.pool_size, limits=limits)
+    return LocalSandbox(workers=cfg.pool_size, limits=limits, tool_sources=sources)
 
 
 SMOKE_CODE = "print(6 * 7)"
@@ -275,14 +282,44 @@ async def check_sandbox(sandbox) -> None:
     where = getattr(sandbox, "url", None) or getattr(sandbox, "backend", "sandbox")
     if hasattr(sandbox, "health"):
         try:
-            await sandbox.health()
+            health = await sandbox.health()
         except SandboxError as e:
             raise SandboxCheckFailed(f"sandbox at {where} failed its health check: {e}") from e
+        required = getattr(sandbox, "required_tools", None)
+        if required is not None:
+            _check_offered_tools(where, required, health.get("tools"))
     result = await sandbox.run(SMOKE_CODE, timeout_s=30)
     if result.status != "ok" or result.stdout.strip() != "42":
         detail = result.exc_message or result.stderr.strip()[-300:] or result.stdout[-300:]
         raise SandboxCheckFailed(
             f"sandbox at {where} could not run {SMOKE_CODE!r}: {result.status}: {detail}"
+        )
+
+
+def _check_offered_tools(where: str, required: list[dict], offered: list[dict] | None) -> None:
+    """A sandbox server must offer every tool the episodes call, with the same schema
+    (a server that lists none offers the built-in ones)."""
+    from sandboxes.errors import SandboxCheckFailed
+    from tools import builtin_tools
+
+    if offered is None:
+        offered = [t.schema() for t in builtin_tools()]
+    theirs = {s["function"]["name"]: s for s in offered}
+    missing = [s["function"]["name"] for s in required if s["function"]["name"] not in theirs]
+    differ = [
+        s["function"]["name"]
+        for s in required
+        if s["function"]["name"] in theirs and theirs[s["function"]["name"]] != s
+    ]
+    if missing or differ:
+        problem = f"lacks the tools {missing}" if missing else ""
+        if differ:
+            problem += (" and " if problem else "") + f"has other versions of {differ}"
+        raise SandboxCheckFailed(
+            f"the sandbox server at {where} {problem}: this run's tools are "
+            f"{[s['function']['name'] for s in required]}, the server's "
+            f"{sorted(theirs)}; start it with the same references: "
+            "agent-spo sandbox serve --tools REF ..."
         )
 
 
@@ -294,13 +331,21 @@ def build_verifier(cfg: VerifierConfig):
 
 
 def build_toolbox(rollout: RolloutConfig):
-    """The tools the rollout section offers (retool: python only), output-capped."""
+    """The tools the rollout section offers (retool: its one code tool), output-capped."""
     from agent_spo.episode.toolbox import Toolbox
-    from tools import builtin_tools
+    from tools.refs import resolve
 
-    names = ["python"] if rollout.tool_format == "retool" else rollout.tools
-    chosen = {t.name: t for t in builtin_tools()}
-    return Toolbox([chosen[n] for n in names], max_output_chars=rollout.tool_output_chars)
+    tools = resolve(rollout.tools).tools
+    if rollout.tool_format == "retool":
+        tools = [t for t in tools if t.kind == "code"] or resolve(["python"]).tools
+    return Toolbox(tools, max_output_chars=rollout.tool_output_chars)
+
+
+def tool_sources(rollout: RolloutConfig) -> list:
+    """The user tool modules (ToolSource) a sandbox must expose for the rollout's tools."""
+    from tools.refs import resolve
+
+    return resolve(rollout.tools).sources
 
 
 def build_datasets(data: DataConfig, seed: int):
@@ -448,9 +493,10 @@ def build_renderer(tokenizer, rollout: RolloutConfig, toolbox):
     from agent_spo.episode.formats import get_format
     from agent_spo.episode.render import ChatRenderer
 
+    code_tool = next(iter(toolbox.tools.values())) if rollout.tool_format == "retool" else None
     return ChatRenderer(
         tokenizer,
-        get_format(rollout.tool_format),
+        get_format(rollout.tool_format, code_tool),
         tools=toolbox.schemas(),
         system_prompt=rollout.system_prompt,
         enable_thinking=rollout.enable_thinking,
@@ -508,7 +554,7 @@ async def open_episode_runner(
     a given engine is closed on exit like a built one).
     """
     async with contextlib.AsyncExitStack() as stack:
-        sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox))
+        sandbox = await stack.enter_async_context(build_sandbox(cfg.sandbox, cfg.rollout))
         await check_sandbox(sandbox)  # before the model loads: it can take minutes
         model_path = None
         if engine is None:

@@ -225,7 +225,7 @@ async def setup(
         ckpt = claim_run_dir(cfg, resume=resume, log=log)
         # a sandbox that cannot run code (server down, wrong token) refuses the run before
         # anything is written or loaded
-        sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
+        sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox, cfg.rollout))
         await builders.check_sandbox(sandbox)
         write_resolved(cfg, run_dir)
         hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import socket
 import struct
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandboxes.errors import SandboxUnavailable
-from sandboxes.jail import BOOTSTRAP, ENV, PKG_ROOT
+from sandboxes.jail import ENV, PKG_ROOT, bootstrap
 from sandboxes.local import Limits, LocalSandbox, _Worker
 
 DEFAULT_IMAGE = "agent-spo-sandbox:latest"
@@ -77,13 +78,15 @@ class ContainerSpec:
     pids: int = 512
     tmp_mb: int = 256
     runtime: str | None = None  # "runsc" for gVisor
+    # User tool modules: (name under /sbx, host file or package directory), read-only.
+    sources: tuple[tuple[str, str], ...] = ()
 
 
 def container_kwargs(spec: ContainerSpec, name: str) -> dict:
     """Arguments for `docker.from_env().containers.run(**kwargs)`."""
     kwargs = {
         "image": spec.image,
-        "command": ["python", "-s", "-c", BOOTSTRAP.format(root=PKG_ROOT)],
+        "command": ["python", "-s", "-c", bootstrap(PKG_ROOT)],
         "name": name,
         "detach": True,
         "stdin_open": True,
@@ -106,6 +109,10 @@ def container_kwargs(spec: ContainerSpec, name: str) -> dict:
     }
     if spec.runtime:
         kwargs["runtime"] = spec.runtime
+    if spec.sources:
+        kwargs["volumes"] = {
+            path: {"bind": f"{PKG_ROOT}/{name}", "mode": "ro"} for name, path in spec.sources
+        }
     return kwargs
 
 
@@ -193,7 +200,7 @@ class DockerSandbox(LocalSandbox):
         **kwargs,
     ) -> None:
         super().__init__(workers=workers, limits=limits or Limits(), **kwargs)
-        self.spec = spec or ContainerSpec()
+        self.spec = dataclasses.replace(spec or ContainerSpec(), sources=self._spec.sources)
         # the container is the jail: the runner may sweep every other process it sees
         self._hello["config"]["jailed"] = True
 

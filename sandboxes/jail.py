@@ -3,7 +3,8 @@
 The jail (one per worker, long-lived) gets every namespace bubblewrap offers (user, pid,
 net, ipc, uts, mount, cgroup) with nested user namespaces disabled, runs as uid 65534,
 dies with its parent, and sees only: `/usr` (read-only), the Python installation and
-its site-packages (read-only), the runner's own packages at `/sbx` (read-only),
+its site-packages (read-only), the runner's own packages at `/sbx` (read-only), the
+user's tool modules there too (each file or package read-only, nothing beside it),
 `/etc/ld.so.cache`, a minimal `/dev`, its own `/proc`, and a size-capped private
 `/tmp`. The environment is cleared and replaced by a fixed one.
 """
@@ -25,7 +26,17 @@ from sandboxes.errors import SandboxUnavailable
 JAIL_UID = 65534
 PKG_ROOT = "/sbx"  # where the runner's packages appear inside the jail
 
-BOOTSTRAP = "import sys; sys.path.insert(0, {root!r}); from sandboxes.runner import main; main()"
+BOOTSTRAP = (
+    "import sys; sys.path.insert(0, {root!r}); sys.path.extend({extra!r}); "
+    "from sandboxes.runner import main; main()"
+)
+
+
+def bootstrap(root: str, extra: Sequence[str] = ()) -> str:
+    """The runner's start-up line: ``root`` first on sys.path (the runner's packages and
+    the tool modules), ``extra`` last (never shadowing the standard library)."""
+    return BOOTSTRAP.format(root=root, extra=list(extra))
+
 
 ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -97,6 +108,8 @@ class JailSpec:
     tmp_mb: int = 256  # size of the jail's private /tmp (all work dirs of one worker)
     # Extra packages importable inside the sandbox at /sbx (the runner's own is always there).
     packages: Sequence[str] = field(default=("tools",))
+    # User tool modules: (name under /sbx, host file or package directory), read-only.
+    sources: Sequence[tuple[str, str]] = ()
 
 
 def bwrap_command(spec: JailSpec) -> list[str]:
@@ -125,20 +138,24 @@ def bwrap_command(spec: JailSpec) -> list[str]:
         cmd += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for name in dict.fromkeys(["sandboxes", *spec.packages]):
         cmd += ["--ro-bind", package_dir(name), f"{PKG_ROOT}/{name}"]
+    for name, path in spec.sources:
+        cmd += ["--ro-bind", path, f"{PKG_ROOT}/{name}"]
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--clearenv",
     ]  # fmt: skip
     for key, value in ENV.items():
         cmd += ["--setenv", key, value]
-    cmd += ["--chdir", "/tmp", "--", sys.executable, "-s", "-c", BOOTSTRAP.format(root=PKG_ROOT)]
+    cmd += ["--chdir", "/tmp", "--", sys.executable, "-s", "-c", bootstrap(PKG_ROOT)]
     return cmd
 
 
-def unisolated_command() -> tuple[list[str], dict[str, str]]:
-    """Runner without a jail (explicit opt-in only): same runner, limits, Landlock, seccomp."""
+def unisolated_command(spec: JailSpec = JailSpec()) -> tuple[list[str], dict[str, str]]:
+    """Runner without a jail (explicit opt-in only): same runner, limits, Landlock, seccomp.
+    The tool modules import from their own directories (appended to sys.path)."""
     root = str(Path(package_dir("sandboxes")).parent)
-    return [sys.executable, "-s", "-c", BOOTSTRAP.format(root=root)], dict(ENV)
+    extra = dict.fromkeys(str(Path(path).parent) for _, path in spec.sources)
+    return [sys.executable, "-s", "-c", bootstrap(root, list(extra))], dict(ENV)
 
 
 def probe_bwrap(spec: JailSpec) -> None:

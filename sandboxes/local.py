@@ -34,12 +34,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sandboxes import cgroup
 from sandboxes.errors import SandboxClosed, SandboxError, SandboxUnavailable
 from sandboxes.jail import JailSpec, bwrap_command, probe_bwrap, unisolated_command
 from sandboxes.result import ExecResult, infra_result
+
+if TYPE_CHECKING:
+    from tools.refs import ToolSource
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,14 @@ class _Worker:
                 f"its stderr: {' | '.join(self.stderr_tail) or '(empty)'}"
             ) from None
         self.caps = reply.get("caps", {})
+        if self.caps.get("require_failed"):
+            await self.kill()
+            raise SandboxUnavailable(
+                "a tool module cannot be imported inside the sandbox: "
+                + "; ".join(self.caps["require_failed"])
+                + " (its imports must be installed in the Python environment the sandbox "
+                "runs: this one for the local backend, the image for docker)"
+            )
         if self.caps.get("preload_failed"):
             log.warning("sandbox preload failed: %s", self.caps["preload_failed"])
 
@@ -232,6 +243,7 @@ class LocalSandbox:
         isolation: Literal["bwrap", "none"] = "bwrap",
         preload: Sequence[str] = ("sympy", "numpy"),
         packages: Sequence[str] = ("tools",),
+        tool_sources: Sequence[ToolSource] = (),
         warmup: Sequence[str] | None = None,
         tmp_mb: int = 256,
         seccomp: bool = True,
@@ -254,12 +266,18 @@ class LocalSandbox:
         self._sessions: dict[str, LocalSession] = {}
         self._reaper: asyncio.Task | None = None
         self._n = workers
-        self._spec = JailSpec(tmp_mb=tmp_mb, packages=tuple(packages))
+        self.tool_sources = tuple(tool_sources)
+        self._spec = JailSpec(
+            tmp_mb=tmp_mb,
+            packages=tuple(packages),
+            sources=tuple((s.name, s.path) for s in self.tool_sources if s.path is not None),
+        )
         self._hello: dict[str, Any] = {
             "op": "hello",
             "config": {
                 "limits": limits.wire(landlock),
                 "preload": list(preload),
+                "require": [s.module for s in self.tool_sources],
                 "warmup": list(
                     DEFAULT_WARMUP if warmup is None and "tools" in packages else warmup or ()
                 ),
@@ -317,7 +335,7 @@ class LocalSandbox:
                 "sandbox isolation is OFF (isolation='none'): model-written code runs on this "
                 "host with only rlimits, Landlock and seccomp between it and your files"
             )
-            argv, env = unisolated_command()
+            argv, env = unisolated_command(self._spec)
             self._workdir = cwd = tempfile.mkdtemp(prefix="agent-spo-sandbox-")
             env = {**env, "HOME": cwd, "TMPDIR": cwd}
             self._hello["config"]["limits"]["workroot"] = cwd  # work dirs under it, not /tmp

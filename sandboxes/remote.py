@@ -2,7 +2,7 @@
 
 Server (`agent-spo sandbox serve`, loopback by default):
 
-    GET    /v1/health                 pool state, capabilities, census
+    GET    /v1/health                 pool state, capabilities, census, tools offered
     POST   /v1/run                    {"code", "timeout_s"?}          -> ExecResult
     POST   /v1/run_batch              {"calls": [{"code", ...}, ...]} -> [ExecResult]
     POST   /v1/sessions               {}                              -> {"session": id}
@@ -69,12 +69,14 @@ class SandboxServer:
         backlog: int = 1024,
         max_connections: int = 1024,
         idle_timeout_s: float = 120.0,
+        tools: list[dict] | None = None,
     ) -> None:
         if not 0 < max_timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(
                 f"max_timeout_s must be in (0, {MAX_TIMEOUT_S:g}], got {max_timeout_s}"
             )
         self.backend = backend
+        self.tools = tools  # the tool schemas its backend can run (None: the built-in ones)
         self.token = token
         self.session_ttl_s = session_ttl_s
         self.max_timeout_s = max_timeout_s
@@ -180,6 +182,8 @@ class SandboxServer:
                 "sessions": len(self.sessions),
                 "capabilities": getattr(self.backend, "capabilities", {}),
             }
+            if self.tools is not None:
+                health["tools"] = self.tools
             if hasattr(self.backend, "census"):
                 health["census"] = await asyncio.wait_for(self.backend.census(), 30)
             return 200, health
@@ -367,8 +371,12 @@ class RemoteSandbox:
         grace_s: float = 5.0,
         retries: int = 3,
         backoff_s: float = 0.2,
+        required_tools: list[dict] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # the tool schemas this client's episodes call: the server must offer each one
+        # (checked with its health by agent_spo.builders.check_sandbox)
+        self.required_tools = required_tools
         self.token = token
         self.default_timeout_s = default_timeout_s
         self.queue_budget_s = queue_budget_s

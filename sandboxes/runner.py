@@ -972,6 +972,12 @@ def main() -> None:
             __import__(name)
         except Exception as e:  # noqa: BLE001 - report, keep serving
             failed.append(f"{name}: {type(e).__name__}: {e}")
+    required = []
+    for name in cfg.get("require", []):  # the tool modules: a failure stops the worker
+        try:
+            __import__(name)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - reported; the controller fails
+            required.append(f"{name}: {type(e).__name__}: {e}")
     for code in cfg.get("warmup", []):  # fill lazy imports and caches before any fork
         try:
             exec(compile(code, "<warmup>", "exec"), _fresh_globals())
@@ -980,6 +986,7 @@ def main() -> None:
     caps: dict[str, Any] = {
         "pid": os.getpid(),
         "preload_failed": failed,
+        "require_failed": required,
         "landlock_abi": 0,
         "seccomp": False,
     }

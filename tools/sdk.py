@@ -15,7 +15,10 @@ for the model (`ToolArgumentError`), never an exception in the trainer.
 
 Two kinds of tool:
 * ``kind="function"`` (default): the function itself is called, inside the sandbox, with
-  the validated arguments; its return value (converted with ``str``) is the output.
+  the validated arguments; its return value is the output (a string as it is; numbers,
+  lists and dicts as JSON; ``None`` is an error the model is shown). In a fresh process
+  per call by default; ``stateful=True`` calls it in the episode's session process, so
+  module-level state persists across the calls of one episode.
 * ``kind="code"``: the tool's single string argument is a cell of Python code that runs
   in the episode's sandbox session (the ``python`` tool). The function body is not run.
 """
@@ -168,6 +171,30 @@ def tool(
         )
 
     return wrap(fn) if fn is not None else wrap
+
+
+class ToolReturnError(TypeError):
+    """A tool returned something that is not its result (None)."""
+
+
+def run_in_sandbox(module: str, attr: str, payload: str) -> None:
+    """Call a function tool inside the sandbox and print its result: what the generated
+    cell of every function-tool call runs. A string is printed as it is; numbers, lists
+    and dicts as JSON (else ``str``); ``None`` is an error the model sees."""
+    import importlib
+
+    t = getattr(importlib.import_module(module), attr)
+    value = t.fn(**json.loads(payload))
+    if value is None:
+        raise ToolReturnError(
+            f"tool {t.name!r} returned None; a tool returns its result (a string)"
+        )
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError):
+            value = str(value)
+    print(value)
 
 
 # ----------------------------------------------------------------------- schema helpers

@@ -103,7 +103,7 @@ async def episode_rates(
     train, _ = builders.build_datasets(cfg.data, cfg.run.seed)
     problems = train[:n]
     rows = []
-    async with builders.build_sandbox(cfg.sandbox) as sandbox:
+    async with builders.build_sandbox(cfg.sandbox, cfg.rollout) as sandbox:
         with builders.build_verifier(cfg.verifier) as verifier:
             for setting, replicas in (("in-process engine", 0), ("pool, 1 replica", 1),
                                       ("pool, 2 replicas", 2)):  # fmt: skip

@@ -154,7 +154,9 @@ async def run_mode(
     async with contextlib.AsyncExitStack() as stack:
         sandbox = parts.sandbox
         if sandbox is None:
-            sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox))
+            sandbox = await stack.enter_async_context(
+                builders.build_sandbox(cfg.sandbox, cfg.rollout)
+            )
         if make_engine is not None:
             engine = make_engine(seed)
         else:

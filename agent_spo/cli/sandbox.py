@@ -33,7 +33,28 @@ Unisolated = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
-def local_sandbox(workers: int, timeout: float, memory_mb: int, unisolated: bool):
+ToolRefs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tools",
+        help="Your tool modules for the sandbox to run: a file (my_tools.py) or a module "
+        "(mypkg.tools), optionally :function; repeat it for several (see docs/tools.md).",
+    ),
+]
+
+
+def resolve_tool_refs(refs: list[str] | None):
+    """The tools references offer with the built-in ones (a clear exit on a bad one)."""
+    from tools.refs import ToolReferenceError, builtin_names, resolve
+
+    wanted = [r.strip() for ref in refs or [] for r in ref.split(",") if r.strip()]
+    try:
+        return resolve(builtin_names() + [r for r in wanted if r not in builtin_names()])
+    except ToolReferenceError as e:
+        fail(str(e))
+
+
+def local_sandbox(workers: int, timeout: float, memory_mb: int, unisolated: bool, sources=()):
     from sandboxes.local import Limits, LocalSandbox
 
     if unisolated:
@@ -42,6 +63,7 @@ def local_sandbox(workers: int, timeout: float, memory_mb: int, unisolated: bool
         workers=workers,
         limits=Limits(timeout_s=timeout, memory_mb=memory_mb),
         isolation="none" if unisolated else "bwrap",
+        tool_sources=sources,
     )
 
 
@@ -211,12 +233,15 @@ def sandbox_serve(
         float, typer.Option(help="Close sessions idle for this many seconds.")
     ] = 900.0,
     unisolated: Unisolated = False,
+    tools: ToolRefs = None,
 ) -> None:
     """Serve a local sandbox pool over HTTP so rollout machines can share it.
 
     Clients use `RemoteSandbox(url)` (sandbox.backend=remote, sandbox.url=...). Binds to
     loopback unless --host says otherwise; a non-loopback address without --token is
     refused. --timeout caps every call: a client asking for more gets --timeout.
+    --tools adds your tool modules to the built-in tools; a trainer whose tools the
+    server lacks refuses to start, naming both lists.
     """
     from sandboxes import SandboxError
     from sandboxes.remote import SandboxServer
@@ -226,8 +251,10 @@ def sandbox_serve(
             f"refusing to serve on {host} without --token "
             "(anyone who can reach it could run code here)"
         )
+    offered = resolve_tool_refs(tools)
     server = SandboxServer(
-        local_sandbox(workers, timeout, memory_mb, unisolated),
+        local_sandbox(workers, timeout, memory_mb, unisolated, offered.sources),
+        tools=[t.schema() for t in offered.tools],
         host=host,
         port=port,
         token=token,

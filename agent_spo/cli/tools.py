@@ -1,63 +1,94 @@
-"""`agent-spo tools ...`: inspect the tools the agent can call and call one in a sandbox."""
+"""`agent-spo tools ...`: inspect the tools the agent can call, call one in a sandbox, and
+start a tool of your own."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from agent_spo.cli.args import EXIT_CONFIG, fail, stdout
+from agent_spo.cli.args import EXIT_CONFIG, fail, stderr, stdout
 from agent_spo.cli.sandbox import (
     AsJson,
     Timeout,
     Unisolated,
     exit_for,
-    local_sandbox,
     print_result,
     run_async,
 )
 
 app = typer.Typer(
-    help="Inspect and exercise the tools the agent can call (schemas, test calls).",
+    help="Inspect, test and write the tools the agent can call (built-in and your own; "
+    "see docs/tools.md).",
     no_args_is_help=True,
 )
 
+REF_HELP = (
+    "A built-in tool's name, or your own: a file (my_tools.py, my_tools.py:lookup) or a "
+    "module (mypkg.tools, mypkg.tools:lookup)."
+)
 
-def _toolbox():
-    from agent_spo.episode.toolbox import Toolbox
-    from tools import builtin_tools
 
-    return Toolbox(builtin_tools())
+def _resolve(refs: list[str]):
+    from tools.refs import ToolReferenceError, resolve
+
+    try:
+        return resolve(refs)
+    except ToolReferenceError as e:
+        fail(str(e))
+
+
+def _kind(t) -> str:
+    if t.kind == "code":
+        return "code (session)"
+    return "function (session)" if t.stateful else "function"
 
 
 @app.command("list")
-def tools_list() -> None:
-    """List the available tools with their one-line descriptions."""
+def tools_list(
+    refs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Your tool files or modules to list beside the built-in tools."),
+    ] = None,
+) -> None:
+    """List the built-in tools (and those REFS offer) with their one-line descriptions."""
+    from tools.refs import builtin_names
+
+    extra = [r for r in refs or [] if r not in builtin_names()]
+    found = _resolve(builtin_names() + extra)
     table = Table(title="tools")
-    table.add_column("name")
-    table.add_column("kind")
-    table.add_column("description")
-    for t in _toolbox().tools.values():
-        kind = "code (session)" if t.kind == "code" else "function"
-        table.add_row(t.name, kind, t.description.splitlines()[0])
+    for col in ("name", "kind", "from", "description"):
+        table.add_column(col)
+    for t in found.tools:
+        ref = found.origin[t.name]
+        where = "built-in" if ref in builtin_names() else ref
+        table.add_row(t.name, _kind(t), where, t.description.splitlines()[0])
     stdout.print(table)
 
 
 @app.command("show")
-def tools_show(name: Annotated[str, typer.Argument(help="Tool name.")]) -> None:
-    """Print the exact function-calling schema the model receives for one tool (JSON)."""
-    box = _toolbox()
-    if name not in box:
-        fail(f"unknown tool {name!r}; available: {', '.join(box.tools)}")
-    typer.echo(json.dumps(box.tools[name].schema(), indent=2, ensure_ascii=False))
+def tools_show(ref: Annotated[str, typer.Argument(help=REF_HELP)]) -> None:
+    """Print the exact function-calling schema the model receives (JSON): one object for
+    one tool, a list for a module of several."""
+    from tools.refs import builtin_names
+
+    if ":" not in ref and "." not in ref and "/" not in ref and ref not in builtin_names():
+        fail(
+            f"unknown tool {ref!r}; built-in: {', '.join(builtin_names())} (or name a "
+            "file or module of your own)"
+        )
+    schemas = [t.schema() for t in _resolve([ref]).tools]
+    out = schemas[0] if len(schemas) == 1 else schemas
+    typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
 
 
 @app.command("test")
 def tools_test(
-    name: Annotated[str, typer.Argument(help="Tool name.")],
+    ref: Annotated[str, typer.Argument(help=REF_HELP + " It must offer one tool.")],
     args: Annotated[
         str,
         typer.Option("--args", help='Call arguments as a JSON object, e.g. \'{"code": "1+1"}\'.'),
@@ -71,19 +102,21 @@ def tools_test(
 ) -> None:
     """Call one tool in a real sandbox; show what the model would see and the typed result.
 
-    Bad arguments are reported exactly as the model would receive them.
+    Your tool's module is shown to the sandbox exactly as in training (read-only, nothing
+    else of its directory). Bad arguments are reported as the model would receive them.
     """
-    from agent_spo.episode.toolbox import Toolbox
-    from tools import builtin_tools
+    from agent_spo.testing import call_tool_async
+    from tools.refs import ToolReferenceError
 
-    box = Toolbox(builtin_tools(), max_output_chars=max_chars)
-
-    async def go():
-        async with local_sandbox(1, timeout, 1024, unisolated) as sb:
-            async with await sb.open_session() as session:
-                return await box.call(name, args, sandbox=sb, session=session)
-
-    call = run_async(go())
+    _resolve([ref])  # a bad reference: a clear exit before any sandbox starts
+    try:
+        call = run_async(
+            call_tool_async(
+                ref, args, timeout_s=timeout, max_output_chars=max_chars, unisolated=unisolated
+            )
+        )
+    except ToolReferenceError as e:
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps({
             "name": call.name, "arguments": call.arguments, "fault": call.fault,
@@ -103,3 +136,39 @@ def tools_test(
         raise typer.Exit(EXIT_CONFIG)
     if call.result is not None:
         exit_for(call.result)
+
+
+@app.command("new")
+def tools_new(
+    name: Annotated[str, typer.Argument(help="The tool's name (a Python identifier).")],
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to write NAME.py and test_NAME.py.")
+    ] = Path("."),
+) -> None:
+    """Write a commented template tool, NAME.py, and its test, test_NAME.py.
+
+    The template works as written: `agent-spo tools test NAME.py --args '{"n": 2024}'`
+    calls it in the sandbox, and `pytest test_NAME.py` passes. Edit both, then offer the
+    tool to the model with rollout.tools=[python,NAME.py].
+    """
+    from agent_spo.tool_template import TEMPLATE, TEST_TEMPLATE
+    from tools.refs import RESERVED, builtin_names
+    from tools.sdk import _NAME
+
+    if not _NAME.match(name) or not name.isidentifier():
+        fail(f"tool name {name!r} must be a Python identifier (letters, digits, _)")
+    if name in builtin_names() or name in RESERVED:
+        fail(f"{name!r} is taken (a built-in tool or the sandbox's own module); pick another")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.py", directory / f"test_{name}.py"]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        fail(f"refusing to overwrite {', '.join(existing)}")
+    paths[0].write_text(TEMPLATE.replace("NAME", name))
+    paths[1].write_text(TEST_TEMPLATE.replace("NAME", name))
+    for p in paths:
+        typer.echo(str(p))
+    stderr.print(
+        f'next: agent-spo tools test {paths[0]} --args \'{{"n": 2024, "base": 7}}\'   '
+        f"then: pytest {paths[1]}"
+    )

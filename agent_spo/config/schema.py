@@ -386,8 +386,11 @@ class RolloutConfig(Section):
     tail). >= 1. Source: spec §6 (reference 256)."""
 
     tools: list[str] = ["python"]
-    """Tools offered to the model (hermes format): any of python, simplify, factor,
-    expand, solve, integrate, evaluate. The retool format always uses python only."""
+    """Tools offered to the model: built-in names (python, simplify, factor, expand,
+    solve, integrate, evaluate) and your own tools: a file (my_tools.py: its every
+    @tool; my_tools.py:lookup: one) or a module (mypkg.tools, mypkg.tools:lookup). See
+    docs/tools.md. The retool format offers one code tool: the code-kind tool listed
+    (python when none is)."""
 
     system_prompt: str | None = None
     """System message. None = the tool format's default instructions."""
@@ -463,17 +466,23 @@ class RolloutConfig(Section):
     @field_validator("tools")
     @classmethod
     def _known_tools(cls, tools: list[str]) -> list[str]:
-        from tools import builtin_tools
+        from tools.refs import absolute, resolve
 
-        known = [t.name for t in builtin_tools()]
-        unknown = [t for t in tools if t not in known]
-        if unknown or not tools:
-            raise ValueError(
-                f"unknown tools {unknown}; choose from {known}" if unknown else "empty"
-            )
+        if not tools:
+            raise ValueError("empty: name at least one tool")
         if len(set(tools)) != len(tools):
             raise ValueError("a tool is listed twice")
-        return tools
+        resolve(tools)  # imports each reference; a ToolReferenceError names it
+        return [absolute(t) for t in tools]
+
+    @model_validator(mode="after")
+    def _one_code_tool_for_retool(self) -> RolloutConfig:
+        if self.tool_format == "retool" and len(code_tools(self.tools)) > 1:
+            raise ValueError(
+                "tool_format retool: a <code> block calls one code tool, and tools names "
+                f"{len(code_tools(self.tools))}: {', '.join(t.name for t in code_tools(self.tools))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _url_for_http(self) -> RolloutConfig:
@@ -649,6 +658,13 @@ class TrainConfig(Section):
                 f"algo.grpo.group_size ({g}) when algo.name is 'grpo'"
             )
         return self
+
+
+def code_tools(refs: list[str]) -> list:
+    """The code-kind tools (python-cell tools) that tool references offer."""
+    from tools.refs import resolve
+
+    return [t for t in resolve(refs).tools if t.kind == "code"]
 
 
 def check_trainable(cfg: TrainConfig, train_prompts: int | None = None) -> list[str]:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tools.sdk import Tool
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,17 @@ class RetoolFormat:
         "the output appears in <interpreter></interpreter>. Put the final answer in \\boxed{}."
     )
 
+    def __init__(self, tool: str = "python", argument: str = "code") -> None:
+        self.tool, self.argument = tool, argument  # the code tool a block calls
+
     def parse(self, turn_text: str) -> ParsedCall | None:
         m = _CODE.search(turn_text)
         if m is None:
             return None  # no (complete) call: the turn is a final answer or ran out of budget
         body = _FENCE_CLOSE.sub("", _FENCE_OPEN.sub("", m.group(1), count=1), count=1)
         if not body.strip():
-            return ParsedCall("python", None, m.group(0), "the <code> block is empty")
-        return ParsedCall("python", {"code": body}, m.group(0))
+            return ParsedCall(self.tool, None, m.group(0), "the <code> block is empty")
+        return ParsedCall(self.tool, {self.argument: body}, m.group(0))
 
     def observation(self, text: str) -> str:
         return f"\n<interpreter>\n{text}\n</interpreter>\n\n"
@@ -108,8 +114,12 @@ class HermesFormat:
 FORMATS: dict[str, type] = {"retool": RetoolFormat, "hermes": HermesFormat}
 
 
-def get_format(name: str) -> ToolFormat:
+def get_format(name: str, code_tool: Tool | None = None) -> ToolFormat:
+    """The format ``name``; retool's blocks call ``code_tool`` (default: python)."""
     try:
-        return FORMATS[name]()
+        cls = FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown tool format {name!r}; allowed: {', '.join(FORMATS)}") from None
+    if cls is RetoolFormat and code_tool is not None:
+        return RetoolFormat(code_tool.name, next(iter(code_tool.parameters["properties"])))
+    return cls()

@@ -104,10 +104,11 @@ class Toolbox:
         if tool.kind == "code":
             return next(iter(args.values()))
         payload = json.dumps(dict(args))
+        # one expression that binds no name: a stateful tool's call leaves the session's
+        # variables (the model's own, in its python cells) as they were
         return (
-            "import json as _json\n"
-            f"from {tool.module} import {tool.fn.__name__} as _tool\n"
-            f"print(_tool(**_json.loads({payload!r})))"
+            "__import__('tools.sdk', fromlist=['sdk']).run_in_sandbox("
+            f"{tool.module!r}, {tool.fn.__name__!r}, {payload!r})"
         )
 
     async def call(

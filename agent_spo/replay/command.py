@@ -184,7 +184,7 @@ def _rerun(row: dict, ctx: Context, tokenizer, console: Console, err: Console) -
         toolbox = builders.build_toolbox(ctx.rollout)
         renderer = builders.build_renderer(tokenizer, ctx.rollout, toolbox)
         with builders.build_verifier(ctx.verifier) as verifier:
-            async with builders.build_sandbox(ctx.sandbox) as sandbox:
+            async with builders.build_sandbox(ctx.sandbox, ctx.rollout) as sandbox:
                 return await rerun_episode(
                     row, toolbox=toolbox, renderer=renderer, sandbox=sandbox,
                     verifier=verifier, tool_timeout_s=ctx.sandbox.timeout_s,
