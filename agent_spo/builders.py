@@ -279,7 +279,7 @@ async def check_sandbox(sandbox) -> None:
     cause."""
     from sandboxes.errors import SandboxCheckFailed, SandboxError
 
-    where = getattr(sandbox, "url", None) or getattr(sandbox, "backend", "sandbox")
+    where = str(getattr(sandbox, "url", None) or getattr(sandbox, "backend", "sandbox"))
     if hasattr(sandbox, "health"):
         try:
             health = await sandbox.health()
@@ -351,11 +351,11 @@ def tool_sources(rollout: RolloutConfig) -> list:
 def build_datasets(data: DataConfig, seed: int):
     """(train, held_out) problem lists: the synthetic set or a .jsonl/.parquet file."""
     from agent_spo.data.problems import load_problems, split
+    from agent_spo.data.synthetic import make_tasks, synthetic_families
 
-    if data.train == "synthetic":
-        from agent_spo.data.synthetic import make_tasks
-
-        problems = make_tasks(data.synthetic_tasks, seed=seed)
+    families = synthetic_families(data.train)
+    if families is not None:
+        problems = make_tasks(data.synthetic_tasks, seed=seed, families=families)
     else:
         problems = list(load_problems(data.train, data.max_prompts).problems)
     if data.max_prompts is not None:
@@ -423,6 +423,12 @@ def resolve_model_path(model: ModelConfig, log=print, rollout: RolloutConfig | N
         if problems := check_model_path(model, rollout):
             raise ModelPathError("; ".join(problems))
         return str(Path(model.path).expanduser())
+    if model.demo_tool is not None:  # the tool demo: the demo model, taught the user's tool
+        from agent_spo.demo.tool_demo import ensure_tool_demo_model
+
+        offered = rollout.tools if rollout is not None else ["python", model.demo_tool]
+        chars = rollout.tool_output_chars if rollout is not None else 256
+        return str(ensure_tool_demo_model(model.demo_tool, offered, chars, log=log))
     from agent_spo.demo.build import ensure_demo_model
 
     return str(ensure_demo_model(log=log))

@@ -79,3 +79,31 @@ def test_a_bad_call_is_explained_to_the_model():
     call = call_tool(TOOL, {"n": 5, "base": 99})
     assert call.fault == "tool" and "base must be between 2 and 36" in call.observation
 '''
+
+DEMO_TEMPLATE = """\
+# The tool demo for NAME.py (written by `agent-spo tools new NAME`): a CPU training run
+# whose tasks need the tool ("the sum of the digits of N written in base B").
+#   agent-spo train NAME_demo.yaml
+# model.demo_tool first teaches the tiny demo model to call NAME (a short warm start
+# whose demonstrations call it with n and base, and otherwise guess; cached); then SPO
+# trains it, and the held-out accuracy rises as it learns to call the tool instead of
+# guessing. Every other setting is the plain demo's (configs/demo.yaml).
+# Paths are relative to the directory you run from.
+
+run:
+  name: NAME-demo
+
+model:
+  path: null
+  demo_tool: NAME.py
+
+data:
+  train: synthetic:base_digits
+
+rollout:
+  tools: [python, NAME.py]
+
+train:
+  total_steps: 40
+  eval_every: 10
+"""

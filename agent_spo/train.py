@@ -231,7 +231,7 @@ async def setup(
         hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
         train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
         problems = {p.key: p for p in train_set}
-        base_path = builders.resolve_model_path(cfg.model, log=log)
+        base_path = builders.resolve_model_path(cfg.model, log=log, rollout=cfg.rollout)
         # a checkpoint's model directory holds full weights when one process wrote it;
         # a sharded one is read into the learner and pushed to the engine below
         model_path = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path

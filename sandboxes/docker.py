@@ -200,7 +200,7 @@ class DockerSandbox(LocalSandbox):
         **kwargs,
     ) -> None:
         super().__init__(workers=workers, limits=limits or Limits(), **kwargs)
-        self.spec = dataclasses.replace(spec or ContainerSpec(), sources=self._spec.sources)
+        self.spec = dataclasses.replace(spec or ContainerSpec(), sources=tuple(self._spec.sources))
         # the container is the jail: the runner may sweep every other process it sees
         self._hello["config"]["jailed"] = True
 

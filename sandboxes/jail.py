@@ -138,8 +138,8 @@ def bwrap_command(spec: JailSpec) -> list[str]:
         cmd += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for name in dict.fromkeys(["sandboxes", *spec.packages]):
         cmd += ["--ro-bind", package_dir(name), f"{PKG_ROOT}/{name}"]
-    for name, path in spec.sources:
-        cmd += ["--ro-bind", path, f"{PKG_ROOT}/{name}"]
+    for entry, source in spec.sources:
+        cmd += ["--ro-bind", source, f"{PKG_ROOT}/{entry}"]
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--clearenv",

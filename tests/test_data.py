@@ -163,3 +163,33 @@ def test_synthetic_answers_are_right():
         elif family == "primes":
             assert int(p.answer) == _count_primes(nums[0])
         assert verify(p.answer, f"The answer is \\boxed{{{p.answer}}}.")
+
+
+def test_a_synthetic_set_of_chosen_families_and_the_tool_demos_tasks():
+    import numpy as np
+
+    from agent_spo.data.synthetic import synthetic_families
+
+    assert synthetic_families("synthetic") == FAMILIES
+    assert synthetic_families("synthetic:product, base_digits") == ("product", "base_digits")
+    assert synthetic_families("data/train.jsonl") is None
+    with pytest.raises(ValueError, match=r"unknown synthetic task families \['nope'\]"):
+        synthetic_families("synthetic:product,nope")
+    tasks = make_tasks(50, seed=1, families=("base_digits",))
+    assert {p.source.split(":")[1] for p in tasks} == {"base_digits"}
+    for p in tasks:  # the digit sum by numpy's base conversion, independent of the maker
+        n, base = (int(x) for x in __import__("re").findall(r"\d+", p.problem))
+        assert 2 <= base <= 9 and 100 <= n < 10**6
+        assert int(p.answer) == sum(int(d) for d in np.base_repr(n, base))
+    with pytest.raises(ValueError, match="unknown task families"):
+        make_tasks(5, families=("nope",))
+
+
+def test_the_config_names_an_unknown_family():
+    from agent_spo.config import ConfigError, load_config
+
+    assert load_config(None, ["data.train=synthetic:base_digits"]).data.train == (
+        "synthetic:base_digits"
+    )
+    with pytest.raises(ConfigError, match=r"data.train: .*unknown synthetic task families"):
+        load_config(None, ["data.train=synthetic:nope"])

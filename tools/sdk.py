@@ -184,17 +184,21 @@ def run_in_sandbox(module: str, attr: str, payload: str) -> None:
     import importlib
 
     t = getattr(importlib.import_module(module), attr)
-    value = t.fn(**json.loads(payload))
+    print(result_text(t, t.fn(**json.loads(payload))))
+
+
+def result_text(t: Tool, value: Any) -> str:
+    """What the model reads for a function tool's return value."""
     if value is None:
         raise ToolReturnError(
             f"tool {t.name!r} returned None; a tool returns its result (a string)"
         )
-    if not isinstance(value, str):
-        try:
-            value = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError):
-            value = str(value)
-    print(value)
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 # ----------------------------------------------------------------------- schema helpers

@@ -145,13 +145,15 @@ def tools_new(
         Path, typer.Option("--dir", help="Where to write NAME.py and test_NAME.py.")
     ] = Path("."),
 ) -> None:
-    """Write a commented template tool, NAME.py, and its test, test_NAME.py.
+    """Write a commented template tool NAME.py, its test test_NAME.py, and NAME_demo.yaml,
+    a demo training run whose tasks need it.
 
     The template works as written: `agent-spo tools test NAME.py --args '{"n": 2024}'`
-    calls it in the sandbox, and `pytest test_NAME.py` passes. Edit both, then offer the
-    tool to the model with rollout.tools=[python,NAME.py].
+    calls it in the sandbox, `pytest test_NAME.py` passes, and `agent-spo train
+    NAME_demo.yaml` trains the demo model to call it. Edit them, then offer the tool to
+    any run with rollout.tools=[python,NAME.py].
     """
-    from agent_spo.tool_template import TEMPLATE, TEST_TEMPLATE
+    from agent_spo.tool_template import DEMO_TEMPLATE, TEMPLATE, TEST_TEMPLATE
     from tools.refs import RESERVED, builtin_names
     from tools.sdk import _NAME
 
@@ -160,15 +162,20 @@ def tools_new(
     if name in builtin_names() or name in RESERVED:
         fail(f"{name!r} is taken (a built-in tool or the sandbox's own module); pick another")
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{name}.py", directory / f"test_{name}.py"]
+    paths = [
+        directory / f"{name}.py",
+        directory / f"test_{name}.py",
+        directory / f"{name}_demo.yaml",
+    ]
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         fail(f"refusing to overwrite {', '.join(existing)}")
     paths[0].write_text(TEMPLATE.replace("NAME", name))
     paths[1].write_text(TEST_TEMPLATE.replace("NAME", name))
+    paths[2].write_text(DEMO_TEMPLATE.replace("NAME", name))
     for p in paths:
         typer.echo(str(p))
     stderr.print(
         f'next: agent-spo tools test {paths[0]} --args \'{{"n": 2024, "base": 7}}\'   '
-        f"then: pytest {paths[1]}"
+        f"then: pytest {paths[1]}   then: agent-spo train {paths[2]}"
     )

@@ -74,11 +74,38 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Learner weight dtype. float32 for the CPU demo; bfloat16 on GPUs."""
 
+    demo_tool: str | None = None
+    """The tool demo (docs/tools.md): with path null, warm-start the demo model to call
+    this tool of yours (a reference, e.g. digits.py) on the base_digits tasks, whose
+    calls pass it n and base as `agent-spo tools new`'s template takes them. It must be
+    among rollout.tools. None = the plain demo model."""
+
+    @field_validator("demo_tool")
+    @classmethod
+    def _demo_tool(cls, ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        from agent_spo.demo.tool_demo import check_demo_tool
+        from tools.refs import absolute
+
+        check_demo_tool(ref)
+        return absolute(ref)
+
 
 class DataConfig(Section):
     train: str = "synthetic"
     """Training prompts: a .jsonl/.parquet path with fields id/problem/answer, or a
-    built-in set name ('synthetic' = the embedded tool-use task set)."""
+    built-in set name ('synthetic' = the embedded tool-use task set; 'synthetic:F1,F2'
+    = only those families: product, modpow, primes, digit_sum, two_step, and
+    base_digits, the tool demo's tasks)."""
+
+    @field_validator("train")
+    @classmethod
+    def _known_families(cls, train: str) -> str:
+        from agent_spo.data.synthetic import synthetic_families
+
+        synthetic_families(train)  # raises naming the unknown family
+        return train
 
     max_prompts: int | None = Field(None, ge=1)
     """Use at most this many prompts (first N rows). >= 1; None = all."""
@@ -646,6 +673,19 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.model.demo_tool is not None:
+            from tools.refs import resolve
+
+            if self.model.path is not None:
+                raise ValueError("model.demo_tool warm-starts the demo model: set model.path null")
+            if self.rollout.tool_format != "hermes":
+                raise ValueError("model.demo_tool: the tool demo uses tool_format hermes")
+            name = resolve([self.model.demo_tool]).tools[0].name
+            if name not in [t.name for t in resolve(self.rollout.tools).tools]:
+                raise ValueError(
+                    f"model.demo_tool {self.model.demo_tool!r}: the run must offer the tool "
+                    f"{name!r}; add it to rollout.tools"
+                )
         if self.rollout.engine == "openai_http" and self.model.path is None:
             raise ValueError(
                 "model.path is required when rollout.engine is 'openai_http': it names the "

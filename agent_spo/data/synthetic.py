@@ -16,7 +16,10 @@ import random
 
 from agent_spo.data.problems import Problem
 
-FAMILIES = ("product", "modpow", "primes", "digit_sum", "two_step")
+FAMILIES = ("product", "modpow", "primes", "digit_sum", "two_step")  # the default set
+# Families only a tool of your own solves: base_digits is the task set of the tool demo
+# (docs/tools.md), which `agent-spo tools new`'s template answers.
+EXTRA_FAMILIES = ("base_digits",)
 
 
 def _product(rng: random.Random, level: int) -> tuple[str, int]:
@@ -62,12 +65,23 @@ def _two_step(rng: random.Random, level: int) -> tuple[str, int]:
     return text, (a * b) % m + c
 
 
+def _base_digits(rng: random.Random, level: int) -> tuple[str, int]:
+    n = rng.randrange(10 ** (level + 2), 10 ** (level + 3))  # 3 to 6 digits
+    base = rng.randrange(2, 10)
+    total, m = 0, n
+    while m:
+        m, d = divmod(m, base)
+        total += d
+    return f"What is the sum of the digits of {n} written in base {base}?", total
+
+
 _MAKERS = {
     "product": _product,
     "modpow": _modpow,
     "primes": _primes,
     "digit_sum": _digit_sum,
     "two_step": _two_step,
+    "base_digits": _base_digits,
 }
 
 
@@ -83,16 +97,21 @@ def _count_primes(n: int) -> int:
     return sum(sieve)
 
 
-def make_tasks(n: int, seed: int | str = 0, levels: int = 4) -> list[Problem]:
+def make_tasks(
+    n: int, seed: int | str = 0, levels: int = 4, families: tuple[str, ...] = FAMILIES
+) -> list[Problem]:
     """n distinct problems, reproducible from the seed, spread over families and levels."""
     if n < 1 or not 1 <= levels <= 4:
         raise ValueError(f"need n >= 1 and levels in 1..4, got n={n}, levels={levels}")
+    unknown = [f for f in families if f not in _MAKERS]
+    if unknown or not families:
+        raise ValueError(f"unknown task families {unknown}; known: {', '.join(_MAKERS)}")
     rng = random.Random(f"agent-spo-synthetic-{seed}")
     out: list[Problem] = []
     keys: set[str] = set()
     i = 0
     while len(out) < n:
-        family = FAMILIES[i % len(FAMILIES)]
+        family = families[i % len(families)]
         level = rng.randrange(levels)
         text, answer = _MAKERS[family](rng, level)
         i += 1
@@ -104,3 +123,20 @@ def make_tasks(n: int, seed: int | str = 0, levels: int = 4) -> list[Problem]:
         keys.add(prob.key)
         out.append(prob)
     return out
+
+
+def synthetic_families(train: str) -> tuple[str, ...] | None:
+    """The families a ``data.train`` value names: ``synthetic`` (the default five),
+    ``synthetic:F1,F2``; None for a file path. Raises ValueError on an unknown family."""
+    if train == "synthetic":
+        return FAMILIES
+    head, sep, rest = train.partition(":")
+    if head != "synthetic" or not sep:
+        return None
+    families = tuple(f.strip() for f in rest.split(",") if f.strip())
+    unknown = [f for f in families if f not in _MAKERS]
+    if unknown or not families:
+        raise ValueError(
+            f"unknown synthetic task families {unknown or [rest]}; known: {', '.join(_MAKERS)}"
+        )
+    return families

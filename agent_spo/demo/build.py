@@ -72,14 +72,21 @@ def renderer_for(tokenizer, fmt: str) -> ChatRenderer:
 
 def ensure_demo_model(settings: DemoModelSettings = DemoModelSettings(), *, log=print) -> Path:
     """The cached demo model directory, built under a file lock if missing."""
-    out = demo_model_dir(settings)
+    return built_once(
+        demo_model_dir(settings), lambda out: build_demo_model(out, settings, log=log)
+    )
+
+
+def built_once(out: Path, build) -> Path:
+    """``out``, made by ``build(out)`` under a file lock unless it is already there (its
+    demo.json is written last), so concurrent runs build a cached model once."""
     if (out / "demo.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "demo.json").exists():
-            build_demo_model(out, settings, log=log)
+            build(out)
     return out
 
 

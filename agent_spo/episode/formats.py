@@ -51,7 +51,7 @@ class RetoolFormat:
     """``<code>```python ...```</code>`` calls the python tool; output in ``<interpreter>``."""
 
     name = "retool"
-    stop = ("</code>",)
+    stop: tuple[str, ...] = ("</code>",)
     system_prompt = (
         "Solve the math problem. To run Python, write <code>\n```python\n...\n```\n</code>; "
         "the output appears in <interpreter></interpreter>. Put the final answer in \\boxed{}."

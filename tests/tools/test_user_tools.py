@@ -407,3 +407,23 @@ def test_the_template_passes_its_own_test_and_the_cli_takes_references(tmp_path)
     assert "digits.py" in listed and "factor" in listed
     bad = _cli("tools", "test", "digits.py:nope", cwd=tmp_path)
     assert bad.returncode == 2 and "has no 'nope'" in bad.stderr
+
+
+def test_the_tool_demo_is_refused_before_work_when_it_cannot_run(tmp_path):
+    from agent_spo.config import ConfigError, load_config
+    from agent_spo.tool_template import TEMPLATE
+
+    digits = tmp_path / f"dg_{uuid.uuid4().hex[:8]}.py"
+    digits.write_text(TEMPLATE.replace("NAME", digits.stem))
+    ok = [f"model.demo_tool={digits}", f"rollout.tools=[python,{digits}]"]
+    assert load_config(None, ok).model.demo_tool == str(digits)
+    for extra, message in [
+        (["rollout.tools=[python]"], "the run must offer the tool"),
+        (["model.path=/x"], "set model.path null"),
+        (["rollout.tool_format=retool"], "uses tool_format hermes"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*ok, *extra])
+    lookup = module(tmp_path, LOOKUP)
+    with pytest.raises(ConfigError, match=r"model.demo_tool: .*integers n and base.*key: string"):
+        load_config(None, [f"model.demo_tool={lookup}", f"rollout.tools=[python,{lookup}]"])
