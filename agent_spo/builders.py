@@ -254,7 +254,7 @@ def build_sandbox(cfg: SandboxConfig, rollout: RolloutConfig | None = None):
         token = os.environ.get(cfg.token_env) or None
         return RemoteSandbox(
             cfg.url, token=token, default_timeout_s=cfg.timeout_s,
-            required_tools=toolbox.schemas() if toolbox is not None else None,
+            required_tools=toolbox.offered() if toolbox is not None else None,
         )  # fmt: skip
     from sandboxes.local import Limits
 
@@ -269,7 +269,8 @@ def build_sandbox(cfg: SandboxConfig, rollout: RolloutConfig | None = None):
     return LocalSandbox(workers=cfg.pool_size, limits=limits, tool_sources=sources)
 
 
-SMOKE_CODE = "print(6 * 7)"
+# the tools SDK the trainer's generated calls need, and a line of Python
+SMOKE_CODE = "from tools.sdk import run_in_sandbox\nprint(6 * 7)"
 
 
 async def check_sandbox(sandbox) -> None:
@@ -289,6 +290,11 @@ async def check_sandbox(sandbox) -> None:
         if required is not None:
             _check_offered_tools(where, required, health.get("tools"))
     result = await sandbox.run(SMOKE_CODE, timeout_s=30)
+    if result.exc_type == "ImportError":
+        raise SandboxCheckFailed(
+            f"sandbox at {where} has an older tools package than this trainer "
+            f"({result.exc_message}): rebuild the docker image, or upgrade the server"
+        )
     if result.status != "ok" or result.stdout.strip() != "42":
         detail = result.exc_message or result.stderr.strip()[-300:] or result.stdout[-300:]
         raise SandboxCheckFailed(
@@ -297,27 +303,33 @@ async def check_sandbox(sandbox) -> None:
 
 
 def _check_offered_tools(where: str, required: list[dict], offered: list[dict] | None) -> None:
-    """A sandbox server must offer every tool the episodes call, with the same schema
-    (a server that lists none offers the built-in ones)."""
+    """A sandbox server must offer every tool the episodes call: the same schema, and
+    the same module and function behind it (Toolbox.offered on both sides)."""
+    import json
+
     from sandboxes.errors import SandboxCheckFailed
-    from tools import builtin_tools
 
     if offered is None:
-        offered = [t.schema() for t in builtin_tools()]
-    theirs = {s["function"]["name"]: s for s in offered}
-    missing = [s["function"]["name"] for s in required if s["function"]["name"] not in theirs]
-    differ = [
-        s["function"]["name"]
-        for s in required
-        if s["function"]["name"] in theirs and theirs[s["function"]["name"]] != s
-    ]
+        raise SandboxCheckFailed(
+            f"the sandbox server at {where} does not list its tools (an agent-spo older "
+            "than this trainer?); upgrade it, or serve with: agent-spo sandbox serve"
+        )
+    theirs = {o["schema"]["function"]["name"]: o for o in offered}
+    mine = json.loads(json.dumps(required))  # defaults as JSON gives them back
+    missing = [o["schema"]["function"]["name"] for o in mine
+               if o["schema"]["function"]["name"] not in theirs]  # fmt: skip
+    differ = [o["schema"]["function"]["name"] for o in mine
+              if o["schema"]["function"]["name"] in theirs
+              and theirs[o["schema"]["function"]["name"]] != o]  # fmt: skip
     if missing or differ:
         problem = f"lacks the tools {missing}" if missing else ""
         if differ:
-            problem += (" and " if problem else "") + f"has other versions of {differ}"
+            problem += (" and " if problem else "") + (
+                f"has other versions of {differ} (another schema, or another module)"
+            )
         raise SandboxCheckFailed(
             f"the sandbox server at {where} {problem}: this run's tools are "
-            f"{[s['function']['name'] for s in required]}, the server's "
+            f"{[o['schema']['function']['name'] for o in mine]}, the server's "
             f"{sorted(theirs)}; start it with the same references: "
             "agent-spo sandbox serve --tools REF ..."
         )

@@ -10,8 +10,9 @@ before the function runs; a bad call goes back to the model as a message.
 
 The function runs inside the sandbox, never in the trainer: with a time and memory
 limit per call, no network, a read-only view of this file (nothing else of its
-directory) and only a scratch directory to write. Anything it imports must be
-installed in the Python environment the trainer uses (the sandbox runs the same one).
+directory) and only a scratch directory to write. The trainer only imports this file to
+read the schema, so keep import-time work light. Anything it imports must be installed
+in the Python environment the trainer uses (the sandbox runs the same one).
 
 What the model sees is the returned string (numbers, lists and dicts come out as JSON).
 An exception becomes "ExceptionType: message" for the model: raise with a message that

@@ -109,10 +109,13 @@ def container_kwargs(spec: ContainerSpec, name: str) -> dict:
     }
     if spec.runtime:
         kwargs["runtime"] = spec.runtime
-    if spec.sources:
-        kwargs["volumes"] = {
-            path: {"bind": f"{PKG_ROOT}/{name}", "mode": "ro"} for name, path in spec.sources
-        }
+    if spec.sources:  # bind mounts (not "host:bind:mode" strings: a path may hold ':')
+        from docker.types import Mount
+
+        kwargs["mounts"] = [
+            Mount(target=f"{PKG_ROOT}/{name}", source=path, type="bind", read_only=True)
+            for name, path in spec.sources
+        ]
     return kwargs
 
 

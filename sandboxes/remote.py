@@ -76,7 +76,9 @@ class SandboxServer:
                 f"max_timeout_s must be in (0, {MAX_TIMEOUT_S:g}], got {max_timeout_s}"
             )
         self.backend = backend
-        self.tools = tools  # the tool schemas its backend can run (None: the built-in ones)
+        # the tools its backend runs ({"schema", "target"}, Toolbox.offered); None: the
+        # built-in ones
+        self.tools = tools if tools is not None else _builtin_offer()
         self.token = token
         self.session_ttl_s = session_ttl_s
         self.max_timeout_s = max_timeout_s
@@ -182,8 +184,7 @@ class SandboxServer:
                 "sessions": len(self.sessions),
                 "capabilities": getattr(self.backend, "capabilities", {}),
             }
-            if self.tools is not None:
-                health["tools"] = self.tools
+            health["tools"] = self.tools
             if hasattr(self.backend, "census"):
                 health["census"] = await asyncio.wait_for(self.backend.census(), 30)
             return 200, health
@@ -312,6 +313,13 @@ class SandboxServer:
         return body["code"], min(float(timeout), self.max_timeout_s)
 
 
+def _builtin_offer() -> list[dict]:
+    from tools import builtin_tools
+    from tools.refs import offer
+
+    return offer(builtin_tools())
+
+
 class _ThreadedHTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a deep listen backlog and a bound on its threads.
 
@@ -374,8 +382,8 @@ class RemoteSandbox:
         required_tools: list[dict] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        # the tool schemas this client's episodes call: the server must offer each one
-        # (checked with its health by agent_spo.builders.check_sandbox)
+        # the tools this client's episodes call ({"schema", "target"}, Toolbox.offered):
+        # the server must offer each one (checked by agent_spo.builders.check_sandbox)
         self.required_tools = required_tools
         self.token = token
         self.default_timeout_s = default_timeout_s

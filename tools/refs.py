@@ -42,9 +42,10 @@ class ToolReferenceError(ValueError):
 
 @dataclass(frozen=True)
 class ToolSource:
-    """A user module the sandbox must be able to import: ``module`` (its import name);
-    ``path`` the file or top-level package directory to expose as ``/sbx/<name>``, or
-    None when the module is installed in the environment (already importable there)."""
+    """A user module the sandbox must import (at start: a failure stops it): ``module``
+    (its import name); ``path`` the file or top-level package directory to expose as
+    ``/sbx/<name>``, or None when the module is installed in the environment (already
+    importable there)."""
 
     module: str
     path: str | None = None
@@ -71,6 +72,17 @@ class Resolved:
     @property
     def modules(self) -> list[str]:
         return [s.module for s in self.sources]
+
+
+def offer(tools) -> list[dict]:
+    """What a sandbox server advertises and a client checks, as JSON gives it back: each
+    tool's schema and the function its calls import (``module:function``; None for a
+    code tool, whose body never runs)."""
+    return json.loads(json.dumps([
+        {"schema": t.schema(),
+         "target": None if t.kind == "code" else f"{t.module}:{t.fn.__name__}"}
+        for t in tools
+    ]))  # fmt: skip
 
 
 def builtin_names() -> list[str]:
@@ -114,7 +126,7 @@ def resolve(refs: Sequence[str], *, base: str | os.PathLike | None = None) -> Re
                 )
             origin[t.name] = ref
             tools.append(t)
-    return Resolved(tools, origin, [s for s in sources.values() if s.path is not None])
+    return Resolved(tools, origin, list(sources.values()))
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -205,7 +217,7 @@ def _import_module(ref: str, name: str, base: Path) -> tuple[ModuleType, ToolSou
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name is not None and name.startswith(e.name) and "." not in name:
+        if e.name == name and "." not in name:
             raise ToolReferenceError(
                 f"unknown tool {ref!r}: not a built-in tool ({', '.join(builtin_names())}), "
                 f"and no file or module of that name"
@@ -214,26 +226,27 @@ def _import_module(ref: str, name: str, base: Path) -> tuple[ModuleType, ToolSou
     except BaseException as e:
         raise ToolReferenceError(_import_failure(ref, e)) from e
     # the project's own tools package is always shown to the sandbox
-    return module, ToolSource(name, None if top == "tools" else _exposed_path(top))
+    return module, ToolSource(name, None if top == "tools" else _exposed_path(ref, top))
 
 
-def _exposed_path(top: str) -> str | None:
-    """The file or directory of top-level module ``top`` that the sandbox must be shown,
-    or None when it lives in the Python environment (which every sandbox sees)."""
+def _exposed_path(ref: str, top: str) -> str | None:
+    """The file or package directory of top-level module ``top`` that the sandbox must be
+    shown, or None when it lives in the Python environment (which every sandbox sees).
+    A namespace package (a directory without ``__init__.py``) is refused: showing it
+    would show everything in that directory."""
     spec = importlib.util.find_spec(top)
-    if spec is None or spec.origin in (None, "built-in", "frozen"):
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        if not locations:
-            return None
-        where = Path(locations[0])
-    elif spec.submodule_search_locations:
-        where = Path(spec.origin).parent
-    else:
-        where = Path(spec.origin)
-    where = where.resolve()
-    env = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix)} | {
-        Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib", "stdlib")
-    }
+    if spec is None or spec.origin in ("built-in", "frozen"):
+        return None
+    if spec.origin is None:
+        dirs = ", ".join(spec.submodule_search_locations or [])
+        raise ToolReferenceError(
+            f"tool reference {ref!r}: {top!r} is a plain directory ({dirs}), not a package; "
+            f"the sandbox would have to show all of it: add an __init__.py to it, or name "
+            "the tool file itself (path/to/tools.py)"
+        )
+    origin = Path(spec.origin)
+    where = (origin.parent if spec.submodule_search_locations else origin).resolve()
+    env = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib", "stdlib")}
     if any(where == d or d in where.parents for d in env):
         return None
     return str(where)
@@ -311,6 +324,7 @@ __all__ = [
     "absolute",
     "builtin_names",
     "is_builtin",
+    "offer",
     "resolve",
     "split_ref",
 ]

@@ -47,7 +47,7 @@ def resolve_tool_refs(refs: list[str] | None):
     """The tools references offer with the built-in ones (a clear exit on a bad one)."""
     from tools.refs import ToolReferenceError, builtin_names, resolve
 
-    wanted = [r.strip() for ref in refs or [] for r in ref.split(",") if r.strip()]
+    wanted = [r.strip() for r in refs or [] if r.strip()]
     try:
         return resolve(builtin_names() + [r for r in wanted if r not in builtin_names()])
     except ToolReferenceError as e:
@@ -245,6 +245,7 @@ def sandbox_serve(
     """
     from sandboxes import SandboxError
     from sandboxes.remote import SandboxServer
+    from tools.refs import offer
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         fail(
@@ -254,7 +255,7 @@ def sandbox_serve(
     offered = resolve_tool_refs(tools)
     server = SandboxServer(
         local_sandbox(workers, timeout, memory_mb, unisolated, offered.sources),
-        tools=[t.schema() for t in offered.tools],
+        tools=offer(offered.tools),
         host=host,
         port=port,
         token=token,

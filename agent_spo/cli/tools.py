@@ -3,7 +3,9 @@ start a tool of your own."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -74,13 +76,6 @@ def tools_list(
 def tools_show(ref: Annotated[str, typer.Argument(help=REF_HELP)]) -> None:
     """Print the exact function-calling schema the model receives (JSON): one object for
     one tool, a list for a module of several."""
-    from tools.refs import builtin_names
-
-    if ":" not in ref and "." not in ref and "/" not in ref and ref not in builtin_names():
-        fail(
-            f"unknown tool {ref!r}; built-in: {', '.join(builtin_names())} (or name a "
-            "file or module of your own)"
-        )
     schemas = [t.schema() for t in _resolve([ref]).tools]
     out = schemas[0] if len(schemas) == 1 else schemas
     typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
@@ -170,12 +165,16 @@ def tools_new(
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         fail(f"refusing to overwrite {', '.join(existing)}")
+    if name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None:
+        fail(f"{name!r} is the name of an importable module; pick another")
     paths[0].write_text(TEMPLATE.replace("NAME", name))
     paths[1].write_text(TEST_TEMPLATE.replace("NAME", name))
     paths[2].write_text(DEMO_TEMPLATE.replace("NAME", name))
     for p in paths:
         typer.echo(str(p))
+    cd = "" if directory.resolve() == Path.cwd() else f"cd {directory}, then: "
     stderr.print(
-        f'next: agent-spo tools test {paths[0]} --args \'{{"n": 2024, "base": 7}}\'   '
-        f"then: pytest {paths[1]}   then: agent-spo train {paths[2]}"
+        f'next: {cd}agent-spo tools test {name}.py --args \'{{"n": 2024, "base": 7}}\''
+        f"   then: pytest test_{name}.py   then: agent-spo train {name}_demo.yaml "
+        "(its paths are relative to the directory you run it from)"
     )

@@ -4,8 +4,8 @@ The ~1M-parameter demo model knows only what it was shown, so it cannot call a n
 from its schema alone the way Qwen3 does. The tool demo gives it a short second warm
 start on the ``base_digits`` tasks ("the sum of the digits of N written in base B"),
 whose demonstrations call *your* tool, as `agent-spo tools new` writes it, with ``n``
-and ``base`` (real calls: the tool's own function produces each demonstrated output),
-and otherwise guess, as the plain demo does. Reinforcement learning then has the same
+and ``base`` (real calls: each demonstrated output is what your function returned in
+the sandbox), and otherwise guess, as the plain demo does. Reinforcement learning then has the same
 thing to learn: call the tool. The prompts are rendered with the run's own tool list.
 
 The result is cached beside the demo model, keyed by the tool file's contents, the
@@ -61,10 +61,11 @@ def check_demo_tool(ref: str):
     tool = tools[0]
     props = tool.parameters["properties"]
     wrong = [k for k in ("n", "base") if props.get(k, {}).get("type") != "integer"]
+    wrong += [k for k in tool.parameters.get("required", []) if k not in ("n", "base")]
     if wrong or tool.kind != "function":
         raise ValueError(
-            f"the tool demo calls {tool.name!r} with the integers n and base, as the "
-            f"template of `agent-spo tools new` takes them; it takes "
+            f"the tool demo calls {tool.name!r} with the integers n and base only, as "
+            f"the template of `agent-spo tools new` takes them; it takes "
             + (", ".join(f"{k}: {v.get('type')}" for k, v in props.items()) or "nothing")
         )
     return tool
@@ -90,16 +91,73 @@ def operands(problem: Problem) -> tuple[int, int]:
     return n, base
 
 
-def demonstration(problem: Problem, tool, chars: int, rng: random.Random):
-    """Turns ``[(model text, tool output or None), ...]`` and whether the tool was used."""
-    from agent_spo.episode.toolbox import truncate_middle
-    from tools.sdk import result_text
-
+def demonstration(problem: Problem, tool, output: str, rng: random.Random):
+    """Turns ``[(model text, tool output or None), ...]`` and whether the tool was used;
+    ``output`` is what the tool returned for this task in the sandbox (capped)."""
     if rng.random() < SHARE - 0.05 * demo_problem_level(problem):
         n, base = operands(problem)
-        out = truncate_middle(result_text(tool, tool.fn(n=n, base=base)), chars)
-        return [(tool_text(tool.name, n, base), out), (answer_text(problem.answer), None)], True
+        return [(tool_text(tool.name, n, base), output), (answer_text(problem.answer), None)], True
     return [(answer_text(wrong_guess(problem.answer, rng)), None)], False
+
+
+# One sandbox call answers a chunk of tasks: the tool runs there, as in training.
+_BATCH_CELL = """\
+import importlib, json
+from tools.sdk import result_text
+t = getattr(importlib.import_module({module!r}), {attr!r})
+out = []
+for n, base in json.loads({pairs!r}):
+    try:
+        out.append(["ok", result_text(t, t.fn(n=n, base=base))])
+    except Exception as e:
+        out.append(["error", f"{{type(e).__name__}}: {{e}}"])
+print(json.dumps(out))
+"""
+
+
+def sandbox_outputs(ref: str, tool, problems: list[Problem], chunk: int = 500) -> list[str]:
+    """What ``tool`` returns for each task's (n, base), computed in a local sandbox that
+    shows its module as training does. Raises ValueError, naming the call, when the tool
+    fails on one: the demonstrations need its answers."""
+    import asyncio
+    import concurrent.futures
+
+    from sandboxes.local import Limits, LocalSandbox
+    from tools.refs import resolve
+
+    pairs = [operands(p) for p in problems]
+
+    async def run() -> list[str]:
+        limits = Limits(timeout_s=120, max_output=1 << 23, hard_output=1 << 24)
+        sandbox = LocalSandbox(workers=1, limits=limits, tool_sources=resolve([ref]).sources)
+        out: list[str] = []
+        async with sandbox:
+            for i in range(0, len(pairs), chunk):
+                cell = _BATCH_CELL.format(
+                    module=tool.module, attr=tool.fn.__name__,
+                    pairs=json.dumps(pairs[i : i + chunk]),
+                )  # fmt: skip
+                result = await sandbox.run(cell)
+                if not result.ok:
+                    raise ValueError(
+                        f"the tool demo could not call {tool.name!r} in the sandbox: "
+                        f"{result.status}: {result.exc_type}: {result.exc_message}"
+                    )
+                for (n, base), (kind, text) in zip(
+                    pairs[i : i + chunk], json.loads(result.stdout), strict=True
+                ):
+                    if kind != "ok":
+                        raise ValueError(
+                            f"the tool demo called {tool.name}(n={n}, base={base}) in the "
+                            f"sandbox and it failed: {text}; the demonstrations need its "
+                            "answers"
+                        )
+                    out.append(text)
+        return out
+
+    # its own loop on its own thread: the trainer calls this from inside its event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def tool_demo_dir(ref: str, offered: list[str], chars: int, settings: ToolDemoSettings) -> Path:
@@ -155,8 +213,8 @@ def build_tool_demo_model(
     from agent_spo.demo.model import save_model_dir
     from agent_spo.episode.formats import get_format
     from agent_spo.episode.render import ChatRenderer
+    from agent_spo.episode.toolbox import truncate_middle
     from tools.refs import resolve
-    from tools.sdk import result_text
 
     t0 = time.perf_counter()
     base = ensure_demo_model(log=log)
@@ -170,15 +228,16 @@ def build_tool_demo_model(
     numbers = number_token_ids(tok)
     rng = random.Random(settings.seed)
     stages: dict[str, list] = {"copy": [], "full": []}
-    for p in make_tasks(settings.tasks, seed=TOOL_SEED, families=("base_digits",)):
-        turns, used = demonstration(p, tool, chars, rng)
+    tasks = make_tasks(settings.tasks, seed=TOOL_SEED, families=("base_digits",))
+    for p, output in zip(tasks, sandbox_outputs(ref, tool, tasks), strict=True):
+        output = truncate_middle(output, chars)  # what the model reads
+        turns, used = demonstration(p, tool, output, rng)
         ids, mask = _encode(full, p, turns)
         if not used:  # a guess: keep the choice, not the random digits
             mask = [0 if (k and t in numbers) else k for t, k in zip(ids, mask, strict=True)]
         stages["full"].append((ids, mask))
         n, b = operands(p)
-        out_text = result_text(tool, tool.fn(n=n, base=b))
-        solved = [(tool_text(tool.name, n, b), out_text), (answer_text(p.answer), None)]
+        solved = [(tool_text(tool.name, n, b), output), (answer_text(p.answer), None)]
         stages["copy"].append(_encode(bare, p, solved))
     prefix = {k: _common_prefix([x for x, _ in v[:50]]) for k, v in stages.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)

@@ -99,6 +99,13 @@ class Toolbox:
         """Function-calling schemas for the chat template, in registration order."""
         return [t.schema() for t in self.tools.values()]
 
+    def offered(self) -> list[dict]:
+        """What a sandbox server advertises and a client checks: each tool's schema and
+        the function its calls import there (``module:function``; None for code tools)."""
+        from tools.refs import offer
+
+        return offer(self.tools.values())
+
     def code_for(self, tool: Tool, args: Mapping[str, Any]) -> str:
         """The Python cell that performs a validated call inside the sandbox."""
         if tool.kind == "code":

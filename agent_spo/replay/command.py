@@ -70,7 +70,7 @@ def load_context(log: Path, model: str | None, *, log_fn=print) -> Context:
         model_cfg = model_cfg.model_copy(update={"path": model})
         source += f"; model {model}"
     try:
-        model_path = builders.resolve_model_path(model_cfg, log=log_fn)
+        model_path = builders.resolve_model_path(model_cfg, log=log_fn, rollout=rollout)
     except builders.ModelPathError as e:
         raise ReplayError(str(e)) from None
     return Context(model_path, rollout, sandbox, verifier, source, reward)

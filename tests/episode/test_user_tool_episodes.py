@@ -83,10 +83,10 @@ def _episode(cfg, tok, script, verifier, *, serve: bool = False):
     from sandboxes.remote import RemoteSandbox, SandboxServer
 
     local_sb = builders.build_sandbox(cfg.sandbox, cfg.rollout)
-    server = SandboxServer(local_sb, port=0, tools=toolbox.schemas()).start()
+    server = SandboxServer(local_sb, port=0, tools=toolbox.offered()).start()
 
     async def remote():
-        async with RemoteSandbox(server.url, required_tools=toolbox.schemas()) as sb:
+        async with RemoteSandbox(server.url, required_tools=toolbox.offered()) as sb:
             await builders.check_sandbox(sb)
             return await go(sb)
 

@@ -17,7 +17,7 @@ import pytest
 from agent_spo.episode.toolbox import Toolbox
 from sandboxes.errors import SandboxUnavailable
 from sandboxes.local import Limits, LocalSandbox
-from tools.refs import ToolReferenceError, absolute, resolve
+from tools.refs import ToolReferenceError, ToolSource, absolute, offer, resolve
 
 HEADER = "from tools.sdk import tool\n\n"
 
@@ -30,6 +30,18 @@ def lookup(key: str) -> str:
         key: The constant's name, e.g. "answer".
     """
     return {"answer": "42"}.get(key, f"no constant named {key!r}")
+'''
+
+TUPLE_DEFAULT = '''
+
+@tool
+def picks(xs: list[int] = (1, 2)) -> str:
+    """Sum some numbers.
+
+    Args:
+        xs: The numbers.
+    """
+    return str(sum(xs))
 '''
 
 FAULTS = '''
@@ -142,8 +154,26 @@ def test_a_file_a_function_and_a_package_resolve_to_their_tools(tmp_path):
     assert [(s.module, s.path, s.name) for s in found.sources] == [
         (f"{pkg.name}.sub.mine", str(pkg), pkg.name)
     ]
-    # an installed module needs nothing shown: the sandbox sees the environment
-    assert resolve(["tools.algebra:factor"]).sources == []
+    # an installed module needs nothing shown (the sandbox sees the environment), but is
+    # still imported at the sandbox's start
+    assert resolve(["tools.algebra:factor"]).sources == [ToolSource("tools.algebra", None)]
+    assert LocalSandbox(tool_sources=resolve(["tools.algebra:factor"]).sources)._hello["config"][
+        "require"
+    ] == ["tools.algebra"]
+
+
+def test_a_plain_directory_is_refused_and_a_missing_import_is_named(tmp_path):
+    """A dotted reference through a directory without __init__.py would show the whole
+    directory to the sandbox (a home directory, say): refused, not bound."""
+    home = tmp_path / f"home_{uuid.uuid4().hex[:6]}"
+    (home / "proj").mkdir(parents=True)
+    (home / "proj" / "mine.py").write_text(HEADER + LOOKUP)
+    with pytest.raises(ToolReferenceError, match="is a plain directory .* add an __init__.py"):
+        resolve([f"{home.name}.proj.mine:lookup"], base=tmp_path)
+    broken = tmp_path / f"bk_{uuid.uuid4().hex[:6]}.py"
+    broken.write_text("import missing_module_xyz\n")
+    with pytest.raises(ToolReferenceError, match="No module named 'missing_module_xyz'"):
+        resolve([broken.stem], base=tmp_path)
 
 
 def test_a_relative_file_reference_is_recorded_absolute(tmp_path, monkeypatch):
@@ -325,9 +355,9 @@ def test_a_served_sandbox_carries_the_tools_and_a_client_checks_them(tmp_path):
     from sandboxes.errors import SandboxCheckFailed
     from sandboxes.remote import RemoteSandbox, SandboxServer
 
-    path = module(tmp_path, LOOKUP)
+    path = module(tmp_path, LOOKUP + TUPLE_DEFAULT)
     found = resolve(["python", str(path)])
-    mine = [t.schema() for t in found.tools]
+    mine = offer(found.tools)
     local = LocalSandbox(workers=1, tool_sources=found.sources)
     server = SandboxServer(local, port=0, tools=mine).start()  # starts and closes it
     try:
@@ -337,27 +367,38 @@ def test_a_served_sandbox_carries_the_tools_and_a_client_checks_them(tmp_path):
                 await check_sandbox(sb)
                 return await Toolbox(found.tools).call("lookup", {"key": "answer"}, sandbox=sb)
 
-        assert run(go(mine)).observation == "42"
+        # straight from the Tool objects: a tuple default equals the server's JSON list
+        raw = [{"schema": t.schema(), "target": None if t.kind == "code" else
+                f"{t.module}:{t.fn.__name__}"} for t in found.tools]  # fmt: skip
+        assert raw[2]["schema"]["function"]["parameters"]["properties"]["xs"]["default"] == (1, 2)
+        assert run(go(raw)).observation == "42"
         other = module(tmp_path, LOOKUP.replace("def lookup", "def other"))
-        wanted = mine + [t.schema() for t in resolve([str(other)]).tools]
+        wanted = mine + offer(resolve([str(other)]).tools)
         with pytest.raises(SandboxCheckFailed, match=r"lacks the tools \['other'\].*the server's"):
             run(go(wanted))
         changed = json.loads(json.dumps(mine))
-        changed[1]["function"]["description"] = "Look up something else."
+        changed[1]["schema"]["function"]["description"] = "Look up something else."
         with pytest.raises(SandboxCheckFailed, match=r"has other versions of \['lookup'\]"):
             run(go(changed))
+        moved = json.loads(json.dumps(mine))  # the same schema from another module
+        moved[1]["target"] = "elsewhere:lookup"
+        with pytest.raises(SandboxCheckFailed, match=r"other versions of \['lookup'\].*module"):
+            run(go(moved))
     finally:
         server.stop()
 
 
-def test_a_server_without_a_tool_list_offers_the_builtins():
+def test_a_server_offers_the_builtins_by_default_and_an_old_one_is_refused():
     from agent_spo.builders import _check_offered_tools
     from sandboxes.errors import SandboxCheckFailed
+    from sandboxes.remote import SandboxServer
 
-    factor = resolve(["factor"]).tools[0].schema()
-    _check_offered_tools("http://x", [factor], None)
-    with pytest.raises(SandboxCheckFailed, match="lacks the tools"):
-        _check_offered_tools("http://x", [{**factor, "function": {"name": "mine"}}], None)
+    factor = offer(resolve(["factor"]).tools)
+    server = SandboxServer(LocalSandbox(workers=1), port=0)  # not started: no workers
+    _check_offered_tools("http://x", factor, server.tools)
+    server.httpd.server_close()
+    with pytest.raises(SandboxCheckFailed, match="does not list its tools"):
+        _check_offered_tools("http://x", factor, None)
 
 
 def test_docker_containers_mount_the_tool_modules_read_only(tmp_path):
@@ -367,9 +408,11 @@ def test_docker_containers_mount_the_tool_modules_read_only(tmp_path):
     found = resolve([str(path)])
     sb = DockerSandbox(workers=1, tool_sources=found.sources)
     assert sb.spec.sources == ((path.name, str(path)),)
-    kwargs = container_kwargs(sb.spec, "x")
-    assert kwargs["volumes"] == {str(path): {"bind": f"/sbx/{path.name}", "mode": "ro"}}
-    assert "volumes" not in container_kwargs(ContainerSpec(), "x")
+    (mount,) = container_kwargs(sb.spec, "x")["mounts"]
+    assert (mount["Source"], mount["Target"], mount["Type"], mount["ReadOnly"]) == (
+        str(path), f"/sbx/{path.name}", "bind", True,
+    )  # fmt: skip
+    assert "mounts" not in container_kwargs(ContainerSpec(), "x")
     assert sb._hello["config"]["require"] == [path.stem]  # fails the start if it cannot import
 
 
@@ -391,6 +434,7 @@ def test_the_template_passes_its_own_test_and_the_cli_takes_references(tmp_path)
     assert (tmp_path / "digits.py").exists() and (tmp_path / "test_digits.py").exists()
     assert _cli("tools", "new", "digits", cwd=tmp_path).returncode == 2  # no overwrite
     assert "is taken" in _cli("tools", "new", "python", cwd=tmp_path).stderr
+    assert "importable module" in _cli("tools", "new", "math", cwd=tmp_path).stderr
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_digits.py"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
@@ -427,3 +471,34 @@ def test_the_tool_demo_is_refused_before_work_when_it_cannot_run(tmp_path):
     lookup = module(tmp_path, LOOKUP)
     with pytest.raises(ConfigError, match=r"model.demo_tool: .*integers n and base.*key: string"):
         load_config(None, [f"model.demo_tool={lookup}", f"rollout.tools=[python,{lookup}]"])
+
+
+def test_the_tool_demo_refuses_a_tool_with_other_required_arguments_or_that_fails(tmp_path):
+    from agent_spo.config import ConfigError, load_config
+    from agent_spo.data.synthetic import make_tasks
+    from agent_spo.demo.tool_demo import check_demo_tool, sandbox_outputs
+    from agent_spo.tool_template import TEMPLATE
+
+    extra = tmp_path / f"dx_{uuid.uuid4().hex[:8]}.py"
+    extra.write_text(
+        TEMPLATE.replace("NAME", extra.stem)
+        .replace("base: int = 10) -> str:", "base: int = 10, label: str = '') -> str:")
+        .replace("        base: The base", "        label: A label.\n        base: The base")
+    )
+    check_demo_tool(str(extra))  # an optional extra argument is fine
+    strict = tmp_path / f"ds_{uuid.uuid4().hex[:8]}.py"
+    strict.write_text(extra.read_text().replace("n: int, base: int = 10, label: str = ''",
+                                                "label: str, n: int, base: int = 10"))  # fmt: skip
+    with pytest.raises(ConfigError, match="with the integers n and base only"):
+        load_config(None, [f"model.demo_tool={strict}", f"rollout.tools=[python,{strict}]"])
+    tasks = make_tasks(20, seed=2, families=("base_digits",))
+    outs = sandbox_outputs(str(extra), check_demo_tool(str(extra)), tasks, chunk=7)
+    assert len(outs) == 20 and all("digit sum" in o for o in outs)  # ran in the sandbox
+    picky = tmp_path / f"dp_{uuid.uuid4().hex[:8]}.py"
+    picky.write_text(TEMPLATE.replace("NAME", picky.stem).replace(
+        "    if n < 0:", "    if base == 7:\n        raise ValueError('no sevens')\n    if n < 0:"
+    ))  # fmt: skip
+    sevens = [p for p in tasks if p.problem.endswith("base 7?")]
+    assert sevens
+    with pytest.raises(ValueError, match=r"called dp_\w+\(n=\d+, base=7\).*ValueError: no sevens"):
+        sandbox_outputs(str(picky), check_demo_tool(str(picky)), tasks)
