@@ -247,13 +247,23 @@ def build_sandbox(cfg: SandboxConfig, rollout: RolloutConfig | None = None):
     The remote server's bearer token comes from the environment variable that
     sandbox.token_env names, so it never lands in a run's config.yaml."""
     toolbox = build_toolbox(rollout) if rollout is not None else None
+    if cfg.backend == "remote" and cfg.urls:
+        from sandboxes.fleet import SandboxFleet
+
+        return SandboxFleet(
+            cfg.urls, token=os.environ.get(cfg.token_env) or None,
+            default_timeout_s=cfg.timeout_s, max_in_flight=cfg.max_in_flight,
+            max_sessions=cfg.max_sessions, sessions_per_s=cfg.sessions_per_s,
+            required_tools=toolbox.offered() if toolbox is not None else None,
+        )  # fmt: skip
     if cfg.backend == "remote":
         from sandboxes.remote import RemoteSandbox
 
-        assert cfg.url is not None  # SandboxConfig requires it for the remote backend
+        assert cfg.url is not None  # SandboxConfig requires url or urls for remote
         token = os.environ.get(cfg.token_env) or None
         return RemoteSandbox(
             cfg.url, token=token, default_timeout_s=cfg.timeout_s,
+            max_in_flight=cfg.max_in_flight,
             required_tools=toolbox.offered() if toolbox is not None else None,
         )  # fmt: skip
     from sandboxes.local import Limits
@@ -287,7 +297,11 @@ async def check_sandbox(sandbox) -> None:
         except SandboxError as e:
             raise SandboxCheckFailed(f"sandbox at {where} failed its health check: {e}") from e
         required = getattr(sandbox, "required_tools", None)
-        if required is not None:
+        if required is not None and hasattr(sandbox, "member_healths"):  # a fleet
+            for url, h, _ in await sandbox.member_healths():
+                if h is not None:  # one that does not answer is out of rotation
+                    _check_offered_tools(url, required, h.get("tools"))
+        elif required is not None:
             _check_offered_tools(where, required, health.get("tools"))
     result = await sandbox.run(SMOKE_CODE, timeout_s=30)
     if result.exc_type == "ImportError":

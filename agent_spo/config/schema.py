@@ -544,7 +544,23 @@ class SandboxConfig(Section):
     """Memory limit per sandbox session, MiB. >= 16."""
 
     url: str | None = None
-    """Base URL of the sandbox server; required when backend = remote."""
+    """Base URL of the sandbox server; backend = remote needs url or urls."""
+
+    urls: list[str] = []
+    """backend = remote: several `agent-spo sandbox serve` servers used as one fleet
+    (stateless calls to the least-loaded live server, each session sticky to one server,
+    a dead server's sessions dropped and counted; see docs/sandboxes-and-tools.md)."""
+
+    max_in_flight: int = Field(256, ge=1)
+    """backend = remote: tool calls in flight at once, over all servers. >= 1."""
+
+    max_sessions: int | None = Field(None, ge=1)
+    """backend = remote with urls: sessions (episodes) open at once over the fleet; more
+    wait. >= 1; None = no cap."""
+
+    sessions_per_s: float | None = Field(None, gt=0)
+    """backend = remote with urls: new sessions per second over the fleet (bursts of one
+    second's worth); None = no limit."""
 
     token_env: str = "AGENT_SPO_SANDBOX_TOKEN"
     """Environment variable holding the remote server's bearer token (the one `agent-spo
@@ -553,8 +569,12 @@ class SandboxConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> SandboxConfig:
-        if self.backend == "remote" and not self.url:
-            raise ValueError("url is required when backend is 'remote'")
+        if self.backend == "remote" and not self.url and not self.urls:
+            raise ValueError("url or urls is required when backend is 'remote'")
+        if self.url and self.urls:
+            raise ValueError("give url (one server) or urls (a fleet), not both")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"a sandbox server is listed twice in urls {self.urls}")
         return self
 
 
