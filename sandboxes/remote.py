@@ -87,6 +87,7 @@ class SandboxServer:
         self._busy: set[str] = set()  # sessions with a call in flight are never reaped
         self._reaper: asyncio.Task | None = None
         self.loop = asyncio.new_event_loop()
+        self._loop_stopped = False
         self._loop_thread = threading.Thread(
             target=self.loop.run_forever, daemon=True, name="sandbox-server-loop"
         )
@@ -140,11 +141,15 @@ class SandboxServer:
             self.call(self._stop_reaper(), timeout=10)
             self.call(self.backend.close(), timeout=30)
         finally:
+            self._loop_stopped = True
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._loop_thread.join(timeout=5)
 
     def call(self, coro, timeout: float | None = None):
         """Run a coroutine on the server's loop from another thread and wait for it."""
+        if self._loop_stopped:  # nothing would ever run it
+            coro.close()
+            raise SandboxUnavailable("the sandbox server is stopped")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start_reaper(self) -> None:
@@ -260,6 +265,9 @@ class SandboxServer:
                     self.close_connection = True
 
             def _serve(self, method: str) -> None:
+                if server.httpd.stopping.is_set():  # a kept-alive connection after stop()
+                    self.close_connection = True
+                    return self._reply(503, {"error": "the sandbox server is stopping"})
                 if server.token is not None:
                     got = self.headers.get("Authorization", "")
                     if not hmac.compare_digest(got, f"Bearer {server.token}"):

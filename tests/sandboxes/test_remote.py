@@ -152,3 +152,21 @@ def test_serve_refuses_a_public_address_without_a_token():
         [cli, "sandbox", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "without --token" in r.stderr
+
+
+def test_a_stopped_server_answers_a_kept_alive_connection_at_once():
+    """After stop(), a client whose connection the server kept alive gets a failure at
+    once (503, then a refused connection), not a wait for its whole deadline."""
+
+    async def go():
+        server = SandboxServer(LocalSandbox(workers=1), port=0).start()
+        async with RemoteSandbox(server.url, retries=0) as sb:
+            first = await sb.run("print(1)")
+            server.stop()  # the client's connection is still open on a handler thread
+            t0 = time.monotonic()
+            after = await sb.run("print(2)")
+            return first, after, time.monotonic() - t0
+
+    first, after, waited = asyncio.run(go())
+    assert first.ok and after.infrastructure_failure
+    assert waited < 10, waited  # the client's deadline is 75 s
