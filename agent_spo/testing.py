@@ -20,23 +20,11 @@ from typing import Any
 from agent_spo.episode.toolbox import ToolCallResult
 
 
-def call_tool(
-    ref: str,
-    arguments: Any = None,
-    *,
-    timeout_s: float = 10.0,
-    memory_mb: int = 1024,
-    max_output_chars: int = 256,
-    unisolated: bool = False,
-) -> ToolCallResult:
+def call_tool(ref: str, arguments: Any = None, **options: Any) -> ToolCallResult:
     """Call the one tool ``ref`` names (a built-in name, ``file.py[:function]`` or
-    ``module[:function]``) with ``arguments`` (a dict or JSON text) in a real sandbox."""
-    return asyncio.run(
-        call_tool_async(
-            ref, arguments, timeout_s=timeout_s, memory_mb=memory_mb,
-            max_output_chars=max_output_chars, unisolated=unisolated,
-        )
-    )  # fmt: skip
+    ``module[:function]``) with ``arguments`` (a dict or JSON text) in a real sandbox;
+    ``options`` as for :func:`call_tool_async` (timeout_s, memory_mb, ...)."""
+    return asyncio.run(call_tool_async(ref, arguments, **options))
 
 
 async def call_tool_async(

@@ -244,6 +244,7 @@ class SandboxFleet:
             await self._bucket.acquire()
         if self._sessions is not None:
             await self._sessions.acquire()
+        opened = False
         try:
             tried: set[int] = set()
             errors = []
@@ -256,15 +257,15 @@ class SandboxFleet:
                     self._down(m, str(e))
                     continue
                 m.sessions += 1
+                opened = True
                 return FleetSession(self, m, inner)
             raise SandboxUnavailable(
                 "no sandbox server of the fleet could open a session: "
                 + ("; ".join(errors) or "none is live")
             )
-        except BaseException:
-            if self._sessions is not None:
+        finally:
+            if not opened and self._sessions is not None:  # the slot goes back
                 self._sessions.release()
-            raise
 
 
 class FleetSession:

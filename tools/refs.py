@@ -194,7 +194,8 @@ def _import_file(ref: str, path: Path) -> tuple[ModuleType, ToolSource]:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except BaseException as e:
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module may raise
+        # anything at import; it is a bad reference, reported before any work
         del sys.modules[name]
         raise ToolReferenceError(_import_failure(ref, e)) from e
     return module, ToolSource(name, str(path))
@@ -223,7 +224,7 @@ def _import_module(ref: str, name: str, base: Path) -> tuple[ModuleType, ToolSou
                 f"and no file or module of that name"
             ) from e
         raise ToolReferenceError(_import_failure(ref, e)) from e
-    except BaseException as e:
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - as for a file: a bad reference
         raise ToolReferenceError(_import_failure(ref, e)) from e
     # the project's own tools package is always shown to the sandbox
     return module, ToolSource(name, None if top == "tools" else _exposed_path(ref, top))

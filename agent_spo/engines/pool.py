@@ -336,7 +336,7 @@ class ReplicaPool:
                     header = {"version": int(version), "tensors": entries}
                     count, total = count + len(entries), total + flat.numel()
                     self._post_all(targets, errors, header, flat)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the abort header
                 # the weights failed between two buckets: say so on every link, so each
                 # replica ends its update now instead of waiting out its timeout (a link
                 # dropped here may close only when the last reference to it goes)
