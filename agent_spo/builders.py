@@ -79,12 +79,16 @@ def build_learner(
     mini_batches: int | None = None,
     probe_tokens: int | None = None,
     threads: int | None = None,
+    launch=None,
+    host: str = "127.0.0.1",
 ) -> Learner | LearnerGroup:
     """The learner: one process (world size 1), or a :class:`LearnerGroup` of FSDP2 ranks
     started now (learner.world_size > 1, CPU offload, or torchrun), used the same way.
     ``mini_batches`` replaces learner.mini_batches (a benchmark with a smaller batch);
     ``probe_tokens`` is algo.rho.probe_tokens (the drift's probe); ``threads`` is the torch
-    thread count the other ranks use (this process keeps its own)."""
+    thread count the other ranks use (this process keeps its own). ``launch`` starts
+    ranks 1..N-1 elsewhere (a cluster's placement; see ``dist.group.start``), and ``host``
+    is the address they reach this process's store at."""
     from agent_spo.dist import torchrun_env
 
     kwargs: dict[str, Any] = {
@@ -109,9 +113,9 @@ def build_learner(
 
     spec = RankSpec(
         "agent_spo.builders:learner_rank", {**kwargs, "threads": threads}, world_size=world,
-        timeout_s=learner.rank_timeout_s, torchrun=launched is not None,
+        timeout_s=learner.rank_timeout_s, torchrun=launched is not None, host=host,
     )  # fmt: skip
-    return LearnerGroup.start(spec)
+    return LearnerGroup.start(spec, launch)
 
 
 def learner_rank(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from pathlib import Path
 
 METRICS: dict[str, str] = {
@@ -64,6 +65,11 @@ METRICS: dict[str, str] = {
     "sandbox/latency_p95_s": "95th percentile of that wait (absent if none)",
     "sandbox/failed_frac": "share of the batch's sandbox executions whose status is not ok",
     "sandbox/status/*": "the batch's sandbox executions ending in a non-ok status, by status",
+    "sandbox/servers_live": "sandbox fleet: servers in rotation (answering their health check)",
+    "sandbox/server*_live": "sandbox fleet: 1 while that server is in rotation, else 0",
+    "sandbox/server*_calls": "sandbox fleet: tool calls in flight on that server (its queue)",
+    "sandbox/server*_sessions": "sandbox fleet: episodes' sessions open on that server",
+    "sandbox/server*_served": "sandbox fleet: tool calls that server has answered so far",
     # perf/
     "perf/wait_s": "time the learner waited for the batch to be ready (idle)",
     "perf/learner_s": "time of the learner's update on the batch",
@@ -104,10 +110,21 @@ class UndefinedMetric(KeyError):
 class MetricsLog:
     """metrics.jsonl (append, flushed per row) plus optional TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool = False, wandb: dict | None = None
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._f = open(self.path, "a", encoding="utf-8")
         self._tb = None
+        self._wandb = None
+        if wandb is not None:
+            try:
+                self._wandb = _wandb_run(Path(run_dir), **wandb)
+            except ImportError as e:
+                self._f.close()
+                raise RuntimeError(
+                    "train.wandb=true needs the wandb package: pip install 'agent-spo[wandb]'"
+                ) from e
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -131,11 +148,37 @@ class MetricsLog:
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(
+                {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)},
+                step=int(row["step"]),
+            )
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_run(run_dir: Path, *, project: str, name: str, config: dict):
+    """A Weights & Biases run under RUN_DIR/wandb, the same one again on --resume (its id
+    is kept in RUN_DIR/wandb_id). WANDB_MODE=offline writes it only locally (`wandb sync`
+    uploads it later)."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
+        config=config, settings=wandb.Settings(console="off", quiet=True),
+    )  # fmt: skip
 
 
 def read_metrics(path: Path) -> list[dict]:

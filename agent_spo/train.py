@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +66,7 @@ _RESUMABLE_CHANGES = (
     "run.output_dir", "train.", "rollout.workers", "sandbox.",
     # sharded checkpoints read back at any world size
     "learner.world_size", "learner.rank_timeout_s", "learner.cpu_offload",
+    "cluster.",  # where the processes run, not what they learn
 )  # fmt: skip
 
 
@@ -158,6 +160,13 @@ def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
     # the learner loads model.path, so train needs the weights whatever the engine
     problems = check_trainable(cfg, train_prompts=len(train)) + builders.check_model_path(cfg.model)
     problems += check_memory(cfg)[1]
+    for wanted, key, module, extra in (  # optional packages, refused before any work
+        (cfg.train.tensorboard, "train.tensorboard", "tensorboard", "tensorboard"),
+        (cfg.train.wandb, "train.wandb", "wandb", "wandb"),
+        (cfg.cluster.backend == "ray", "cluster.backend ray", "ray", "cluster"),
+    ):
+        if wanted and importlib.util.find_spec(module) is None:
+            problems.append(f"{key} needs the {module} package: pip install 'agent-spo[{extra}]'")
     if problems:
         raise UnsupportedConfig("; ".join(problems))
 
@@ -223,11 +232,20 @@ async def setup(
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(lock_run_dir(run_dir))  # held until train() has finished
         ckpt = claim_run_dir(cfg, resume=resume, log=log)
+        written = cfg  # config.yaml keeps the user's settings, not a cluster's addresses
+        cluster = None
+        if cfg.cluster.backend == "ray":  # engines and sandboxes start on the cluster now
+            from agent_spo.cluster.ray_cluster import ray_cluster
+
+            base_path = builders.resolve_model_path(cfg.model, log=log, rollout=cfg.rollout)
+            start_from = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path
+            cluster = stack.enter_context(ray_cluster(cfg, start_from, run_dir, log=log))
+            cfg = cluster.apply(cfg)
         # a sandbox that cannot run code (server down, wrong token) refuses the run before
         # anything is written or loaded
         sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox, cfg.rollout))
         await builders.check_sandbox(sandbox)
-        write_resolved(cfg, run_dir)
+        write_resolved(written, run_dir)
         hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
         train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
         problems = {p.key: p for p in train_set}
@@ -252,6 +270,8 @@ async def setup(
         learner = builders.build_learner(
             model_path, tokenizer, cfg.learner, cfg.loss,
             probe_tokens=cfg.algo.rho.probe_tokens, threads=torch_threads_for(cfg),
+            launch=cluster.launch_rank if cluster else None,
+            host=cluster.driver_ip if cluster else "127.0.0.1",
         )  # fmt: skip
         stack.callback(learner.close)  # the other learner ranks stop with the run
         if ckpt is None and getattr(engine, "needs_sync", False):
@@ -347,7 +367,17 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
         if before:
             summary["held_out_before"] = before
     books = _Books(
-        metrics=MetricsLog(run.dir, tensorboard=cfg.train.tensorboard),
+        metrics=MetricsLog(
+            run.dir,
+            tensorboard=cfg.train.tensorboard,
+            wandb=dict(
+                project=cfg.train.wandb_project,
+                name=cfg.run.name,
+                config=cfg.model_dump(mode="json"),
+            )
+            if cfg.train.wandb
+            else None,
+        ),  # fmt: skip
         episodes=open(episodes_path, "a", encoding="utf-8"),
         evaluator=evaluator,
         t_start=time.perf_counter(),
@@ -396,6 +426,9 @@ async def _after_step(run: Run, books: _Books, on_metrics, row: dict, batch) -> 
     """The side jobs after learner step ``row["step"]``, in order: episode log, held-out
     evaluation, metrics, progress callback, checkpoint."""
     step, cfg = row["step"], run.cfg
+    stats = getattr(run.runner.sandbox, "stats", None)
+    if stats is not None:  # a sandbox fleet: each server's load
+        row.update(stats())
     log_episodes(run, books.episodes, step, batch)
     row["perf/elapsed_s"] = time.perf_counter() - books.t_start
     every = cfg.train.eval_every

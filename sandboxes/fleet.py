@@ -11,8 +11,9 @@ open sessions; a server that dies turns its open sessions' next calls into
 Bounds over the whole fleet: ``max_in_flight`` calls at once, ``max_sessions`` open
 sessions (None: no cap), and ``sessions_per_s`` new sessions per second (a token bucket;
 None: no limit), so a burst of episodes cannot overrun the servers' process tables. A
-background check reads each down server's health every ``health_interval_s`` and puts
-it back in rotation when it answers.
+background check reads every server's health every ``health_interval_s``: a live one that
+does not answer leaves the rotation before an episode has to find out, and a down one
+comes back when it answers.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class SandboxFleet:
         max_in_flight: int = 256,
         max_sessions: int | None = None,
         sessions_per_s: float | None = None,
-        health_interval_s: float = 5.0,
+        health_interval_s: float = 2.0,
         required_tools: list[dict] | None = None,
         **client_kwargs: Any,
     ) -> None:
@@ -114,7 +115,7 @@ class SandboxFleet:
                 + "; ".join(f"{m.url}: {m.why_down}" for m in self.members)
             )
         self.started = True
-        self._watch = asyncio.create_task(self._watch_down())
+        self._watch = asyncio.create_task(self._watch_all())
         return self
 
     async def close(self) -> None:
@@ -147,10 +148,10 @@ class SandboxFleet:
             log.warning("sandbox server %s is out of rotation: %s", m.url, why)
         m.live, m.why_down = False, why
 
-    async def _watch_down(self) -> None:
+    async def _watch_all(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            await asyncio.gather(*(self._probe(m) for m in self.members if not m.live))
+            await asyncio.gather(*(self._probe(m) for m in self.members))
 
     # ---------------------------------------------------------------- health
     async def member_healths(self) -> list[tuple[str, dict | None, str | None]]:
@@ -188,7 +189,7 @@ class SandboxFleet:
 
     def stats(self) -> dict[str, float]:
         """Per-server load for the metrics: live, calls in flight, sessions, calls served."""
-        out: dict[str, float] = {}
+        out: dict[str, float] = {"sandbox/servers_live": float(sum(m.live for m in self.members))}
         for m in self.members:
             out[f"sandbox/server{m.index}_live"] = float(m.live)
             out[f"sandbox/server{m.index}_calls"] = m.calls

@@ -70,6 +70,80 @@ def test_tensorboard_events_hold_the_same_scalars(tmp_path):
     assert [e.value for e in acc.Scalars("loss/pg")] == [-1, -2, -3]
 
 
+def _wandb_records(path):
+    """The records of a W&B run file (.wandb: a LevelDB-style log of protobuf records),
+    read here so the test checks what W&B would upload, not W&B's own reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B" and magic == 0xBEE1
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if n == 0 and kind == 0:
+            break
+        buf += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def test_weights_and_biases_offline_gets_every_row_and_a_resume_continues_the_same_run(
+    tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb", reason="W&B is the wandb extra (installed by make test)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = {"project": "agent-spo-test", "name": "demo", "config": {"algo": {"name": "spo"}}}
+    log = MetricsLog(tmp_path, wandb=spec)
+    for step in (1, 2):
+        log.write({"step": step, "reward/mean": step / 10, "loss/pg": -step})
+    log.close()
+    log = MetricsLog(tmp_path, wandb=spec)  # --resume: the same W&B run goes on
+    log.write({"step": 3, "reward/mean": 0.3, "loss/pg": -3})
+    log.close()
+
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    history, runs = [], []
+    for f in files:
+        for r in _wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in r.history.item}  # fmt: skip
+                history.append((items.get("_step"), items.get("reward/mean"), items.get("loss/pg")))
+            elif kind == "run":
+                runs.append((r.run.run_id, r.run.project, r.run.display_name))
+    assert history == [(1, 0.1, -1), (2, 0.2, -2), (3, 0.3, -3)]
+    assert set(runs) == {(run_id, "agent-spo-test", "demo")}
+
+
+def test_an_optional_logger_that_is_not_installed_is_refused_before_any_work(monkeypatch):
+    import importlib.util
+
+    from agent_spo.config import load_config
+    from agent_spo.train import UnsupportedConfig, check_inputs
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))  # fmt: skip
+    cfg = load_config(None, ["train.wandb=true", "data.synthetic_tasks=40"])
+    with pytest.raises(UnsupportedConfig, match=r"train.wandb needs the wandb package: pip "
+                       r"install 'agent-spo\[wandb\]'"):  # fmt: skip
+        check_inputs(cfg)
+
+
 def _fake_run(path, steps=30, eval_every=10, grpo=False):
     path.mkdir()
     rows = []

@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from agent_spo.cli import app
+from agent_spo.cli.train import fleet_text
 from agent_spo.engines.base import Sampling
 from agent_spo.engines.openai_http import OpenAIHTTPEngine
 from agent_spo.engines.replicas import LocalReplica
@@ -46,13 +52,40 @@ def replicas(tmp_path_factory):
             r.stop()
 
 
+@pytest.fixture(scope="module")
+def sandbox_servers():
+    """Two `agent-spo sandbox serve` servers with a token, as a user starts them."""
+    procs = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        for _ in range(2):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agent_spo.cli", "sandbox", "serve", "--port", "0",
+                 "--workers", "1", "--token", TOKEN],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+            procs.append(p)
+        urls = [p.stdout.readline().split()[0] for p in procs]  # type: ignore[union-attr]
+        assert all(u.startswith("http://127.0.0.1:") for u in urls), urls
+        yield urls
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+TOKEN = "fleet-test-token"
+
+
 @pytest.mark.parametrize(
     "algo, sync, colocate",
-    # both algorithms, both sync paths, colocated and not, in two runs
+    # both algorithms, both sync paths, colocated and not, in two runs; the second with
+    # `cluster.backend: urls`: replicas and sandbox servers the user started
     [("spo", "gloo", True), ("grpo", "disk", False)],
 )
 def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_weights(
-    replicas, tmp_path, algo, sync, colocate
+    replicas, sandbox_servers, tmp_path, monkeypatch, algo, sync, colocate
 ):
     """SPO also runs colocated: every replica sleeps through each learner step."""
     model, fleet = replicas
@@ -63,6 +96,10 @@ def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_
             r.start()
     urls = "[" + ", ".join(r.url for r in fleet) + "]"
     extra = ["algo.name=grpo", "algo.grpo.group_size=2"] if algo == "grpo" else []
+    if algo == "grpo":
+        monkeypatch.setenv("AGENT_SPO_SANDBOX_TOKEN", TOKEN)
+        extra += ["cluster.backend=urls", "sandbox.backend=remote",
+                  f"sandbox.urls=[{', '.join(sandbox_servers)}]"]  # fmt: skip
     result = CliRunner().invoke(app, [
         "train", *SMALL, *extra, f"run.output_dir={tmp_path}", "run.name=t",
         "train.total_steps=2", "rollout.engine=openai_http", f"rollout.urls={urls}",
@@ -78,6 +115,11 @@ def test_the_demo_trains_on_two_replicas_and_every_replica_ends_on_the_learners_
         for i in range(len(fleet)):
             assert row[f"rollout/replica{i}_version"] == row["step"]
     assert all(rows[-1][f"rollout/replica{i}_requests"] > 0 for i in range(len(fleet)))
+    if algo == "grpo":  # the user's sandbox servers ran the tool calls, as one fleet
+        assert all(row["sandbox/servers_live"] == 2 for row in rows)
+        assert rows[-1]["sandbox/server0_served"] + rows[-1]["sandbox/server1_served"] > 0
+        line = fleet_text(rows[-1])  # the progress line's fleet part
+        assert line == f"  engines {len(fleet)}/{len(fleet)}  sandboxes 2/2"
     if sync == "disk":
         assert sorted(p.name for p in (run / "weights").iterdir()) == ["v000002"]
     else:

@@ -16,6 +16,7 @@ from agent_spo.cli.args import (
     cell,
     fail,
     load,
+    positive_ints,
     split_config,
     stderr,
     stdout,
@@ -273,6 +274,14 @@ def bench_throughput(
     alpha: Annotated[float, typer.Option(help="pareto: tail index.", min=1e-6)] = 1.5,
     cap: Annotated[float, typer.Option(help="Longest modelled time, s.", min=1e-6)] = 600.0,
     seed: Annotated[int, typer.Option(help="First seed; repeat r uses seed + r.")] = 0,
+    scale_gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Also model the paper's setting (B = 2,048, 16k tokens) on these GPU "
+            "counts, e.g. 8,32,128: SPO vs GRPO trajectories/s and learner idle share, "
+            "with the learner's steps and the weight sync taking time (docs/cluster.md)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="JSON report path.")] = Path(
         "runs/bench-throughput.json"
     ),
@@ -317,14 +326,59 @@ def bench_throughput(
         median_s=median, cap_s=cap, demo=demo, demo_steps=demo_steps,
         demo_repeats=demo_repeats, seed=seed,
     )  # fmt: skip
-    report = asyncio.run(run_bench(spo_cfg, grpo_cfg, bench, log=stderr.print))
+    gpus = None if scale_gpus is None else positive_ints(scale_gpus, "--scale-gpus", "8,32,128")
+    if gpus is not None and any(n % 2 for n in gpus):
+        fail(f"--scale-gpus: every count must be even (half learner, half engines), got {gpus}")
+    report: dict = {}
+    if names or demo:
+        report = asyncio.run(run_bench(spo_cfg, grpo_cfg, bench, log=stderr.print))
+    if gpus is not None:
+        report["cluster_model"] = cluster_scale(gpus)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for table in tables(report):
-        stdout.print(table)
-    for target, ok in report["targets"].items():
-        stdout.print(f"target {target}: {'met' if ok else 'NOT met'}")
+    if names or demo:
+        for table in tables(report):
+            stdout.print(table)
+        for target, ok in report["targets"].items():
+            stdout.print(f"target {target}: {'met' if ok else 'NOT met'}")
     typer.echo(f"wrote {out}")
+
+
+def cluster_scale(gpus: list[int]) -> dict:
+    """The cluster model's tables (gloo sync as built, and a broadcast sync), printed."""
+    from dataclasses import asdict, replace
+
+    from rich.table import Table
+
+    from agent_spo.bench.cluster_model import ClusterAssumptions, scale_report
+
+    base = ClusterAssumptions()
+    variants = {
+        "gloo": (base, f"weights sent to each replica in turn at {base.sync_mib_s:g} MiB/s "
+                       "(gloo, as built; rate from bench fleet)"),
+        "broadcast": (replace(base, sync_broadcast=True, sync_mib_s=25 * 1024),
+                      "weights broadcast to all replicas at once at 25 GiB/s (NCCL over "
+                      "InfiniBand; not built)"),
+    }  # fmt: skip
+    out = {}
+    for key, (a, sync_text) in variants.items():
+        report = scale_report(gpus, a)
+        out[key] = report
+        table = Table(title=f"the paper's setting on N GPUs (modelled): B {a.batch}, "
+                      f"{a.per_replica} episodes in flight per replica, the paper's episode "
+                      f"times (16k-token cap); {sync_text}")  # fmt: skip
+        for col in ("GPUs", "replicas", "learner step s", "sync s", "SPO traj/s",
+                    "GRPO traj/s", "SPO/GRPO", "SPO idle", "GRPO idle"):  # fmt: skip
+            table.add_column(col, justify="right")
+        for row in report["rows"]:
+            s, g = row["spo"], row["grpo"]
+            table.add_row(str(s["gpus"]), str(s["replicas"]), f"{s['learner_step_s']:.0f}",
+                          f"{s['sync_s']:.0f}", f"{s['traj_per_s']:.2f}",
+                          f"{g['traj_per_s']:.2f}", f"{row['traj_per_s_ratio']:.2f}x",
+                          f"{s['idle_frac']:.0%}", f"{g['idle_frac']:.0%}")  # fmt: skip
+        stdout.print(table)
+    stdout.print("assumptions: " + ", ".join(f"{k}={v}" for k, v in asdict(base).items()))
+    return out
 
 
 def _scale_table(episodes: Path, model: str | None, worlds: list[int], batches: int) -> dict:
@@ -402,7 +456,7 @@ def bench_learner(
 
     from agent_spo.bench.learner import run_learner_bench
     from agent_spo.builders import resolve_model_path
-    from agent_spo.cli.args import bar_columns, positive_ints
+    from agent_spo.cli.args import bar_columns
     from agent_spo.config import ModelConfig
 
     sizes = positive_ints(probes, "--probes", "64,128,256")

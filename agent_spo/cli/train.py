@@ -82,7 +82,9 @@ def train(
             stderr.print(memory.table(), soft_wrap=True, highlight=False)
         for line in setting_lines(cfg):
             stderr.print(line, soft_wrap=True, highlight=False, markup=False)
-        if problems := check_trainable(cfg, train_prompts) + check_model_path(cfg.model) + too_big:
+        placement = check_placement(cfg)
+        problems = check_trainable(cfg, train_prompts) + check_model_path(cfg.model) + too_big
+        if problems := problems + placement:
             fail("; ".join(problems))
         stderr.print(Text("config ok", style="green"))
         typer.echo(dump_config(cfg), nl=False)
@@ -120,7 +122,7 @@ def train(
                 completed=m["step"],
                 description=f"{cfg.algo.name}  reward {m['reward/mean']:.2f}  "
                 f"held-out {'-' if held_out != held_out else f'{held_out:.2f}'}  "
-                f"tool calls {m['tool/calls_per_episode']:.2f}  {eps:.1f} ep/s",
+                f"tool calls {m['tool/calls_per_episode']:.2f}  {eps:.1f} ep/s" + fleet_text(m),
             )
 
         try:
@@ -150,6 +152,40 @@ def train(
             fail(f"{e}; checkpoints written so far are kept: continue with --resume once "
                  "fixed", EXIT_FAILED)  # fmt: skip
     stderr.print(done_line(summary))
+
+
+def check_placement(cfg) -> list[str]:
+    """With cluster.backend ray and cluster.nodes: print where each process goes on those
+    nodes, or return why they do not fit (one line naming the key)."""
+    from agent_spo.cluster.plan import PlacementError, bundles, describe, place, planned_nodes
+
+    c = cfg.cluster
+    if c.backend != "ray" or c.nodes is None:
+        return []
+    try:
+        nodes = place(bundles(c, cfg.learner.world_size), planned_nodes(c),
+                      spread_sandboxes=c.sandbox_spread)  # fmt: skip
+    except PlacementError as e:
+        return [f"cluster.nodes: the processes do not fit {c.nodes} node(s) of "
+                f"{c.gpus_per_node} GPUs and {c.cpus_per_node} CPUs: {e}"]  # fmt: skip
+    stderr.print(f"placement on cluster.nodes = {c.nodes} (Ray packs the learner ranks and "
+                 "engine replicas, spreads the sandbox servers):\n" + describe(nodes),
+                 soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+    return []
+
+
+def fleet_text(m: dict) -> str:
+    import re
+
+    """The fleet's part of the status line: replicas and sandbox servers in rotation."""
+    parts = []
+    replicas = [k for k in m if re.fullmatch(r"rollout/replica\d+_version", k)]
+    if replicas and "rollout/replicas_live" in m:
+        parts.append(f"engines {m['rollout/replicas_live']:.0f}/{len(replicas)}")
+    servers = [k for k in m if re.fullmatch(r"sandbox/server\d+_live", k)]
+    if servers:
+        parts.append(f"sandboxes {m['sandbox/servers_live']:.0f}/{len(servers)}")
+    return ("  " + "  ".join(parts)) if parts else ""
 
 
 def done_line(summary: dict) -> str:

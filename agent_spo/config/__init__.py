@@ -17,6 +17,7 @@ from agent_spo.config.loader import (
 )
 from agent_spo.config.schema import (
     AlgoConfig,
+    ClusterConfig,
     DataConfig,
     GrpoConfig,
     InitConfig,
@@ -37,6 +38,7 @@ from agent_spo.config.schema import (
 
 __all__ = [
     "AlgoConfig",
+    "ClusterConfig",
     "ConfigError",
     "DataConfig",
     "GrpoConfig",

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "AlgoConfig",
+    "ClusterConfig",
     "DataConfig",
     "GrpoConfig",
     "InitConfig",
@@ -651,8 +652,95 @@ class TrainLoopConfig(Section):
     """Also write the metrics as TensorBoard events under RUN_DIR/tensorboard (needs the
     `tensorboard` package: pip install 'agent-spo[tensorboard]')."""
 
+    wandb: bool = False
+    """Also log the metrics to Weights & Biases (needs the `wandb` package: pip install
+    'agent-spo[wandb]'). The run's files go under RUN_DIR/wandb; WANDB_MODE=offline keeps
+    them local (`wandb sync` uploads them later)."""
+
+    wandb_project: str = "agent-spo"
+    """The Weights & Biases project of train.wandb."""
+
     plot: bool = True
     """Write RUN_DIR/curves.png at the end (also: `agent-spo plot RUN_DIR`)."""
+
+
+class ClusterConfig(Section):
+    backend: Literal["local", "ray", "urls"] = "local"
+    """Where the run's processes live. local: this machine, as the other sections say
+    (nothing else to start); ray: `train` places learner ranks, engine replicas and sandbox
+    servers on a Ray cluster by placement groups, waits for them, and stops them all on
+    exit (see docs/cluster.md); urls: engines (rollout.urls) and sandboxes (sandbox.urls)
+    were started by you (SLURM, Kubernetes), learner ranks by torchrun."""
+
+    address: str | None = None
+    """ray: the cluster to join ("auto", "HOST:6379"); null = start a Ray cluster on this
+    machine for the run and stop it at the end."""
+
+    num_cpus: int | None = Field(None, ge=1)
+    """ray, a cluster started for the run: logical CPUs it declares; null = this machine's
+    cores. Ray counts them to place bundles; it does not pin processes to cores."""
+
+    num_gpus: int | None = Field(None, ge=0)
+    """ray, a cluster started for the run: logical GPUs it declares; null = the GPUs torch
+    sees. Logical GPUs let the GPU placement run on a CPU machine (the demo, the tests)."""
+
+    learner_cpus: float = Field(1.0, gt=0)
+    """ray: CPUs reserved for each learner rank (learner.world_size ranks). > 0."""
+
+    learner_gpus: int = Field(0, ge=0)
+    """ray: GPUs for each learner rank (0 on CPU, 1 for FSDP2 on GPUs). >= 0. Rank 0 is
+    the trainer itself: its bundle is placed on the node `agent-spo train` runs on."""
+
+    engine_replicas: int = Field(2, ge=1)
+    """ray: `agent-spo engine serve` replicas to start. >= 1."""
+
+    engine_backend: Literal["hf", "vllm"] = "hf"
+    """ray: the replicas' engine (`engine serve --backend`)."""
+
+    engine_gpus: int = Field(0, ge=0)
+    """ray: GPUs per replica; with engine_backend vllm above 1 it is vLLM's tensor-parallel
+    size. >= 0; the hf engine uses at most 1."""
+
+    engine_cpus: float = Field(1.0, gt=0)
+    """ray: CPUs reserved for each replica. > 0."""
+
+    engine_args: list[str] = []
+    """ray: more `agent-spo engine serve` arguments for every replica, e.g.
+    ["--dtype", "bfloat16", "--vllm-arg=--gpu-memory-utilization=0.85"]."""
+
+    sandbox_servers: int = Field(2, ge=1)
+    """ray: `agent-spo sandbox serve` servers to start, used as one fleet. >= 1."""
+
+    sandbox_cpus: float = Field(1.0, gt=0)
+    """ray: CPUs reserved for each sandbox server; its workers (jails) are
+    sandbox.pool_size. > 0."""
+
+    sandbox_spread: bool = True
+    """ray: spread the sandbox servers over the nodes (Ray's SPREAD) instead of packing
+    them; engines and learner ranks are always packed."""
+
+    start_timeout_s: float = Field(600.0, gt=0)
+    """ray: how long placement and the servers' start may take before the run stops,
+    naming what did not come up. > 0."""
+
+    nodes: int | None = Field(None, ge=1)
+    """The cluster the config is laid out for: `train --dry-run` checks that the placement
+    fits `nodes` machines of gpus_per_node GPUs and cpus_per_node CPUs. null = no check."""
+
+    gpus_per_node: int = Field(8, ge=0)
+    """See nodes. >= 0."""
+
+    cpus_per_node: int = Field(64, ge=1)
+    """See nodes. >= 1."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.engine_backend == "hf" and self.engine_gpus > 1:
+            raise ValueError(
+                "engine_gpus: the hf engine runs on one device; use engine_backend vllm for "
+                "tensor parallelism"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -691,6 +779,10 @@ class TrainConfig(Section):
     train: TrainLoopConfig = TrainLoopConfig()
     """Loop length, checkpointing, logging."""
 
+    cluster: ClusterConfig = ClusterConfig()
+    """Where the processes run: this machine (default), a Ray cluster, or servers you
+    started yourself."""
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.model.demo_tool is not None:
@@ -706,6 +798,7 @@ class TrainConfig(Section):
                     f"model.demo_tool {self.model.demo_tool!r}: the run must offer the tool "
                     f"{name!r}; add it to rollout.tools"
                 )
+        self._check_cluster()
         if self.rollout.engine == "openai_http" and self.model.path is None:
             raise ValueError(
                 "model.path is required when rollout.engine is 'openai_http': it names the "
@@ -718,6 +811,37 @@ class TrainConfig(Section):
                 f"algo.grpo.group_size ({g}) when algo.name is 'grpo'"
             )
         return self
+
+    def _check_cluster(self) -> None:
+        c, r, s = self.cluster, self.rollout, self.sandbox
+        if c.backend == "ray":
+            if r.engine == "vllm":
+                raise ValueError(
+                    "cluster.backend ray starts the engines as replicas: set "
+                    "cluster.engine_backend vllm instead of rollout.engine vllm"
+                )
+            if r.url or r.urls or s.url or s.urls:
+                raise ValueError(
+                    "cluster.backend ray starts the engine replicas and sandbox servers "
+                    "itself: leave rollout.url(s) and sandbox.url(s) empty (or use "
+                    "cluster.backend urls for servers you started)"
+                )
+            if s.backend == "docker":
+                raise ValueError(
+                    "cluster.backend ray runs tool code in `agent-spo sandbox serve` servers: "
+                    "set sandbox.backend local (each server's own isolation)"
+                )
+        if c.backend == "urls":
+            if r.engine != "openai_http" or not (r.url or r.urls):
+                raise ValueError(
+                    "cluster.backend urls: set rollout.engine openai_http and rollout.urls "
+                    "to the engine replicas you started"
+                )
+            if s.backend != "remote":
+                raise ValueError(
+                    "cluster.backend urls: set sandbox.backend remote and sandbox.urls to "
+                    "the sandbox servers you started"
+                )
 
 
 def code_tools(refs: list[str]) -> list:

@@ -71,8 +71,8 @@ class LearnerGroup:
         self._broken: str | None = None
 
     @classmethod
-    def start(cls, spec: RankSpec) -> LearnerGroup:
-        group = G.start(spec)
+    def start(cls, spec: RankSpec, launch: G.Launch | None = None) -> LearnerGroup:
+        group = G.start(spec, launch)
         try:
             learner = build(spec, 0)
             deadline = time.monotonic() + spec.start_bound_s

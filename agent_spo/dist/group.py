@@ -25,7 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import timedelta
 
 import torch
@@ -34,6 +36,9 @@ from agent_spo.dist import torchrun_env
 
 SPEC_ENV = "AGENT_SPO_RANK_SPEC"
 TORCHRUN_SPEC_KEY = "agent_spo/spec"  # rank 0 publishes the spec in torchrun's store
+
+
+Launch = Callable[[int, dict], Any]  # (rank, environment) -> a Popen-like handle
 
 
 class RankFailed(RuntimeError):
@@ -152,8 +157,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def start(spec: RankSpec) -> Group:
+def start(spec: RankSpec, launch: Launch | None = None) -> Group:
     """As rank 0: start ranks 1..N-1 (local launch) or join torchrun's, and form the group.
+    ``launch(rank, env)`` starts a rank elsewhere (a cluster's placement) and returns a
+    handle with Popen's poll/wait/kill/pid; by default ranks are child processes here.
     Raises RankFailed when a child exits or the group does not form within start_bound_s."""
     import torch.distributed as dist
 
@@ -165,15 +172,18 @@ def start(spec: RankSpec) -> Group:
         return Group(spec, join(spec, 0, store))
     spec = RankSpec(**{**spec.__dict__, "port": spec.port or free_port()})
     store = connect(spec, 0)
-    env = {**os.environ, SPEC_ENV: spec.to_json(), "PYTHONPATH": os.pathsep.join(sys.path)}
-    children = {}
-    for rank in range(1, spec.world_size):
-        children[rank] = subprocess.Popen(
-            [sys.executable, "-m", "agent_spo.dist.rank", str(rank)],
-            env=env, preexec_fn=_die_with_parent,
-        )  # fmt: skip
+    env = {SPEC_ENV: spec.to_json(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    children: dict = {}
     group = Group(spec, store, children)
     try:
+        for rank in range(1, spec.world_size):
+            if launch is not None:
+                children[rank] = launch(rank, env)
+            else:
+                children[rank] = subprocess.Popen(
+                    [sys.executable, "-m", "agent_spo.dist.rank", str(rank)],
+                    env={**os.environ, **env}, preexec_fn=_die_with_parent,
+                )  # fmt: skip
         # every child checks in before anyone enters the group, so a child that dies on
         # the way (bad import, bad model path) fails the start at once, not at the timeout
         deadline = time.monotonic() + spec.start_bound_s
@@ -194,4 +204,4 @@ def start(spec: RankSpec) -> Group:
     return group
 
 
-__all__ = ["Group", "RankFailed", "RankSpec", "connect", "free_port", "join", "start"]
+__all__ = ["Group", "Launch", "RankFailed", "RankSpec", "connect", "free_port", "join", "start"]
