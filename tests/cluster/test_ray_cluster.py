@@ -132,3 +132,35 @@ def test_the_cluster_demo_places_every_process_trains_through_kills_and_leaves_n
     # both learner ranks stepped and saved: the last checkpoint holds each rank's shard
     state = sorted(run.glob("checkpoints/ckpt-*"))[-1] / "state"
     assert sorted(p.name for p in state.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+def _train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent_spo.cli", "train", "configs/cluster_demo.yaml", *SMALL,
+         "train.total_steps=1", f"run.output_dir={tmp_path}", "run.name=c", *overrides],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_a_layout_the_cluster_cannot_hold_and_a_server_that_cannot_start_stop_the_run(tmp_path):
+    """Both fail with exit 1 and the reason, train nothing, and leave no process behind."""
+    from agent_spo.cli import EXIT_FAILED
+
+    before = set(_processes())
+    too_big = _train(tmp_path / "a", "cluster.engine_replicas=5")  # 4 logical GPUs
+    text = " ".join(too_big.stderr.split())
+    assert too_big.returncode == EXIT_FAILED, text[-3000:]
+    assert ("cluster: the processes do not fit a Ray cluster started for this run: engine "
+            "replica 2 (1 CPUs, 1 GPUs) does not fit") in text  # fmt: skip
+
+    broken = _train(tmp_path / "b", "cluster.engine_args=[--dtype, float7]")
+    text = " ".join(broken.stderr.split())
+    assert broken.returncode == EXIT_FAILED, text[-3000:]
+    assert "cluster: engine replica 0 exited with code" in text and "float7" in text
+    assert "engine0.log" in text
+    for run in (tmp_path / "a" / "c", tmp_path / "b" / "c"):
+        assert not (run / "metrics.jsonl").exists()
+    time.sleep(2)
+    left = {pid: cmd for pid, cmd in _processes().items() if pid not in before and _ours(cmd)}
+    assert not left, f"processes of the runs still running: {left}"
