@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -435,18 +436,30 @@ def ray_cluster(cfg, model_path: str, run_dir: Path, log=print) -> Iterator[RayC
         raise ClusterError("cluster.backend ray needs Ray: pip install 'agent-spo[cluster]'") from e
     cluster = RayCluster(cfg, log, run_dir / "cluster")
     env_before = {k: os.environ.get(k) for k in cluster.env()}
+    term_before = None
     try:
         cluster.start(model_path)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler cancelling the job) unwinds like Ctrl-C, so the
+            # processes on the cluster are stopped, not orphaned (set after ray.init,
+            # whose own handler exits in the middle of the event loop)
+            term_before = signal.signal(signal.SIGTERM, _interrupt)
         os.environ.update(cluster.env())
         log("cluster: placement\n" + describe(_placed(cluster)))
         yield cluster
     finally:
         cluster.stop()
+        if term_before is not None:
+            signal.signal(signal.SIGTERM, term_before)
         for k, v in env_before.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def _placed(cluster: RayCluster) -> list[Node]:

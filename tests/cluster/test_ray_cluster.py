@@ -164,3 +164,31 @@ def test_a_layout_the_cluster_cannot_hold_and_a_server_that_cannot_start_stop_th
     time.sleep(2)
     left = {pid: cmd for pid, cmd in _processes().items() if pid not in before and _ours(cmd)}
     assert not left, f"processes of the runs still running: {left}"
+
+
+def test_sigterm_mid_run_stops_every_process_of_the_cluster(tmp_path):
+    """A scheduler cancelling the job (SIGTERM) unwinds like Ctrl-C: the trainer stops the
+    servers, the rank, the actors and the Ray cluster it started, and exits 130."""
+    before = set(_processes())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent_spo.cli", "train", "configs/cluster_demo.yaml", *SMALL,
+         "train.total_steps=50", f"run.output_dir={tmp_path}", "run.name=c"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while len(_rows(tmp_path / "c" / "metrics.jsonl")) < 1 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert len(_rows(tmp_path / "c" / "metrics.jsonl")) < 50
+    time.sleep(2)
+    left = {pid: cmd for pid, cmd in _processes().items() if pid not in before and _ours(cmd)}
+    assert not left, f"processes of the run still running: {left}"
