@@ -249,7 +249,7 @@ class SandboxFleet:
         try:
             tried: set[int] = set()
             errors = []
-            while (m := self._pick(lambda m: (m.sessions, m.calls), tried)) is not None:
+            while (m := self._pick(lambda m: (m.sessions, m.calls, m.served), tried)) is not None:
                 tried.add(m.index)
                 try:
                     inner = await m.client.open_session()
