@@ -81,6 +81,7 @@ def build_learner(
     threads: int | None = None,
     launch=None,
     host: str = "127.0.0.1",
+    rank0_device: int | None = None,
 ) -> Learner | LearnerGroup:
     """The learner: one process (world size 1), or a :class:`LearnerGroup` of FSDP2 ranks
     started now (learner.world_size > 1, CPU offload, or torchrun), used the same way.
@@ -88,7 +89,8 @@ def build_learner(
     ``probe_tokens`` is algo.rho.probe_tokens (the drift's probe); ``threads`` is the torch
     thread count the other ranks use (this process keeps its own). ``launch`` starts
     ranks 1..N-1 elsewhere (a cluster's placement; see ``dist.group.start``), and ``host``
-    is the address they reach this process's store at."""
+    is the address they reach this process's store at; ``rank0_device`` the CUDA device
+    this process (rank 0) uses when a cluster reserved one for it."""
     from agent_spo.dist import torchrun_env
 
     kwargs: dict[str, Any] = {
@@ -107,6 +109,10 @@ def build_learner(
                 "(set it to the launcher's world size, or leave it at 1)"
             )
         world = launched[1]
+    if rank0_device is not None:
+        import torch
+
+        torch.cuda.set_device(rank0_device)
     if world == 1 and not learner.cpu_offload and launched is None:
         return learner_rank(rank=0, world_size=1, tokenizer=tokenizer, **kwargs)
     from agent_spo.dist.driver import LearnerGroup, RankSpec
@@ -114,6 +120,7 @@ def build_learner(
     spec = RankSpec(
         "agent_spo.builders:learner_rank", {**kwargs, "threads": threads}, world_size=world,
         timeout_s=learner.rank_timeout_s, torchrun=launched is not None, host=host,
+        rank0_device=rank0_device,
     )  # fmt: skip
     return LearnerGroup.start(spec, launch)
 

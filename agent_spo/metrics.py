@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from pathlib import Path
 
 METRICS: dict[str, str] = {
@@ -107,6 +106,10 @@ class UndefinedMetric(KeyError):
     """A metric written without a definition in :data:`METRICS`."""
 
 
+class LoggerUnavailable(RuntimeError):
+    """An optional metrics sink (TensorBoard, W&B) could not start."""
+
+
 class MetricsLog:
     """metrics.jsonl (append, flushed per row) plus optional TensorBoard scalars."""
 
@@ -122,15 +125,18 @@ class MetricsLog:
                 self._wandb = _wandb_run(Path(run_dir), **wandb)
             except ImportError as e:
                 self._f.close()
-                raise RuntimeError(
+                raise LoggerUnavailable(
                     "train.wandb=true needs the wandb package: pip install 'agent-spo[wandb]'"
                 ) from e
+            except Exception as e:  # noqa: BLE001 - wandb.init fails in many ways (login, network, config)
+                self._f.close()
+                raise LoggerUnavailable(f"train.wandb: Weights & Biases did not start: {e}") from e
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 self._f.close()
-                raise RuntimeError(
+                raise LoggerUnavailable(
                     "train.tensorboard=true needs the tensorboard package: "
                     "pip install 'agent-spo[tensorboard]'"
                 ) from e
@@ -163,21 +169,18 @@ class MetricsLog:
             self._wandb = None
 
 
-def _wandb_run(run_dir: Path, *, project: str, name: str, config: dict):
-    """A Weights & Biases run under RUN_DIR/wandb, the same one again on --resume (its id
-    is kept in RUN_DIR/wandb_id). WANDB_MODE=offline writes it only locally (`wandb sync`
+def _wandb_run(run_dir: Path, *, project: str, name: str, config: dict, resumed_at: int = 0):
+    """A Weights & Biases run under RUN_DIR/wandb. Each start of the trainer is its own
+    W&B run in the group ``name`` (a resume repeats the steps after its checkpoint, which
+    W&B would drop from the run it continued); a resumed one is named
+    "NAME (resumed at step N)". WANDB_MODE=offline writes it only locally (`wandb sync`
     uploads it later)."""
     import wandb
 
-    id_file = run_dir / "wandb_id"
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = secrets.token_hex(4)
-        id_file.write_text(run_id + "\n")
     return wandb.init(
-        project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
-        config=config, settings=wandb.Settings(console="off", quiet=True),
+        project=project, group=name, dir=str(run_dir), config=config,
+        name=name if not resumed_at else f"{name} (resumed at step {resumed_at})",
+        settings=wandb.Settings(console="off", quiet=True),
     )  # fmt: skip
 
 

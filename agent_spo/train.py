@@ -237,9 +237,10 @@ async def setup(
         if cfg.cluster.backend == "ray":  # engines and sandboxes start on the cluster now
             from agent_spo.cluster.ray_cluster import ray_cluster
 
+            # the replicas start from the base model, which every node has; on --resume
+            # the checkpoint's weights (on this node only) reach them by the first sync
             base_path = builders.resolve_model_path(cfg.model, log=log, rollout=cfg.rollout)
-            start_from = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path
-            cluster = stack.enter_context(ray_cluster(cfg, start_from, run_dir, log=log))
+            cluster = stack.enter_context(ray_cluster(cfg, base_path, run_dir, log=log))
             cfg = cluster.apply(cfg)
         # a sandbox that cannot run code (server down, wrong token) refuses the run before
         # anything is written or loaded
@@ -253,13 +254,15 @@ async def setup(
         # a checkpoint's model directory holds full weights when one process wrote it;
         # a sharded one is read into the learner and pushed to the engine below
         model_path = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path
+        if cluster is not None:  # learner ranks on other nodes: their cwd is not ours
+            model_path = str(Path(model_path).resolve())
         first_step = ckpt.step if ckpt is not None else 0
         threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
             stack.callback(_set_torch_threads, threads_before)
         sync_dir = None
         if cfg.rollout.engine == "openai_http":
-            sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights")
+            sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights").resolve()
         engine = builders.build_engine(
             model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log
         )
@@ -272,6 +275,7 @@ async def setup(
             probe_tokens=cfg.algo.rho.probe_tokens, threads=torch_threads_for(cfg),
             launch=cluster.launch_rank if cluster else None,
             host=cluster.driver_ip if cluster else "127.0.0.1",
+            rank0_device=cluster.rank0_device() if cluster else None,
         )  # fmt: skip
         stack.callback(learner.close)  # the other learner ranks stop with the run
         if ckpt is None and getattr(engine, "needs_sync", False):
@@ -374,6 +378,7 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
                 project=cfg.train.wandb_project,
                 name=cfg.run.name,
                 config=cfg.model_dump(mode="json"),
+                resumed_at=run.first_step,
             )
             if cfg.train.wandb
             else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -97,7 +98,7 @@ def _wandb_records(path):
             yield record
 
 
-def test_weights_and_biases_offline_gets_every_row_and_a_resume_continues_the_same_run(
+def test_weights_and_biases_offline_gets_every_row_and_a_resume_is_its_own_run_in_the_group(
     tmp_path, monkeypatch
 ):
     pytest.importorskip("wandb", reason="W&B is the wandb extra (installed by make test)")
@@ -105,18 +106,20 @@ def test_weights_and_biases_offline_gets_every_row_and_a_resume_continues_the_sa
     monkeypatch.setenv("WANDB_SILENT", "true")
     spec = {"project": "agent-spo-test", "name": "demo", "config": {"algo": {"name": "spo"}}}
     log = MetricsLog(tmp_path, wandb=spec)
-    for step in (1, 2):
+    for step in (1, 2, 3):
         log.write({"step": step, "reward/mean": step / 10, "loss/pg": -step})
     log.close()
-    log = MetricsLog(tmp_path, wandb=spec)  # --resume: the same W&B run goes on
-    log.write({"step": 3, "reward/mean": 0.3, "loss/pg": -3})
+    # --resume from the step-2 checkpoint: step 3 again, with other values; W&B would drop
+    # a step it has seen from the run it continued, so the resume is a run of its own
+    log = MetricsLog(tmp_path, wandb={**spec, "resumed_at": 2})
+    log.write({"step": 3, "reward/mean": 0.35, "loss/pg": -3.5})
     log.close()
 
-    run_id = (tmp_path / "wandb_id").read_text().strip()
-    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
-    history, runs = [], []
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"), key=os.path.getmtime)
+    assert len(files) == 2
+    runs = []
     for f in files:
+        history, meta = [], None
         for r in _wandb_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "history":
@@ -124,9 +127,12 @@ def test_weights_and_biases_offline_gets_every_row_and_a_resume_continues_the_sa
                          for i in r.history.item}  # fmt: skip
                 history.append((items.get("_step"), items.get("reward/mean"), items.get("loss/pg")))
             elif kind == "run":
-                runs.append((r.run.run_id, r.run.project, r.run.display_name))
-    assert history == [(1, 0.1, -1), (2, 0.2, -2), (3, 0.3, -3)]
-    assert set(runs) == {(run_id, "agent-spo-test", "demo")}
+                meta = (r.run.project, r.run.run_group, r.run.display_name)
+        runs.append((meta, history))
+    assert runs == [
+        (("agent-spo-test", "demo", "demo"), [(1, 0.1, -1), (2, 0.2, -2), (3, 0.3, -3)]),
+        (("agent-spo-test", "demo", "demo (resumed at step 2)"), [(3, 0.35, -3.5)]),
+    ]
 
 
 def test_an_optional_logger_that_is_not_installed_is_refused_before_any_work(monkeypatch):

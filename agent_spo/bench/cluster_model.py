@@ -17,8 +17,10 @@ A discrete-event timeline, no measurement. Its assumptions (also in the report):
   replica in turn at ``sync_mib_s`` (the gloo path's rate from ``bench fleet``), or once
   to all (``sync_broadcast``: what an NCCL broadcast would do; not built); the learner
   starts the next step after the sync;
-* episodes keep running during steps and syncs (the asynchronous stream); a trajectory
-  more than ``max_staleness`` versions old is dropped (counted, not trained).
+* episodes keep running during steps and syncs (the asynchronous stream), finished
+  trajectories wait in order, and when a batch is built (the learner free, B waiting)
+  those more than ``max_staleness`` versions older than the learner are dropped
+  (counted, not trained), as the pipeline does.
 
 Reported per mode and N: trajectories trained per second, the learner's idle share (time
 with no full batch to train on / wall time), the first batch's time, the sync's time.
@@ -92,7 +94,7 @@ def cluster_timeline(
 
     for _ in range(max(1, in_flight // g)):
         start(0.0)
-    buffered: list[float] = []  # tokens of the finished trajectories not yet trained on
+    buffered: list[tuple[float, int]] = []  # (tokens, version) finished, not yet trained
     free_at = 0.0  # when the learner is done with its step and sync
     idle = 0.0
     first = None
@@ -101,17 +103,21 @@ def cluster_timeline(
     while steps < a.steps:
         t, _, v, tokens = heapq.heappop(heap)
         start(t)
-        if version_at(t) - v > a.max_staleness:
-            stale += g
-            continue
-        buffered.extend([tokens / g] * g)
+        buffered.extend([(tokens / g, v)] * g)
         if len(buffered) < a.batch:
             continue
-        begin = max(t, free_at)
+        begin = max(t, free_at)  # the step starts once the learner is free
+        # as the pipeline does when it builds a batch: what is too stale is dropped
+        now = version_at(begin)
+        fresh = [x for x in buffered if now - x[1] <= a.max_staleness]
+        stale += len(buffered) - len(fresh)
+        buffered = fresh
+        if len(buffered) < a.batch:
+            continue
         idle += max(0.0, t - free_at)  # the learner waited for this batch
         first = begin if first is None else first
         batch, buffered = buffered[: a.batch], buffered[a.batch :]
-        step_s = sum(batch) / (learners * a.learner_tokens_per_gpu_s)
+        step_s = sum(x[0] for x in batch) / (learners * a.learner_tokens_per_gpu_s)
         step_times.append(step_s)
         free_at = begin + step_s + sync_s
         synced.append(free_at)  # the new weights are on the replicas once the sync is done

@@ -368,14 +368,15 @@ def cluster_scale(gpus: list[int]) -> dict:
                       f"{a.per_replica} episodes in flight per replica, the paper's episode "
                       f"times (16k-token cap); {sync_text}")  # fmt: skip
         for col in ("GPUs", "replicas", "learner step s", "sync s", "SPO traj/s",
-                    "GRPO traj/s", "SPO/GRPO", "SPO idle", "GRPO idle"):  # fmt: skip
+                    "GRPO traj/s", "SPO/GRPO", "SPO idle", "GRPO idle", "dropped stale (SPO / GRPO)"):  # fmt: skip
             table.add_column(col, justify="right")
         for row in report["rows"]:
             s, g = row["spo"], row["grpo"]
             table.add_row(str(s["gpus"]), str(s["replicas"]), f"{s['learner_step_s']:.0f}",
                           f"{s['sync_s']:.0f}", f"{s['traj_per_s']:.2f}",
                           f"{g['traj_per_s']:.2f}", f"{row['traj_per_s_ratio']:.2f}x",
-                          f"{s['idle_frac']:.0%}", f"{g['idle_frac']:.0%}")  # fmt: skip
+                          f"{s['idle_frac']:.0%}", f"{g['idle_frac']:.0%}",
+                          f"{s['dropped_stale']:,} / {g['dropped_stale']:,}")  # fmt: skip
         stdout.print(table)
     stdout.print("assumptions: " + ", ".join(f"{k}={v}" for k, v in asdict(base).items()))
     return out

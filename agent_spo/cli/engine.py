@@ -31,7 +31,11 @@ def serve(
         str | None, typer.Option(help="The served model's name (default: MODEL_DIR).")
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(help="Require `Authorization: Bearer KEY` (all but /health).")
+        str | None,
+        typer.Option(
+            envvar="AGENT_SPO_ENGINE_KEY",
+            help="Require `Authorization: Bearer KEY` (all but /health).",
+        ),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="Most sequences decoded together.")] = 64,
     max_model_len: Annotated[

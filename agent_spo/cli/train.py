@@ -95,6 +95,7 @@ def train(
 
     from agent_spo.cluster.ray_cluster import ClusterError
     from agent_spo.dist.group import RankFailed
+    from agent_spo.metrics import LoggerUnavailable
     from agent_spo.engines.base import EngineError
     from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.rundir import RunDirUnlockable, RunLocked
@@ -142,7 +143,7 @@ def train(
             fail(f"data.train: {e}")
         except ValuesFileError as e:
             fail(f"algo.init.values_path: {e}")
-        except (RunLocked, RankFailed, ClusterError) as e:
+        except (RunLocked, RankFailed, ClusterError, LoggerUnavailable) as e:
             fail(str(e), EXIT_FAILED)
         except EngineError as e:  # e.g. no replica answers, or none took the weights
             fail(f"rollout engine: {e}; checkpoints written so far are kept: continue with "

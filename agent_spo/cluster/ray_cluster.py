@@ -41,7 +41,8 @@ from agent_spo.cluster.plan import Bundle, Node, PlacementError, bundles, descri
 if TYPE_CHECKING:
     from agent_spo.config import TrainConfig
 
-ENGINE_KEY_ENV = "AGENT_SPO_CLUSTER_ENGINE_KEY"
+SANDBOX_TOKEN_ENV = "AGENT_SPO_SANDBOX_TOKEN"  # `sandbox serve` reads its --token from it
+ENGINE_KEY_ENV = "AGENT_SPO_ENGINE_KEY"  # `engine serve` reads its --api-key from it
 
 
 class ClusterError(RuntimeError):
@@ -111,11 +112,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # in the child between fork and exec
-    with contextlib.suppress(OSError):
+def _libc_prctl():
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here: a Ray worker is threaded, so the child only calls
+
+
+def _die_with_parent() -> None:  # in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -146,7 +157,9 @@ class RayRank:
         self._checked = time.monotonic()
         try:
             self.returncode = ray.get(self.member.actor.poll.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        except ray.exceptions.GetTimeoutError:
+            return None  # no answer yet: a hung rank is the collective timeout's to find
+        except ray.exceptions.RayActorError:
             self.returncode = -signal.SIGKILL  # its actor (and so the rank) is gone
         return self.returncode
 
@@ -179,6 +192,29 @@ class RayCluster:
     wanted: dict[str, list[Bundle]] = field(default_factory=dict)
     driver_ip: str = "127.0.0.1"
     nodes: list[Node] = field(default_factory=list)
+    rank0_gpus: list[str] = field(default_factory=list)  # the GPUs Ray gave the trainer
+    holders: list[Any] = field(default_factory=list)  # actors that only hold a bundle
+
+    def rank0_device(self) -> int | None:
+        """The CUDA device index (in this process) of the GPU Ray reserved for learner
+        rank 0, the trainer; None without GPUs."""
+        if not self.rank0_gpus:
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return None  # logical GPUs on a CPU machine
+        gpu = self.rank0_gpus[0]
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+        visible = [v for v in visible if v]
+        if not visible:
+            return int(gpu)
+        if gpu not in visible:
+            raise ClusterError(
+                f"cluster: Ray reserved GPU {gpu} for the trainer (learner rank 0), but this "
+                f"process sees only CUDA_VISIBLE_DEVICES={','.join(visible)}"
+            )
+        return visible.index(gpu)
 
     # ------------------------------------------------------------------ what it offers
     def urls(self, role: str) -> list[str]:
@@ -222,8 +258,17 @@ class RayCluster:
             self.started_ray = True
             where = "a Ray cluster started for this run"
         else:
-            ray.init(address=c.address, log_to_driver=False, logging_level=logging.WARNING)
             where = f"the Ray cluster at {c.address}"
+            try:
+                ray.init(address=c.address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError) as e:
+                raise ClusterError(
+                    f"cluster.address: could not join {where}: {e}. Is it running (`ray "
+                    "status`)? Ray clusters use token authentication by default: joining by "
+                    "an explicit address needs RAY_AUTH_MODE=token and the cluster's token "
+                    "(~/.ray/auth_token or RAY_AUTH_TOKEN); on the head node, address auto "
+                    "finds both"
+                ) from e
         self.driver_ip = ray.util.get_node_ip_address()
         self.nodes = _ray_nodes(self.driver_ip)
         self.wanted = bundles(c, self.cfg.learner.world_size)
@@ -251,11 +296,22 @@ class RayCluster:
                     f"{c.start_timeout_s:g}s (cluster.start_timeout_s); free resources: "
                     f"{ray.available_resources()}"
                 )
+        b0 = self.wanted["learner"][0]
+        if b0.gpus:  # learner rank 0 is this process: hold its bundle, learn its GPUs
+            remote: Any = ray.remote(_Holder)
+            holder = remote.options(
+                num_cpus=b0.cpus,
+                num_gpus=b0.gpus,
+                scheduling_strategy=_in(self.groups["learner"], 0),
+            ).remote()
+            self.holders.append(holder)
+            self.rank0_gpus = ray.get(holder.gpu_ids.remote(), timeout=c.start_timeout_s)
         deadline = time.monotonic() + c.start_timeout_s
-        for b in self.wanted["engine"]:
-            self._start(b, self._engine_argv(model_path), {"OMP_NUM_THREADS": _threads(b)})
+        for b in self.wanted["engine"]:  # the tokens go by environment, not on argv (ps)
+            self._start(b, self._engine_argv(model_path),
+                        {"OMP_NUM_THREADS": _threads(b), ENGINE_KEY_ENV: self.token})  # fmt: skip
         for b in self.wanted["sandbox"]:
-            self._start(b, self._sandbox_argv(), {})
+            self._start(b, self._sandbox_argv(), {SANDBOX_TOKEN_ENV: self.token})
         for m in self.members:
             self._wait_healthy(m, deadline)
         self.log("cluster: " + ", ".join(
@@ -274,9 +330,10 @@ class RayCluster:
         stops = [m.actor.stop.remote(5.0) for m in self.members]
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get(stops, timeout=60)
-        for m in self.members:
+        for actor in [m.actor for m in self.members] + self.holders:
             with contextlib.suppress(ray.exceptions.RayError):
-                ray.kill(m.actor)
+                ray.kill(actor)
+        self.holders.clear()
         for pg in self.groups.values():
             with contextlib.suppress(ray.exceptions.RayError):
                 remove_placement_group(pg)
@@ -287,7 +344,6 @@ class RayCluster:
     # ------------------------------------------------------------------ helpers
     def _start(self, b: Bundle, argv: list[str], env: dict[str, str]) -> Member:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         log_path = self.log_dir / f"{b.role}{b.index}.log"
         remote: Any = ray.remote(ProcessActor)
@@ -295,13 +351,13 @@ class RayCluster:
             num_cpus=b.cpus,
             num_gpus=b.gpus,
             max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.groups[b.role], placement_group_bundle_index=b.index
-            ),
+            scheduling_strategy=_in(self.groups[b.role], b.index),
         ).remote(argv, env, str(log_path))  # fmt: skip
         try:
             info: dict = ray.get(actor.start.remote(), timeout=self.cfg.cluster.start_timeout_s)
         except ray.exceptions.RayError as e:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(actor)
             raise ClusterError(f"cluster: {b.name} could not start: {e}") from e
         scheme_host = f"http://{_url_host(info['ip'])}:{info['port']}"
         url = scheme_host if b.role != "learner" else None
@@ -325,9 +381,13 @@ class RayCluster:
 
     def _engine_argv(self, model_path: str) -> list[str]:
         c = self.cfg.cluster
+        m, r = self.cfg.model, self.cfg.rollout
         argv = [sys.executable, "-m", "agent_spo.cli", "engine", "serve", model_path,
-                "--host", "0.0.0.0", "--port", "{port}", "--api-key", self.token,
-                "--backend", c.engine_backend]  # fmt: skip
+                "--host", "0.0.0.0", "--port", "{port}", "--backend", c.engine_backend,
+                "--dtype", m.dtype, "--seed", str(self.cfg.run.seed),
+                "--max-batch", str(r.max_batch)]  # fmt: skip
+        if r.max_model_len is not None:
+            argv += ["--max-model-len", str(r.max_model_len)]
         if c.engine_backend == "hf":
             argv += ["--device", "{device}"]
         if c.engine_backend == "vllm" and c.engine_gpus > 1:
@@ -339,7 +399,7 @@ class RayCluster:
 
         s = self.cfg.sandbox
         argv = [sys.executable, "-m", "agent_spo.cli", "sandbox", "serve",
-                "--host", "0.0.0.0", "--port", "{port}", "--token", self.token,
+                "--host", "0.0.0.0", "--port", "{port}",
                 "--workers", str(s.pool_size), "--timeout", str(s.timeout_s),
                 "--memory-mb", str(s.memory_mb)]  # fmt: skip
         for ref in self.cfg.rollout.tools:
@@ -373,6 +433,21 @@ class RayCluster:
                     f"cluster.start_timeout_s ({self.cfg.cluster.start_timeout_s:g}s)"
                 )
             time.sleep(0.25)
+
+
+class _Holder:
+    """Holds a bundle for a process Ray did not start (the trainer) and says its GPUs."""
+
+    def gpu_ids(self) -> list[str]:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+
+
+def _in(pg, index: int):
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
 
 
 def _resources(b: Bundle) -> dict[str, float]:
@@ -434,28 +509,37 @@ def ray_cluster(cfg, model_path: str, run_dir: Path, log=print) -> Iterator[RayC
         import ray  # noqa: F401
     except ImportError as e:
         raise ClusterError("cluster.backend ray needs Ray: pip install 'agent-spo[cluster]'") from e
-    cluster = RayCluster(cfg, log, run_dir / "cluster")
+    # every path an actor on another node is given is absolute: its working directory
+    # is wherever `ray start` ran
+    cluster = RayCluster(cfg, log, run_dir.resolve() / "cluster")
     env_before = {k: os.environ.get(k) for k in cluster.env()}
-    term_before = None
+    main = threading.current_thread() is threading.main_thread()
+    term_before = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        cluster.start(model_path)
-        if threading.current_thread() is threading.main_thread():
+        cluster.start(str(Path(model_path).resolve()))
+        if main:
             # SIGTERM (a scheduler cancelling the job) unwinds like Ctrl-C, so the
             # processes on the cluster are stopped, not orphaned (set after ray.init,
             # whose own handler exits in the middle of the event loop)
-            term_before = signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGTERM, _interrupt)
         os.environ.update(cluster.env())
         log("cluster: placement\n" + describe(_placed(cluster)))
         yield cluster
     finally:
-        cluster.stop()
-        if term_before is not None:
-            signal.signal(signal.SIGTERM, term_before)
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if main:  # a second SIGTERM does not cut the teardown short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            cluster.stop()
+        finally:
+            if main:
+                signal.signal(
+                    signal.SIGTERM, signal.SIG_DFL if term_before is None else term_before
+                )
+            for k, v in env_before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _interrupt(signum, frame) -> None:

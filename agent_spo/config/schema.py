@@ -681,8 +681,8 @@ class ClusterConfig(Section):
     cores. Ray counts them to place bundles; it does not pin processes to cores."""
 
     num_gpus: int | None = Field(None, ge=0)
-    """ray, a cluster started for the run: logical GPUs it declares; null = the GPUs torch
-    sees. Logical GPUs let the GPU placement run on a CPU machine (the demo, the tests)."""
+    """ray, a cluster started for the run: logical GPUs it declares; null = the GPUs Ray
+    detects. Logical GPUs let the GPU placement run on a CPU machine (the demo, the tests)."""
 
     learner_cpus: float = Field(1.0, gt=0)
     """ray: CPUs reserved for each learner rank (learner.world_size ranks). > 0."""
@@ -735,6 +735,11 @@ class ClusterConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
+        if self.engine_gpus and not self.learner_gpus:
+            raise ValueError(
+                "learner_gpus: 0 while the engine replicas get GPUs: the learner ranks would "
+                "run on GPUs Ray gave the engines; set learner_gpus (1 per rank)"
+            )
         if self.engine_backend == "hf" and self.engine_gpus > 1:
             raise ValueError(
                 "engine_gpus: the hf engine runs on one device; use engine_backend vllm for "

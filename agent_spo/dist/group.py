@@ -59,6 +59,7 @@ class RankSpec:
     timeout_s: float = 600.0  # one collective or command: past it a rank has hung
     torchrun: bool = False
     start_timeout_s: float = 600.0  # starting and building: imports and weights take a while
+    rank0_device: int | None = None  # rank 0's CUDA device when a cluster chose it
 
     @property
     def start_bound_s(self) -> float:
@@ -140,7 +141,10 @@ def join(spec: RankSpec, rank: int, store: torch.distributed.Store) -> torch.dis
     import torch.distributed as dist
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        if rank == 0 and spec.rank0_device is not None:
+            torch.cuda.set_device(spec.rank0_device)
+        else:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group(
         _backend(), store=dist.PrefixStore("agent_spo/pg", store), rank=rank,
         world_size=spec.world_size, timeout=timedelta(seconds=spec.timeout_s),

@@ -40,6 +40,10 @@ def test_the_learner_step_and_a_per_replica_sync_take_their_modelled_time():
     # a slower learner makes fewer trajectories per second and idles less
     slow = cluster_timeline("spo", 16, replace(a, learner_tokens_per_gpu_s=600.0))
     assert slow.traj_per_s < p.traj_per_s and slow.idle_frac <= p.idle_frac
+    # staleness is judged when the batch is built: with no staleness allowed, what
+    # finished during a step is dropped
+    strict = cluster_timeline("spo", 16, replace(a, max_staleness=0))
+    assert strict.dropped_stale > 0 == p.dropped_stale
     with pytest.raises(ValueError, match="even number of GPUs"):
         cluster_timeline("spo", 3, a)
 
@@ -49,9 +53,13 @@ def test_the_stream_beats_the_barrier_until_the_sync_dominates():
                                               sync_mib_s=25 * 1024))["rows"]  # fmt: skip
     assert all(r["traj_per_s_ratio"] > 2 for r in rows)
     assert all(r["spo"]["idle_frac"] < r["grpo"]["idle_frac"] for r in rows)
+    assert [r["spo"]["dropped_stale"] for r in rows[:2]] == [0, 0]
     gloo = scale_report([8, 128])["rows"]  # the sync to 64 replicas in turn swamps both
     assert gloo[1]["spo"]["sync_s"] > 10 * gloo[1]["spo"]["learner_step_s"]
     assert gloo[1]["traj_per_s_ratio"] < gloo[0]["traj_per_s_ratio"]
+    # episodes go on through the 20-minute syncs and arrive too stale to train on
+    assert gloo[0]["spo"]["dropped_stale"] == 0
+    assert gloo[1]["spo"]["dropped_stale"] > 10 * 2048
 
 
 def test_the_cli_prints_and_writes_the_model_alone(tmp_path):

@@ -41,10 +41,10 @@ def test_learner_rank_0_stays_on_the_trainers_node_and_engines_pack_onto_free_gp
 
 def test_a_layout_that_does_not_fit_names_the_process_and_what_is_free():
     cfg = load_config(None, ["cluster.backend=ray", "cluster.engine_replicas=3",
-                             "cluster.engine_gpus=1"])  # fmt: skip
+                             "cluster.engine_gpus=1", "cluster.learner_gpus=1"])  # fmt: skip
     with pytest.raises(PlacementError, match=r"engine replica 2 \(1 CPUs, 1 GPUs\) does not fit: "
                        r"a: \d+ CPUs, 0 GPUs free"):  # fmt: skip
-        place(bundles(cfg.cluster, 1), [Node("a", 16, 2)])
+        place(bundles(cfg.cluster, 1), [Node("a", 16, 3)])
     # the trainer's own node must hold rank 0
     cfg = load_config(None, ["cluster.backend=ray", "cluster.learner_gpus=1"])
     with pytest.raises(PlacementError, match="learner rank 0 is the trainer itself"):
@@ -53,7 +53,7 @@ def test_a_layout_that_does_not_fit_names_the_process_and_what_is_free():
 
 def test_cluster_settings_that_cannot_work_are_refused_naming_the_key():
     bad = {
-        "cluster.engine_gpus=2": "engine_gpus: the hf engine runs on one device",
+        "cluster.engine_gpus=1": "learner_gpus: 0 while the engine replicas get GPUs",
         "rollout.engine=vllm": "set cluster.engine_backend vllm",
         "rollout.url=http://127.0.0.1:1": "leave rollout.url(s) and sandbox.url(s) empty",
         "sandbox.backend=docker": "set sandbox.backend local",
@@ -61,6 +61,10 @@ def test_cluster_settings_that_cannot_work_are_refused_naming_the_key():
     for override, words in bad.items():
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             load_config(None, ["cluster.backend=ray", override])
+    with pytest.raises(ConfigError, match="engine_gpus: the hf engine runs on one device"):
+        load_config(
+            None, ["cluster.backend=ray", "cluster.learner_gpus=1", "cluster.engine_gpus=2"]
+        )
     with pytest.raises(ConfigError, match="cluster.backend urls: set rollout.engine openai_http"):
         load_config(None, ["cluster.backend=urls"])
     with pytest.raises(ConfigError, match="cluster.backend urls: set sandbox.backend remote"):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from agent_spo.engines.replicas import free_port
+
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install 'agent-spo[cluster]'")
 pytestmark = pytest.mark.slow
 
@@ -193,3 +195,39 @@ def test_sigterm_mid_run_stops_every_process_of_the_cluster(tmp_path):
     time.sleep(2)
     left = {pid: cmd for pid, cmd in _processes().items() if pid not in before and _ours(cmd)}
     assert not left, f"processes of the run still running: {left}"
+
+
+def test_a_run_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path):
+    """`cluster.address`: the run places its processes on a cluster started with `ray start
+    --head`, stops them at the end, and leaves the cluster itself up."""
+    port = free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=8", "--num-gpus=4",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        # by address: Ray's token authentication needs RAY_AUTH_MODE=token for that; the
+        # run says so instead of a traceback
+        refused = _train(tmp_path / "a", f"cluster.address=127.0.0.1:{port}")
+        text = " ".join(refused.stderr.split())
+        assert refused.returncode == 1, text[-3000:]
+        assert f"cluster.address: could not join the Ray cluster at 127.0.0.1:{port}" in text
+        assert "needs RAY_AUTH_MODE=token" in text
+        ran = _train(tmp_path, "cluster.address=auto", "train.total_steps=2")
+        text = " ".join(ran.stderr.split())
+        assert ran.returncode == 0, text[-3000:]
+        assert "cluster: the Ray cluster at auto, 1 node(s)" in text
+        assert len(_rows(tmp_path / "c" / "metrics.jsonl")) == 2
+        time.sleep(2)
+        running = [c for c in _processes().values() if "agent_spo" in c and " serve " in c]
+        assert not running, f"the run's servers are still running: {running}"
+        status = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"],
+                                env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert status.returncode == 0 and "4.0 GPU" in status.stdout, status.stdout
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
