@@ -95,8 +95,8 @@ def train(
 
     from agent_spo.cluster.ray_cluster import ClusterError
     from agent_spo.dist.group import RankFailed
-    from agent_spo.metrics import LoggerUnavailable
     from agent_spo.engines.base import EngineError
+    from agent_spo.metrics import LoggerUnavailable
     from agent_spo.pipeline import AllEpisodesDropped
     from agent_spo.rundir import RunDirUnlockable, RunLocked
     from agent_spo.train import NothingToResume, RunExists, UnsupportedConfig, run_training
