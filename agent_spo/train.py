@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -255,14 +256,14 @@ async def setup(
         # a sharded one is read into the learner and pushed to the engine below
         model_path = str(ckpt.model_dir) if ckpt and ckpt.has_weights else base_path
         if cluster is not None:  # learner ranks on other nodes: their cwd is not ours
-            model_path = str(Path(model_path).resolve())
+            model_path = os.path.abspath(model_path)  # not resolved: links may differ per node
         first_step = ckpt.step if ckpt is not None else 0
         threads_before = apply_torch_threads(cfg)
         if threads_before is not None:
             stack.callback(_set_torch_threads, threads_before)
         sync_dir = None
         if cfg.rollout.engine == "openai_http":
-            sync_dir = Path(cfg.rollout.sync_dir or run_dir / "weights").resolve()
+            sync_dir = Path(os.path.abspath(cfg.rollout.sync_dir or run_dir / "weights"))
         engine = builders.build_engine(
             model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log
         )

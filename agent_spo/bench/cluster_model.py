@@ -17,10 +17,12 @@ A discrete-event timeline, no measurement. Its assumptions (also in the report):
   replica in turn at ``sync_mib_s`` (the gloo path's rate from ``bench fleet``), or once
   to all (``sync_broadcast``: what an NCCL broadcast would do; not built); the learner
   starts the next step after the sync;
-* episodes keep running during steps and syncs (the asynchronous stream), finished
-  trajectories wait in order, and when a batch is built (the learner free, B waiting)
-  those more than ``max_staleness`` versions older than the learner are dropped
-  (counted, not trained), as the pipeline does.
+* episodes keep running during steps and syncs (the asynchronous stream), within the
+  pipeline's limits: SPO starts at most trained + (1 + ``max_staleness``) x B episodes
+  (its sampling budget; a dropped one gives its place back), GRPO's finished groups wait
+  in a queue of B/G groups and a worker whose group finds it full waits. When a batch is
+  built (the learner free, B waiting), trajectories more than ``max_staleness`` versions
+  older than the learner are dropped (counted, not trained), as the pipeline does.
 
 Reported per mode and N: trajectories trained per second, the learner's idle share (time
 with no full batch to train on / wall time), the first batch's time, the sync's time.
@@ -28,7 +30,6 @@ with no full batch to train on / wall time), the first batch's time, the sync's 
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 from dataclasses import asdict, dataclass
@@ -80,49 +81,84 @@ def cluster_timeline(
     times = itertools.cycle(paper_times())
     t_max = float(max(paper_times()))
     sync_s = (1 if a.sync_broadcast else replicas) * a.model_gib * 1024 / a.sync_mib_s
-    heap: list[tuple[float, int, int, float]] = []  # (finish, order, version, tokens)
+    B, S = a.batch, a.max_staleness
+    # (time, order, kind, version, tokens): kind "done" = an episode (group) finished,
+    # "synced" = a step and its sync are over
+    heap: list[tuple[float, int, str, int, float]] = []
     order = itertools.count()
-    synced: list[float] = []  # when each new version reached the replicas
+    version = 0  # steps done and synced
+    started = trained = stale = steps = 0
+    buffered: list[tuple[float, int]] = []  # (tokens, version) finished, not yet trained
+    pending: list[list[tuple[float, int]]] = []  # GRPO groups waiting for queue room
+    waiting = 0  # SPO workers held by the sampling budget
+    busy, idle_since, idle, first, last_end = False, 0.0, 0.0, None, 0.0
+    step_times: list[float] = []
 
-    def version_at(t: float) -> int:
-        return bisect.bisect_right(synced, t)
+    def budget_open() -> bool:  # the pipeline's _SamplingBudget
+        return started < trained + (1 + S) * B
 
     def start(t: float) -> None:
+        nonlocal started
         members = [next(times) for _ in range(g)]
         tokens = sum(CAP_TOKENS * d / t_max for d in members)
-        heapq.heappush(heap, (t + max(members), next(order), version_at(t), tokens))
+        started += g
+        heapq.heappush(heap, (t + max(members), next(order), "done", version, tokens))
+
+    def restart_waiting(t: float) -> None:
+        nonlocal waiting
+        while waiting and budget_open():
+            waiting -= 1
+            start(t)
+
+    def take_batch(t: float) -> None:
+        nonlocal buffered, busy, idle, first, stale, started
+        if busy or len(buffered) < B:
+            return
+        fresh = [x for x in buffered if version - x[1] <= S]  # judged as the batch is built
+        dropped = len(buffered) - len(fresh)
+        stale += dropped
+        buffered = fresh
+        if g == 1 and dropped:  # SPO: a dropped episode gives its place back
+            started -= dropped
+            restart_waiting(t)
+        if len(buffered) < B:
+            return
+        idle += t - idle_since
+        first = t if first is None else first
+        batch, buffered = buffered[:B], buffered[B:]
+        step_s = sum(x[0] for x in batch) / (learners * a.learner_tokens_per_gpu_s)
+        step_times.append(step_s)
+        busy = True
+        heapq.heappush(heap, (t + step_s + sync_s, next(order), "synced", 0, 0.0))
+        while pending and len(buffered) + g <= B:  # GRPO: room in the queue again
+            buffered.extend(pending.pop(0))
+            start(t)
 
     for _ in range(max(1, in_flight // g)):
         start(0.0)
-    buffered: list[tuple[float, int]] = []  # (tokens, version) finished, not yet trained
-    free_at = 0.0  # when the learner is done with its step and sync
-    idle = 0.0
-    first = None
-    trained = stale = steps = 0
-    step_times = []
     while steps < a.steps:
-        t, _, v, tokens = heapq.heappop(heap)
-        start(t)
-        buffered.extend([(tokens / g, v)] * g)
-        if len(buffered) < a.batch:
-            continue
-        begin = max(t, free_at)  # the step starts once the learner is free
-        # as the pipeline does when it builds a batch: what is too stale is dropped
-        now = version_at(begin)
-        fresh = [x for x in buffered if now - x[1] <= a.max_staleness]
-        stale += len(buffered) - len(fresh)
-        buffered = fresh
-        if len(buffered) < a.batch:
-            continue
-        idle += max(0.0, t - free_at)  # the learner waited for this batch
-        first = begin if first is None else first
-        batch, buffered = buffered[: a.batch], buffered[a.batch :]
-        step_s = sum(x[0] for x in batch) / (learners * a.learner_tokens_per_gpu_s)
-        step_times.append(step_s)
-        free_at = begin + step_s + sync_s
-        synced.append(free_at)  # the new weights are on the replicas once the sync is done
-        trained += a.batch
-        steps += 1
+        t, _, kind, v, tokens = heapq.heappop(heap)
+        if kind == "synced":
+            version += 1
+            steps += 1
+            trained += B
+            busy, idle_since, last_end = False, t, t
+            restart_waiting(t)
+        elif g == 1:  # SPO: into the stream; the worker goes on if the budget allows
+            buffered.append((tokens, v))
+            if budget_open():
+                start(t)
+            else:
+                waiting += 1
+        else:  # GRPO: into a queue of B/G groups; a worker waits while it is full
+            group = [(tokens / g, v)] * g
+            if len(buffered) + g <= B:
+                buffered.extend(group)
+                start(t)
+            else:
+                pending.append(group)
+        take_batch(t)
+    free_at = last_end
     wall = free_at
     return ClusterPoint(
         mode=mode, gpus=gpus, replicas=replicas, learner_gpus=learners, in_flight=in_flight,

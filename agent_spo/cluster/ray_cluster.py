@@ -174,8 +174,12 @@ class RayRank:
     def kill(self) -> None:
         import ray
 
-        with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        try:
             self.returncode = ray.get(self.member.actor.stop.remote(0.0), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(self.member.actor)  # the actor, and with it the rank (PDEATHSIG)
+            self.returncode = -signal.SIGKILL
 
 
 @dataclass
@@ -207,14 +211,20 @@ class RayCluster:
         gpu = self.rank0_gpus[0]
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
         visible = [v for v in visible if v]
-        if not visible:
-            return int(gpu)
-        if gpu not in visible:
+        if visible and gpu in visible:
+            index = visible.index(gpu)
+        elif not visible and gpu.isdigit():
+            index = int(gpu)
+        else:
+            index = -1
+        if not 0 <= index < torch.cuda.device_count():
             raise ClusterError(
-                f"cluster: Ray reserved GPU {gpu} for the trainer (learner rank 0), but this "
-                f"process sees only CUDA_VISIBLE_DEVICES={','.join(visible)}"
+                f"cluster: Ray reserved GPU {gpu} for the trainer (learner rank 0), which "
+                f"this process cannot use (CUDA_VISIBLE_DEVICES={','.join(visible) or 'unset'}, "
+                f"{torch.cuda.device_count()} device(s)); declare no more GPUs than the "
+                "machine has (cluster.num_gpus)"
             )
-        return visible.index(gpu)
+        return index
 
     # ------------------------------------------------------------------ what it offers
     def urls(self, role: str) -> list[str]:
@@ -261,7 +271,7 @@ class RayCluster:
             where = f"the Ray cluster at {c.address}"
             try:
                 ray.init(address=c.address, log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError) as e:
+            except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:
                 raise ClusterError(
                     f"cluster.address: could not join {where}: {e}. Is it running (`ray "
                     "status`)? Ray clusters use token authentication by default: joining by "
@@ -305,7 +315,12 @@ class RayCluster:
                 scheduling_strategy=_in(self.groups["learner"], 0),
             ).remote()
             self.holders.append(holder)
-            self.rank0_gpus = ray.get(holder.gpu_ids.remote(), timeout=c.start_timeout_s)
+            try:
+                self.rank0_gpus = ray.get(holder.gpu_ids.remote(), timeout=c.start_timeout_s)
+            except ray.exceptions.RayError as e:
+                raise ClusterError(
+                    f"cluster: learner rank 0's bundle could not be held: {e}"
+                ) from e
         deadline = time.monotonic() + c.start_timeout_s
         for b in self.wanted["engine"]:  # the tokens go by environment, not on argv (ps)
             self._start(b, self._engine_argv(model_path),
@@ -511,12 +526,12 @@ def ray_cluster(cfg, model_path: str, run_dir: Path, log=print) -> Iterator[RayC
         raise ClusterError("cluster.backend ray needs Ray: pip install 'agent-spo[cluster]'") from e
     # every path an actor on another node is given is absolute: its working directory
     # is wherever `ray start` ran
-    cluster = RayCluster(cfg, log, run_dir.resolve() / "cluster")
+    cluster = RayCluster(cfg, log, Path(os.path.abspath(run_dir)) / "cluster")
     env_before = {k: os.environ.get(k) for k in cluster.env()}
     main = threading.current_thread() is threading.main_thread()
     term_before = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        cluster.start(str(Path(model_path).resolve()))
+        cluster.start(os.path.abspath(model_path))  # not resolved: a link may differ per node
         if main:
             # SIGTERM (a scheduler cancelling the job) unwinds like Ctrl-C, so the
             # processes on the cluster are stopped, not orphaned (set after ray.init,
