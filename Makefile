@@ -1,4 +1,5 @@
-# One-command setup: every target below creates .venv and installs the project first.
+# One-command setup: every target below creates .venv and installs the project first,
+# with its dev tools and the cluster extra (Ray; W&B and TensorBoard come with dev).
 #   make demo   - set up, then run the main job: SPO training on the embedded CPU demo
 #   make test   - set up (plus vLLM on CPU, see below), then run the whole test suite
 # PYTHON picks the interpreter (>= 3.11). TORCH_INDEX, if set, is the index torch comes
