@@ -16,8 +16,10 @@ table below is the complete list (``agent-spo plot`` and the README read from it
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 METRICS: dict[str, str] = {
     "step": "learner steps done (the row's x-axis)",
@@ -114,23 +116,21 @@ class MetricsLog:
     """metrics.jsonl (append, flushed per row) plus optional TensorBoard scalars."""
 
     def __init__(
-        self, run_dir: Path, *, tensorboard: bool = False, wandb: dict | None = None
+        self, run_dir: Path, *, tensorboard: bool = False, wandb: dict | Any = None
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._f = open(self.path, "a", encoding="utf-8")
         self._tb = None
         self._wandb = None
-        if wandb is not None:
+        self._own_wandb = isinstance(wandb, dict)  # opened here, so finished here
+        if isinstance(wandb, dict):
             try:
-                self._wandb = _wandb_run(Path(run_dir), **wandb)
-            except ImportError as e:
+                self._wandb = open_wandb(Path(run_dir), **wandb)
+            except LoggerUnavailable:
                 self._f.close()
-                raise LoggerUnavailable(
-                    "train.wandb=true needs the wandb package: pip install 'agent-spo[wandb]'"
-                ) from e
-            except Exception as e:  # noqa: BLE001 - wandb.init fails in many ways (login, network, config)
-                self._f.close()
-                raise LoggerUnavailable(f"train.wandb: Weights & Biases did not start: {e}") from e
+                raise
+        elif wandb is not None:  # a W&B run the caller opened (and will finish)
+            self._wandb = wandb
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -164,24 +164,34 @@ class MetricsLog:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
-        if self._wandb is not None:
+        if self._wandb is not None and self._own_wandb:
             self._wandb.finish()
-            self._wandb = None
+        self._wandb = None
 
 
-def _wandb_run(run_dir: Path, *, project: str, name: str, config: dict, resumed_at: int = 0):
+def open_wandb(run_dir: Path, *, project: str, name: str, config: dict, resumed_at: int = 0):
     """A Weights & Biases run under RUN_DIR/wandb. Each start of the trainer is its own
     W&B run in the group ``name`` (a resume repeats the steps after its checkpoint, which
     W&B would drop from the run it continued); a resumed one is named
     "NAME (resumed at step N)". WANDB_MODE=offline writes it only locally (`wandb sync`
-    uploads it later)."""
-    import wandb
-
-    return wandb.init(
-        project=project, group=name, dir=str(run_dir), config=config,
-        name=name if not resumed_at else f"{name} (resumed at step {resumed_at})",
-        settings=wandb.Settings(console="off", quiet=True),
-    )  # fmt: skip
+    uploads it later). Raises :class:`LoggerUnavailable` when W&B is missing or does
+    not start (no login, no network)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise LoggerUnavailable(
+            "train.wandb=true needs the wandb package: pip install 'agent-spo[wandb]'"
+        ) from e
+    mode: Any = os.environ.get("WANDB_MODE") or None  # read now: wandb caches it per process
+    try:
+        return wandb.init(
+            project=project, group=name, dir=str(run_dir), config=config,
+            mode=mode,
+            name=name if not resumed_at else f"{name} (resumed at step {resumed_at})",
+            settings=wandb.Settings(console="off", quiet=True),
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - wandb.init fails in many ways (login, network, config)
+        raise LoggerUnavailable(f"train.wandb: Weights & Biases did not start: {e}") from e
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -42,7 +42,7 @@ from agent_spo.data.problems import Problem
 from agent_spo.exact_drift import FILE as EXACT_FILE
 from agent_spo.exact_drift import ExactDrift
 from agent_spo.memory import check_memory
-from agent_spo.metrics import MetricsLog, read_metrics
+from agent_spo.metrics import MetricsLog, open_wandb, read_metrics
 from agent_spo.rundir import check_unlocked, lock_run_dir
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class Run:
     values: dict | None  # where the tracker's prior came from, and its summary
     log: Callable[[str], None]
     exact: Any = None  # ExactDrift: kl_exact's kept trajectories (None in other modes)
+    wandb_run: Any = None  # the W&B run (train.wandb), opened by setup and finished with it
 
 
 def check_inputs(cfg: TrainConfig, *, resume: bool = False) -> None:
@@ -248,6 +249,14 @@ async def setup(
         sandbox = await stack.enter_async_context(builders.build_sandbox(cfg.sandbox, cfg.rollout))
         await builders.check_sandbox(sandbox)
         write_resolved(written, run_dir)
+        wandb_run = None
+        if cfg.train.wandb:  # a W&B that cannot start fails now, not after value estimation
+            wandb_run = open_wandb(
+                run_dir, project=cfg.train.wandb_project, name=cfg.run.name,
+                config=written.model_dump(mode="json"),
+                resumed_at=ckpt.step if ckpt is not None else 0,
+            )  # fmt: skip
+            stack.callback(wandb_run.finish)
         hf_logging.disable_progress_bar()  # weight loads and shard writes would flood the log
         train_set, held_out = builders.build_datasets(cfg.data, cfg.run.seed)
         problems = {p.key: p for p in train_set}
@@ -336,7 +345,7 @@ async def setup(
             stream=builders.build_stream_settings(
                 cfg, seed=cfg.run.seed + first_step, first_step=first_step
             ),
-            values=values, log=log, exact=exact,
+            values=values, log=log, exact=exact, wandb_run=wandb_run,
         )  # fmt: skip
 
 
@@ -372,18 +381,7 @@ async def train(run: Run, *, on_metrics: Callable[[dict], None] | None = None) -
         if before:
             summary["held_out_before"] = before
     books = _Books(
-        metrics=MetricsLog(
-            run.dir,
-            tensorboard=cfg.train.tensorboard,
-            wandb=dict(
-                project=cfg.train.wandb_project,
-                name=cfg.run.name,
-                config=cfg.model_dump(mode="json"),
-                resumed_at=run.first_step,
-            )
-            if cfg.train.wandb
-            else None,
-        ),  # fmt: skip
+        metrics=MetricsLog(run.dir, tensorboard=cfg.train.tensorboard, wandb=run.wandb_run),
         episodes=open(episodes_path, "a", encoding="utf-8"),
         evaluator=evaluator,
         t_start=time.perf_counter(),

@@ -187,3 +187,37 @@ def test_the_decoupled_objective_and_the_entropy_bonus_train_and_report(tmp_path
     (row,) = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert 0.5 < row["loss/is_weight"] < 2.0 and 0.0 <= row["loss/tis_frac"] <= 1.0
     assert row["loss/entropy"] > 0  # nats, over the demo's 400-token vocabulary
+
+
+def test_train_logs_to_weights_and_biases_and_one_that_cannot_start_stops_the_run_first(
+    tmp_path, monkeypatch
+):
+    """train.wandb: every step's row reaches the W&B run (offline here); a W&B that cannot
+    start stops the run before the model loads or any value is estimated."""
+    pytest.importorskip("wandb", reason="W&B is the wandb extra (installed by make test)")
+    from tests.test_metrics_plot import _wandb_records
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    bad = CliRunner().invoke(app, ["train", *SMALL, "algo.init.mode=paper", "train.wandb=true",
+                                   f"run.output_dir={tmp_path}", "run.name=bad"])  # fmt: skip
+    assert bad.exit_code == 1, bad.output
+    assert "error: train.wandb: Weights & Biases did not start" in " ".join(bad.output.split())
+    assert not (tmp_path / "bad" / "values.jsonl").exists()  # nothing estimated
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ok = CliRunner().invoke(app, ["train", *SMALL, "train.total_steps=2", "train.wandb=true",
+                                  f"run.output_dir={tmp_path}", "run.name=ok"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    [run_file] = (tmp_path / "ok" / "wandb").glob("offline-run-*/run-*.wandb")
+    steps, names = [], []
+    for r in _wandb_records(run_file):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in r.history.item}  # fmt: skip
+            steps.append((items["_step"], "reward/mean" in items, "loss/pg" in items))
+        elif kind == "run":
+            names.append((r.run.display_name, r.run.run_group))
+    assert steps == [(1, True, True), (2, True, True)]
+    assert set(names) == {("ok", "ok")}
