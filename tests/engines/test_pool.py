@@ -200,7 +200,10 @@ def test_a_killed_replica_loses_no_request_and_rejoins_on_the_pools_weights(fres
                 with affinity(object()):
                     tasks.append(asyncio.create_task(pool.generate(
                         _prompt(fresh.tok, i), Sampling(max_tokens=200, seed=i))))  # fmt: skip
-            await asyncio.sleep(0.3)
+            # killed while it holds requests (a fixed wait could outlast generations that
+            # sample their end early, and then no request would find it dead)
+            while pool.replicas[1].outstanding == 0:  # noqa: ASYNC110 - the pool's own count
+                await asyncio.sleep(0.005)
             victim.kill()
             gens = await asyncio.gather(*tasks)  # none lost: moved to the other replica
             drops = pool.metrics()["rollout/replica_drops"]
