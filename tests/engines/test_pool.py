@@ -202,7 +202,9 @@ def test_a_killed_replica_loses_no_request_and_rejoins_on_the_pools_weights(fres
                         _prompt(fresh.tok, i), Sampling(max_tokens=200, seed=i))))  # fmt: skip
             # killed while it holds requests (a fixed wait could outlast generations that
             # sample their end early, and then no request would find it dead)
+            deadline = time.monotonic() + 60
             while pool.replicas[1].outstanding == 0:  # noqa: ASYNC110 - the pool's own count
+                assert time.monotonic() < deadline, "no request reached replica 1"
                 await asyncio.sleep(0.005)
             victim.kill()
             gens = await asyncio.gather(*tasks)  # none lost: moved to the other replica
