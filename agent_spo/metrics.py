@@ -190,7 +190,7 @@ def open_wandb(run_dir: Path, *, project: str, name: str, config: dict, resumed_
             name=name if not resumed_at else f"{name} (resumed at step {resumed_at})",
             settings=wandb.Settings(console="off", quiet=True),
         )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - wandb.init fails in many ways (login, network, config)
+    except (wandb.errors.Error, ValueError, OSError) as e:  # login/network; a bad setting
         raise LoggerUnavailable(f"train.wandb: Weights & Biases did not start: {e}") from e
 
 
