@@ -19,6 +19,7 @@ from agent_spo.config import (
     AlgoConfig,
     DataConfig,
     LearnerConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     RolloutConfig,
@@ -160,6 +161,10 @@ def learner_rank(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dtype = AutoConfig.from_pretrained(model_path).dtype  # before the float32 load
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if L.lora.rank:  # adapters on the frozen base: only they train
+        from agent_spo import lora
+
+        lora.inject(model, L.lora)
     if not L.cpu_offload:  # offloaded shards stay on the CPU; FSDP moves each layer's
         # transformers declares PreTrainedModel.to with @wraps(nn.Module.to), which types
         # it as the unbound function (self first)
@@ -479,17 +484,20 @@ def build_engine(
     *,
     sync_dir: str | Path | None = None,
     log=print,
+    lora: LoraConfig | None = None,
 ):
     """The generation engine named by rollout.engine (not started; hf and vllm load now).
     openai_http: a :class:`ReplicaPool` over ``rollout.urls`` (or one ``url``) when there
     are several or when ``sync_dir`` is given (training: the pool takes the weights),
-    else the plain HTTP client."""
+    else the plain HTTP client. ``lora`` (learner.lora when on): the hf engine holds the
+    same adapter layers as the learner and takes adapter-only updates."""
     if rollout.engine == "hf":
         from agent_spo.engines.hf import HFEngine
 
         return HFEngine.from_pretrained(
             model_path,
             dtype=model.dtype,
+            lora=lora if lora is not None and lora.rank else None,
             max_batch=rollout.max_batch,
             max_model_len=rollout.max_model_len,
             seed=seed,

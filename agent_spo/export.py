@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from agent_spo import lora
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -43,48 +44,163 @@ def find_checkpoint(source: Path) -> Checkpoint:
 
 
 def export(
-    source: Path, out: Path, *, dtype: str = "auto", log: Callable[[str], None] = print
+    source: Path,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    merge: bool = False,
+    base: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> Path:
-    """Write the checkpoint ``source`` names as a model directory ``out``; returns it."""
+    """Write the checkpoint ``source`` names as a model directory ``out``; returns it. A
+    LoRA checkpoint is written as a peft adapter directory, or with ``merge`` as the full
+    model with the adapter merged in; ``base`` replaces the base model path the adapter
+    records (a run trained elsewhere)."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = find_checkpoint(source)
+    adapter_dir = ckpt.path / "adapter"
+    adapted = (adapter_dir / lora.ADAPTER_CONFIG).is_file()
+    if merge and not adapted:
+        raise ExportError(
+            f"--merge: {ckpt.path} holds no LoRA adapter (full fine-tuning: export it "
+            "without --merge)"
+        )
+    if base is not None and not adapted:
+        raise ExportError(f"--base: {ckpt.path} holds no LoRA adapter, so it has no base model")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: choose a new --out")
-    config = AutoConfig.from_pretrained(str(ckpt.model_dir))
-    target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # sets config.dtype
-    if ckpt.sharded:
-        state = {"model": get_model_state_dict(model)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(ckpt.path / "state"), no_dist=True)
-        set_model_state_dict(model, state["model"])  # strict: every weight must be there
-    elif ckpt.has_weights:  # written before sharded checkpoints
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.model_dir), dtype=torch.float32)
+    _quiet_loading()
+    if adapted:
+        model = _adapted_model(ckpt, adapter_dir, base)
+        target = _target_dtype(model.config, dtype)
+        if not merge:
+            cast = (lambda t: t.to(target)) if target is not None else (lambda t: t)  # noqa: E731
+            named = [(lora.adapter_name(n), cast(p.detach()))
+                     for n, p in model.named_parameters() if lora.is_adapter(n)]  # fmt: skip
+            config = lora.load_config(adapter_dir)
+
+            def write(tmp: Path) -> None:
+                lora.save_adapter(tmp, named, config, config.base_model_name_or_path)
+
+            what = f"LoRA adapter (rank {config.r}, {named[0][1].dtype})"
+            return _write(ckpt, out, write, what, log)
+        model = _merged(model)
     else:
-        raise ExportError(f"{ckpt.path} holds no weights (neither state/ nor model/ weights)")
-    if dtype != "auto":
-        target = getattr(torch, dtype)
-    elif isinstance(target, str):
-        target = getattr(torch, target)
-    if isinstance(target, torch.dtype) and target != torch.float32:
+        model = _full_model(ckpt)
+        target = _target_dtype(model.config, dtype)
+    if target is not None and target != torch.float32:
         model = model.to(target)
+    merged = " with the adapter merged" if adapted else ""
+    return _write(
+        ckpt, out, lambda tmp: model.save_pretrained(str(tmp)), f"{model.dtype}{merged}", log
+    )
+
+
+def _quiet_loading() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _target_dtype(config, dtype: str):
+    """The dtype to write: the one asked for, else the model config's (None: as is)."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    target = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, target) if isinstance(target, str) else target
+
+
+def _read_state(ckpt: Checkpoint, model, keep=lambda name: True) -> None:
+    """Load the checkpoint's shards (any world size) into ``model``: every weight
+    ``keep`` names must be there."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if keep(k)}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt.path / "state"), no_dist=True)
+    strict = len(state["model"]) == len(get_model_state_dict(model))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+
+
+def _full_model(ckpt: Checkpoint):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ckpt.model_dir))
+    dtype = config.dtype  # the model's own: from_config sets the float32 it builds in
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.dtype = dtype
+    if ckpt.sharded:
+        _read_state(ckpt, model)  # strict: every weight must be there
+        return model
+    if ckpt.has_weights:  # written before sharded checkpoints
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.model_dir), dtype=torch.float32)
+        model.config.dtype = dtype
+        return model
+    raise ExportError(f"{ckpt.path} holds no weights (neither state/ nor model/ weights)")
+
+
+def _adapted_model(ckpt: Checkpoint, adapter_dir: Path, base: str | Path | None):
+    """The base model with the checkpoint's adapter, in float32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = lora.load_config(adapter_dir)
+    path = str(base) if base is not None else config.base_model_name_or_path
+    if not path or not Path(path).is_dir():
+        raise ExportError(
+            f"the adapter in {ckpt.path} was trained on the base model {path!r}, which is "
+            "not a directory here: name it with --base PATH"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.dtype = AutoConfig.from_pretrained(path).dtype  # what export writes
+    lora.inject(model, config)
+    if not ckpt.sharded:
+        raise ExportError(f"{ckpt.path} holds no adapter weights (no state/)")
+    _read_state(ckpt, model, keep=lora.is_adapter)
+    return model
+
+
+def _merged(model):
+    """A plain model of the same config holding ``model``'s merged weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    named = [*model.named_parameters(),
+             *((n, b) for n, b in model.named_buffers() if n in model.state_dict())]  # fmt: skip
+    weights = dict(lora.merged_weights(((n, t.detach()) for n, t in named), lora.scalings(model)))
+    dtype = model.config.dtype
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    plain.config.dtype = dtype
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(plain.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"merging the adapter: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    return plain
+
+
+def _write(ckpt: Checkpoint, out: Path, save: Callable[[Path], None], what: str, log) -> Path:
+    """``save`` into a temporary directory beside ``out``, add the checkpoint's tokenizer,
+    generation config and chat template, then rename it into place."""
+    from transformers import AutoTokenizer
+
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    tmp.mkdir(parents=True)
+    save(tmp)
     if (ckpt.model_dir / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(str(ckpt.model_dir)).save_pretrained(str(tmp))
     else:
@@ -95,7 +211,7 @@ def export(
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.rename(out)
-    log(f"exported {ckpt.path.name} (step {ckpt.step}) -> {out} ({model.dtype})")
+    log(f"exported {ckpt.path.name} (step {ckpt.step}) -> {out} ({what})")
     return out
 
 

@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 
 import torch
 
+from agent_spo import lora
 from agent_spo.algo.loss import importance_weights, ppo_clip_loss
 from agent_spo.episode.trajectory import Trajectory
 from agent_spo.logprobs import chunked_logprobs, head_matches, split_head, token_entropy
@@ -92,7 +93,12 @@ class LearnerLike(Protocol):
 
     def token_logprobs(self, trajs: Sequence[Trajectory]) -> list[torch.Tensor]: ...
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    @property
+    def lora(self) -> bool: ...  # trains a LoRA adapter
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def named_weights(self, adapter_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def save_state(self, path, tokenizer=None) -> None: ...
 
@@ -211,9 +217,13 @@ class Learner:
             )
             if not cpu_offload:  # sharding may have moved the weights to the mesh's device
                 self.device = next(model.parameters()).device
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
-        )
+        # with LoRA only the adapters train: the optimizer holds them alone
+        self.lora = lora.loads_adapters(model)
+        self._scaling = lora.scalings(model) if self.lora else {}
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self._trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.opt = torch.optim.AdamW(self._trainable, lr=lr, betas=betas, weight_decay=weight_decay)
         if probe_tokens is not None and probe_tokens < 1:
             raise ValueError(f"probe_tokens must be >= 1 or None, got {probe_tokens}")
         self.probe_tokens = probe_tokens  # None: the drift over the whole batch
@@ -222,6 +232,22 @@ class Learner:
         # checkpoints record it so `export` writes the model as it came
         self.model_dtype = model_dtype
         self._positions = [0, 0]  # token positions the passes computed, and real ones
+
+    def summary(self) -> dict[str, Any]:
+        """What trains: parameter counts (full sizes, whatever the sharding), the AdamW
+        state's bytes over all ranks (two float32 moments per trainable parameter), and
+        the LoRA settings when adapters train."""
+        trainable, total = lora.trainable_summary(self.model.parameters())
+        out: dict[str, Any] = {
+            "trainable_params": trainable,
+            "total_params": total,
+            "optimizer_bytes": sum(2 * p.numel() * p.element_size() for p in self._trainable),
+        }
+        if self.lora:
+            config = self.model._agent_spo_lora
+            out["lora"] = {"rank": config.r, "alpha": config.lora_alpha,
+                           "layers": len(self._scaling)}  # fmt: skip
+        return out
 
     # ------------------------------------------------------------------ log-probs
     def _micro_batches(self, trajs: Sequence[Trajectory]) -> Iterator[list[int]]:
@@ -513,7 +539,7 @@ class Learner:
     def _clip_grad(self) -> float:
         """Clip the gradient's global norm to grad_clip; the norm before clipping (over
         every rank's shard)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip)
         full = getattr(norm, "full_tensor", None)  # a sharded norm: reduce it
         return float(full() if full is not None else norm)
 
@@ -559,7 +585,7 @@ class Learner:
         path = Path(path)
         self._reshard()
         state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
+            "model": self._model_state(get_model_state_dict),
             "optim": get_optimizer_state_dict(self.model, self.opt),
         }
         with warnings.catch_warnings():  # one process: "assuming a single process" is right
@@ -575,7 +601,16 @@ class Learner:
                     "every node sees"
                 )
             model_dir = path / "model"
-            if self._sharded:
+            if self.lora:  # the base model is the run's; its config and tokenizer only
+                self.model.config.save_pretrained(str(model_dir))
+                # the adapter in peft's form beside the shards (its weights when one
+                # process holds them whole; `export` writes them from any checkpoint)
+                lora.save_adapter(
+                    path / "adapter",
+                    None if self._sharded else self.named_weights(adapter_only=True),
+                    self.model._agent_spo_lora, lora.base_model_of(self.model),
+                )  # fmt: skip
+            elif self._sharded:
                 self.model.config.save_pretrained(str(model_dir))
                 if getattr(self.model, "generation_config", None) is not None:
                     self.model.generation_config.save_pretrained(str(model_dir))
@@ -593,6 +628,7 @@ class Learner:
         optimizer."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
             set_model_state_dict,
@@ -601,27 +637,62 @@ class Learner:
 
         self._reshard()
         state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
+            "model": self._model_state(get_model_state_dict),
             "optim": get_optimizer_state_dict(self.model, self.opt),
         }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            self._check_holds(Path(path) / "state", state["model"])
             dcp.load(state, checkpoint_id=str(Path(path) / "state"), no_dist=not self._sharded)
-        set_model_state_dict(self.model, state["model"])
+        # with LoRA the state holds every adapter weight (dcp.load checked) and no frozen one
+        set_model_state_dict(
+            self.model, state["model"], options=StateDictOptions(strict=not self.lora)
+        )
         set_optimizer_state_dict(self.model, self.opt, state["optim"])
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _check_holds(self, state_dir: Path, model_state: dict[str, Any]) -> None:
+        """Refuse shards that lack this learner's weights, naming the likely cause: full
+        fine-tuning's checkpoint into a LoRA learner, or back, or another LoRA shape."""
+        import torch.distributed.checkpoint as dcp
+
+        saved = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+        missing = [k for k in model_state if f"model.{k}" not in saved]
+        if missing:
+            rank = self.model._agent_spo_lora.r if self.lora else 0
+            raise ValueError(
+                f"{state_dir.parent} does not hold this learner's weights ({len(missing)} "
+                f"missing, e.g. {missing[0]}; learner.lora.rank is {rank} here): resume "
+                "with the learner.lora settings the run was started with"
+            )
+
+    def _model_state(self, get_model_state_dict) -> dict[str, Any]:
+        """The model's state dict; with LoRA the adapter's weights only (the base weights
+        are the run's base model, loaded at the start; a tied embedding is frozen too)."""
+        state = get_model_state_dict(self.model)
+        return {k: v for k, v in state.items() if lora.is_adapter(k)} if self.lora else state
+
+    def named_weights(self, adapter_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Detached full weights to push into an engine, one tensor at a time (tied copies
         listed once). Sharded weights are gathered from every rank: every rank must
-        iterate to the end."""
+        iterate to the end. With LoRA: the merged weights under the base model's names,
+        or with ``adapter_only`` the adapter alone under peft's names (see
+        :mod:`agent_spo.lora`)."""
+        if adapter_only and not self.lora:
+            raise ValueError("adapter_only: this learner trains no adapter")
         self._reshard()
         named = [*self.model.named_parameters(), *_persistent_buffers(self.model)]
-        for name, p in named:
-            full = getattr(p, "full_tensor", None)  # a shard: gather the whole tensor
-            if full is None:
-                yield name, p.detach()
-            else:  # wait for the gather now: a pending one outlives its buffers (crashes)
-                yield name, _waited(full().detach())
+        if adapter_only:
+            named = [(lora.adapter_name(n), p) for n, p in named if lora.is_adapter(n)]
+        gathered = (
+            (name, p.detach() if getattr(p, "full_tensor", None) is None
+             # wait for the gather now: a pending one outlives its buffers (crashes)
+             else _waited(p.full_tensor().detach()))
+            for name, p in named
+        )  # fmt: skip
+        if self.lora and not adapter_only:
+            yield from lora.merged_weights(gathered, self._scaling)
+        else:
+            yield from gathered
 
 
 class _Scorer(torch.nn.Module):

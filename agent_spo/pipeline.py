@@ -54,6 +54,7 @@ from agent_spo.episode.runner import EpisodeDropped, EpisodeRunner
 from agent_spo.episode.trajectory import Trajectory
 from agent_spo.exact_drift import ExactDrift
 from agent_spo.learner import LearnerLike
+from agent_spo.lora import policy_weights
 
 
 @dataclass(frozen=True)
@@ -505,7 +506,7 @@ async def _learn(
     if tracker is not None:
         tracker.record_step_drift(stats.drift)
     t_push = time.perf_counter()
-    await engine.update_weights(learner.named_weights(), learner.version)
+    await engine.update_weights(policy_weights(learner, engine), learner.version)
     t_push = time.perf_counter() - t_push
     engine_metrics = engine.metrics() if hasattr(engine, "metrics") else {}
     rewards = np.array([t.reward for t in trajs])

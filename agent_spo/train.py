@@ -41,6 +41,7 @@ from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.exact_drift import FILE as EXACT_FILE
 from agent_spo.exact_drift import ExactDrift
+from agent_spo.lora import describe, policy_weights, sends_adapter
 from agent_spo.memory import check_memory
 from agent_spo.metrics import MetricsLog, open_wandb, read_metrics
 from agent_spo.rundir import check_unlocked, lock_run_dir
@@ -274,8 +275,9 @@ async def setup(
         if cfg.rollout.engine == "openai_http":
             sync_dir = Path(os.path.abspath(cfg.rollout.sync_dir or run_dir / "weights"))
         engine = builders.build_engine(
-            model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log
-        )
+            model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log,
+            lora=cfg.learner.lora,
+        )  # fmt: skip
         stack.push_async_callback(engine.close)
         if hasattr(engine, "start"):  # replicas: contacted now, and refused if none answers
             await engine.start()
@@ -288,9 +290,10 @@ async def setup(
             rank0_device=cluster.rank0_device() if cluster else None,
         )  # fmt: skip
         stack.callback(learner.close)  # the other learner ranks stop with the run
+        log(describe(learner.summary(), adapter_sync=sends_adapter(learner, engine)))
         if ckpt is None and getattr(engine, "needs_sync", False):
             # replicas left on other weights (an earlier run) get the starting ones
-            await engine.update_weights(learner.named_weights(), learner.version)
+            await engine.update_weights(policy_weights(learner, engine), learner.version)
             log("engine replicas holding other weights were given the starting ones")
         verifier = stack.enter_context(builders.build_verifier(cfg.verifier))
         toolbox = builders.build_toolbox(cfg.rollout)
@@ -329,7 +332,7 @@ async def setup(
                 exact = ExactDrift.load(ckpt.path / EXACT_FILE)
             sampler.release_all()  # episodes in flight at the checkpoint are gone
             learner.version = ckpt.state["learner_version"]
-            await engine.update_weights(learner.named_weights(), learner.version)
+            await engine.update_weights(policy_weights(learner, engine), learner.version)
             log(f"resumed from {ckpt.path.name} (step {first_step})")
         else:
             if cfg.algo.name == "spo" and cfg.algo.init.mode != "none":

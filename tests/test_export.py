@@ -58,3 +58,69 @@ def test_export_refuses_what_is_not_a_checkpoint_and_a_taken_destination(tmp_pat
     (ckpt / "state.json").write_text(json.dumps({"step": 1}))
     result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "taken")])
     assert result.exit_code == EXIT_CONFIG and "exists and is not empty" in result.output
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(bf16_model, tmp_path_factory):
+    """A LoRA learner (built as `train` builds it) after two updates, checkpointed."""
+    from test_learner import _trajectories
+
+    cfg = LearnerConfig(lr=5e-2, lora={"rank": 4, "alpha": 8})
+    learner = learner_rank(rank=0, world_size=1, model_path=str(bf16_model),
+                           learner=cfg.model_dump(mode="json"),
+                           loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+    trajs = _trajectories(learner, 6, 300, seed=4)
+    for _ in range(2):
+        learner.step(trajs, [1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("lora") / "ckpts"
+    save_checkpoint(root, step=2, learner=learner, tokenizer=AutoTokenizer.from_pretrained(
+        str(bf16_model)), tracker={}, sampler={}, learner_version=2)  # fmt: skip
+    return learner, root
+
+
+def test_a_lora_checkpoint_exports_as_a_peft_adapter_or_merged(lora_checkpoint, bf16_model,
+                                                                tmp_path):  # fmt: skip
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    learner, root = lora_checkpoint
+    merged = dict(learner.named_weights())
+    result = CliRunner().invoke(app, ["export", str(root), "--out", str(tmp_path / "adapter"),
+                                      "--dtype", "float32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "LoRA adapter (rank 4, torch.float32)" in result.output
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files  # the adapter alone
+    base = AutoModelForCausalLM.from_pretrained(str(bf16_model), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
+    for name, t in theirs.state_dict().items():
+        if name in merged:
+            assert torch.allclose(t, merged[name], atol=1e-6), name
+    result = CliRunner().invoke(app, ["export", str(root), "--out", str(tmp_path / "full"),
+                                      "--merge"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "bfloat16 with the adapter merged" in result.output
+    out = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))
+    assert out.dtype == torch.bfloat16  # as the base model came
+    state = out.state_dict()
+    for name, t in merged.items():
+        assert torch.equal(t.to(torch.bfloat16), state[name]), name
+
+
+def test_export_merge_and_base_refused_where_they_do_not_apply(bf16_model, lora_checkpoint,
+                                                               tmp_path):  # fmt: skip
+    full = learner_rank(rank=0, world_size=1, model_path=str(bf16_model),
+                        learner=LearnerConfig().model_dump(mode="json"),
+                        loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+    save_checkpoint(tmp_path / "ckpts", step=1, learner=full, tokenizer=None, tracker={},
+                    sampler={}, learner_version=1)  # fmt: skip
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "ckpts"), "--out",
+                                      str(tmp_path / "o"), "--merge"])  # fmt: skip
+    assert result.exit_code == EXIT_CONFIG and "holds no LoRA adapter" in result.output
+    _, root = lora_checkpoint
+    result = CliRunner().invoke(app, ["export", str(root), "--out", str(tmp_path / "o"),
+                                      "--base", str(tmp_path / "nowhere")])  # fmt: skip
+    assert result.exit_code == EXIT_CONFIG and "name it with --base PATH" in result.output

@@ -25,14 +25,30 @@ def export(
             help="Weights' dtype: auto (the model config's), float32, bfloat16, float16."
         ),  # fmt: skip
     ] = "auto",
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="LoRA checkpoints: write the full model with the adapter merged "
+            "in, instead of the adapter alone (peft format).",
+        ),  # fmt: skip
+    ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="LoRA checkpoints: the base model directory, if not the one the run "
+            "recorded (a run trained on another machine)."
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Write a checkpoint as a model directory (safetensors, config, tokenizer, chat
     template) that transformers and vLLM load, whatever the number of learner ranks that
-    wrote it."""
+    wrote it. A LoRA run's checkpoint is written as its adapter (a peft directory, for
+    PeftModel.from_pretrained or vLLM's --lora-modules), or with --merge as a full model."""
     from agent_spo.export import ExportError
     from agent_spo.export import export as run_export
 
     try:
-        run_export(source, out, dtype=dtype, log=typer.echo)
+        run_export(source, out, dtype=dtype, merge=merge, base=base, log=typer.echo)
     except ExportError as e:
         fail(str(e))

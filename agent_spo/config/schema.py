@@ -25,6 +25,7 @@ __all__ = [
     "GrpoConfig",
     "InitConfig",
     "LearnerConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "RhoConfig",
@@ -278,6 +279,31 @@ class LossConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0)
+    """LoRA rank r: train low-rank adapters (peft) on the targeted linear layers instead
+    of every weight; the optimizer holds only the adapters. 0 = off (full fine-tuning).
+    Typical: 16-64 for 1.7B-8B models. Demo: 32."""
+
+    alpha: int | None = Field(None, ge=1)
+    """LoRA alpha: the adapters' output is scaled by alpha / rank. null = 2 x rank."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training, in [0, 1). Log-probs for the PPO
+    ratio's old side and the drift are computed without it. Default 0."""
+
+    target_modules: str | list[str] = "all-linear"
+    """The layers that get adapters: "all-linear" (every linear layer but the LM head),
+    or module names (e.g. [q_proj, k_proj, v_proj, o_proj]). Linear layers only."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, target: str | list[str]) -> str | list[str]:
+        if not target or (not isinstance(target, str) and not all(target)):
+            raise ValueError("name at least one module (or all-linear)")
+        return target
+
+
 class LearnerConfig(Section):
     lr: float = Field(3e-4, gt=0)
     """AdamW learning rate, constant. > 0. Demo (1.2M parameters): 3e-4. Paper: 1e-6 for
@@ -359,6 +385,13 @@ class LearnerConfig(Section):
     """Keep the sharded weights, gradients and AdamW state in CPU memory and move each
     layer to the GPU for its pass (FSDP2 CPU offload): slower, for models whose state
     does not fit the GPUs. Shards even at world_size 1."""
+
+    lora: LoraConfig = LoraConfig()
+    """Low-rank adapters instead of full fine-tuning (off unless lora.rank > 0). Engines
+    that can hold the adapter (the hf engine, vLLM) receive only the adapter's weights
+    each step; others get the merged weights. Checkpoints hold the adapter and its
+    optimizer state; `agent-spo export` writes the adapter (peft format) or, with
+    --merge, the merged model."""
 
     @field_validator("betas")
     @classmethod

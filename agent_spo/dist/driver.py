@@ -51,7 +51,7 @@ def run_command(learner, name: str, args):
         learner.version = args
         return None
     if name == "weights":  # rank 0 streams them through LearnerGroup.named_weights
-        for _ in learner.named_weights():
+        for _ in learner.named_weights(adapter_only=bool(args)):
             pass
         return None
     if name == "save":
@@ -95,6 +95,13 @@ class LearnerGroup:
         return self.learner.model
 
     @property
+    def lora(self) -> bool:
+        return self.learner.lora
+
+    def summary(self) -> dict:
+        return self.learner.summary()  # full sizes: the same on every rank
+
+    @property
     def world_size(self) -> int:
         return self.group.spec.world_size
 
@@ -112,12 +119,13 @@ class LearnerGroup:
     def token_logprobs(self, trajs: Sequence) -> list[torch.Tensor]:
         return self._call("logprobs", _slim(trajs))
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The full weights, one tensor at a time (each gathered from every rank's shard).
-        The other ranks gather every tensor, so a consumer that stops early is drained."""
+    def named_weights(self, adapter_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights (or the adapter alone), one tensor at a time, each gathered
+        from every rank's shard. The other ranks gather every tensor, so a consumer that
+        stops early is drained."""
         self._announce("weights")
-        self._guard(lambda: _receive(None))
-        weights = self.learner.named_weights()
+        self._guard(lambda: _receive(adapter_only))
+        weights = self.learner.named_weights(adapter_only)
         try:
             while True:
                 try:

@@ -120,12 +120,29 @@ class HFEngine:
                       "sleeps": 0}  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", **kwargs) -> HFEngine:
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: str = "float32", lora=None, **kwargs
+    ) -> HFEngine:
+        """The model at ``path``; with ``lora`` (the learner.lora section) it also holds
+        LoRA layers like the learner's, starting at zero, so updates carry the adapter
+        alone (:attr:`loads_adapters`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        if lora is not None:
+            from agent_spo import lora as adapters
+
+            adapters.inject(model, lora)
         return cls(model, tok, **kwargs)
+
+    @property
+    def loads_adapters(self) -> bool:
+        """Whether the model holds LoRA layers, so an update may be the adapter alone
+        (names as peft saves them; see :mod:`agent_spo.lora`)."""
+        from agent_spo import lora
+
+        return lora.loads_adapters(self.model)
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -192,6 +209,11 @@ class HFEngine:
             raise EngineError("the engine is closed")
         self._ensure_loop()
         targets = self.model.state_dict(keep_vars=True)  # tied names included
+        if self.loads_adapters:  # adapter updates name the adapter's weights as peft does
+            from agent_spo import lora
+
+            targets.update({lora.adapter_name(n): t for n, t in targets.items()
+                            if lora.is_adapter(n)})  # fmt: skip
 
         def target_of(name: str, shape) -> torch.Tensor:
             target = targets.get(name)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 
-def tiny_learner(*, rank: int, world_size: int, seed: int = 0, dtype: str = "float32", **kw):
+def tiny_learner(
+    *, rank: int, world_size: int, seed: int = 0, dtype: str = "float32", lora_rank: int = 0,
+    **kw,
+):
+    """A 2-layer demo-architecture learner; ``lora_rank`` > 0 trains adapters of that rank."""
     import torch
 
     from agent_spo.demo.tokenizer import train_tokenizer
@@ -15,6 +19,11 @@ def tiny_learner(*, rank: int, world_size: int, seed: int = 0, dtype: str = "flo
         [f"What is {i} times {i + 7}? {i * (i + 7)}" for i in range(300)], vocab_size=400
     )
     model = random_model(tok, seed=seed, hidden=32, layers=2, heads=2).to(getattr(torch, dtype))
+    if lora_rank:
+        from agent_spo import lora
+        from agent_spo.config import LoraConfig
+
+        lora.inject(model, LoraConfig(rank=lora_rank))
     return Learner(model, rank=rank, world_size=world_size, **kw)
 
 

@@ -111,6 +111,35 @@ def test_sharded_checkpoint_resumes_at_two_ranks_and_at_one(float64_pair, tmp_pa
     assert abs(a.loss - b.loss) < 1e-12 and max(_max_diff(other, group)) < 1e-10
 
 
+def test_lora_on_two_ranks_trains_like_one_process_and_resumes(tmp_path):
+    """FSDP2 with frozen base weights and trainable adapters in the same layers: the same
+    update as one process, adapter-only weights gathered whole, shards of the adapter."""
+    from agent_spo import lora
+
+    kw = {**SETTINGS, "dtype": "float64", "lora_rank": 4}
+    single = tiny_learner(rank=0, world_size=1, **kw)
+    trajs = _trajectories(single, 8, 400, seed=7)
+    group = _start(**kw)
+    try:
+        for _ in range(2):
+            a, b = single.step(trajs, ADV[:8]), group.step(trajs, ADV[:8])
+            assert abs(a.loss - b.loss) < 1e-12 and abs(a.grad_norm - b.grad_norm) < 1e-10
+        assert max(_max_diff(single, group)) < 1e-10  # the merged weights
+        theirs = dict(group.named_weights(adapter_only=True))
+        mine = dict(single.named_weights(adapter_only=True))
+        assert theirs.keys() == mine.keys() and all(lora.is_adapter(n) for n in mine)
+        assert max(float((mine[n] - theirs[n]).abs().max()) for n in mine) < 1e-10
+        assert group.summary() == single.summary()
+        group.save_state(tmp_path / "two")
+        other = tiny_learner(rank=0, world_size=1, **kw)
+        other.load_state(tmp_path / "two")  # the adapter of two ranks into one process
+        other.version = group.version
+        a, b = other.step(trajs, ADV[:8]), group.step(trajs, ADV[:8])
+        assert abs(a.loss - b.loss) < 1e-12 and max(_max_diff(other, group)) < 1e-10
+    finally:
+        group.close()
+
+
 def _child(group: LearnerGroup, rank: int = 1):
     return group.group.children[rank]
 
