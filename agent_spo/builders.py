@@ -160,8 +160,14 @@ def learner_rank(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dtype = AutoConfig.from_pretrained(model_path).dtype  # before the float32 load
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if L.lora.rank:  # adapters on the frozen base: only they train
+    bf16 = L.precision == "bfloat16" or (L.precision == "auto" and device == "cuda")
+    # LoRA's frozen base never changes, so one unsharded process under bf16 holds it in
+    # bf16 (no float32 masters); sharded ranks keep float32 shards, as FSDP2 gathers them
+    frozen_bf16 = bool(L.lora.rank) and bf16 and world_size == 1 and not L.cpu_offload
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32
+    )
+    if L.lora.rank:  # adapters on the frozen base: only they train, in float32
         from agent_spo import lora
 
         lora.inject(model, L.lora)
@@ -170,7 +176,6 @@ def learner_rank(
         # it as the unbound function (self first)
         model = model.to(device)  # type: ignore[arg-type]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bf16 = L.precision == "bfloat16" or (L.precision == "auto" and device == "cuda")
     checkpointing = L.gradient_checkpointing == "on" or (
         L.gradient_checkpointing == "auto" and device == "cuda"
     )

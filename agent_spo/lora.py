@@ -54,8 +54,8 @@ def peft_config(settings: dict[str, Any] | Any):
 
 
 def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
-    """Add LoRA layers to ``model`` in place (base weights frozen, adapters trainable);
-    returns it. ``settings``: the learner.lora section, or a peft LoraConfig. Refuses
+    """Add LoRA layers to ``model`` in place (base weights frozen, adapters trainable and
+    float32); returns it. ``settings``: the learner.lora section, or a peft LoraConfig. Refuses
     targets that are not linear layers (only those merge here)."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import Linear as LoraLinear
@@ -66,6 +66,9 @@ def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"learner.lora.target_modules: {e}") from e
+    for name, p in model.named_parameters():  # trained weights in float32, whatever
+        if is_adapter(name):  # the base's dtype (peft makes them in the base's)
+            p.data = p.data.float()
     other = sorted({type(m).__name__ for m in model.modules()
                     if isinstance(m, LoraLayer) and not isinstance(m, LoraLinear)})  # fmt: skip
     if other:

@@ -17,6 +17,9 @@ Counts, per learner rank, for the config's model, world size, precision and micr
   a (tokens per micro-batch)² boolean mask per pass;
 * **log-prob chunk**: ``logprob_chunk`` × vocabulary float32 logits, three live at once
   (logits, their softmax, its gradient);
+* **LoRA** (``learner.lora``): the frozen base weights (bf16 in one unsharded process under
+  bf16, where they need no float32 masters; float32 shards otherwise) and the adapters'
+  float32 weights, gradients and AdamW moments; activations as without it;
 * **reserve**: 2 GiB for the CUDA context, the allocator's fragmentation and NCCL buffers.
 
 A micro-batch's tokens are ``max(micro_batch_tokens, longest row)``: a row never splits,
@@ -89,6 +92,17 @@ class Shape:
     def params(self) -> int:
         return self.layers * self.layer_params + self.root_params
 
+    def lora_params(self, rank: int, targets: str | list[str]) -> int:
+        """Adapter parameters: rank x (in + out) per targeted linear layer of every block
+        ("all-linear": the attention's q, k, v, o and the MLP's gate, up, down)."""
+        h, i = self.hidden, self.intermediate
+        sizes = {"q_proj": h + self.q, "k_proj": h + self.kv, "v_proj": h + self.kv,
+                 "o_proj": self.q + h, "gate_proj": h + i, "up_proj": h + i,
+                 "down_proj": i + h}  # fmt: skip
+        names = list(sizes) if targets == "all-linear" else [targets] if isinstance(
+            targets, str) else targets  # fmt: skip
+        return self.layers * rank * sum(sizes.get(n, 0) for n in names)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -103,6 +117,7 @@ class Plan:
     # generates; it sleeps (weights off the GPU, KV cache freed) while the learner steps
     engine_weights: int = 0
     resident: int = 0  # the learner's state that stays on the GPU between steps
+    lora_params: int = 0  # adapter parameters (learner.lora), 0 = full fine-tuning
 
     @property
     def total(self) -> int:
@@ -122,9 +137,10 @@ class Plan:
     def table(self) -> str:
         s = self.shape
         where = "GPU" if self.gpu else "learner process (CPU)"
+        adapter = f" + {_count(self.lora_params)} LoRA" if self.lora_params else ""
         lines = [
-            f"memory plan per {where}: {_count(s.params)} parameters, {self.world_size} "
-            f"learner rank(s), {self.tokens:,} tokens per micro-batch",
+            f"memory plan per {where}: {_count(s.params)} parameters{adapter}, "
+            f"{self.world_size} learner rank(s), {self.tokens:,} tokens per micro-batch",
         ]
         lines += [f"  {name:<26} {_size(b)}" for name, b in self.rows.items()]
         lines.append(f"  {'total':<26} {_size(self.total)}")
@@ -168,18 +184,30 @@ def plan(
     gpu: bool = True,
     pack_mask: bool = False,
     colocated_engine_bytes: int = 0,
+    lora_params: int = 0,
 ) -> Plan:
     p, w = shape.params, world_size
     compute = 2 if bf16 else 4
     tokens = max(micro_batch_tokens, longest_row)
     part = "" if w == 1 else f", 1/{w}"
-    state = {f"weights (fp32{part})": 4 * p // w, f"gradients (fp32{part})": 4 * p // w,
-             f"AdamW moments (fp32{part})": 8 * p // w}  # fmt: skip
+    if lora_params:
+        # frozen base weights: bf16 in one unsharded process under bf16 (they never change,
+        # so no float32 masters), else float32 shards; float32 adapters train
+        base_bytes = 2 if bf16 and w == 1 and not cpu_offload else 4
+        a = lora_params
+        state = {f"frozen base ({'bf16' if base_bytes == 2 else 'fp32'}{part})": base_bytes * p // w,
+                 f"adapter weights (fp32{part})": 4 * a // w,
+                 f"adapter gradients (fp32{part})": 4 * a // w,
+                 f"AdamW moments (fp32{part})": 8 * a // w}  # fmt: skip
+    else:
+        base_bytes = 4
+        state = {f"weights (fp32{part})": 4 * p // w, f"gradients (fp32{part})": 4 * p // w,
+                 f"AdamW moments (fp32{part})": 8 * p // w}  # fmt: skip
     rows = {} if cpu_offload else dict(state)
     if w > 1 or cpu_offload:  # FSDP gathers the root and two layers at a time
         # the root in float32 (its LM-head gradient is summed over log-prob chunks)
         rows["gathered weights"] = 4 * shape.root_params + compute * 2 * shape.layer_params
-    elif bf16:  # autocast keeps a bf16 copy of every weight it casts in a pass
+    elif bf16 and base_bytes == 4:  # autocast keeps a bf16 copy of every weight it casts
         rows["bf16 weight copies"] = 2 * p
     per_token_layer = 4 * shape.hidden + 2 * shape.q + 2 * shape.kv + 4 * shape.intermediate
     if checkpointing:
@@ -196,7 +224,8 @@ def plan(
     offloaded = sum(state.values()) if cpu_offload else 0
     resident = (0 if cpu_offload else sum(state.values())) + (RESERVE if gpu else 0)
     return Plan(shape, w, tokens, rows, offloaded, gpu_memory_gb, gpu,
-                colocated_engine_bytes, resident if colocated_engine_bytes else 0)  # fmt: skip
+                colocated_engine_bytes, resident if colocated_engine_bytes else 0,
+                lora_params)  # fmt: skip
 
 
 def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
@@ -228,6 +257,7 @@ def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
         colocated_engine_bytes=shape.params * _DTYPE_BYTES.get(cfg.model.dtype, 4)
         if R.colocate
         else 0,
+        lora_params=shape.lora_params(L.lora.rank, L.lora.target_modules) if L.lora.rank else 0,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -234,3 +235,28 @@ def test_the_config_section_defaults_off_and_checks_its_values():
     assert lora.peft_config(LoraConfig(rank=16)).lora_alpha == 32  # alpha = 2 x rank
     cfg = json.loads(LoraConfig(rank=8, target_modules=["q_proj"]).model_dump_json())
     assert lora.peft_config(cfg).target_modules == {"q_proj"}
+
+
+def test_under_bf16_one_process_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(
+    tmp_path,
+):
+    from agent_spo.builders import learner_rank
+    from agent_spo.config import LearnerConfig, LossConfig
+    from agent_spo.demo.model import random_model, save_model_dir
+    from agent_spo.demo.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(200)], vocab_size=300)
+    path = save_model_dir(random_model(tok, hidden=32, layers=1, heads=2), tok, tmp_path / "m")
+    cfg = LearnerConfig(lr=1e-2, precision="bfloat16", lora={"rank": 4})
+    learner = learner_rank(rank=0, world_size=1, model_path=str(path),
+                           learner=cfg.model_dump(mode="json"),
+                           loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+    dtypes = {n: p.dtype for n, p in learner.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if lora.is_adapter(n)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not lora.is_adapter(n)} == {torch.bfloat16}
+    trajs = _trajectories(learner, 4, 300, seed=1)
+    stats = learner.step(trajs, ADV[:4])
+    assert math.isfinite(stats.loss) and stats.grad_norm > 0
+    merged = dict(learner.named_weights())
+    assert merged["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert learner.summary()["optimizer_bytes"] == 8 * learner.summary()["trainable_params"]

@@ -139,3 +139,32 @@ def test_a_colocated_engine_is_counted_beside_the_learners_state_and_refused_whe
     plan18, refused = check_memory(cfg(*small, "learner.gpu_memory_gb=18"))
     assert plan18.total < 18 * GIB < plan18.generating
     assert len(refused) == 1 and refused[0].startswith("rollout.colocate: with the engine's")
+
+
+def test_the_single_gpu_lora_config_fits_one_80gb_gpu_beside_its_colocated_engine(tmp_path):
+    """configs/qwen3_8b_spo_lora.yaml: Qwen3-8B, LoRA rank 32 on every linear layer, one
+    GPU shared with a sleeping vLLM engine. Full fine-tuning on that GPU does not fit."""
+    from agent_spo.config import load_config
+    from agent_spo.memory import check_memory
+
+    model = tmp_path / "qwen3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN3_8B))
+    cfg = load_config("configs/qwen3_8b_spo_lora.yaml", [f"model.path={model}"])
+    assert (cfg.learner.world_size, cfg.rollout.colocate, cfg.learner.lora.rank) == (1, True, 32)
+    found, problems = check_memory(cfg)
+    assert problems == [] and found.fits
+    shape = found.shape
+    # rank x (in + out) of q, k, v, o, gate, up, down, in each of 36 blocks
+    per_block = 32 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 12288) * 3)
+    assert found.lora_params == 36 * per_block == 87_293_952
+    assert found.rows["frozen base (bf16)"] == 2 * shape.params
+    assert found.rows["AdamW moments (fp32)"] == 8 * found.lora_params
+    assert "bf16 weight copies" not in found.rows  # bf16 weights need no autocast copy
+    assert found.engine_weights == 2 * shape.params
+    assert found.total < 40 * GIB and found.generating < 40 * GIB  # room for the KV cache
+    full, refused = check_memory(load_config(
+        "configs/qwen3_8b_spo_lora.yaml", [f"model.path={model}", "learner.lora.rank=0"]))  # fmt: skip
+    assert not full.fits and refused and refused[0].startswith("learner.gpu_memory_gb")
+    table = found.table()
+    assert "8.19B parameters + 87.3M LoRA, 1 learner rank(s)" in table

@@ -221,3 +221,28 @@ def test_train_logs_to_weights_and_biases_and_one_that_cannot_start_stops_the_ru
             names.append((r.run.display_name, r.run.run_group))
     assert steps == [(1, True, True), (2, True, True)]
     assert set(names) == {("ok", "ok")}
+
+
+def test_lora_trains_syncs_the_adapter_checkpoints_it_and_resumes(tmp_path):
+    """learner.lora on the demo: the adapter alone trains and reaches the hf engine, the
+    checkpoint holds the adapter (peft form, no full weights), and the run resumes."""
+    lora = ["learner.lora.rank=8", "learner.lr=2e-3"]
+    first = _train(tmp_path, 2, *lora)
+    assert first.exit_code == 0, first.output
+    out = " ".join(first.output.split())
+    assert "learner: LoRA rank 8 (alpha 16) on 28 layers" in out
+    assert "each sync sends the adapter alone" in out
+    ckpt = tmp_path / "t" / "checkpoints" / "ckpt-000002"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((ckpt / "model").glob("*.safetensors"))  # the base model is not copied
+    changed = _train(tmp_path, 3, "--resume", "learner.lora.rank=16", "learner.lr=2e-3")
+    assert changed.exit_code == EXIT_CONFIG and "learner.lora.rank: 8 -> 16" in changed.output
+    resumed = _train(tmp_path, 3, "--resume", *lora)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from ckpt-000002" in resumed.output
+    state = json.loads((tmp_path / "t" / "checkpoints" / "ckpt-000003" / "state.json").read_text())
+    assert state["learner_version"] == 3
+    exported = CliRunner().invoke(app, ["export", str(tmp_path / "t"), "--out",
+                                        str(tmp_path / "adapter")])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
