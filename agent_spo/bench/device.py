@@ -17,7 +17,11 @@ report. It measures, on a Qwen3-1.7B-shaped model with random weights and the fu
 * **log-prob agreement**: the same tokens scored under bf16 autocast and in float32
   (random weights: logits spread little, so real models disagree more);
 * **engine**: the transformers engine generating for many concurrent requests in bf16
-  (tokens/s), and the time to push the learner's weights into it.
+  (tokens/s), and the time to push the learner's weights into it;
+* **LoRA**: the learner step with rank-32 adapters on a frozen bf16 base (as one process
+  trains LoRA under bf16), then the adapter alone pushed into an engine holding the same
+  adapter layers: bytes against a full bf16 sync, seconds, and the engine's log-probs
+  against the learner's.
 
 ``--tiny`` runs every part on a model small enough for a CPU, so the suite checks that
 the script works end to end; its numbers mean nothing.
@@ -117,15 +121,19 @@ def fsdp_step(model, device: str, **kw) -> dict:
 
 
 def learner_step(
-    model, device: str, *, seqs: int, seq_tokens: int, steps: int, fsdp: bool = False
-) -> dict:
-    """Timed learner steps (after one warm-up) in bf16 autocast with checkpointing."""
+    model, device: str, *, seqs: int, seq_tokens: int, steps: int, fsdp: bool = False,
+    keep: list | None = None,
+) -> dict:  # fmt: skip
+    """Timed learner steps (after one warm-up) in bf16 autocast with checkpointing;
+    ``keep`` receives the learner."""
     from agent_spo.learner import Learner
 
     learner = Learner(
         model, lr=1e-6, compute_dtype=torch.bfloat16, gradient_checkpointing=True,
         micro_batch_tokens=seq_tokens, logprob_chunk=1024, logp_old="recompute", fsdp=fsdp,
     )  # fmt: skip
+    if keep is not None:
+        keep.append(learner)
     trajs = _trajectories(seqs, seq_tokens, model.config.vocab_size, seed=1)
     adv = [1.0 if i % 2 else -1.0 for i in range(seqs)]
     learner.step(trajs, adv)  # warm-up: kernels, allocator
@@ -151,6 +159,7 @@ def learner_step(
     return {
         "fsdp": fsdp,
         "params": params,
+        "trainable_params": learner.summary()["trainable_params"],
         "lean_logprobs": learner.lean,
         "attention": getattr(cfg, "_attn_implementation", None),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
@@ -250,6 +259,63 @@ def engine_check(model, device: str, *, requests: int, prompt: int, new: int) ->
     return asyncio.run(run())
 
 
+def lora_check(model, device: str, *, seqs: int, seq_tokens: int, steps: int,
+               rank: int = 32) -> dict:  # fmt: skip
+    """LoRA (rank ``rank`` on every linear layer) as one process trains it under bf16:
+    a bf16 copy of the model as the frozen base, float32 adapters. Timed steps and peak
+    memory as :func:`learner_step`; then the adapter alone pushed into a transformers
+    engine holding the same adapter layers (bytes, seconds), and the engine's log-probs
+    of a greedy generation against the learner's own (the adapter arrived)."""
+    from agent_spo import lora
+    from agent_spo.config import LoraConfig
+    from agent_spo.demo.tokenizer import train_tokenizer
+    from agent_spo.engines.base import Sampling
+    from agent_spo.engines.hf import HFEngine
+    from agent_spo.episode.trajectory import Segment, Trajectory
+
+    settings = LoraConfig(rank=rank)
+    base = lora.inject(copy.deepcopy(model).to(torch.bfloat16), settings)
+    kept: list = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out = learner_step(base, device, seqs=seqs, seq_tokens=seq_tokens, steps=steps, keep=kept)
+    learner = kept[0]
+    for _ in range(2):  # move the adapter well away from zero, so a missed sync shows
+        learner.opt.param_groups[0]["lr"] = 1e-3
+        learner.step(_trajectories(2, 64, model.config.vocab_size, seed=7), [1.0, -1.0])
+    tok = train_tokenizer([f"{i} + {i} = {2 * i}" for i in range(200)], vocab_size=300)
+    served = lora.inject(copy.deepcopy(model).to(torch.bfloat16), settings)
+    engine = HFEngine(served, tok, device=device, max_batch=2, prefix_cache=False)
+    prompt = [random.Random(3).randrange(10, model.config.vocab_size) for _ in range(32)]
+
+    async def run():
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            sent = [(n, t) for n, t in learner.named_weights(adapter_only=True)]
+            await engine.update_weights(sent, version=learner.version)
+            _sync(device)
+            push_s = time.perf_counter() - t0
+            gen = await engine.generate(prompt, Sampling(max_tokens=16, temperature=0))
+            return sent, push_s, gen
+        finally:
+            await engine.close()
+
+    sent, push_s, gen = asyncio.run(run())
+    probe = Trajectory("p", prompt, [Segment("model", gen.token_ids, gen.logprobs, 1)])
+    mine = learner.token_logprobs([probe])[0]
+    full = sum(p.numel() * 2 for p in model.parameters())  # a bf16 full sync's bytes
+    out.update({
+        "rank": rank,
+        "adapter_sync_mib": round(sum(t.numel() * t.element_size() for _, t in sent) / 2**20, 2),
+        "full_sync_mib_bf16": round(full / 2**20, 1),
+        "adapter_push_s": round(push_s, 3),
+        "engine_vs_learner_logprob_max_diff": float((mine - torch.tensor(gen.logprobs)).abs().max()),
+        "engine_version": gen.policy_version,
+    })  # fmt: skip
+    return out
+
+
 def _allocated_gb(device: str) -> float | None:
     if device != "cuda":
         return None
@@ -298,6 +364,7 @@ def run_device_check(
         "logprob_agreement": lambda: logprob_agreement(model, tokens=min(seq, 2048)),
         "engine": lambda: engine_check(model, device, requests=4 if tiny else 64,
                                        prompt=32 if tiny else 512, new=8 if tiny else 256),
+        "lora": lambda: lora_check(model, device, seqs=2, seq_tokens=seq, steps=3),
         # last: it shards the model in place
         "fsdp_learner": lambda: fsdp_step(model, device, seqs=2, seq_tokens=seq, steps=3),
     }  # fmt: skip

@@ -159,9 +159,14 @@ def run_learner_bench(
 SCALE_SHAPE = {"hidden": 512, "layers": 6, "heads": 8}  # ~24M parameters with Qwen3's layout
 
 
+LORA_RANK = 16  # the LoRA row's adapter rank (all linear layers)
+
+
 def scale_learner(*, rank: int, world_size: int, vocab: int, pad: int, lr: float,
-                  threads: int, micro_batch_tokens: int, pack: bool = False):  # fmt: skip
-    """The benchmark's learner on one rank (every rank builds the same random weights)."""
+                  threads: int, micro_batch_tokens: int, pack: bool = False,
+                  lora_rank: int = 0):  # fmt: skip
+    """The benchmark's learner on one rank (every rank builds the same random weights);
+    ``lora_rank`` > 0 trains adapters of that rank on every linear layer instead."""
     import torch
     from transformers import Qwen3ForCausalLM
 
@@ -171,6 +176,11 @@ def scale_learner(*, rank: int, world_size: int, vocab: int, pad: int, lr: float
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(tiny_qwen3_config(vocab, pad_token_id=pad, **SCALE_SHAPE))
+    if lora_rank:
+        from agent_spo import lora
+        from agent_spo.config import LoraConfig
+
+        lora.inject(model, LoraConfig(rank=lora_rank))
     return Learner(model, lr=lr, pad_token_id=pad, micro_batch_tokens=micro_batch_tokens,
                    probe_tokens=64, rank=rank, world_size=world_size, pack=pack)  # fmt: skip
 
@@ -188,7 +198,8 @@ def _scale_setting(
     micro_batch_tokens: int,
 ) -> dict:  # fmt: skip
     """One setting of :func:`run_scale_bench`, in a fresh process (its peak memory is its
-    own): "plain", "learner" or "packed" at world size 1, "learner" at more ranks."""
+    own): "plain", "learner", "packed" or "lora" at world size 1, "learner" at more
+    ranks. ``sync_mib`` is what a weight sync sends: the full weights, or LoRA's adapter."""
     import os
 
     from transformers import AutoTokenizer
@@ -208,7 +219,8 @@ def _scale_setting(
         group = LearnerGroup.start(spec)
         step, pids = group.step, [str(p.pid) for p in group.group.children.values()]
     else:
-        learner = scale_learner(rank=0, world_size=1, threads=cores, pack=kind == "packed", **kw)
+        learner = scale_learner(rank=0, world_size=1, threads=cores, pack=kind == "packed",
+                                lora_rank=LORA_RANK if kind == "lora" else 0, **kw)  # fmt: skip
         step, pids = learner.step, list[str]()
         params = sum(p.numel() for p in learner.model.parameters())
         if kind == "plain":
@@ -222,6 +234,10 @@ def _scale_setting(
                 times.append(time.perf_counter() - t0)
             losses.append(getattr(out, "loss", None))
         peaks = [_peak_rss_mb(p) for p in ("self", *pids)]
+        source = group if group is not None else learner
+        sync = sum(t.numel() * t.element_size()
+                   for _, t in source.named_weights(adapter_only=source.lora))  # fmt: skip
+        trainable = source.summary()["trainable_params"]
     finally:
         if group is not None:
             group.close()
@@ -235,6 +251,7 @@ def _scale_setting(
         "tokens_per_batch": tokens,
         "trajectories_per_batch": statistics.median(len(t) for t, _ in data[1:]),
         "batches": len(data) - 1, "cores": cores, "parameters": params,
+        "trainable": trainable, "sync_mib": round(sync / 2**20, 2),
     }  # fmt: skip
 
 
@@ -249,7 +266,8 @@ def run_scale_bench(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Tokens/s and peak memory of a training step on the logged batches: the plain loop,
-    the learner (probe of 64 tokens) padded and packed in one process, and the learner at
+    the learner (probe of 64 tokens) padded, packed and with LoRA adapters in one process,
+    and the learner at
     each larger world size (gloo ranks splitting this machine's cores), all from the same
     random ~24M-parameter weights. Each setting runs in a fresh process, one after the
     other, so each peak is its own; the first batch of each warms up."""
@@ -261,7 +279,8 @@ def run_scale_bench(
     settings = [("plain PyTorch loop", "plain", 1)]
     if 1 in world_sizes:
         settings += [("learner, 1 process", "learner", 1),
-                     ("learner, 1 process, packed", "packed", 1)]  # fmt: skip
+                     ("learner, 1 process, packed", "packed", 1),
+                     (f"learner, 1 process, LoRA rank {LORA_RANK}", "lora", 1)]  # fmt: skip
     settings += [(f"learner, {w} gloo ranks", "learner", w) for w in world_sizes if w > 1]
     rows = []
     for done, (name, kind, world) in enumerate(settings):

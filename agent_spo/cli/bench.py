@@ -407,12 +407,14 @@ def _scale_table(episodes: Path, model: str | None, worlds: list[int], batches: 
     table = Table(title=f"learner at scale: {report['parameters'] / 1e6:.1f}M parameters, "
                   f"{report['batches']} batches of {report['trajectories_per_batch']} "
                   f"trajectories ({report['tokens_per_batch']} tokens), {report['cores']} cores")  # fmt: skip
-    for col in ("setting", "step s (median)", "tokens/s", "padding", "peak RSS MiB (per process)"):
+    for col in ("setting", "step s (median)", "tokens/s", "padding", "peak RSS MiB (per process)",
+                "trainable", "sync MiB"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in report["rows"]:
         pad = "-" if r["pad_frac"] is None else f"{r['pad_frac']:.2f}"
         table.add_row(r["setting"], f"{r['step_s_median']:.3f}", f"{r['tokens_per_s']:.0f}",
-                      pad, " + ".join(f"{m:.0f}" for m in r["peak_rss_mib"]))  # fmt: skip
+                      pad, " + ".join(f"{m:.0f}" for m in r["peak_rss_mib"]),
+                      f"{r['trainable'] / 1e6:.2f}M", f"{r['sync_mib']:.2f}")  # fmt: skip
     stdout.print(table)
     return report
 

@@ -25,7 +25,8 @@ def report(tmp_path_factory):
 
 
 def test_every_part_reports_without_error(report):
-    for part in ("learner", "chunked_vs_full", "logprob_agreement", "engine", "fsdp_learner"):
+    for part in ("learner", "chunked_vs_full", "logprob_agreement", "engine", "lora",
+                 "fsdp_learner"):  # fmt: skip
         assert "error" not in report[part], report[part]
     assert report["shape"] == "tiny" and report["device"] == "cpu"
 
@@ -77,3 +78,14 @@ def test_the_shell_script_writes_the_report_under_out(tmp_path):
     report = json.loads((tmp_path / "device.json").read_text())
     assert set(report) >= {"learner", "logprob_agreement", "engine"}
     assert '"learner"' in done.stdout  # one line per part as it finishes
+
+
+def test_the_lora_step_trains_the_adapter_and_the_engine_takes_it_alone(report):
+    part, plain = report["lora"], report["learner"]
+    assert part["rank"] == 32 and part["trainable_tokens"] == plain["trainable_tokens"]
+    assert 0 < part["trainable_params"] < plain["trainable_params"] == plain["params"]
+    assert part["tokens_per_s"] > 0 and math.isfinite(part["loss"])
+    assert 0 < part["adapter_sync_mib"] < part["full_sync_mib_bf16"]
+    assert part["engine_version"] == 6  # warm-up, 3 timed steps, 2 more: the version sent
+    # bf16 matmuls on both sides, different batch shapes: close, not bit-equal
+    assert part["engine_vs_learner_logprob_max_diff"] < 0.05

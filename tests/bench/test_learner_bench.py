@@ -98,8 +98,14 @@ def test_scale_rows_time_the_plain_loop_and_each_world_size(logged):
     model_dir, log = logged
     report = run_scale_bench(log, model_path=str(model_dir), world_sizes=(1, 2), batches=1)
     assert 20e6 < report["parameters"] < 30e6
-    plain, one, packed, two = report["rows"]
-    assert [r["world_size"] for r in report["rows"]] == [1, 1, 1, 2]
+    plain, one, packed, adapted, two = report["rows"]
+    assert [r["world_size"] for r in report["rows"]] == [1, 1, 1, 1, 2]
+    # LoRA: the adapter alone trains and is synced; the first loss is the base model's
+    assert adapted["setting"] == "learner, 1 process, LoRA rank 16"
+    assert adapted["trainable"] < one["trainable"] / 10 == report["parameters"] / 10
+    assert 0 < adapted["sync_mib"] < one["sync_mib"] / 10
+    assert abs(one["sync_mib"] - 4 * report["parameters"] / 2**20) < 0.01
+    assert abs(one["first_loss"] - adapted["first_loss"]) < 1e-5
     assert packed["pad_frac"] == 0 < one["pad_frac"]
     assert abs(one["first_loss"] - packed["first_loss"]) < 1e-5
     assert all(r["tokens_per_s"] > 0 for r in report["rows"])
