@@ -302,7 +302,9 @@ def lora_check(model, device: str, *, seqs: int, seq_tokens: int, steps: int,
             await engine.close()
 
     sent, push_s, gen = asyncio.run(run())
-    probe = Trajectory("p", prompt, [Segment("model", gen.token_ids, gen.logprobs, 1)])
+    probe = Trajectory(
+        "p", tuple(prompt), (Segment("model", tuple(gen.token_ids), tuple(gen.logprobs), 1),)
+    )
     mine = learner.token_logprobs([probe])[0]
     full = sum(p.numel() * 2 for p in model.parameters())  # a bf16 full sync's bytes
     out.update({
