@@ -495,7 +495,8 @@ def build_engine(
     openai_http: a :class:`ReplicaPool` over ``rollout.urls`` (or one ``url``) when there
     are several or when ``sync_dir`` is given (training: the pool takes the weights),
     else the plain HTTP client. ``lora`` (learner.lora when on): the hf engine holds the
-    same adapter layers as the learner and takes adapter-only updates."""
+    same adapter layers as the learner, the vllm engine serves it through vLLM's LoRA
+    support; both take adapter-only updates."""
     if rollout.engine == "hf":
         from agent_spo.engines.hf import HFEngine
 
@@ -515,6 +516,7 @@ def build_engine(
         return VLLMEngine(
             model_path, dtype=model.dtype, seed=seed, sleep_mode=rollout.colocate,
             max_model_len=rollout.max_model_len or VLLM_DEFAULT_LEN,
+            lora=lora if lora is not None and lora.rank else None,
         )  # fmt: skip
     api_key = None
     if rollout.api_key_env is not None:

@@ -216,6 +216,8 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         tensor_parallel_size: int = 1,
         sleep_mode: bool = False,
+        lora=None,
+        adapter_dir: str | Path | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -249,6 +251,12 @@ class VLLMEngine:
             kwargs["max_num_seqs"] = max_num_seqs
         if sleep_mode and not self.is_cpu:  # vLLM's CPU worker has no sleep mode
             kwargs["enable_sleep_mode"] = True
+        # LoRA: updates are adapters (vLLM's LoRA support), two live at once so requests
+        # on the previous version finish on it while new ones start on the next
+        self._adapters = AdapterVersions(lora, adapter_dir) if lora is not None else None
+        if self._adapters is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(self._adapters.config.r),
+                          max_loras=2, max_cpu_loras=2)  # fmt: skip
         kwargs.update(engine_kwargs or {})
 
         t0 = time.perf_counter()
@@ -326,10 +334,12 @@ class VLLMEngine:
         final = None
         llm = self._llm
         assert llm is not None  # not closed: checked above, with no await since
+        adapter = self._adapters.current if self._adapters is not None else None
         try:
             async for out in llm.generate(
-                TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id
-            ):
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id,
+                lora_request=adapter,
+            ):  # fmt: skip
                 final = out
         except asyncio.CancelledError:
             raise
@@ -371,9 +381,12 @@ class VLLMEngine:
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Load new policy weights into the running engine; later generations carry `version`."""
+        """Load new policy weights into the running engine; later generations carry
+        `version`. With LoRA the weights are the adapter alone (see :attr:`loads_adapters`)."""
         if self._closed:
             raise EngineError("vLLM engine is closed")
+        if self._adapters is not None:
+            return await self._update_adapter(weights, version)
         async with self._update_lock:
             t0 = time.perf_counter()
             batch = [
@@ -394,6 +407,44 @@ class VLLMEngine:
                 raise EngineError(f"vLLM weight update failed: {type(e).__name__}: {e}") from e
             self.last_update_s = time.perf_counter() - t0
             self.last_reload_s = max(results) if results else None
+            self._version = version
+
+    @property
+    def loads_adapters(self) -> bool:
+        """Whether updates are LoRA adapters (``lora_rank`` > 0), under peft's names."""
+        return self._adapters is not None
+
+    async def _update_adapter(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Write the adapter as version ``version`` (a peft directory), load it into vLLM
+        and route new requests to it; requests in flight finish on the adapter they began
+        with (their ``policy_version`` is that one's), and older adapters are unloaded."""
+        from agent_spo import lora
+
+        assert self._adapters is not None  # LoRA on
+        async with self._update_lock:
+            t0 = time.perf_counter()
+            named = [(n, t) for n, t in weights]
+            if not named or not all(lora.is_adapter(n) for n, _ in named):
+                bad = next((n for n, _ in named if not lora.is_adapter(n)), "(none sent)")
+                raise EngineError(
+                    f"this vLLM engine serves LoRA adapters: an update must be the adapter "
+                    f"alone, under peft's names; got {bad!r}"
+                )
+            request = self._adapters.write(named, version)
+            llm = self._llm
+            if llm is None:
+                raise EngineError("vLLM engine is closed")
+            try:
+                await llm.add_lora(request)  # loaded now: a bad adapter fails the sync
+            except Exception as e:
+                raise EngineError(
+                    f"vLLM could not load the adapter: {type(e).__name__}: {e}"
+                ) from e
+            for old in self._adapters.switch(request):
+                await llm.remove_lora(old.lora_int_id)
+            self.last_update_s = time.perf_counter() - t0
             self._version = version
 
     async def sleep(self) -> None:
@@ -422,6 +473,8 @@ class VLLMEngine:
         if self._closed:
             return
         self._closed = True
+        if self._adapters is not None:
+            self._adapters.cleanup()
         llm, self._llm = self._llm, None
         assert llm is not None  # set until the first close()
         llm.shutdown()
@@ -432,6 +485,71 @@ class VLLMEngine:
 
     def __repr__(self) -> str:
         return f"VLLMEngine({self.model_path!r}, version={self._version})"
+
+
+_LORA_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def lora_rank_slot(rank: int) -> int:
+    """vLLM's smallest allowed ``max_lora_rank`` that holds ``rank``."""
+    for slot in _LORA_SLOTS:
+        if rank <= slot:
+            return slot
+    raise ValueError(f"learner.lora.rank {rank} is above vLLM's largest LoRA rank, 512")
+
+
+class AdapterVersions:
+    """The adapter versions a vLLM engine has written and loaded: each is a peft directory
+    ``DIR/v{version:06d}`` (``DIR``: a temporary one unless given) and a ``LoRARequest``
+    named ``policy-v{version}``. ``lora`` is the learner.lora section (or a peft
+    LoraConfig): the written config must carry the learner's rank, alpha and targets, or
+    vLLM would scale the adapter otherwise. The current and the previous version stay
+    loaded; :meth:`switch` returns the older ones to unload (their directories removed)."""
+
+    def __init__(self, lora, root: str | Path | None) -> None:
+        import tempfile
+
+        from peft import LoraConfig
+
+        from agent_spo.lora import peft_config
+
+        self.config = lora if isinstance(lora, LoraConfig) else peft_config(lora)
+        self._own = root is None  # a temporary directory, removed on cleanup
+        self.root = Path(tempfile.mkdtemp(prefix="agent-spo-adapters-") if root is None else root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.current = None  # the LoRARequest new generations use (None: the base model)
+        self._loaded: list = []
+        self._ids = itertools.count(1)
+
+    def write(self, named: list[tuple[str, torch.Tensor]], version: int):
+        from vllm.lora.request import LoRARequest
+
+        from agent_spo.lora import save_adapter
+
+        ranks = {t.shape[0] for n, t in named if ".lora_A." in n}
+        if ranks != {self.config.r}:
+            raise EngineError(
+                f"the adapter has rank {sorted(ranks)}, this engine was built for rank "
+                f"{self.config.r} (learner.lora.rank)"
+            )
+        path = save_adapter(self.root / f"v{int(version):06d}", named, self.config, None)
+        return LoRARequest(f"policy-v{version}", next(self._ids), str(path))
+
+    def switch(self, request) -> list:
+        self.current = request
+        self._loaded.append(request)
+        old, self._loaded = self._loaded[:-2], self._loaded[-2:]
+        import shutil
+
+        for r in old:
+            shutil.rmtree(r.lora_path, ignore_errors=True)
+        return old
+
+    def cleanup(self) -> None:
+        import shutil
+
+        if self._own:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def server_command(
