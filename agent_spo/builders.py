@@ -161,9 +161,10 @@ def learner_rank(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dtype = AutoConfig.from_pretrained(model_path).dtype  # before the float32 load
     bf16 = L.precision == "bfloat16" or (L.precision == "auto" and device == "cuda")
-    # LoRA's frozen base never changes, so one unsharded process under bf16 holds it in
-    # bf16 (no float32 masters); sharded ranks keep float32 shards, as FSDP2 gathers them
-    frozen_bf16 = bool(L.lora.rank) and bf16 and world_size == 1 and not L.cpu_offload
+    # LoRA's frozen base never changes, so one unsharded process under bf16 holds a bf16
+    # model in bf16 (no float32 masters); sharded ranks keep float32 shards
+    frozen_bf16 = (bool(L.lora.rank) and bf16 and world_size == 1 and not L.cpu_offload
+                   and str(model_dtype).removeprefix("torch.") == "bfloat16")  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32
     )
@@ -490,13 +491,16 @@ def build_engine(
     sync_dir: str | Path | None = None,
     log=print,
     lora: LoraConfig | None = None,
+    adapter_dir: str | Path | None = None,
 ):
     """The generation engine named by rollout.engine (not started; hf and vllm load now).
     openai_http: a :class:`ReplicaPool` over ``rollout.urls`` (or one ``url``) when there
     are several or when ``sync_dir`` is given (training: the pool takes the weights),
     else the plain HTTP client. ``lora`` (learner.lora when on): the hf engine holds the
     same adapter layers as the learner, the vllm engine serves it through vLLM's LoRA
-    support; both take adapter-only updates."""
+    support; both take adapter-only updates, and so does a replica pool whose replicas
+    hold the adapter's layers. ``adapter_dir``: where the vllm engine writes each
+    adapter version (default: a temporary directory)."""
     if rollout.engine == "hf":
         from agent_spo.engines.hf import HFEngine
 
@@ -516,7 +520,7 @@ def build_engine(
         return VLLMEngine(
             model_path, dtype=model.dtype, seed=seed, sleep_mode=rollout.colocate,
             max_model_len=rollout.max_model_len or VLLM_DEFAULT_LEN,
-            lora=lora if lora is not None and lora.rank else None,
+            lora=lora if lora is not None and lora.rank else None, adapter_dir=adapter_dir,
         )  # fmt: skip
     api_key = None
     if rollout.api_key_env is not None:
@@ -538,6 +542,7 @@ def build_engine(
             advertise_host=rollout.trainer_host,
             sync_timeout_s=rollout.sync_timeout_s,
             bucket_bytes=rollout.sync_bucket_mb * 2**20,
+            lora=lora if lora is not None and lora.rank else None,
             log=log,
         )
     from agent_spo.engines.openai_http import OpenAIHTTPEngine

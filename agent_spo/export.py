@@ -16,6 +16,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent_spo import lora
 from agent_spo.checkpoint import Checkpoint, latest_checkpoint
@@ -74,21 +75,25 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: choose a new --out")
     _quiet_loading()
+    if adapted and not merge:  # the adapter alone: read from the shards, no base model
+        from transformers import AutoConfig
+
+        config = lora.load_config(adapter_dir)
+        base_path = (
+            str(Path(base).resolve()) if base is not None else config.base_model_name_or_path
+        )
+        target = _target_dtype(AutoConfig.from_pretrained(str(ckpt.model_dir)), dtype)
+        named = [(lora.adapter_name(n), t if target is None else t.to(target))
+                 for n, t in _adapter_state(ckpt)]  # fmt: skip
+
+        def write(tmp: Path) -> None:
+            lora.save_adapter(tmp, named, config, base_path)
+
+        what = f"LoRA adapter (rank {config.r}, {named[0][1].dtype})"
+        return _write(ckpt, out, write, what, log)
     if adapted:
-        model = _adapted_model(ckpt, adapter_dir, base)
+        model = _merged(_adapted_model(ckpt, adapter_dir, base))
         target = _target_dtype(model.config, dtype)
-        if not merge:
-            cast = (lambda t: t.to(target)) if target is not None else (lambda t: t)  # noqa: E731
-            named = [(lora.adapter_name(n), cast(p.detach()))
-                     for n, p in model.named_parameters() if lora.is_adapter(n)]  # fmt: skip
-            config = lora.load_config(adapter_dir)
-
-            def write(tmp: Path) -> None:
-                lora.save_adapter(tmp, named, config, config.base_model_name_or_path)
-
-            what = f"LoRA adapter (rank {config.r}, {named[0][1].dtype})"
-            return _write(ckpt, out, write, what, log)
-        model = _merged(model)
     else:
         model = _full_model(ckpt)
         target = _target_dtype(model.config, dtype)
@@ -132,6 +137,30 @@ def _read_state(ckpt: Checkpoint, model, keep=lambda name: True) -> None:
         dcp.load(state, checkpoint_id=str(ckpt.path / "state"), no_dist=True)
     strict = len(state["model"]) == len(get_model_state_dict(model))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=strict))
+
+
+def _adapter_state(ckpt: Checkpoint) -> list[tuple[str, Any]]:
+    """The adapter's weights in a LoRA checkpoint's shards (model parameter names), read
+    at the shapes and dtypes the shards record."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not ckpt.sharded:
+        raise ExportError(f"{ckpt.path} holds no adapter weights (no state/)")
+    saved = dcp.FileSystemReader(str(ckpt.path / "state")).read_metadata().state_dict_metadata
+    state = {
+        k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in saved.items()
+        if k.startswith("model.") and lora.is_adapter(k) and isinstance(m, TensorStorageMetadata)
+    }
+    if not state:
+        raise ExportError(f"{ckpt.path}: the shards hold no adapter weights")
+    wrapped = {"model": state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(wrapped, checkpoint_id=str(ckpt.path / "state"), no_dist=True)
+    return sorted(wrapped["model"].items())
 
 
 def _full_model(ckpt: Checkpoint):

@@ -601,8 +601,10 @@ class Learner:
                     "every node sees"
                 )
             model_dir = path / "model"
-            if self.lora:  # the base model is the run's; its config and tokenizer only
+            if self.lora:  # the base model is the run's; its configs and tokenizer only
                 self.model.config.save_pretrained(str(model_dir))
+                if getattr(self.model, "generation_config", None) is not None:
+                    self.model.generation_config.save_pretrained(str(model_dir))
                 # the adapter in peft's form beside the shards (its weights when one
                 # process holds them whole; `export` writes them from any checkpoint)
                 lora.save_adapter(

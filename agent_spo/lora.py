@@ -26,9 +26,10 @@ import copy
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER = "default"  # peft's adapter name inside the model
 PEFT_PREFIX = "base_model.model."  # what peft's saved names start with
@@ -62,19 +63,31 @@ def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
     from peft.tuners.lora import LoraLayer
 
     config = settings if isinstance(settings, LoraConfig) else peft_config(settings)
-    try:
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    try:  # peft expands "all-linear" in the config it is given: it gets a copy
+        inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"learner.lora.target_modules: {e}") from e
     for name, p in model.named_parameters():  # trained weights in float32, whatever
         if is_adapter(name):  # the base's dtype (peft makes them in the base's)
             p.data = p.data.float()
-    other = sorted({type(m).__name__ for m in model.modules()
-                    if isinstance(m, LoraLayer) and not isinstance(m, LoraLinear)})  # fmt: skip
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    other = sorted({type(m).__name__ for _, m in adapted if not isinstance(m, LoraLinear)})
     if other:
         raise ValueError(
             f"learner.lora.target_modules: only linear layers can be adapted here, the "
             f"targets include {', '.join(other)} layers"
+        )
+    # a Conv1D-style layer (GPT-2) stores its weight transposed; merging here assumes not
+    transposed = [n for n, m in adapted if getattr(m, "fan_in_fan_out", False)]
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    tied = [n for n, m in adapted
+            if getattr(embedding, "weight", None) is m.base_layer.weight]  # fmt: skip
+    head = [n for n, _ in adapted if n.split(".")[-1] == "lm_head"]
+    if transposed or tied or head:
+        raise ValueError(
+            "learner.lora.target_modules: adapt the linear layers of the decoder blocks; "
+            f"not the LM head or a weight tied to the embedding ({', '.join(head + tied)}) "
+            f"nor a transposed Conv1D layer ({', '.join(transposed)})"
         )
     model._agent_spo_lora = config  # type: ignore[assignment]  # save_adapter writes it
     return model
@@ -106,13 +119,24 @@ def loads_adapters(model: torch.nn.Module) -> bool:
     return getattr(model, "_agent_spo_lora", None) is not None
 
 
-def same_adapter(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two models hold adapters of the same shape (rank, scaling, targets)."""
-    ca, cb = getattr(a, "_agent_spo_lora", None), getattr(b, "_agent_spo_lora", None)
-    if ca is None or cb is None:
-        return False
-    keys = ("r", "lora_alpha", "target_modules")
-    return all(getattr(ca, k) == getattr(cb, k) for k in keys)
+def shape_of(config) -> dict[str, Any]:
+    """What an adapter's layers depend on, comparable as a dict: ``{"rank", "alpha",
+    "targets"}`` of a peft LoraConfig (or the learner.lora section). A replica reports it
+    so the trainer sends adapters only to replicas that hold the same layers."""
+    from peft import LoraConfig
+
+    c = config if isinstance(config, LoraConfig) else peft_config(config)
+    t = c.target_modules
+    return {"rank": int(c.r), "alpha": int(c.lora_alpha),
+            "targets": t if isinstance(t, str) else sorted(t or [])}  # fmt: skip
+
+
+def cli_args(settings) -> list[str]:
+    """The ``agent-spo engine serve`` options that make a replica hold these adapters."""
+    shape = shape_of(settings)
+    targets = shape["targets"]
+    return ["--lora-rank", str(shape["rank"]), "--lora-alpha", str(shape["alpha"]),
+            "--lora-targets", targets if isinstance(targets, str) else ",".join(targets)]  # fmt: skip
 
 
 def scalings(model: torch.nn.Module) -> dict[str, float]:
@@ -222,7 +246,8 @@ def describe(summary: dict[str, Any], *, adapter_sync: bool) -> str:
     sync = ("the adapter alone" if adapter_sync
             else "merged weights (the engine cannot hold adapters)")  # fmt: skip
     return (
-        f"learner: LoRA rank {lo['rank']} (alpha {lo['alpha']:g}) on {lo['layers']} layers, "
+        f"learner: LoRA rank {lo['rank']} (alpha {lo['alpha']:g}) on {lo['layers']} linear "
+        "layers, "
         f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}); "
         f"{state}; each sync sends {sync}"
     )

@@ -99,9 +99,12 @@ class Shape:
         sizes = {"q_proj": h + self.q, "k_proj": h + self.kv, "v_proj": h + self.kv,
                  "o_proj": self.q + h, "gate_proj": h + i, "up_proj": h + i,
                  "down_proj": i + h}  # fmt: skip
-        names = list(sizes) if targets == "all-linear" else [targets] if isinstance(
-            targets, str) else targets  # fmt: skip
-        return self.layers * rank * sum(sizes.get(n, 0) for n in names)
+        names = [targets] if isinstance(targets, str) else list(targets)
+        # a qualified name (self_attn.q_proj) counts by its last part; targets the plan
+        # cannot place (all-linear, a pattern, another architecture's names) count as
+        # every linear layer: an upper bound
+        found = [sizes[n.split(".")[-1]] for n in names if n.split(".")[-1] in sizes]
+        return self.layers * rank * sum(found or sizes.values())
 
 
 @dataclass(frozen=True)
@@ -184,13 +187,13 @@ def plan(
     gpu: bool = True,
     pack_mask: bool = False,
     colocated_engine_bytes: int = 0,
-    lora_params: int = 0,
+    lora_params: int | None = None,
 ) -> Plan:
     p, w = shape.params, world_size
     compute = 2 if bf16 else 4
     tokens = max(micro_batch_tokens, longest_row)
     part = "" if w == 1 else f", 1/{w}"
-    if lora_params:
+    if lora_params is not None:  # LoRA (learner.lora.rank > 0)
         # frozen base weights: bf16 in one unsharded process under bf16 (they never change,
         # so no float32 masters), else float32 shards; float32 adapters train
         base_bytes = 2 if bf16 and w == 1 and not cpu_offload else 4
@@ -225,7 +228,7 @@ def plan(
     resident = (0 if cpu_offload else sum(state.values())) + (RESERVE if gpu else 0)
     return Plan(shape, w, tokens, rows, offloaded, gpu_memory_gb, gpu,
                 colocated_engine_bytes, resident if colocated_engine_bytes else 0,
-                lora_params)  # fmt: skip
+                lora_params or 0)  # fmt: skip
 
 
 def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
@@ -257,7 +260,7 @@ def plan_for(cfg, model_dir: Path, *, cuda: bool) -> Plan:
         colocated_engine_bytes=shape.params * _DTYPE_BYTES.get(cfg.model.dtype, 4)
         if R.colocate
         else 0,
-        lora_params=shape.lora_params(L.lora.rank, L.lora.target_modules) if L.lora.rank else 0,
+        lora_params=shape.lora_params(L.lora.rank, L.lora.target_modules) if L.lora.rank else None,
     )
 
 

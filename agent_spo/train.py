@@ -276,7 +276,7 @@ async def setup(
             sync_dir = Path(os.path.abspath(cfg.rollout.sync_dir or run_dir / "weights"))
         engine = builders.build_engine(
             model_path, cfg.model, cfg.rollout, cfg.run.seed, sync_dir=sync_dir, log=log,
-            lora=cfg.learner.lora,
+            lora=cfg.learner.lora, adapter_dir=run_dir / "adapters",
         )  # fmt: skip
         stack.push_async_callback(engine.close)
         if hasattr(engine, "start"):  # replicas: contacted now, and refused if none answers

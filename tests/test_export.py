@@ -94,6 +94,13 @@ def test_a_lora_checkpoint_exports_as_a_peft_adapter_or_merged(lora_checkpoint, 
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert "model.safetensors" not in files  # the adapter alone
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(bf16_model)  # fmt: skip
+    moved = CliRunner().invoke(app, ["export", str(root), "--out", str(tmp_path / "moved"),
+                                     "--base", str(tmp_path / "elsewhere")])  # fmt: skip
+    assert moved.exit_code == 0, moved.output  # the adapter alone needs no base model
+    assert json.loads((tmp_path / "moved" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tmp_path / "elsewhere")  # fmt: skip
     base = AutoModelForCausalLM.from_pretrained(str(bf16_model), dtype=torch.float32)
     theirs = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
     for name, t in theirs.state_dict().items():
@@ -105,6 +112,9 @@ def test_a_lora_checkpoint_exports_as_a_peft_adapter_or_merged(lora_checkpoint, 
     assert "bfloat16 with the adapter merged" in result.output
     out = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))
     assert out.dtype == torch.bfloat16  # as the base model came
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(str(tmp_path / "full")).temperature == 0.6
     state = out.state_dict()
     for name, t in merged.items():
         assert torch.equal(t.to(torch.bfloat16), state[name]), name
@@ -122,5 +132,5 @@ def test_export_merge_and_base_refused_where_they_do_not_apply(bf16_model, lora_
     assert result.exit_code == EXIT_CONFIG and "holds no LoRA adapter" in result.output
     _, root = lora_checkpoint
     result = CliRunner().invoke(app, ["export", str(root), "--out", str(tmp_path / "o"),
-                                      "--base", str(tmp_path / "nowhere")])  # fmt: skip
+                                      "--merge", "--base", str(tmp_path / "nowhere")])  # fmt: skip
     assert result.exit_code == EXIT_CONFIG and "name it with --base PATH" in result.output

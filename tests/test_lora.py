@@ -69,7 +69,7 @@ def test_only_the_adapter_trains_and_the_optimizer_holds_only_it(tok):
     for n, p in model.named_parameters():  # the base is frozen, every adapter matrix moved
         assert (not torch.equal(p, base[n])) == lora.is_adapter(n), n
     line = lora.describe(summary, adapter_sync=True)
-    assert "LoRA rank 4 (alpha 8) on 14 layers" in line and "adapter alone" in line
+    assert "LoRA rank 4 (alpha 8) on 14 linear layers" in line and "adapter alone" in line
 
 
 def test_merged_weights_equal_peft_merge_and_unload(tok):
@@ -221,6 +221,17 @@ def test_targets_that_are_missing_or_not_linear_are_refused_by_key(tok):
         lora.inject(_model(tok), LoraConfig(rank=4, target_modules=["no_such_proj"]))
     with pytest.raises(ValueError, match="learner.lora.target_modules.*Embedding"):
         lora.inject(_model(tok), LoraConfig(rank=4, target_modules=["embed_tokens", "q_proj"]))
+    # the demo model ties its LM head to the embedding: neither may be adapted
+    with pytest.raises(ValueError, match="learner.lora.target_modules.*not the LM head"):
+        lora.inject(_model(tok), LoraConfig(rank=4, target_modules=["lm_head", "q_proj"]))
+
+
+def test_a_transposed_conv1d_layer_is_refused_rather_than_merged_wrong():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="transposed Conv1D layer \\(transformer.h.0.attn"):
+        lora.inject(gpt2, LoraConfig(rank=2, target_modules=["c_attn"]))
 
 
 def test_the_config_section_defaults_off_and_checks_its_values():
@@ -229,7 +240,13 @@ def test_the_config_section_defaults_off_and_checks_its_values():
     from agent_spo.config import TrainConfig
 
     assert TrainConfig().learner.lora.rank == 0
-    for bad in ({"rank": -1}, {"dropout": 1.0}, {"alpha": 0}, {"target_modules": []}):
+    for bad in (
+        {"rank": -1},
+        {"rank": 513},
+        {"dropout": 1.0},
+        {"alpha": 0},
+        {"target_modules": []},
+    ):
         with pytest.raises(ValidationError, match="lora"):
             TrainConfig.model_validate({"learner": {"lora": bad}})
     assert lora.peft_config(LoraConfig(rank=16)).lora_alpha == 32  # alpha = 2 x rank
@@ -237,7 +254,7 @@ def test_the_config_section_defaults_off_and_checks_its_values():
     assert lora.peft_config(cfg).target_modules == {"q_proj"}
 
 
-def test_under_bf16_one_process_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(
+def test_under_bf16_one_process_holds_a_bf16_base_in_bf16_and_trains_fp32_adapters(
     tmp_path,
 ):
     from agent_spo.builders import learner_rank
@@ -246,11 +263,18 @@ def test_under_bf16_one_process_holds_the_frozen_base_in_bf16_and_trains_fp32_ad
     from agent_spo.demo.tokenizer import train_tokenizer
 
     tok = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(200)], vocab_size=300)
-    path = save_model_dir(random_model(tok, hidden=32, layers=1, heads=2), tok, tmp_path / "m")
+    model = random_model(tok, hidden=32, layers=1, heads=2)
     cfg = LearnerConfig(lr=1e-2, precision="bfloat16", lora={"rank": 4})
-    learner = learner_rank(rank=0, world_size=1, model_path=str(path),
-                           learner=cfg.model_dump(mode="json"),
-                           loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+
+    def build(path):
+        return learner_rank(rank=0, world_size=1, model_path=str(path),
+                            learner=cfg.model_dump(mode="json"),
+                            loss=LossConfig().model_dump(mode="json"))  # fmt: skip
+
+    # a float32 model keeps a float32 base: the engine samples from float32 weights
+    fp32 = build(save_model_dir(model, tok, tmp_path / "fp32"))
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    learner = build(save_model_dir(model.to(torch.bfloat16), tok, tmp_path / "bf16"))
     dtypes = {n: p.dtype for n, p in learner.model.named_parameters()}
     assert {d for n, d in dtypes.items() if lora.is_adapter(n)} == {torch.float32}
     assert {d for n, d in dtypes.items() if not lora.is_adapter(n)} == {torch.bfloat16}

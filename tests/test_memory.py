@@ -168,3 +168,8 @@ def test_the_single_gpu_lora_config_fits_one_80gb_gpu_beside_its_colocated_engin
     assert not full.fits and refused and refused[0].startswith("learner.gpu_memory_gb")
     table = found.table()
     assert "8.19B parameters + 87.3M LoRA, 1 learner rank(s)" in table
+    # targets the plan names by their last part; ones it cannot place count as all-linear
+    attention = 36 * 32 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
+    for targets, expected in ((["self_attn.q_proj", "k_proj", "v_proj", "o_proj"], attention),
+                              ([r".*\.(q|v)_proj"], 87_293_952)):  # fmt: skip
+        assert shape.lora_params(32, targets) == expected

@@ -230,7 +230,7 @@ def test_lora_trains_syncs_the_adapter_checkpoints_it_and_resumes(tmp_path):
     first = _train(tmp_path, 2, *lora)
     assert first.exit_code == 0, first.output
     out = " ".join(first.output.split())
-    assert "learner: LoRA rank 8 (alpha 16) on 28 layers" in out
+    assert "learner: LoRA rank 8 (alpha 16) on 28 linear layers" in out
     assert "each sync sends the adapter alone" in out
     ckpt = tmp_path / "t" / "checkpoints" / "ckpt-000002"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()

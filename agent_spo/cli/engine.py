@@ -48,6 +48,22 @@ def serve(
         list[str] | None,
         typer.Option(help="vllm: one more argument for vLLM's server (repeat the option)."),
     ] = None,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            help="Hold LoRA adapters of this rank (the trainer's learner.lora.rank), so "
+            "each weight sync is the adapter alone. 0: no adapters.",
+            min=0,
+            max=512,
+        ),  # fmt: skip
+    ] = 0,
+    lora_alpha: Annotated[
+        int | None, typer.Option(help="The adapters' alpha (default: 2 x rank).", min=1)
+    ] = None,
+    lora_targets: Annotated[
+        str,
+        typer.Option(help="The adapted layers: all-linear, or comma-separated module names."),
+    ] = "all-linear",
 ) -> None:
     """Serve one replica in vLLM's OpenAI dialect (`/v1/completions`, `/v1/models`,
     `/health`) with the routes the trainer's replica pool uses: `/weight_info`, `/pause`,
@@ -55,9 +71,20 @@ def serve(
 
     `--backend vllm` runs vLLM's own server instead (all of vLLM's routes), with its
     development routes on and agent-spo's worker extension, so the pool can pause it and
-    load weights into it (`rollout.weight_sync=disk` or `gloo`)."""
+    load weights into it (`rollout.weight_sync=disk` or `gloo`).
+
+    `--lora-rank` (with `--lora-alpha`, `--lora-targets`: the trainer's learner.lora)
+    makes the replica hold LoRA adapters: the trainer then sends the adapter alone each
+    step (written under sync_dir; a vLLM replica loads it with vLLM's LoRA support)."""
     if not (model_dir / "config.json").is_file():
         fail(f"{model_dir} is not a model directory (no config.json)")
+    lora = None
+    if lora_rank:
+        from agent_spo.config import LoraConfig
+        from agent_spo.lora import peft_config
+
+        targets = lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
+        lora = peft_config(LoraConfig(rank=lora_rank, alpha=lora_alpha, target_modules=targets))
     if backend == "vllm":
         import importlib.util
         import os
@@ -69,6 +96,7 @@ def serve(
         cmd, env = server_command(
             str(model_dir), host=host, port=port, model_name=model_name, api_key=api_key,
             max_model_len=max_model_len, dtype=dtype, seed=seed, extra=vllm_arg or [],
+            lora_rank=lora_rank,
         )  # fmt: skip
         typer.echo("starting vLLM: " + " ".join(cmd[1:]), err=True)
         os.execve(cmd[0], cmd, env)  # this process becomes the server
@@ -77,5 +105,5 @@ def serve(
     serve_model(
         str(model_dir), host=host, port=port, model_name=model_name, api_key=api_key,
         max_batch=max_batch, max_model_len=max_model_len, device=device, dtype=dtype,
-        seed=seed, log=lambda m: typer.echo(m),
+        seed=seed, lora=lora, log=lambda m: typer.echo(m),
     )  # fmt: skip

@@ -407,6 +407,10 @@ class RayCluster:
             argv += ["--device", "{device}"]
         if c.engine_backend == "vllm" and c.engine_gpus > 1:
             argv.append(f"--vllm-arg=--tensor-parallel-size={c.engine_gpus}")
+        if self.cfg.learner.lora.rank:  # replicas hold the adapter: syncs send it alone
+            from agent_spo.lora import cli_args
+
+            argv += cli_args(self.cfg.learner.lora)
         return argv + list(c.engine_args)
 
     def _sandbox_argv(self) -> list[str]:

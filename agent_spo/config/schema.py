@@ -280,17 +280,18 @@ class LossConfig(Section):
 
 
 class LoraConfig(Section):
-    rank: int = Field(0, ge=0)
+    rank: int = Field(0, ge=0, le=512)
     """LoRA rank r: train low-rank adapters (peft) on the targeted linear layers instead
     of every weight; the optimizer holds only the adapters. 0 = off (full fine-tuning).
-    Typical: 16-64 for 1.7B-8B models. Demo: 32."""
+    0..512 (vLLM's largest). Typical: 16-64 for 1.7B-8B models. Demo: 32."""
 
     alpha: int | None = Field(None, ge=1)
     """LoRA alpha: the adapters' output is scaled by alpha / rank. null = 2 x rank."""
 
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapters' input while training, in [0, 1). Log-probs for the PPO
-    ratio's old side and the drift are computed without it. Default 0."""
+    ratio's old side and the drift are computed without it, so with dropout the ratio is
+    not 1 even on-policy (more clipping). 0 (default) is recommended for RL."""
 
     target_modules: str | list[str] = "all-linear"
     """The layers that get adapters: "all-linear" (every linear layer but the LM head),

@@ -182,7 +182,9 @@ class OpenAIHTTPEngine:
                               versions if ids else None)  # fmt: skip
         return Generation(ids, logprobs, reason, version, stop)
 
-    async def control(self, method: str, path: str, body: Any = None, *, timeout_s: float) -> Any:
+    async def control(
+        self, method: str, path: str, body: Any = None, *, timeout_s: float, text: bool = False
+    ) -> Any:
         """One request to a control route (``/weight_info``, ``/pause``, ``/resume``,
         ``/update_weights``): a single attempt within ``timeout_s``, connection included;
         any failure is an :class:`EngineError`, a refusal an :class:`HTTPEngineError`."""
@@ -200,6 +202,8 @@ class OpenAIHTTPEngine:
                 f"{method} {url} failed: {type(e).__name__}: {e or 'no detail'}"
             ) from e
         self._down = None  # it answered: requests may go to it again at once
+        if text and resp.status_code == 200:  # a route that answers in plain text
+            return resp.text
         try:
             return _check(resp, url, _json)
         except _Retry as e:

