@@ -36,6 +36,7 @@ PEFT_PREFIX = "base_model.model."  # what peft's saved names start with
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PARTS = (".lora_A.", ".lora_B.")
+NO_ADAPTERS = "the engine cannot hold adapters"  # why a LoRA run's syncs send merged weights
 
 
 def peft_config(settings: dict[str, Any] | Any):
@@ -236,20 +237,19 @@ def policy_weights(learner, engine) -> Iterator[tuple[str, torch.Tensor]]:
     return learner.named_weights()
 
 
-def describe(summary: dict[str, Any], *, adapter_sync: bool) -> str:
-    """One line on what trains, from ``Learner.summary()``."""
+def describe(summary: dict[str, Any], *, adapter_sync: bool, why_merged: str = NO_ADAPTERS) -> str:
+    """One line on what trains, from ``Learner.summary()``; ``why_merged`` says why a
+    LoRA run's syncs send merged weights."""
     trainable, total = summary["trainable_params"], summary["total_params"]
     state = f"AdamW state {summary['optimizer_bytes'] / 2**20:,.1f} MiB"
     if "lora" not in summary:
         return f"learner: full fine-tuning, {total:,} parameters; {state}"
     lo = summary["lora"]
-    sync = ("the adapter alone" if adapter_sync
-            else "merged weights (the engine cannot hold adapters)")  # fmt: skip
+    sync = "the adapter alone" if adapter_sync else f"merged weights ({why_merged})"
     return (
         f"learner: LoRA rank {lo['rank']} (alpha {lo['alpha']:g}) on {lo['layers']} linear "
-        "layers, "
-        f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}); "
-        f"{state}; each sync sends {sync}"
+        f"layers, {trainable:,} of {total:,} parameters trainable "
+        f"({trainable / total:.1%}); {state}; each sync sends {sync}"
     )
 
 

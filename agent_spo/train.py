@@ -41,7 +41,7 @@ from agent_spo.config import TrainConfig, check_trainable, write_resolved
 from agent_spo.data.problems import Problem
 from agent_spo.exact_drift import FILE as EXACT_FILE
 from agent_spo.exact_drift import ExactDrift
-from agent_spo.lora import describe, policy_weights, sends_adapter
+from agent_spo.lora import NO_ADAPTERS, cli_args, describe, policy_weights, sends_adapter
 from agent_spo.memory import check_memory
 from agent_spo.metrics import MetricsLog, open_wandb, read_metrics
 from agent_spo.rundir import check_unlocked, lock_run_dir
@@ -290,7 +290,12 @@ async def setup(
             rank0_device=cluster.rank0_device() if cluster else None,
         )  # fmt: skip
         stack.callback(learner.close)  # the other learner ranks stop with the run
-        log(describe(learner.summary(), adapter_sync=sends_adapter(learner, engine)))
+        why_merged = NO_ADAPTERS
+        if cfg.rollout.engine == "openai_http" and cfg.learner.lora.rank:
+            why_merged = ("the replicas hold no adapter: start them with `agent-spo engine "
+                          f"serve ... {' '.join(cli_args(cfg.learner.lora))}`")  # fmt: skip
+        log(describe(learner.summary(), adapter_sync=sends_adapter(learner, engine),
+                     why_merged=why_merged))  # fmt: skip
         if ckpt is None and getattr(engine, "needs_sync", False):
             # replicas left on other weights (an earlier run) get the starting ones
             await engine.update_weights(policy_weights(learner, engine), learner.version)

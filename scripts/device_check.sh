@@ -5,7 +5,7 @@
 # source runs from this checkout through PYTHONPATH, nothing is installed. The report goes
 # to $OUT/device.json (./device-report.json without $OUT), rewritten after every part, and
 # one JSON line per part goes to stdout as it finishes (the last part, FSDP2 on one rank,
-# shards the model in place). About 4 minutes on one H100/H200 (estimated: never run);
+# shards the model in place). About 5 minutes on one H100/H200 (estimated: never run);
 # cut off after 7. Extra arguments go to the check, e.g. `--seq-tokens 4096`, or `--tiny`
 # on a CPU.
 set -euo pipefail
