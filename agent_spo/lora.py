@@ -56,9 +56,11 @@ def peft_config(settings: dict[str, Any] | Any):
 
 
 def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
-    """Add LoRA layers to ``model`` in place (base weights frozen, adapters trainable and
-    float32); returns it. ``settings``: the learner.lora section, or a peft LoraConfig. Refuses
-    targets that are not linear layers (only those merge here)."""
+    """Add LoRA layers to ``model`` in place (base weights frozen, adapters trainable, at
+    least float32); returns it. ``settings``: the learner.lora section, or a peft
+    LoraConfig. Refuses targets that are not linear layers of the decoder blocks (see
+    the errors below)."""
+    import torch
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -68,8 +70,8 @@ def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
         inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"learner.lora.target_modules: {e}") from e
-    for name, p in model.named_parameters():  # trained weights in float32, whatever
-        if is_adapter(name):  # the base's dtype (peft makes them in the base's)
+    for name, p in model.named_parameters():  # peft makes them in the base's dtype
+        if is_adapter(name) and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     other = sorted({type(m).__name__ for _, m in adapted if not isinstance(m, LoraLinear)})

@@ -331,7 +331,7 @@ class ReplicaPool:
         )
         results = [x if isinstance(x, BaseException) else None for x in results]
         if any(x is None for x in results):  # adapters in use on vLLM replicas stay
-            prune(self.sync_dir, keep=min(version, self._oldest_adapter()))
+            prune(self.sync_dir, keep=self._oldest_adapter(version))
         return targets, results, written.bytes, t_write
 
     def _write_adapter(self, weights, version: int):
@@ -657,11 +657,11 @@ class ReplicaPool:
             except EngineError as e:  # it stays loaded: vLLM evicts the least recent
                 self._log(f"replica {r.index}: could not unload adapter {old}: {e}")
 
-    def _oldest_adapter(self) -> int:
+    def _oldest_adapter(self, version: int) -> int:
         """The oldest version whose adapter a vLLM replica still holds (its directory
-        must stay), or the pool's version."""
+        must stay), or ``version`` (the one just written)."""
         held = [int(n.split("-")[1][1:]) for r in self.replicas for n in r.adapters]
-        return min(held, default=self._version)
+        return min([*held, version])
 
     async def _ask(self, r: Replica) -> dict[str, Any] | None:
         """The replica's state (``/weight_info``, ``/v1/models``), or None, with the
