@@ -21,7 +21,9 @@ report. It measures, on a Qwen3-1.7B-shaped model with random weights and the fu
 * **LoRA**: the learner step with rank-32 adapters on a frozen bf16 base (as one process
   trains LoRA under bf16), then the adapter alone pushed into an engine holding the same
   adapter layers: bytes against a full bf16 sync, seconds, and the engine's log-probs
-  against the learner's.
+  against the learner's. Its peak memory also counts the float32 model the other parts
+  share, and its MFU counts 6 FLOPs per parameter as the full step does, though the
+  frozen base gets no weight gradients (about 4): read its tokens/s, not its MFU.
 
 ``--tiny`` runs every part on a model small enough for a CPU, so the suite checks that
 the script works end to end; its numbers mean nothing.
