@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,10 @@ def inject(model: torch.nn.Module, settings) -> torch.nn.Module:
 
     config = settings if isinstance(settings, LoraConfig) else peft_config(settings)
     try:  # peft expands "all-linear" in the config it is given: it gets a copy
-        inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=ADAPTER)
+        with warnings.catch_warnings():  # what they warn of is refused below, by key
+            warnings.filterwarnings("ignore", "Model has `tie_word_embeddings=True`")
+            warnings.filterwarnings("ignore", "fan_in_fan_out is set to False")
+            inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=ADAPTER)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"learner.lora.target_modules: {e}") from e
     for name, p in model.named_parameters():  # peft makes them in the base's dtype
