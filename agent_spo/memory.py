@@ -100,11 +100,13 @@ class Shape:
                  "o_proj": self.q + h, "gate_proj": h + i, "up_proj": h + i,
                  "down_proj": i + h}  # fmt: skip
         names = [targets] if isinstance(targets, str) else list(targets)
-        # a qualified name (self_attn.q_proj) counts by its last part; targets the plan
-        # cannot place (all-linear, a pattern, another architecture's names) count as
-        # every linear layer: an upper bound
-        found = [sizes[n.split(".")[-1]] for n in names if n.split(".")[-1] in sizes]
-        return self.layers * rank * sum(found or sizes.values())
+        # a qualified name (self_attn.q_proj) counts by its last part; if any target is
+        # one the plan cannot place (all-linear, a pattern, another architecture's
+        # names), every linear layer counts: an upper bound
+        last = [n.split(".")[-1] for n in names]
+        known = all(n in sizes for n in last)
+        return self.layers * rank * sum(sizes[n] for n in last) if known else (
+            self.layers * rank * sum(sizes.values()))  # fmt: skip
 
 
 @dataclass(frozen=True)

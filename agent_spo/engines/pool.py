@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,7 @@ class ReplicaPool:
             self.lora = lora if not hasattr(lora, "model_dump") else peft_config(lora)
         self._adapter_mode = False
         self._adapter_names = 0  # vLLM adapters loaded so far (each gets its own name)
+        self._adapter_tag = uuid.uuid4().hex[:6]  # this pool's, in its adapters' names
         self._starting: asyncio.Future | None = None
         self.replica_drops = 0
         self.last_sync: dict[str, float] = {}
@@ -204,12 +206,9 @@ class ReplicaPool:
         :class:`EngineError` when none answers. With LoRA, the replicas decide how the
         weights travel: every one holds the adapter's layers (adapters), or none does
         (merged weights); a mix is refused."""
-        self._adapter_mode = False  # admission checks nothing until the mode is known
-        await asyncio.gather(*(self._admit(r, connect=True) for r in self.replicas))
-        reachable = [r for r in self.replicas if r.live or r.stale]
-        if not reachable:
-            raise EngineError(f"no replica can serve: {self._why_none()}")
-        if self.lora is not None:
+        if self.lora is not None:  # the mode first: admission syncs by it
+            answered = await asyncio.gather(*(self._ask(r) for r in self.replicas))
+            reachable = [r for r, a in zip(self.replicas, answered, strict=True) if a is not None]
             holding = [r for r in reachable if self._holds_adapter(r)]
             if holding and len(holding) < len(reachable):
                 from agent_spo.lora import cli_args
@@ -222,6 +221,15 @@ class ReplicaPool:
                     f"{' '.join(cli_args(self.lora))}`, or none"
                 )  # fmt: skip
             self._adapter_mode = bool(holding)
+            if self._adapter_mode and self.sync_dir is None:
+                raise EngineError(
+                    "the replicas hold adapters, which travel as files: set rollout.sync_dir "
+                    "to a folder every replica sees at the same path"
+                )
+        await asyncio.gather(*(self._admit(r, connect=True) for r in self.replicas))
+        reachable = [r for r in self.replicas if r.live or r.stale]
+        if not reachable:
+            raise EngineError(f"no replica can serve: {self._why_none()}")
         if self._given_len is None:
             self._max_model_len = min(r.client.max_model_len for r in reachable)
         self._started = True
@@ -248,6 +256,9 @@ class ReplicaPool:
             try:
                 gen = await r.client.generate(prompt_ids, sampling)
             except HTTPEngineError as e:
+                if adapter is not None and e.status_code == 404:  # it lost the adapter
+                    self._fail(r, f"it no longer serves adapter {adapter}: {e}", tried)
+                    continue
                 if e.status_code is not None and e.status_code < 500:
                     raise  # the request's fault (4xx), not the replica's
                 self._fail(r, str(e), tried)
@@ -268,7 +279,7 @@ class ReplicaPool:
     ) -> None:
         """Load the weights on every replica in rotation and every one waiting for
         them; see the module doc. Raises :class:`EngineError` when no replica took them."""
-        if self.transport == "disk" and self.sync_dir is None:
+        if (self.transport == "disk" or self._adapter_mode) and self.sync_dir is None:
             raise EngineError(
                 "this replica pool has no sync_dir, so it cannot take weights "
                 "(rollout.sync_dir names a folder every replica can read)"
@@ -311,7 +322,9 @@ class ReplicaPool:
 
     def _targets(self) -> list[Replica]:
         ok = [r for r in self.replicas if r.live or r.stale]
-        return [r for r in ok if r.link is not None] if self.transport == "gloo" else ok
+        if self.transport == "gloo" and not self._adapter_mode:  # adapters go as files
+            return [r for r in ok if r.link is not None]
+        return ok
 
     async def _sync_disk(self, weights, version: int):
         from agent_spo.engines.weights import prune, write_weights
@@ -346,8 +359,9 @@ class ReplicaPool:
         if not named or not all(is_adapter(n) for n, _ in named):
             raise EngineError("the replicas hold adapters: a sync must be the adapter alone")
         written = write_weights(named, self.sync_dir, version, bucket_bytes=self.bucket_bytes)
-        save_adapter(written.path, named, self.lora, None)  # written before the manifest's
-        return written  # readers look for the manifest, which write_weights wrote last
+        # after the manifest: under the sync lock no replica reads it before the load
+        save_adapter(written.path, named, self.lora, None)
+        return written
 
     async def _sync_gloo(self, weights, version: int):
         """Pause every linked replica, stream the buckets to all of them at once (one
@@ -641,14 +655,26 @@ class ReplicaPool:
         with. An older adapter is unloaded once no request runs on it (vLLM would reload
         one a running request needs from its directory, which the pool prunes)."""
         c, t = r.client, self.sync_timeout_s
-        self._adapter_names += 1  # a version loaded twice gets a new name (prefix cache)
-        name = f"policy-v{int(version)}-{self._adapter_names}"
-        await c.control("POST", "/v1/load_lora_adapter",
-                        {"lora_name": name, "lora_path": str(path)}, timeout_s=t, text=True)  # fmt: skip
+        self._adapter_names += 1  # a version loaded twice gets a new name (prefix cache),
+        # and another pool's adapters on the same replica other names (the tag)
+        name = f"policy-v{int(version)}-{self._adapter_tag}{self._adapter_names}"
+        try:
+            await c.control("POST", "/v1/load_lora_adapter",
+                            {"lora_name": name, "lora_path": str(path)}, timeout_s=t, text=True)  # fmt: skip
+        except HTTPEngineError as e:
+            if e.status_code != 404:
+                raise
+            raise EngineError(  # not "no weight-update routes": _sync_one reads 404 so
+                f"it could not load the adapter at {path} ({e.message}): rollout.sync_dir "
+                "must be a folder every replica sees at the same path, and a vLLM replica "
+                "needs runtime LoRA loading (`agent-spo engine serve --backend vllm "
+                "--lora-rank ...` turns it on)"
+            ) from None
         r.adapters[name] = 0
+        c.model = name  # its requests and their version move together
+        c.set_version(int(version))
         await c.control("POST", "/update_weight_version", {"new_version": str(int(version))},
                         timeout_s=t)  # fmt: skip
-        c.model = name
         for old in [n for n, held in r.adapters.items() if n != name and not held]:
             del r.adapters[old]
             try:
@@ -658,9 +684,12 @@ class ReplicaPool:
                 self._log(f"replica {r.index}: could not unload adapter {old}: {e}")
 
     def _oldest_adapter(self, version: int) -> int:
-        """The oldest version whose adapter a vLLM replica still holds (its directory
-        must stay), or ``version`` (the one just written)."""
-        held = [int(n.split("-")[1][1:]) for r in self.replicas for n in r.adapters]
+        """The oldest version whose adapter a request still runs on, or a replica in
+        rotation serves (vLLM reads its directory again when it needs it back); else
+        ``version`` (the one just written). A replica out of rotation pins nothing: it
+        reloads when it rejoins."""
+        held = [_adapter_version(n) for r in self.replicas for n, k in r.adapters.items()
+                if k > 0 or (n == r.client.model and (r.live or r.stale))]  # fmt: skip
         return min([*held, version])
 
     async def _ask(self, r: Replica) -> dict[str, Any] | None:
@@ -700,6 +729,8 @@ class ReplicaPool:
             r.link.close()  # a new server process: its end of the link is gone
             r.link = None
         if instance is None or instance != r.instance:  # a new process holds no adapter
+            if r.adapters:
+                r.client.model = None  # the base model's name is read again
             r.adapters = {}
         r.kind, r.instance = kind, instance
         return {"held": held}
@@ -720,12 +751,18 @@ class ReplicaPool:
             self._take_out(r, "it holds no adapter like the learner's (learner.lora): start it "
                               f"with `agent-spo engine serve ... {' '.join(cli_args(self.lora))}`")  # fmt: skip
             return
-        if self.lora is None and r.kind != "vllm" and r.adapter is not None:
-            self._take_out(r, "it holds LoRA adapters but the learner trains none: start it "
-                              "without --lora-rank")  # fmt: skip
+        if not self._adapter_mode and r.kind != "vllm" and r.adapter is not None:
+            self._take_out(r, "it holds LoRA adapters but the syncs send full weights (the "
+                              "learner trains none, or the other replicas hold none): start "
+                              "it without --lora-rank")  # fmt: skip
             return
-        if r.kind == "vllm" and self._adapter_mode and held != self._version:
-            r.client.model = None  # its adapter is gone: the base model until the sync
+        if r.kind == "vllm" and self._adapter_mode:
+            serving = r.client.model if r.client.model in r.adapters else None
+            if serving is None or _adapter_version(serving) != held:
+                # not the adapter of the version it reports (a sync that ended between
+                # the two, or a restart): the base model until the pool's adapter loads
+                r.client.model = None
+                held = -1 if self._version else held
         try:
             if r.kind == "vllm":
                 # a trainer that died mid-sync may have left it paused (vLLM's pause has
@@ -865,6 +902,11 @@ class ReplicaPool:
         """A replica that keeps failing is asked less often: probe_s, 2x, 4x, ... 60 s."""
         r.probe_fails += 1
         r.next_probe = time.monotonic() + min(60.0, self.probe_s * 2 ** (r.probe_fails - 1))
+
+
+def _adapter_version(name: str) -> int:
+    """The version in an adapter's name, ``policy-v{N}-{tag}{K}``."""
+    return int(name.split("-")[1][1:])
 
 
 def status(pool: ReplicaPool) -> list[dict[str, Any]]:

@@ -462,8 +462,12 @@ class VLLMEngine:
                 ) from e
             self._adapters.switch(request, version)
             self._version = version  # with the switch: no await between them
-            for old in self._adapters.unused():
-                await llm.remove_lora(old.lora_int_id)
+            for old in self._adapters.unused():  # the update itself has landed
+                try:
+                    await llm.remove_lora(old.lora_int_id)
+                except Exception as e:  # noqa: BLE001 - vLLM evicts it in time; log, go on
+                    log.warning("could not unload adapter %s: %s", old.lora_name, e)
+                    continue
                 self._adapters.discard(old)
             self.last_update_s = time.perf_counter() - t0
 

@@ -132,5 +132,46 @@ def test_a_fleet_of_both_kinds_is_refused_naming_the_flags(fleet):
             return [(r.live, r.why_out) for r in pool.replicas]
 
     (hf_live, why), (_, plain_why) = asyncio.run(no_lora())
-    assert not hf_live and "holds LoRA adapters but the learner trains none" in why
+    assert not hf_live and "holds LoRA adapters but the syncs send full weights" in why
     assert "LoRA" not in plain_why  # out only for holding an earlier test's weights
+
+
+def test_a_request_in_flight_on_a_vllm_replica_keeps_its_adapter_across_two_syncs(fleet):
+    """vLLM reloads an adapter a running request needs from its directory: the pool keeps
+    the adapter loaded and its directory on disk until the request ends."""
+    learner, prompt = fleet.learner, fleet.tok("what is 3 + 4?").input_ids
+    sync = fleet.tmp / "sync_inflight"
+
+    async def main():
+        async with ReplicaPool([fleet.vllm.url], sync_dir=sync, lora=SETTINGS) as pool:
+            await pool.start()
+            learner.step(fleet.trajs, ADV)
+            await pool.update_weights(lora.policy_weights(learner, pool), learner.version)
+            before = copy.deepcopy(learner)
+            updates = []  # two versions ready before the request, so the syncs come quickly
+            for _ in range(2):
+                learner.step(fleet.trajs, ADV)
+                updates.append((list(lora.policy_weights(learner, pool)), learner.version))
+            long = asyncio.ensure_future(
+                pool.generate(prompt, Sampling(max_tokens=230, temperature=0)))  # fmt: skip
+            await asyncio.sleep(0.05)
+            for weights, version in updates:
+                await pool.update_weights(weights, version)
+            running = not long.done()
+            on_disk = sorted(p.name for p in sync.iterdir())
+            held = sorted(pool.replicas[0].adapters)
+            gen = await long
+            learner.step(fleet.trajs, ADV)  # a sync after it ended lets the old one go
+            await pool.update_weights(lora.policy_weights(learner, pool), learner.version)
+            after = (sorted(pool.replicas[0].adapters), sorted(p.name for p in sync.iterdir()))
+            return before, gen, running, on_disk, held, after
+
+    before, gen, running, on_disk, held, after = asyncio.run(main())
+    assert running, f"the request ended before the syncs ({len(gen.token_ids)} tokens)"
+    v = before.version
+    # on disk: every version from the oldest one a request runs on; loaded: that one and
+    # the newest (the middle one, which no request used, was unloaded)
+    assert on_disk == [f"v{v:06d}", f"v{v + 1:06d}", f"v{v + 2:06d}"]
+    assert [n.split("-")[1] for n in held] == [f"v{v}", f"v{v + 2}"]
+    assert gen.policy_version == v and _matches_learner(before, gen, prompt)
+    assert [n.split("-")[1] for n in after[0]] == [f"v{v + 3}"] and after[1] == [f"v{v + 3:06d}"]
