@@ -288,15 +288,13 @@ class ReplicaPool:
             raise EngineError("the engine is closed")
         async with self._lock():
             t0 = time.perf_counter()
-            if self._adapter_mode:  # small: written once, each replica loads the files
-                targets, results, size, t_write = await self._sync_disk(weights, version)
-            elif self.transport == "gloo":
+            if self._links:
                 targets, results, size, t_write = await self._sync_gloo(weights, version)
-            else:
+            else:  # files (adapters too: small, written once, each replica loads them)
                 targets, results, size, t_write = await self._sync_disk(weights, version)
             failed = []
             for r, res in zip(targets, results, strict=True):
-                if res is None and self.transport == "gloo" and r.link is None:
+                if res is None and self._links and r.link is None:
                     res = EngineError("its link was dropped during the sync")
                 if isinstance(res, BaseException):
                     r.stale = False
@@ -320,11 +318,14 @@ class ReplicaPool:
                 "perf/weight_sync_bytes": float(size),
             }
 
+    @property
+    def _links(self) -> bool:
+        """Whether syncs stream over gloo links (adapters always go as files)."""
+        return self.transport == "gloo" and not self._adapter_mode
+
     def _targets(self) -> list[Replica]:
         ok = [r for r in self.replicas if r.live or r.stale]
-        if self.transport == "gloo" and not self._adapter_mode:  # adapters go as files
-            return [r for r in ok if r.link is not None]
-        return ok
+        return [r for r in ok if r.link is not None] if self._links else ok
 
     async def _sync_disk(self, weights, version: int):
         from agent_spo.engines.weights import prune, write_weights
@@ -775,7 +776,7 @@ class ReplicaPool:
             return
         r.version = held
         r.client.set_version(held)
-        if self.transport == "gloo" and r.link is None:
+        if self._links and r.link is None:
             if not connect:
                 self._take_out(r, "no gloo link yet")
                 return
@@ -788,7 +789,7 @@ class ReplicaPool:
             from agent_spo.engines.weights import MANIFEST, version_dir
 
             written = None
-            if self.transport == "disk" and self.sync_dir is not None:
+            if not self._links and self.sync_dir is not None:  # written files to load
                 written = version_dir(self.sync_dir, self._version)
                 if not (written / MANIFEST).is_file():
                     written = None
@@ -883,7 +884,7 @@ class ReplicaPool:
             for r in down:
                 if r not in back:
                     self._backoff(r)
-            if self.transport == "gloo":
+            if self._links:
                 for r in back:
                     if r.link is None:
                         try:
