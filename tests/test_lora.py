@@ -111,12 +111,18 @@ def _greedy_and_score(learner, engine_model, tok, weights_of, prompt):
     return engine, gen, learner.token_logprobs([probe])[0]
 
 
-def test_adapter_only_sync_makes_the_hf_engine_sample_the_learners_policy(tok):
+def _trained(tok, seed: int):
+    """The base model, and a LoRA learner on it after three updates, with its batch."""
     base = _model(tok)
     learner = Learner(lora.inject(copy.deepcopy(base), SETTINGS), lr=5e-2)
-    trajs = _trajectories(learner, 6, len(tok), seed=2)
+    trajs = _trajectories(learner, 6, len(tok), seed=seed)
     for _ in range(3):
         learner.step(trajs, ADV)
+    return base, learner, trajs
+
+
+def test_adapter_only_sync_makes_the_hf_engine_sample_the_learners_policy(tok):
+    base, learner, trajs = _trained(tok, seed=2)
     prompt = list(trajs[0].prompt_token_ids)
     sent: list[str] = []
 
@@ -139,11 +145,7 @@ def test_adapter_only_sync_makes_the_hf_engine_sample_the_learners_policy(tok):
 
 
 def test_merged_sync_makes_a_plain_engine_sample_the_learners_policy(tok):
-    base = _model(tok)
-    learner = Learner(lora.inject(copy.deepcopy(base), SETTINGS), lr=5e-2)
-    trajs = _trajectories(learner, 6, len(tok), seed=3)
-    for _ in range(3):
-        learner.step(trajs, ADV)
+    base, learner, trajs = _trained(tok, seed=3)
     engine, gen, lp = _greedy_and_score(
         learner, copy.deepcopy(base), tok, lora.policy_weights, list(trajs[1].prompt_token_ids)
     )

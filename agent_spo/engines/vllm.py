@@ -453,9 +453,16 @@ class VLLMEngine:
             llm = self._llm
             if llm is None:
                 raise EngineError("vLLM engine is closed")
-            try:
-                await llm.add_lora(request)  # loaded now: a bad adapter fails the sync
-            except Exception as e:
+            try:  # loaded now: a bad adapter fails the sync, a stuck engine its timeout
+                await asyncio.wait_for(llm.add_lora(request), ADAPTER_TIMEOUT_S)
+            except TimeoutError:
+                self._adapters.discard(request)
+                raise EngineError(
+                    f"vLLM did not load the adapter within {ADAPTER_TIMEOUT_S:g} s"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - narrowed by _engine_refusal
+                if not _engine_refusal(e):
+                    raise
                 self._adapters.discard(request)
                 raise EngineError(
                     f"vLLM could not load the adapter: {type(e).__name__}: {e}"
@@ -464,8 +471,11 @@ class VLLMEngine:
             self._version = version  # with the switch: no await between them
             for old in self._adapters.unused():  # the update itself has landed
                 try:
-                    await llm.remove_lora(old.lora_int_id)
-                except Exception as e:  # noqa: BLE001 - vLLM evicts it in time; log, go on
+                    await asyncio.wait_for(llm.remove_lora(old.lora_int_id), ADAPTER_TIMEOUT_S)
+                except Exception as e:  # noqa: BLE001 - narrowed by _engine_refusal
+                    if not isinstance(e, TimeoutError) and not _engine_refusal(e):
+                        raise
+                    # the new adapter has landed; vLLM evicts this one when it needs room
                     log.warning("could not unload adapter %s: %s", old.lora_name, e)
                     continue
                 self._adapters.discard(old)
@@ -511,10 +521,21 @@ class VLLMEngine:
         return f"VLLMEngine({self.model_path!r}, version={self._version})"
 
 
+def _engine_refusal(e: BaseException) -> bool:
+    """Whether ``e`` is vLLM's engine core refusing a utility call (``add_lora``,
+    ``remove_lora``): its client raises a bare ``Exception`` carrying the core's message
+    (``future.set_exception(Exception(failure_message))`` in vLLM 0.32's core client), or
+    a dead engine (``VLLMServerError``). Anything else is a bug here and propagates."""
+    from vllm.v1.engine.exceptions import VLLMServerError
+
+    return type(e) is Exception or isinstance(e, VLLMServerError)
+
+
 _LORA_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 # adapters vLLM holds at once: the current one and older ones still finishing requests
 # (an older one beyond these waits for a slot: scheduling, not a failure)
 ADAPTER_SLOTS = 4
+ADAPTER_TIMEOUT_S = 300.0  # the most an adapter's load or unload may take
 
 
 def lora_rank_slot(rank: int) -> int:

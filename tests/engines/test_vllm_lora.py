@@ -131,3 +131,20 @@ def test_an_update_that_is_not_the_adapter_or_of_another_rank_is_refused(setup):
     with pytest.raises(EngineError, match="rank \\[16\\].*built for rank 8"):
         loop.run_until_complete(engine.update_weights(wide, version + 1))
     assert engine.version == version
+
+
+def test_a_refused_adapter_load_is_what_the_engine_catches_and_nothing_else(setup, tmp_path):
+    """vLLM's core refuses an adapter it cannot read with a bare Exception (the engine
+    turns it into an EngineError); a bug of ours, e.g. a TypeError, is not caught."""
+    from vllm.lora.request import LoRARequest
+
+    from agent_spo.engines.vllm import _engine_refusal
+
+    engine, _, _, loop, _ = setup
+    missing = LoRARequest("nowhere", 999, str(tmp_path / "no-such-adapter"))
+    with pytest.raises(Exception) as refused:
+        loop.run_until_complete(engine._llm.add_lora(missing))
+    assert _engine_refusal(refused.value), repr(refused.value)
+    assert not _engine_refusal(TypeError("a bug")) and not _engine_refusal(KeyError("x"))
+    gen = loop.run_until_complete(engine.generate([5, 6, 7], Sampling(max_tokens=4)))
+    assert gen.policy_version == engine.version  # still serving
